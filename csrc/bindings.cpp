@@ -1,0 +1,95 @@
+// Python bindings for the native core.  Everything crosses as plain integers (addresses, counts,
+// dtype codes, file descriptors) so the core links against neither torch nor numpy; the Python
+// layer (mergealign_fast/kernels/cpu.py) validates dtypes, sizes and lifetimes before calling.
+#include <pybind11/pybind11.h>
+
+#include <errno.h>
+
+#include <thread>
+
+#include "cpu_merge.h"
+#include "mapped_file.h"
+#include "merge_math.h"
+
+namespace py = pybind11;
+using namespace mergealign;
+
+namespace {
+
+MergeOperands make_operands(uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype,
+                            uintptr_t aligned, int aligned_dtype, int out_dtype, int64_t count,
+                            double w_domain, double w_align) {
+  for (int dtype : {base_dtype, domain_dtype, aligned_dtype, out_dtype}) {
+    if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
+      throw py::value_error("unknown dtype code " + std::to_string(dtype));
+    }
+  }
+  if (count < 0) throw py::value_error("negative element count");
+  // The coefficients are rounded to fp32 once, here, explicitly (STYLE.md §6).
+  return MergeOperands{reinterpret_cast<const unsigned char*>(base),
+                       reinterpret_cast<const unsigned char*>(domain),
+                       reinterpret_cast<const unsigned char*>(aligned),
+                       base_dtype, domain_dtype, aligned_dtype, out_dtype, count,
+                       static_cast<float>(w_domain), static_cast<float>(w_align)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "mergealign-fast native CPU core (torch-free)";
+
+  // A failed open()/mmap() surfaces as Python's OSError with errno and file name, so callers can
+  // report "base/model.safetensors: Permission denied" without parsing strings.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const FileError& e) {
+      errno = e.err;
+      PyErr_SetFromErrnoWithFilename(PyExc_OSError, e.path.c_str());
+    }
+  });
+
+  m.def(
+      "merge",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, double w_domain,
+         double w_align, int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, out_dtype, count, w_domain, w_align);
+        py::gil_scoped_release no_gil;
+        merge_cpu(ops, reinterpret_cast<unsigned char*>(out), threads);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("count"), py::arg("w_domain"), py::arg("w_align"), py::arg("threads"),
+      "Fused merge of `count` elements between raw addresses.");
+
+  m.def(
+      "merge_to_file",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int out_dtype, int64_t count, double w_domain, double w_align,
+         int fd, int64_t file_offset, int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, out_dtype, count, w_domain, w_align);
+        py::gil_scoped_release no_gil;
+        return merge_cpu_to_file(ops, fd, file_offset, threads);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
+      py::arg("w_domain"), py::arg("w_align"), py::arg("fd"), py::arg("file_offset"),
+      py::arg("threads"),
+      "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns 0 or an errno.");
+
+  m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
+  m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
+
+  py::class_<MappedFile>(m, "MappedFile")
+      .def(py::init<const std::string&>(), py::arg("path"))
+      .def_property_readonly("address", &MappedFile::address)
+      .def_property_readonly("size", &MappedFile::size)
+      .def_property_readonly("path", &MappedFile::path)
+      .def_property_readonly("closed", &MappedFile::closed)
+      .def("prefetch", &MappedFile::prefetch, py::arg("offset"), py::arg("length"))
+      .def("release", &MappedFile::release, py::arg("offset"), py::arg("length"))
+      .def("close", &MappedFile::close);
+}

@@ -1,0 +1,36 @@
+// CPU merge kernels: torch-free, raw pointers and element counts in, plain integers for dtypes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace mergealign {
+
+// The three weights' inputs and the output of one fused pass.  Pointers are byte pointers with no
+// alignment requirement; dtypes use the DType numbering of merge_math.h.
+struct MergeOperands {
+  const unsigned char* base;
+  const unsigned char* domain;
+  const unsigned char* aligned;
+  int base_dtype;
+  int domain_dtype;
+  int aligned_dtype;
+  int out_dtype;
+  int64_t count;  // elements, int64: LLM tensors pass 2^31 elements
+  float w_domain;
+  float w_align;
+};
+
+// out[i] = merge_one(base[i], domain[i], aligned[i]) for i < count, split over `threads` threads.
+void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
+
+// The same pass, but the result goes straight to a file: each thread computes at most
+// kWritePieceBytes of output into a buffer it reuses and pwrite()s it at
+// file_offset + its position.  Returns 0 or the errno of the first failed write.
+int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads);
+
+// Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
+// "baseline").
+std::string cpu_isa();
+
+}  // namespace mergealign

@@ -1,0 +1,118 @@
+"""Command line: `mergealign-fast merge|demo|env` (also `python -m mergealign_fast`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .errors import MergeError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    from .plan import ROLES
+
+    p.add_argument("base", help="base model folder (Hugging Face layout)")
+    p.add_argument("domain", help="domain-expert model folder, fine-tuned from base")
+    p.add_argument("aligned", help="aligned/instruct model folder, fine-tuned from base")
+    p.add_argument("-o", "--out", required=True, help="output folder (created; see --force)")
+    p.add_argument("--domain-weight", type=float, default=0.5, metavar="W",
+                   help="weight of (domain - base) (default 0.5, the paper's equal mix)")
+    p.add_argument("--align-weight", type=float, default=0.5, metavar="W",
+                   help="weight of (aligned - base) (default 0.5)")
+    p.add_argument("--dtype", default=None, metavar="{bf16,fp16,fp32}",
+                   help="output dtype (default: each tensor keeps the base model's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--tokenizer-from", default="aligned", choices=[*ROLES, "none"],
+                   help="model whose tokenizer, generation and chat-template files (and "
+                        "config.json) the output gets (default aligned)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder "
+                   "(only once the new model is complete)")
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="skip fsync of the output (faster; not durable across power loss)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergealign-fast",
+        description="Fused, streaming merges of LLM checkpoints: "
+                    "out = base + w_d*(domain - base) + w_a*(aligned - base)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge_args(sub.add_parser("merge", help="merge three model folders"))
+    demo = sub.add_parser("demo", help="build a ~167M-parameter Llama trio, merge it, check it")
+    demo.add_argument("--cache-dir", default=None, help="where the demo models live "
+                      "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
+    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--quiet", action="store_true")
+    sub.add_parser("env", help="print the build and the available backends")
+    return parser
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from . import dtypes
+    from .engine import execute
+    from .plan import MergeOptions, parse_size, plan_merge
+    from .progress import human_bytes
+
+    try:
+        out_dtype = dtypes.parse_dtype(args.dtype) if args.dtype else None
+        shard_size = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    if args.threads is not None and args.threads < 1:
+        raise MergeError(f"--threads must be at least 1 (got {args.threads})")
+    options = MergeOptions(args.domain_weight, args.align_weight, out_dtype, shard_size,
+                           args.tokenizer_from, args.force, args.threads, args.fsync)
+    plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
+    result = execute(plan, show_progress=not args.quiet)
+    print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
+          f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
+          f"({result.gb_per_s:.1f} GB/s read+write)")
+    return 0
+
+
+def _run_env() -> int:
+    import platform
+
+    from . import __version__
+    from .kernels import cpu, describe_backends
+
+    print(f"mergealign-fast {__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}")
+    if cpu.unavailable_reason() is None:
+        native = cpu.native()
+        print(f"native CPU kernel: {native.cpu_isa()} code path, "
+              f"{native.hardware_threads()} hardware threads")
+    for name, status in describe_backends().items():
+        print(f"backend {name:6s} {status}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            return _run_merge(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return 0 if run_demo(args.cache_dir, args.threads, args.quiet) else 1
+        return _run_env()
+    except MergeError as exc:
+        for line in str(exc).splitlines():
+            print(f"mergealign-fast: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\nmergealign-fast: interrupted; the output folder was not created or changed",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mergealign-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1

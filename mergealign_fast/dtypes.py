@@ -1,0 +1,117 @@
+"""Element types: one table linking safetensors names, the native dtype codes, numpy and torch.
+
+numpy has no bfloat16, so bf16 data travels through numpy as uint16 bit patterns; the helpers at
+the bottom convert between those bits and float32/float64 exactly (round-to-nearest-even).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+
+class DType(enum.IntEnum):
+    """Dtypes the merge kernels read and write.  Values are the codes of csrc/merge_math.h."""
+
+    F32 = 0
+    F16 = 1
+    BF16 = 2
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self is DType.F32 else 2
+
+    @property
+    def safetensors_name(self) -> str:
+        return self.name
+
+    @property
+    def short_name(self) -> str:
+        return _SHORT_NAMES[self]
+
+
+_SHORT_NAMES = {DType.F32: "fp32", DType.F16: "fp16", DType.BF16: "bf16"}
+
+# Every dtype the safetensors format defines, with its size in bytes: a header naming one of these
+# is well formed even when the merge cannot compute in it (that is reported separately, by name).
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+_ALIASES = {
+    "fp32": DType.F32, "float32": DType.F32, "f32": DType.F32,
+    "fp16": DType.F16, "float16": DType.F16, "f16": DType.F16, "half": DType.F16,
+    "bf16": DType.BF16, "bfloat16": DType.BF16,
+}
+
+
+def parse_dtype(name: str) -> DType:
+    """'bf16', 'bfloat16', 'BF16', 'float16', ... -> DType; ValueError naming the choices."""
+    key = name.strip().lower()
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise ValueError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
+
+
+def from_safetensors(name: str) -> DType | None:
+    """The DType for a safetensors dtype string, or None when the kernels cannot merge it."""
+    return DType[name] if name in DType.__members__ else None
+
+
+def from_numpy(dtype: np.dtype) -> DType:
+    if dtype == np.float32:
+        return DType.F32
+    if dtype == np.float16:
+        return DType.F16
+    raise TypeError(
+        f"numpy arrays must be float32 or float16 (got {dtype}); "
+        "pass bf16 data as torch tensors, or as uint16 bit patterns with dtype='bf16'"
+    )
+
+
+def from_torch(dtype: Any) -> DType:
+    import torch  # only reached when the caller already passed torch tensors
+
+    table = {torch.float32: DType.F32, torch.float16: DType.F16, torch.bfloat16: DType.BF16}
+    if dtype not in table:
+        raise TypeError(f"torch tensors must be float32, float16 or bfloat16 (got {dtype})")
+    return table[dtype]
+
+
+def to_torch(dtype: DType) -> Any:
+    import torch
+
+    return {DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16}[dtype]
+
+
+def storage_numpy_dtype(dtype: DType) -> np.dtype:
+    """The numpy dtype that holds this dtype's raw bits (uint16 for bf16)."""
+    return {DType.F32: np.dtype(np.float32), DType.F16: np.dtype(np.float16),
+            DType.BF16: np.dtype(np.uint16)}[dtype]
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Exact widening of bf16 bit patterns (uint16) to float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns, round-to-nearest-even, NaN kept NaN."""
+    x = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((x + np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((x[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def decode_to_f64(raw: np.ndarray, dtype: DType) -> np.ndarray:
+    """Stored values (numpy storage dtype) -> float64, exactly."""
+    if dtype is DType.BF16:
+        return bf16_bits_to_f32(raw).astype(np.float64)
+    return raw.astype(np.float64)

@@ -1,0 +1,137 @@
+"""Hugging Face model folders: one model.safetensors, or shards listed by model.safetensors.index.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+
+from ..errors import MergeError
+from .safetensors_format import FormatError, SafetensorsHeader, TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Files that travel with the weights: tokenizer, generation defaults and chat template.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)
+CONFIG_FILE = "config.json"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    file: Path
+    entry: TensorEntry
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every tensor of one model folder, with the file it lives in."""
+
+    folder: Path
+    files: List[Path]
+    tensors: Dict[str, TensorLocation]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(loc.entry.nbytes for loc in self.tensors.values())
+
+
+def shard_file_name(index: int, total: int) -> str:
+    """transformers' names: model.safetensors alone, else model-00001-of-00003.safetensors."""
+    if total == 1:
+        return SINGLE_FILE
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def group_by_size(items: Sequence[T], size_of: Callable[[T], int], max_bytes: int) -> List[List[T]]:
+    """Consecutive items, at most max_bytes per group; a bigger item gets a group of its own.
+    Always at least one group, so an empty model still gets one (empty) file."""
+    groups: List[List[T]] = [[]]
+    used = 0
+    for item in items:
+        if groups[-1] and used + size_of(item) > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += size_of(item)
+    return groups
+
+
+def index_json(weight_map: Dict[str, str], total_size: int) -> bytes:
+    """The bytes of a model.safetensors.index.json in the layout transformers writes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    return json.dumps(index, indent=2).encode() + b"\n"
+
+
+def read_elements(location: TensorLocation, start: int = 0, count: Optional[int] = None):
+    """Elements [start, start+count) of a tensor as a numpy array of its storage dtype (bf16 as
+    uint16 bits).  A plain read, for checks and tests; the merge itself maps the files."""
+    import numpy as np
+
+    from ..dtypes import DType, storage_numpy_dtype
+
+    dtype = DType[location.entry.dtype]
+    count = location.entry.count - start if count is None else count
+    with open(location.file, "rb") as f:
+        f.seek(location.entry.begin + start * dtype.itemsize)
+        raw = f.read(count * dtype.itemsize)
+    return np.frombuffer(raw, dtype=storage_numpy_dtype(dtype)).copy()
+
+
+def _index_weight_map(folder: Path) -> Dict[str, str]:
+    path = folder / INDEX_FILE
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot read the shard index: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise FormatError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise FormatError(f"{path}: shard name {shard!r} must be a plain file name")
+    return weight_map
+
+
+def _locate_sharded(folder: Path) -> Dict[str, TensorLocation]:
+    weight_map = _index_weight_map(folder)
+    headers: Dict[str, SafetensorsHeader] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise FormatError(f"{folder / INDEX_FILE}: lists shard {shard} which does not exist")
+        headers[shard] = read_header(folder / shard)
+    tensors = {}
+    for name, shard in weight_map.items():
+        entry = headers[shard].tensors.get(name)
+        if entry is None:
+            raise FormatError(f"{folder / INDEX_FILE}: tensor {name!r} is listed in {shard} "
+                              f"but that file does not contain it")
+        tensors[name] = TensorLocation(folder / shard, entry)
+    return tensors
+
+
+def open_checkpoint(folder) -> Checkpoint:
+    """Read every header of a model folder; MergeError with the folder and problem otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MergeError(f"{folder}: not a directory")
+    if (folder / INDEX_FILE).is_file():
+        tensors = _locate_sharded(folder)
+    elif (folder / SINGLE_FILE).is_file():
+        header = read_header(folder / SINGLE_FILE)
+        tensors = {n: TensorLocation(header.path, e) for n, e in header.tensors.items()}
+    else:
+        hint = ""
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            hint = " (only PyTorch .bin/.pt weights found: convert them to safetensors first)"
+        raise MergeError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    files = sorted({loc.file for loc in tensors.values()})
+    return Checkpoint(folder, files, tensors)

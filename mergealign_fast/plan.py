@@ -1,0 +1,298 @@
+"""Everything checked before the first byte is computed, and the output layout.
+
+`plan_merge` reads only headers.  It collects every problem it finds (names, shapes, dtypes,
+output folder, disk space) and raises them together as one PlanError, one line per problem, so a
+user fixes them all in one round instead of discovering them one per hour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import dtypes
+from .dtypes import DType
+from .errors import MergeError, PlanError
+from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
+                            group_by_size, open_checkpoint, shard_file_name)
+from .io.safetensors_format import EncodedTensor, encode_header
+from .tensors import check_weights
+
+ROLES = ("base", "domain", "aligned")
+# transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+# Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
+DISK_HEADROOM_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    domain_weight: float = 0.5
+    align_weight: float = 0.5
+    out_dtype: Optional[DType] = None  # None: each tensor keeps the base model's dtype
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    tokenizer_from: str = "aligned"  # base | domain | aligned | none
+    force: bool = False
+    threads: Optional[int] = None
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: Tuple[int, ...]
+    out_dtype: DType
+    sources: Tuple[TensorLocation, TensorLocation, TensorLocation]  # base, domain, aligned
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.count * self.out_dtype.itemsize
+
+    def source_dtype(self, role_index: int) -> DType:
+        return DType[self.sources[role_index].entry.dtype]
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    filename: str
+    header: bytes
+    tensors: List[PlannedTensor]
+    data_offsets: List[int]  # of each tensor, relative to the end of the header
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    inputs: Dict[str, Checkpoint]
+    out_dir: Path
+    options: MergeOptions
+    shards: List[PlannedShard]
+    config: Optional[dict]  # config.json of the output, dtype already set
+    tokenizer_files: List[Path] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(loc.entry.nbytes for s in self.shards for t in s.tensors for loc in t.sources)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def dominant_dtype(self) -> DType:
+        weight = Counter()
+        for shard in self.shards:
+            for t in shard.tensors:
+                weight[t.out_dtype] += t.out_nbytes
+        return weight.most_common(1)[0][0] if weight else DType.BF16
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5*10^9, '2GiB' -> 2*2^30, '500MB', '1024' (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or 2GiB")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+
+
+# ---- input checks -----------------------------------------------------------------------------
+
+def _name_problems(models: Dict[str, Checkpoint]) -> List[str]:
+    base = models["base"]
+    problems = []
+    for role in ROLES[1:]:
+        other = models[role]
+        for name in sorted(set(base.tensors) - set(other.tensors)):
+            problems.append(f"tensor {name}: in base ({base.folder}) but missing from {role} "
+                            f"({other.folder})")
+        for name in sorted(set(other.tensors) - set(base.tensors)):
+            problems.append(f"tensor {name}: in {role} ({other.folder}) but not in base "
+                            f"({base.folder})")
+    return problems
+
+
+def _describe_shape_difference(name: str, role: str, base_shape, other_shape) -> str:
+    line = f"tensor {name}: shape differs: base {list(base_shape)} vs {role} {list(other_shape)}"
+    same_rank = len(base_shape) == len(other_shape) and len(base_shape) >= 1
+    if same_rank and tuple(base_shape[1:]) == tuple(other_shape[1:]):
+        extra = other_shape[0] - base_shape[0]
+        who, rows = (role, extra) if extra > 0 else ("base", -extra)
+        line += f" ({who} has {rows} extra rows"
+        line += ": added vocabulary?)" if "embed" in name or "lm_head" in name else ")"
+    return line
+
+
+def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
+    problems = []
+    base = models["base"]
+    common = [n for n in base.tensors if all(n in models[r].tensors for r in ROLES[1:])]
+    for name in common:
+        locations = {r: models[r].tensors[name] for r in ROLES}
+        for role, loc in locations.items():
+            if dtypes.from_safetensors(loc.entry.dtype) is None:
+                problems.append(f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be "
+                                f"merged (supported: BF16, F16, F32)")
+        base_shape = locations["base"].entry.shape
+        for role in ROLES[1:]:
+            if locations[role].entry.shape != base_shape:
+                problems.append(_describe_shape_difference(name, role, base_shape,
+                                                           locations[role].entry.shape))
+    return problems
+
+
+def _open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
+    models, problems = {}, []
+    for role, folder in folders.items():
+        try:
+            models[role] = open_checkpoint(folder)
+        except MergeError as exc:
+            problems.append(f"{role}: {exc}")
+    return models, problems
+
+
+# ---- output checks ----------------------------------------------------------------------------
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _output_problems(out_dir: Path, folders: Dict[str, Path], force: bool) -> List[str]:
+    out = out_dir.resolve()
+    problems = []
+    for role, folder in folders.items():
+        src = folder.resolve()
+        if _is_within(out, src) or _is_within(src, out):
+            problems.append(f"output {out_dir} overlaps the {role} model folder {folder}: "
+                            "choose another output folder")
+    if out.exists() and not out.is_dir():
+        problems.append(f"output {out_dir} exists and is not a directory")
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        problems.append(f"output {out_dir} exists and is not empty: use --force to replace it")
+    return problems
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _disk_problem(out_dir: Path, needed: int) -> Optional[str]:
+    free = shutil.disk_usage(_existing_ancestor(out_dir.parent)).free
+    if needed + DISK_HEADROOM_BYTES > free:
+        return (f"not enough free disk for {out_dir}: the merge writes {needed:,} bytes, "
+                f"{free:,} bytes are free on that filesystem")
+    return None
+
+
+# ---- layout -----------------------------------------------------------------------------------
+
+def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
+    base = models["base"]
+    # Base file order, then offset order: the merge reads the base front to back.
+    names = sorted(base.tensors, key=lambda n: (str(base.tensors[n].file),
+                                                base.tensors[n].entry.begin))
+    for name in names:
+        sources = tuple(models[r].tensors[name] for r in ROLES)
+        dtype = out_dtype or DType[sources[0].entry.dtype]
+        yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
+
+
+def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[PlannedShard]:
+    groups = group_by_size(tensors, lambda t: t.out_nbytes, max_shard_size)
+    shards = []
+    for i, group in enumerate(groups):
+        encoded = [EncodedTensor(t.name, t.out_dtype.safetensors_name, t.shape, t.out_nbytes)
+                   for t in group]
+        header, offsets = encode_header(encoded, {"format": "pt"})
+        shards.append(PlannedShard(shard_file_name(i, len(groups)), header, group, offsets))
+    return shards
+
+
+def _side_files(folders: Dict[str, Path], tokenizer_from: str):
+    """(config.json to copy or None, tokenizer/generation files to copy)."""
+    if tokenizer_from == "none":
+        source = None
+        tokenizer = []
+    else:
+        source = folders[tokenizer_from]
+        tokenizer = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
+    # config.json follows the tokenizer (an instruct model's config carries its chat eos ids),
+    # falling back to the base model's.
+    candidates = ([source] if source else []) + [folders["base"]]
+    config = next((f / CONFIG_FILE for f in candidates if (f / CONFIG_FILE).is_file()), None)
+    return config, tokenizer
+
+
+def _output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
+    """The source config.json with its dtype entry set to what the merge writes."""
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError([f"{path}: cannot read: {exc}"]) from None
+    if not isinstance(config, dict):
+        raise PlanError([f"{path}: must hold a JSON object"])
+    torch_name = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}[dtype]
+    # transformers 4.x reads "torch_dtype", 5.x "dtype": set whichever the source uses.
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = torch_name
+    return config
+
+
+def _option_problems(options: MergeOptions) -> List[str]:
+    problems = []
+    try:
+        check_weights(options.domain_weight, options.align_weight)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if options.max_shard_size <= 0:
+        problems.append(f"max shard size must be positive (got {options.max_shard_size})")
+    if options.tokenizer_from not in (*ROLES, "none"):
+        problems.append(f"tokenizer source {options.tokenizer_from!r}: choose base, domain, "
+                        "aligned or none")
+    return problems
+
+
+def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
+    """Check everything and lay out the output; PlanError lists every problem found."""
+    folders = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
+    out_dir = Path(out_dir)
+    problems = _option_problems(options) + _output_problems(out_dir, folders, options.force)
+    models, input_problems = _open_inputs(folders)
+    problems += input_problems
+    if len(models) == len(ROLES):
+        problems += _name_problems(models) + _tensor_problems(models)
+    if problems:
+        raise PlanError(problems)
+    shards = layout_shards(list(_planned_tensors(models, options.out_dtype)),
+                           options.max_shard_size)
+    config_path, tokenizer = _side_files(folders, options.tokenizer_from)
+    plan = MergePlan(models, out_dir, options, shards, None, tokenizer)
+    plan.config = _output_config(config_path, plan.dominant_dtype)
+    disk = _disk_problem(out_dir, plan.output_bytes)
+    if disk:
+        raise PlanError([disk])
+    return plan

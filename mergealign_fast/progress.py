@@ -1,0 +1,56 @@
+"""A dependency-free progress line: bytes done, total, rate and ETA, on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+class Progress:
+    """Redraws at most 10 times a second on a terminal; elsewhere (logs, CI) a line every 10 s."""
+
+    def __init__(self, total: int, label: str, stream: Optional[TextIO] = None,
+                 enabled: bool = True):
+        self.total = max(total, 1)
+        self.label = label
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.1 if self.tty else 10.0
+        self.started = time.perf_counter()
+        self.last_draw = 0.0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.enabled and now - self.last_draw >= self.interval:
+            self.last_draw = now
+            self._draw(now)
+
+    def _draw(self, now: float, final: bool = False) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        fraction = min(self.done / self.total, 1.0)
+        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+        width = 24
+        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
+        text = (f"{self.label} [{bar}] {fraction:6.1%} {human_bytes(self.done)}/"
+                f"{human_bytes(self.total)} {human_bytes(rate)}/s "
+                + (f"{elapsed:.1f}s" if final else f"ETA {eta:.0f}s"))
+        end = "\n" if final or not self.tty else ""
+        self.stream.write(("\r" if self.tty else "") + text + end)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.perf_counter(), final=True)

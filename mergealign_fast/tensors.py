@@ -1,0 +1,105 @@
+"""merge_tensors: the fused merge on in-memory numpy arrays and torch CPU tensors."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import dtypes
+from .dtypes import DType
+from .kernels import get_kernel
+from .kernels.buffer import Buffer
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_weights(w_domain: float, w_align: float) -> None:
+    for label, value in (("domain weight", w_domain), ("align weight", w_align)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite real number (got {value!r})")
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def as_buffer(x: Any, label: str, dtype: Optional[DType] = None) -> Buffer:
+    """A zero-copy Buffer over a contiguous numpy array or torch CPU tensor.
+
+    `dtype` overrides the element type for numpy uint16 arrays holding bf16 bit patterns.
+    """
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise TypeError(f"{label} is on {x.device}; only CPU tensors are supported")
+        if not x.is_contiguous():
+            raise ValueError(f"{label} must be contiguous (call .contiguous() first)")
+        return Buffer(x.data_ptr(), dtypes.from_torch(x.dtype), x.numel(), owner=x)
+    if isinstance(x, np.ndarray):
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{label} must be C-contiguous (use np.ascontiguousarray)")
+        if dtype is DType.BF16 and x.dtype == np.uint16:
+            return Buffer(x.ctypes.data, DType.BF16, x.size, owner=x)
+        return Buffer(x.ctypes.data, dtypes.from_numpy(x.dtype), x.size, owner=x)
+    raise TypeError(f"{label} must be a numpy array or a torch tensor (got {type(x).__name__})")
+
+
+def _allocate_like(template: Any, dtype: DType) -> Any:
+    if _is_torch(template):
+        import torch
+
+        return torch.empty(tuple(template.shape), dtype=dtypes.to_torch(dtype))
+    return np.empty(template.shape, dtype=dtypes.storage_numpy_dtype(dtype))
+
+
+def _check_no_partial_overlap(out: Buffer, inputs: dict) -> None:
+    """In-place output over an input of the same dtype is safe element by element; a shifted
+    or differently sized overlap would read values the kernel already overwrote."""
+    out_end = out.address + out.nbytes
+    for label, buf in inputs.items():
+        exact_alias = buf.address == out.address and buf.dtype == out.dtype
+        disjoint = buf.address + buf.nbytes <= out.address or out_end <= buf.address
+        if not (exact_alias or disjoint or out.count == 0):
+            raise ValueError(f"out partially overlaps {label}")
+
+
+def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float = 0.5,
+                  align_weight: float = 0.5, out: Any = None,
+                  out_dtype: Union[DType, str, None] = None, backend: str = "auto",
+                  threads: Optional[int] = None) -> Any:
+    """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
+
+    Inputs are numpy arrays (float32/float16) or torch CPU tensors (float32/float16/bfloat16) of
+    one shape; their dtypes may differ.  Math is fp32 with one rounding to the output dtype
+    (default: base's dtype).  Returns `out` (allocated like `base` when not given).
+    """
+    check_weights(domain_weight, align_weight)
+    inputs = {"base": as_buffer(base, "base"), "domain": as_buffer(domain, "domain"),
+              "aligned": as_buffer(aligned, "aligned")}
+    shapes = {label: tuple(x.shape) for label, x in (("base", base), ("domain", domain),
+                                                      ("aligned", aligned))}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes differ: {shapes}")
+    if isinstance(out_dtype, str):
+        out_dtype = dtypes.parse_dtype(out_dtype)
+    if out is None:
+        out = _allocate_like(base, out_dtype or inputs["base"].dtype)
+    out_buf = as_buffer(out, "out", dtype=out_dtype)
+    if tuple(out.shape) != shapes["base"]:
+        raise ValueError(f"out has shape {tuple(out.shape)}, inputs have {shapes['base']}")
+    if out_dtype is not None and out_buf.dtype is not out_dtype:
+        raise ValueError(f"out has dtype {out_buf.dtype.short_name}, out_dtype asks "
+                         f"{out_dtype.short_name}")
+    _check_no_partial_overlap(out_buf, inputs)
+    kernel = get_kernel(backend)
+    kernel(inputs["base"], inputs["domain"], inputs["aligned"], out_buf,
+           float(domain_weight), float(align_weight), threads or default_threads())
+    return out
