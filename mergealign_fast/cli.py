@@ -45,7 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "out = base + w_d*(domain - base) + w_a*(aligned - base)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge_args(sub.add_parser("merge", help="merge three model folders"))
-    demo = sub.add_parser("demo", help="build a ~167M-parameter Llama trio, merge it, check it")
+    demo = sub.add_parser("demo", help="build a ~156M-parameter Llama trio, merge it, check it")
     demo.add_argument("--cache-dir", default=None, help="where the demo models live "
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
     demo.add_argument("--threads", type=int, default=None)

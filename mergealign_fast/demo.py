@@ -1,6 +1,6 @@
 """`mergealign-fast demo`: the main job on a built-in example.
 
-Builds (once, in a cache folder) a deterministic Llama-shaped base/domain/aligned trio of ~167M
+Builds (once, in a cache folder) a deterministic Llama-shaped base/domain/aligned trio of ~156M
 parameters each, merges it with the paper's equal weights, checks sampled tensors against the
 float64 oracle, and prints time, throughput and peak memory.
 """

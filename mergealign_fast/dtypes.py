@@ -64,14 +64,16 @@ def from_safetensors(name: str) -> DType | None:
 
 
 def from_numpy(dtype: np.dtype) -> DType:
+    """float32, float16, and bf16 as either ml_dtypes' bfloat16 or raw uint16 bit patterns
+    (numpy has no bf16 of its own; uint16 is never a weight dtype, so it is unambiguous)."""
     if dtype == np.float32:
         return DType.F32
     if dtype == np.float16:
         return DType.F16
-    raise TypeError(
-        f"numpy arrays must be float32 or float16 (got {dtype}); "
-        "pass bf16 data as torch tensors, or as uint16 bit patterns with dtype='bf16'"
-    )
+    if dtype == np.uint16 or dtype.name == "bfloat16":
+        return DType.BF16
+    raise TypeError(f"numpy arrays must be float32, float16 or bf16 bits as uint16 "
+                    f"(got {dtype})")
 
 
 def from_torch(dtype: Any) -> DType:

@@ -162,8 +162,7 @@ def _write_side_files(folder: Path, plan: MergePlan) -> None:
     fsync = plan.options.fsync
     if len(plan.shards) > 1:
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-        total = sum(t.out_nbytes for s in plan.shards for t in s.tensors)
-        _write_file(folder / INDEX_FILE, index_json(weight_map, total), fsync)
+        _write_file(folder / INDEX_FILE, index_json(weight_map, plan.tensor_bytes), fsync)
     if plan.config is not None:
         _write_file(folder / CONFIG_FILE, json.dumps(plan.config, indent=2).encode() + b"\n", fsync)
     for source in plan.tokenizer_files:
@@ -204,7 +203,7 @@ def execute(plan: MergePlan, show_progress: bool = False) -> MergeResult:
     try:
         with _InputMaps(plan) as maps:
             maps.check_unchanged(plan)
-            progress = Progress(plan.output_bytes, "merging", enabled=show_progress)
+            progress = Progress(plan.tensor_bytes, "merging", enabled=show_progress)
             for shard in plan.shards:
                 _write_shard(tmp / shard.filename, shard, maps, threads, plan.options, progress)
             progress.close()

@@ -88,6 +88,11 @@ class MergePlan:
         return sum(s.size for s in self.shards)
 
     @property
+    def tensor_bytes(self) -> int:
+        """Output tensor data, headers excluded: what the progress bar counts."""
+        return sum(t.out_nbytes for s in self.shards for t in s.tensors)
+
+    @property
     def input_bytes(self) -> int:
         return sum(loc.entry.nbytes for s in self.shards for t in s.tensors for loc in t.sources)
 
@@ -214,7 +219,7 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
                                                 base.tensors[n].entry.begin))
     for name in names:
         sources = tuple(models[r].tensors[name] for r in ROLES)
-        dtype = out_dtype or DType[sources[0].entry.dtype]
+        dtype = DType[sources[0].entry.dtype] if out_dtype is None else out_dtype
         yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
 
 

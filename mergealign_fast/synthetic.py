@@ -76,7 +76,7 @@ class LlamaShape:
 
 # A 1.1B-parameter Llama (TinyLlama's shape): 3 x 2.2 GB in bf16, the benchmark trio.
 LLAMA_1B = LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
-# ~156M parameters, ~335 MB per model in bf16: the demo trio.
+# ~156M parameters, ~311 MB per model in bf16: the demo trio.
 LLAMA_DEMO = LlamaShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4,
                         vocab=32000)
 # A few hundred thousand parameters: for tests.

@@ -32,11 +32,8 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
-def as_buffer(x: Any, label: str, dtype: Optional[DType] = None) -> Buffer:
-    """A zero-copy Buffer over a contiguous numpy array or torch CPU tensor.
-
-    `dtype` overrides the element type for numpy uint16 arrays holding bf16 bit patterns.
-    """
+def as_buffer(x: Any, label: str) -> Buffer:
+    """A zero-copy Buffer over a contiguous numpy array or torch CPU tensor."""
     if _is_torch(x):
         if x.device.type != "cpu":
             raise TypeError(f"{label} is on {x.device}; only CPU tensors are supported")
@@ -46,8 +43,6 @@ def as_buffer(x: Any, label: str, dtype: Optional[DType] = None) -> Buffer:
     if isinstance(x, np.ndarray):
         if not x.flags.c_contiguous:
             raise ValueError(f"{label} must be C-contiguous (use np.ascontiguousarray)")
-        if dtype is DType.BF16 and x.dtype == np.uint16:
-            return Buffer(x.ctypes.data, DType.BF16, x.size, owner=x)
         return Buffer(x.ctypes.data, dtypes.from_numpy(x.dtype), x.size, owner=x)
     raise TypeError(f"{label} must be a numpy array or a torch tensor (got {type(x).__name__})")
 
@@ -77,8 +72,8 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                   threads: Optional[int] = None) -> Any:
     """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
 
-    Inputs are numpy arrays (float32/float16) or torch CPU tensors (float32/float16/bfloat16) of
-    one shape; their dtypes may differ.  Math is fp32 with one rounding to the output dtype
+    Inputs are numpy arrays (float32/float16, bf16 as uint16 bits) or torch CPU tensors
+    (float32/float16/bfloat16) of one shape; their dtypes may differ.  Math is fp32 with one rounding to the output dtype
     (default: base's dtype).  Returns `out` (allocated like `base` when not given).
     """
     check_weights(domain_weight, align_weight)
@@ -91,8 +86,8 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
     if isinstance(out_dtype, str):
         out_dtype = dtypes.parse_dtype(out_dtype)
     if out is None:
-        out = _allocate_like(base, out_dtype or inputs["base"].dtype)
-    out_buf = as_buffer(out, "out", dtype=out_dtype)
+        out = _allocate_like(base, inputs["base"].dtype if out_dtype is None else out_dtype)
+    out_buf = as_buffer(out, "out")
     if tuple(out.shape) != shapes["base"]:
         raise ValueError(f"out has shape {tuple(out.shape)}, inputs have {shapes['base']}")
     if out_dtype is not None and out_buf.dtype is not out_dtype:

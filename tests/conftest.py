@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from mergealign_fast.dtypes import DType, decode_to_f64, f32_to_bf16_bits, storage_numpy_dtype
+from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+
+
+def random_values(rng: np.random.Generator, count: int, dtype: DType,
+                  scale: float = 1.0) -> np.ndarray:
+    """Random finite values stored in `dtype` (bf16 as uint16 bits), with mixed magnitudes."""
+    values = rng.standard_normal(count).astype(np.float32) * np.float32(scale)
+    values *= np.exp2(rng.integers(-8, 8, count)).astype(np.float32)  # spread over 16 binades
+    if dtype is DType.BF16:
+        return f32_to_bf16_bits(values)
+    return values.astype(storage_numpy_dtype(dtype))
+
+
+def as_f64(raw: np.ndarray, dtype: DType) -> np.ndarray:
+    return decode_to_f64(raw, dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_trio(tmp_path_factory):
+    """A ~0.6M-parameter Llama trio in bf16, single-file models."""
+    return ensure_synthetic_trio(tmp_path_factory.mktemp("tiny_trio"), LLAMA_TINY, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_trio_sharded(tmp_path_factory):
+    """The same shape, each model split into several shards with an index."""
+    return ensure_synthetic_trio(tmp_path_factory.mktemp("tiny_trio_sharded"), LLAMA_TINY,
+                                 seed=3, max_shard_size=60_000)
+
+
+def write_checkpoint(folder, tensors: dict, config: dict = None) -> None:
+    """A single-file model folder from {name: numpy array} (uint16 arrays are bf16 bits)."""
+    from mergealign_fast.dtypes import from_numpy
+    from mergealign_fast.io.safetensors_format import EncodedTensor, encode_header
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, value in tensors.items():
+        dtype_name = "I64" if value.dtype == np.int64 else from_numpy(value.dtype).safetensors_name
+        specs.append(EncodedTensor(name, dtype_name, value.shape, value.nbytes))
+    header, _ = encode_header(specs, {"format": "pt"})
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(header)
+        for value in tensors.values():
+            f.write(np.ascontiguousarray(value).tobytes())
+    if config is not None:
+        import json
+
+        (folder / "config.json").write_text(json.dumps(config))
+
+
+def small_model(seed: int, vocab: int = 32, dtype=np.float32) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"embed.weight": rng.standard_normal((vocab, 8)).astype(dtype),
+            "layer.weight": rng.standard_normal((8, 8)).astype(dtype),
+            "norm.weight": rng.standard_normal(8).astype(dtype)}

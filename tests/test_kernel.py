@@ -1,0 +1,232 @@
+"""The fused kernel against the float64 oracle, over dtype x shape x weights x alignment grids.
+
+Tolerance: reference.merge_error_bound, derived from the arithmetic (fp32 evaluation of 6
+operations plus 2 weight roundings, 8u|terms|, then one rounding to the output: half its spacing).
+A kernel that truncated instead of rounding to nearest, skipped a term, or computed in the input
+precision breaks it (see test_bound_is_tight_enough_to_catch_one_ulp).
+"""
+
+
+import numpy as np
+import pytest
+import torch
+
+from mergealign_fast import merge_tensors
+from mergealign_fast.dtypes import DType, f32_to_bf16_bits, storage_numpy_dtype
+from mergealign_fast.reference import merge_error_bound, merge_ref, spacing
+
+from conftest import as_f64, random_values
+
+DTYPES = [DType.BF16, DType.F16, DType.F32]
+SHAPES = [(0,), (1,), (7,), (4097,), (6, 42), (123, 431)]
+WEIGHTS = [(0.5, 0.5), (0.3, 0.9), (-0.25, 1.75)]
+# Input dtype triples: all equal, plus mixes where every input has a different dtype.
+INPUT_DTYPES = [(d, d, d) for d in DTYPES] + [(DType.BF16, DType.F16, DType.F32),
+                                              (DType.F32, DType.BF16, DType.F16)]
+
+
+def unaligned_copy(raw: np.ndarray, offset: int) -> np.ndarray:
+    """The same values in memory that starts `offset` bytes past an aligned address."""
+    backing = np.zeros(raw.nbytes + 16, dtype=np.uint8)
+    start = (-backing.ctypes.data % 16) + offset
+    view = np.frombuffer(backing, dtype=raw.dtype, count=raw.size, offset=start)
+    view[...] = raw.ravel()
+    return view.reshape(raw.shape)
+
+
+def torch_view(raw: np.ndarray, dtype: DType) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(raw))
+    return tensor.view(torch.bfloat16) if dtype is DType.BF16 else tensor
+
+
+def run_kernel(raws, in_dtypes, out_dtype, weights, backend="cpu", threads=2):
+    inputs = [torch_view(r, d) for r, d in zip(raws, in_dtypes)]
+    out = merge_tensors(*inputs, domain_weight=weights[0], align_weight=weights[1],
+                        out_dtype=out_dtype, backend=backend, threads=threads)
+    raw_out = out.view(torch.int16).numpy().view(np.uint16) if out.dtype == torch.bfloat16 \
+        else out.numpy()
+    return raw_out
+
+
+@pytest.mark.parametrize("in_dtypes", INPUT_DTYPES, ids=lambda t: "-".join(d.short_name for d in t))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: d.short_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("weights", WEIGHTS, ids=str)
+def test_matches_oracle_within_derived_bound(in_dtypes, out_dtype, shape, weights):
+    rng = np.random.default_rng(abs(hash((in_dtypes, out_dtype, shape, weights))) % 2**32)
+    count = int(np.prod(shape))
+    raws = [random_values(rng, count, d).reshape(shape) for d in in_dtypes]
+    got = as_f64(run_kernel(raws, in_dtypes, out_dtype, weights), out_dtype)
+    b, d, a = (as_f64(r, dt) for r, dt in zip(raws, in_dtypes))
+    bound = merge_error_bound(b, d, a, *weights, out_dtype)
+    err = np.abs(got - merge_ref(b, d, a, *weights))
+    assert got.shape == shape
+    assert np.all(err <= bound), f"worst error {np.max(err / bound):.3f} x bound"
+
+
+@pytest.mark.parametrize("offsets", [(1, 3, 5), (2, 0, 6), (7, 7, 7)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.short_name)
+def test_unaligned_inputs_and_output(offsets, dtype):
+    """Memory-mapped safetensors data is rarely 16-byte aligned: any byte offset must work."""
+    rng = np.random.default_rng(7)
+    count = 4097
+    aligned_raws = [random_values(rng, count, dtype) for _ in range(3)]
+    raws = [unaligned_copy(r, off) for r, off in zip(aligned_raws, offsets)]
+    out = unaligned_copy(np.zeros(count, dtype=storage_numpy_dtype(dtype)), offsets[0])
+    merge_tensors(*raws, domain_weight=0.3, align_weight=0.9, out=out, out_dtype=dtype)
+    expected = run_kernel(aligned_raws, (dtype,) * 3, dtype, (0.3, 0.9))
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("in_dtypes", INPUT_DTYPES, ids=lambda t: "-".join(d.short_name for d in t))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: d.short_name)
+def test_bitwise_equal_to_torch_reference(in_dtypes, out_dtype):
+    """Same fp32 operations in the same order, no FMA, one RNE rounding: identical bits."""
+    rng = np.random.default_rng(11)
+    raws = [random_values(rng, 10_001, d) for d in in_dtypes]
+    ours = run_kernel(raws, in_dtypes, out_dtype, (0.3, 0.9), backend="cpu")
+    theirs = run_kernel(raws, in_dtypes, out_dtype, (0.3, 0.9), backend="torch")
+    np.testing.assert_array_equal(ours.view(np.uint8), theirs.view(np.uint8))
+
+
+def test_bitwise_deterministic_across_thread_counts():
+    rng = np.random.default_rng(5)
+    raws = [random_values(rng, 3_000_017, DType.BF16) for _ in range(3)]
+    results = [run_kernel(raws, (DType.BF16,) * 3, DType.BF16, (0.3, 0.9), threads=t)
+               for t in (1, 2, 3, 7)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
+
+
+def test_bound_is_tight_enough_to_catch_one_ulp():
+    """The bound stays below one output ulp, so a result one ulp off the correctly rounded value
+    (truncation instead of rounding, say) fails it.  Results that cancel a hundredfold or more
+    are left out: there the fp32 error term rightly dominates."""
+    rng = np.random.default_rng(2)
+    for dtype in (DType.BF16, DType.F16):
+        b, d, a = (as_f64(random_values(rng, 10_000, dtype), dtype) for _ in range(3))
+        exact = merge_ref(b, d, a, 0.3, 0.9)
+        terms = np.abs(b) + np.abs(0.3 * (d - b)) + np.abs(0.9 * (a - b))
+        usual = terms < 100 * np.abs(exact)
+        assert usual.mean() > 0.9
+        bound = merge_error_bound(b, d, a, 0.3, 0.9, dtype)
+        assert np.all(bound[usual] < spacing(exact[usual], dtype))
+
+
+# ---- conversions: out = 0 + 1*(x - 0) + 0*(0 - 0) = x, so these test load and store alone ----
+
+def convert(values_raw: np.ndarray, in_dtype: DType, out_dtype: DType) -> np.ndarray:
+    zeros = np.zeros(values_raw.size, dtype=storage_numpy_dtype(in_dtype))
+    return run_kernel([zeros, values_raw, zeros], (in_dtype,) * 3, out_dtype, (1.0, 0.0))
+
+
+def assert_same_floats(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal values, NaN where NaN (zero's sign is not kept by 0 + x and is not compared)."""
+    with np.errstate(invalid="ignore"):  # numpy warns when widening fp16 NaN payloads
+        got, want = got.astype(np.float64), want.astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    keep = ~np.isnan(want)
+    np.testing.assert_array_equal(got[keep], want[keep])
+
+
+def test_every_fp16_and_bf16_value_widens_exactly():
+    every = np.arange(1 << 16, dtype=np.uint16)
+    assert_same_floats(convert(every.view(np.float16), DType.F16, DType.F32),
+                       every.view(np.float16).astype(np.float32))
+    assert_same_floats(convert(every, DType.BF16, DType.F32),
+                       (every.astype(np.uint32) << 16).view(np.float32))
+
+
+def edge_f32_values() -> np.ndarray:
+    """Random bit patterns over the whole fp32 range plus the rounding edges of fp16 and bf16."""
+    rng = np.random.default_rng(13)
+    bits = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    edges = [65504, 65519.996, 65520, 65536, 2.0**-14, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25,
+             2.0**-26, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8,
+             3.3895314e38, 3.4028235e38, np.inf, np.nan, 1e-40, 0.0]
+    edge = np.array(edges + [-e for e in edges], dtype=np.float32)
+    # Every tie between neighbouring fp16 values in [1, 2): the round-half-even cases.
+    ties = (1 + (np.arange(1024, dtype=np.float32) + 0.5) * 2.0**-10).astype(np.float32)
+    return np.concatenate([bits.view(np.float32), edge, ties])
+
+
+def test_fp32_to_fp16_rounds_like_numpy():
+    values = edge_f32_values()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = values.astype(np.float16)
+    assert_same_floats(convert(values, DType.F32, DType.F16), want)
+
+
+def test_fp32_to_bf16_rounds_like_torch():
+    values = edge_f32_values()
+    want = torch.from_numpy(values).to(torch.bfloat16).to(torch.float32).numpy()
+    got = convert(values, DType.F32, DType.BF16)
+    assert_same_floats((got.astype(np.uint32) << 16).view(np.float32), want)
+
+
+def test_nan_and_inf_propagate():
+    specials = np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)
+    for out_dtype in DTYPES:
+        got = as_f64(convert(specials, DType.F32, out_dtype), out_dtype)
+        assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -np.inf and got[3] == 1.0
+
+
+def test_overflow_rounds_to_inf_in_the_output_dtype():
+    big = np.full(3, 60000.0, dtype=np.float32)
+    # 60000 + 1*(120000 - 60000) + 0*(...) = 120000, past fp16's largest finite 65504.
+    got = run_kernel([big, big * 2, big], (DType.F32,) * 3, DType.F16, (1.0, 0.0))
+    assert np.all(np.isinf(got.astype(np.float64)))
+
+
+def test_f32_to_bf16_bits_helper_matches_torch():
+    """The numpy helper used by tests and the synthetic generator must itself be right."""
+    values = edge_f32_values()
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = f32_to_bf16_bits(values)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.all(np.isnan((got[nan].astype(np.uint32) << 16).view(np.float32)))
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "noncontig", "overlap"])
+def test_merge_tensors_rejects_bad_arguments(bad):
+    x = torch.zeros(4, 6)
+    args = [x, x.clone(), x.clone()]
+    kwargs = {}
+    if bad == "shape":
+        args[1] = torch.zeros(4, 7)
+    elif bad == "dtype":
+        args[2] = torch.zeros(4, 6, dtype=torch.int32)
+    elif bad == "noncontig":
+        args[0] = torch.zeros(6, 4).t()
+    else:
+        storage = torch.zeros(30)
+        args[0], kwargs["out"] = storage[:24].view(4, 6), storage[1:25].view(4, 6)
+    with pytest.raises((ValueError, TypeError)):
+        merge_tensors(*args, **kwargs)
+
+
+def test_numpy_inputs_and_default_weights():
+    rng = np.random.default_rng(0)
+    b, d, a = (rng.standard_normal(100).astype(np.float32) for _ in range(3))
+    out = merge_tensors(b, d, a)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    bound = merge_error_bound(b, d, a, 0.5, 0.5, DType.F32)
+    assert np.all(np.abs(out - merge_ref(b, d, a, 0.5, 0.5)) <= bound)
+
+
+def test_in_place_output_over_base():
+    rng = np.random.default_rng(1)
+    b, d, a = (rng.standard_normal(1000).astype(np.float32) for _ in range(3))
+    expected = merge_tensors(b, d, a, domain_weight=0.3, align_weight=0.9)
+    merge_tensors(b, d, a, domain_weight=0.3, align_weight=0.9, out=b)
+    np.testing.assert_array_equal(b, expected)
+
+
+@pytest.mark.parametrize("backend", ["nonesuch"])
+def test_unknown_backend_is_a_clear_error(backend):
+    from mergealign_fast import MergeError
+
+    x = np.zeros(3, dtype=np.float32)
+    with pytest.raises(MergeError, match="unknown backend 'nonesuch'"):
+        merge_tensors(x, x, x, backend=backend)

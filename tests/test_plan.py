@@ -1,0 +1,126 @@
+"""Everything is checked before compute, and every problem is reported in one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mergealign_fast.errors import PlanError
+from mergealign_fast.plan import MergeOptions, parse_size, plan_merge
+
+from conftest import small_model, write_checkpoint
+
+
+@pytest.fixture
+def trio(tmp_path):
+    for seed, role in enumerate(("base", "domain", "aligned")):
+        write_checkpoint(tmp_path / role, small_model(seed), config={"torch_dtype": "float32"})
+    return tmp_path
+
+
+def problems(trio, out=None, **options):
+    with pytest.raises(PlanError) as info:
+        plan_merge(trio / "base", trio / "domain", trio / "aligned", out or trio / "out",
+                   MergeOptions(**options))
+    return info.value.problems
+
+
+def test_a_clean_trio_plans(trio):
+    plan = plan_merge(trio / "base", trio / "domain", trio / "aligned", trio / "out")
+    assert plan.tensor_count == 3 and len(plan.shards) == 1
+    assert plan.shards[0].filename == "model.safetensors"
+
+
+def test_missing_and_extra_tensors_name_the_model_and_tensor(trio):
+    model = small_model(1)
+    del model["norm.weight"]
+    model["adapter.weight"] = np.zeros(3, dtype=np.float32)
+    write_checkpoint(trio / "domain", model)
+    found = problems(trio)
+    assert any("norm.weight" in p and "missing from domain" in p for p in found)
+    assert any("adapter.weight" in p and "in domain" in p and "not in base" in p for p in found)
+
+
+def test_extra_vocabulary_rows_are_explained(trio):
+    write_checkpoint(trio / "aligned", small_model(2, vocab=35))
+    [line] = problems(trio)
+    assert "embed.weight" in line and "base [32, 8] vs aligned [35, 8]" in line
+    assert "aligned has 3 extra rows: added vocabulary?" in line
+
+
+def test_unsupported_dtype(trio):
+    model = small_model(0)
+    model["position_ids"] = np.arange(4, dtype=np.int64)
+    for role in ("base", "domain", "aligned"):
+        write_checkpoint(trio / role, model)
+    found = problems(trio)
+    assert len(found) == 3 and all("dtype I64 cannot be merged" in p for p in found)
+
+
+def test_all_problems_are_reported_together(trio):
+    write_checkpoint(trio / "aligned", small_model(2, vocab=35))
+    (trio / "out").mkdir()
+    (trio / "out" / "keep.txt").write_text("precious")
+    found = problems(trio, domain_weight=float("nan"))
+    assert len(found) == 3
+    assert any("not empty" in p and "--force" in p for p in found)
+    assert any("domain weight must be a finite" in p for p in found)
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_may_not_overlap_an_input(trio, where):
+    out = trio / "base" if where == "same" else trio / "base" / "merged"
+    found = problems(trio, out=out, force=True)
+    assert any("overlaps the base model folder" in p for p in found)
+
+
+def test_not_enough_disk_is_refused_up_front(trio, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    [line] = problems(trio)
+    assert "not enough free disk" in line and "1,000 bytes are free" in line
+
+
+def test_index_naming_a_missing_shard(trio):
+    index = {"metadata": {}, "weight_map": {"embed.weight": "model-00001-of-00002.safetensors"}}
+    (trio / "domain" / "model.safetensors.index.json").write_text(json.dumps(index))
+    [line] = problems(trio)
+    assert "domain" in line and "model-00001-of-00002.safetensors which does not exist" in line
+
+
+def test_index_naming_a_tensor_the_shard_lacks(trio):
+    index = {"metadata": {}, "weight_map": {"embed.weight": "model.safetensors",
+                                            "ghost.weight": "model.safetensors"}}
+    (trio / "domain" / "model.safetensors.index.json").write_text(json.dumps(index))
+    found = problems(trio)
+    assert any("'ghost.weight' is listed in model.safetensors but that file does not contain it"
+               in p for p in found)
+
+
+def test_folder_with_only_pytorch_bin(trio, tmp_path):
+    (trio / "domain" / "model.safetensors").unlink()
+    (trio / "domain" / "pytorch_model.bin").write_bytes(b"x")
+    [line] = problems(trio)
+    assert "convert them to safetensors" in line
+
+
+def test_corrupt_header_is_reported_with_the_role(trio):
+    path = trio / "aligned" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    [line] = problems(trio)
+    assert line.startswith("aligned: ") and str(path) in line
+
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8),
+                                           ("2GiB", 2 * 2**30), ("1024", 1024),
+                                           ("1.5KB", 1500)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ValueError, match="cannot read size"):
+        parse_size("five gigs")
