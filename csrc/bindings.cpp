@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <errno.h>
+#include <fcntl.h>
 
 #include <thread>
 
@@ -79,6 +80,18 @@ PYBIND11_MODULE(_native, m) {
       py::arg("w_domain"), py::arg("w_align"), py::arg("fd"), py::arg("file_offset"),
       py::arg("threads"),
       "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns 0 or an errno.");
+
+  m.def(
+      "start_writeback",
+      [](int fd, int64_t offset, int64_t length) {
+        // Asynchronous: queues the dirty pages of the range for writing and returns, so the
+        // disk works while the kernel computes the next window; the final fsync then has only
+        // the tail left to wait for.
+        py::gil_scoped_release no_gil;
+        return ::sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : errno;
+      },
+      py::arg("fd"), py::arg("offset"), py::arg("length"),
+      "sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back; returns 0 or errno.");
 
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });

@@ -176,10 +176,16 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
   for (int t = 0; t < n_threads; ++t) thread_buffer[t] = buffers.get(t);
 
   std::atomic<int> first_error{0};
+  // Buffered writes to one file serialise on the inode lock anyway, and a thread waiting for it
+  // in the kernel spins (rwsem_spin_on_owner: 26% of all cycles in a perf profile of a 1.1B
+  // merge).  Taking turns here instead lets the waiting thread sleep while the writer copies,
+  // and the other thread compute its next piece meanwhile.
+  std::mutex write_turn;
   parallel_slices(ops.count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
       merge_range(ops, start, start + n, thread_buffer[t]);
+      std::lock_guard<std::mutex> turn(write_turn);
       const int err = write_all(fd, thread_buffer[t], n * out_size, file_offset + start * out_size);
       if (err != 0) {
         int expected = 0;

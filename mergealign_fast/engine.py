@@ -26,7 +26,7 @@ from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
 from .kernels import cpu
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
-from .tensors import default_threads
+from .params import default_threads
 
 # Output bytes per native call.  Between calls the window's input pages are released, so resident
 # input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
@@ -130,6 +130,8 @@ def _merge_tensor(fd: int, path: Path, file_offset: int, tensor: PlannedTensor,
             threads)
         if err:
             raise MergeError(f"{path}: writing tensor {tensor.name} failed: {os.strerror(err)}")
+        if options.fsync:  # flush as we go: the disk writes while the next window computes
+            native.start_writeback(fd, file_offset + start * out_size, n * out_size)
         for m, (offset, length) in zip(mapped, spans):
             m.release(offset, length)
         progress.advance(n * out_size)

@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .dtypes import DType, decode_to_f64
+from .dtypes import DType
+from .reference import decode_to_f64
 from .io.checkpoint import open_checkpoint, read_elements
 from .reference import merge_error_bound, merge_ref
 

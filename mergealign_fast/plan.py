@@ -22,7 +22,7 @@ from .errors import MergeError, PlanError
 from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
                             group_by_size, open_checkpoint, shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
-from .tensors import check_weights
+from .params import check_weights
 
 ROLES = ("base", "domain", "aligned")
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.

@@ -1,6 +1,7 @@
 """The float64 oracle for every method, and the error bound a correct kernel must meet.
 
-Tests and benchmarks import these; nothing here is used on the fast path.
+Tests and benchmarks import these; nothing here is used on the fast path.  numpy has no bf16, so
+the exact bf16 <-> float conversions the oracle needs live here too.
 """
 
 from __future__ import annotations
@@ -8,6 +9,29 @@ from __future__ import annotations
 import numpy as np
 
 from .dtypes import DType
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Exact widening of bf16 bit patterns (uint16) to float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns, round-to-nearest-even, NaN kept NaN."""
+    x = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((x + np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((x[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def decode_to_f64(raw: np.ndarray, dtype: DType) -> np.ndarray:
+    """Stored values (numpy storage dtype) -> float64, exactly."""
+    if dtype is DType.BF16:
+        return bf16_bits_to_f32(raw).astype(np.float64)
+    return raw.astype(np.float64)
+
 
 # Unit roundoff of fp32, the precision the kernels compute in.
 FP32_UNIT_ROUNDOFF = 2.0**-24

@@ -16,7 +16,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .dtypes import DType, f32_to_bf16_bits
+from .dtypes import DType
+from .reference import f32_to_bf16_bits
 from .io.checkpoint import (CONFIG_FILE, INDEX_FILE, group_by_size, index_json,
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header

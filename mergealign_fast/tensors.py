@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -12,20 +10,7 @@ from . import dtypes
 from .dtypes import DType
 from .kernels import get_kernel
 from .kernels.buffer import Buffer
-
-
-def default_threads() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def check_weights(w_domain: float, w_align: float) -> None:
-    for label, value in (("domain weight", w_domain), ("align weight", w_align)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{label} must be a finite real number (got {value!r})")
+from .params import check_weights, default_threads
 
 
 def _is_torch(x: Any) -> bool:

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from mergealign_fast.dtypes import DType, decode_to_f64, f32_to_bf16_bits, storage_numpy_dtype
+from mergealign_fast.dtypes import DType, storage_numpy_dtype
+from mergealign_fast.reference import decode_to_f64, f32_to_bf16_bits
 from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 

@@ -1,0 +1,170 @@
+"""End to end on a 1.1B-parameter Llama-shaped bf16 trio (3 x 2.2 GB), warm page cache.
+
+Each contender runs as a separate process, as a user would run it; we record wall time, CPU time
+(user + sys of the child) and peak RSS (the child's ru_maxrss, mapped file pages included).  The
+I/O floor is `cat` of the three inputs to /dev/null, measured in the same run, as is `dd` with
+1 MiB reads (cat may splice without copying into user memory; dd always copies).
+
+    pytest benches/bench_end_to_end.py --benchmark-json=benches/results/e2e.json
+
+mergekit is measured when `mergekit-yaml` is on PATH (pip install -e .[mergekit]).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mergealign_fast.dtypes import DType
+from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
+from mergealign_fast.reference import decode_to_f64, spacing
+
+from conftest import drop_file, record
+
+SECTION = "end to end, 1.1B-parameter bf16 trio (3 x 2.2 GB), warm page cache, median of rounds"
+ROUNDS_FAST = 5
+ROUNDS_SLOW = 3  # mergekit and the naive script take ~20 s a run
+RESULTS: dict = {}
+
+
+def run_measured(cmd, **kwargs):
+    """(wall seconds, cpu seconds, peak RSS bytes) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def bench_command(benchmark, name, cmd, out: Path, rounds: int, **kwargs):
+    samples = []
+
+    def once():
+        samples.append(run_measured(cmd, **kwargs))
+
+    benchmark.pedantic(once, setup=lambda: drop_file(out), rounds=rounds, warmup_rounds=1)
+    wall = float(np.median([s[0] for s in samples]))
+    cpu = float(np.median([s[1] for s in samples]))
+    rss = max(s[2] for s in samples)
+    RESULTS[name] = wall
+    benchmark.extra_info.update(wall_s=wall, cpu_s=cpu, peak_rss_mb=rss / 1e6)
+    return wall, cpu, rss, floor_ratios(wall)
+
+
+def input_files(trio):
+    return [str(f) for role in ("base", "domain", "aligned")
+            for f in open_checkpoint(trio[role]).files]
+
+
+def test_cat_floor(benchmark, trio_1b):
+    files = " ".join(input_files(trio_1b))
+    wall, cpu, rss, _ = bench_command(benchmark, "cat floor", ["sh", "-c", f"cat {files} > /dev/null"],
+                                      Path("/nonexistent-output"), ROUNDS_FAST)
+    record(SECTION, "cat inputs > /dev/null (floor)", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s")
+
+
+def test_dd_floor(benchmark, trio_1b):
+    script = "; ".join(f"dd if={f} of=/dev/null bs=1M status=none" for f in input_files(trio_1b))
+    wall, cpu, rss, _ = bench_command(benchmark, "dd floor", ["sh", "-c", script],
+                                      Path("/nonexistent-output"), ROUNDS_FAST)
+    record(SECTION, "dd bs=1M inputs > /dev/null", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s")
+
+
+def test_write_floor(benchmark, trio_1b, tmp_path):
+    """Writing as many bytes as the merged model into fresh page cache: on this VM new page-cache
+    pages cost far more than re-reading cached ones, so this floor matters as much as cat's."""
+    out = tmp_path / "written"
+    size = sum(f.stat().st_size for f in map(Path, input_files(trio_1b))) // 3
+    cmd = ["dd", "if=/dev/zero", f"of={out}", "bs=1M", f"count={size >> 20}", "status=none"]
+    wall, cpu, rss, ratios = bench_command(benchmark, "write floor", cmd, out, ROUNDS_FAST)
+    record(SECTION, "dd write 2.2 GB (output floor)", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s")
+
+
+def floor_ratios(wall: float) -> dict:
+    """Our wall time against the read floor alone and against read + write floors."""
+    ratios = {}
+    if RESULTS.get("cat floor"):
+        ratios["x_cat"] = f"{wall / RESULTS['cat floor']:.2f}"
+        if RESULTS.get("write floor"):
+            ratios["x_cat+write"] = f"{wall / (RESULTS['cat floor'] + RESULTS['write floor']):.2f}"
+    return ratios
+
+
+def ratios_to_ours(wall: float) -> dict:
+    return {f"slower_than_{label}": f"{wall / RESULTS[name]:.1f}x"
+            for label, name in (("ours", "mergealign-fast"),
+                                ("ours_nofsync", "mergealign-fast --no-fsync"))
+            if RESULTS.get(name)}
+
+
+def our_command(trio, out, *extra):
+    return [sys.executable, "-m", "mergealign_fast", "merge", str(trio["base"]),
+            str(trio["domain"]), str(trio["aligned"]), "-o", str(out), "--quiet", *extra]
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_mergealign_fast(benchmark, trio_1b, tmp_path, fsync):
+    out = tmp_path / "out"
+    cmd = our_command(trio_1b, out, *([] if fsync else ["--no-fsync"]))
+    name = f"mergealign-fast{'' if fsync else ' --no-fsync'}"
+    wall, cpu, rss, ratios = bench_command(benchmark, name, cmd, out, ROUNDS_FAST)
+    record(SECTION, name, wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s", peak_rss=f"{rss / 1e6:.0f}MB",
+           **ratios)
+
+
+def test_naive_torch(benchmark, trio_1b, tmp_path):
+    out = tmp_path / "out"
+    script = Path(__file__).with_name("naive_torch_merge.py")
+    cmd = [sys.executable, str(script), str(trio_1b["base"]), str(trio_1b["domain"]),
+           str(trio_1b["aligned"]), str(out)]
+    wall, cpu, rss, _ = bench_command(benchmark, "naive torch", cmd, out, ROUNDS_SLOW)
+    ratios = ratios_to_ours(wall)
+    record(SECTION, "naive torch (safe_open+save_file)", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",
+           peak_rss=f"{rss / 1e6:.0f}MB", **ratios)
+
+
+MERGEKIT_CONFIG = """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters:
+      weight: 0.5
+  - model: {aligned}
+    parameters:
+      weight: 0.5
+dtype: bfloat16
+"""
+
+
+def bf16_ulp_differences(ours: Path, theirs: Path, name: str) -> tuple:
+    """(fraction of elements that differ, largest difference in bf16 units at that value)."""
+    a, b = (decode_to_f64(read_elements(open_checkpoint(p).tensors[name]), DType.BF16)
+            for p in (ours, theirs))
+    units = np.abs(a - b) / spacing(np.maximum(np.abs(a), np.abs(b)), DType.BF16)
+    return float(np.mean(a != b)), float(units.max())
+
+
+@pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
+def test_mergekit_task_arithmetic(benchmark, trio_1b, tmp_path):
+    config = tmp_path / "task_arithmetic.yml"
+    config.write_text(MERGEKIT_CONFIG.format(**{k: str(v) for k, v in trio_1b.items()}))
+    out = tmp_path / "mergekit-out"
+    cmd = ["mergekit-yaml", str(config), str(out)]
+    wall, cpu, rss, _ = bench_command(benchmark, "mergekit", cmd, out, ROUNDS_SLOW)
+    ratios = ratios_to_ours(wall)
+    record(SECTION, "mergekit 0.1.5 task_arithmetic", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",
+           peak_rss=f"{rss / 1e6:.0f}MB", **ratios)
+    # Agreement: mergekit computes in bf16, we in fp32 with one rounding.
+    ours = tmp_path / "ours"
+    subprocess.run(our_command(trio_1b, ours, "--no-fsync"), check=True)
+    frac, worst = bf16_ulp_differences(ours, out, "model.layers.0.mlp.down_proj.weight")
+    record("agreement with mergekit (model.layers.0.mlp.down_proj.weight)", "ours vs mergekit",
+           differing=f"{frac:.1%}", max_bf16_units=f"{worst:g}")
