@@ -24,7 +24,7 @@ from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.reference import decode_to_f64, merge_error_bound, merge_ref
 
-from conftest import drop_file, record
+from conftest import drop_file, record, settle_memory
 
 SECTION = "end to end, 1.1B-parameter bf16 trio (3 x 2.2 GB), warm page cache, median of rounds"
 ROUNDS_FAST = 5
@@ -51,10 +51,7 @@ def settle_page_cache(inputs) -> None:
     Without this, a round's time depends on what ran before it: when the page cache already fills
     RAM, every new output page must first be reclaimed, and rounds here measured 0.7 s or 1.6 s
     for the same merge depending on that alone."""
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1")
-    except OSError:
+    if not settle_memory():
         return  # not root: rounds stay comparable only in their medians
     subprocess.run(["sh", "-c", f"cat {' '.join(inputs)} > /dev/null"], check=True)
 

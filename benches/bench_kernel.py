@@ -15,7 +15,7 @@ import pytest
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 
-from conftest import record
+from conftest import record, settle_memory
 
 # 32 Mi elements: 64-128 MiB per tensor, far beyond any cache, so DRAM bandwidth is measured.
 N = 32 << 20
@@ -36,6 +36,7 @@ def threaded_copy(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
 
 @pytest.fixture(scope="module")
 def arrays():
+    settle_memory()
     rng = np.random.default_rng(0)
     made = {}
     for dtype in DTYPES:
