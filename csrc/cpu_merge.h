@@ -4,22 +4,9 @@
 #include <cstdint>
 #include <string>
 
-namespace mergealign {
+#include "merge_operands.h"
 
-// The three weights' inputs and the output of one fused pass.  Pointers are byte pointers with no
-// alignment requirement; dtypes use the DType numbering of merge_math.h.
-struct MergeOperands {
-  const unsigned char* base;
-  const unsigned char* domain;
-  const unsigned char* aligned;
-  int base_dtype;
-  int domain_dtype;
-  int aligned_dtype;
-  int out_dtype;
-  int64_t count;  // elements, int64: LLM tensors pass 2^31 elements
-  float w_domain;
-  float w_align;
-};
+namespace mergealign {
 
 // out[i] = merge_one(base[i], domain[i], aligned[i]) for i < count, split over `threads` threads.
 void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);

@@ -17,11 +17,15 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
+def _device_of(x: Any) -> str:
+    return x.device.type if _is_torch(x) else "cpu"
+
+
 def as_buffer(x: Any, label: str) -> Buffer:
-    """A zero-copy Buffer over a contiguous numpy array or torch CPU tensor."""
+    """A zero-copy Buffer over a contiguous numpy array or torch tensor (CPU or CUDA)."""
     if _is_torch(x):
-        if x.device.type != "cpu":
-            raise TypeError(f"{label} is on {x.device}; only CPU tensors are supported")
+        if x.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{label} is on {x.device}; only CPU and CUDA tensors are supported")
         if not x.is_contiguous():
             raise ValueError(f"{label} must be contiguous (call .contiguous() first)")
         return Buffer(x.data_ptr(), dtypes.from_torch(x.dtype), x.numel(), owner=x)
@@ -36,8 +40,16 @@ def _allocate_like(template: Any, dtype: DType) -> Any:
     if _is_torch(template):
         import torch
 
-        return torch.empty(tuple(template.shape), dtype=dtypes.to_torch(dtype))
+        return torch.empty(tuple(template.shape), dtype=dtypes.to_torch(dtype),
+                           device=template.device)
     return np.empty(template.shape, dtype=dtypes.storage_numpy_dtype(dtype))
+
+
+def _common_device(*tensors: Any) -> str:
+    devices = {str(t.device) if _is_torch(t) else "cpu" for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"inputs and output must be on one device (got {sorted(devices)})")
+    return _device_of(tensors[0])
 
 
 def _check_no_partial_overlap(out: Buffer, inputs: dict) -> None:
@@ -79,7 +91,7 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
         raise ValueError(f"out has dtype {out_buf.dtype.short_name}, out_dtype asks "
                          f"{out_dtype.short_name}")
     _check_no_partial_overlap(out_buf, inputs)
-    kernel = get_kernel(backend)
+    kernel = get_kernel(backend, _common_device(base, domain, aligned, out))
     kernel(inputs["base"], inputs["domain"], inputs["aligned"], out_buf,
            float(domain_weight), float(align_weight), threads or default_threads())
     return out

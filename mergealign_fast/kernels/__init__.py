@@ -1,8 +1,9 @@
 """Backend registry: every backend computes the same fused merge on raw buffers.
 
-A backend is a callable ``(base, domain, aligned, out, w_domain, w_align, threads) -> None`` whose
-arguments are :class:`Buffer` views.  ``auto`` picks the fastest backend that can run here and
-falls back quietly; naming a backend that cannot run is a clear error.
+A backend module has `unavailable_reason() -> str | None` and
+`merge(base, domain, aligned, out, w_domain, w_align, threads)` over :class:`Buffer` views.
+``auto`` picks the first backend that can run for the data's device and falls back quietly;
+naming a backend that cannot run is a clear one-line error.  Nothing here touches a GPU at import.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 from ..errors import MergeError
+from . import cpu, cuda, torch_ref, triton_kernel
 from .buffer import Buffer
-from . import cpu, torch_ref
 
 KernelFn = Callable[[Buffer, Buffer, Buffer, Buffer, float, float, int], None]
 
-# name -> (module with available()/unavailable_reason()/merge(), description), in auto's order.
+# name -> (module, description, devices whose memory it computes on)
 _BACKENDS = {
-    "cpu": (cpu, "native C++ (threads, runtime SIMD dispatch)"),
-    "torch": (torch_ref, "PyTorch fp32 reference (slow; for comparison)"),
+    "cpu": (cpu, "native C++ (threads, runtime SIMD dispatch)", ("cpu",)),
+    "cuda": (cuda, "native CUDA C++ (static runtime)", ("cuda",)),
+    "triton": (triton_kernel, "Triton JIT (CPU tensors only under TRITON_INTERPRET=1)",
+               ("cuda", "cpu")),
+    "torch": (torch_ref, "PyTorch fp32 reference (slow; for comparison)", ("cpu", "cuda")),
 }
-_AUTO_ORDER = ["cpu", "torch"]
+# auto's preference per device: the Triton interpreter is far too slow to be chosen for CPU data.
+_AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
 
 
 def backend_names() -> List[str]:
@@ -30,27 +35,38 @@ def backend_names() -> List[str]:
 def describe_backends() -> Dict[str, str]:
     """name -> 'available: ...' or 'unavailable: why', for `mergealign-fast env`."""
     report = {}
-    for name, (module, text) in _BACKENDS.items():
+    for name, (module, text, _) in _BACKENDS.items():
         reason = module.unavailable_reason()
         report[name] = f"available: {text}" if reason is None else f"unavailable: {reason}"
     return report
 
 
-def resolve_backend(name: str) -> str:
-    """'auto' -> the first available backend; an explicit name must be available."""
+def _reason(name: str, device: str):
+    module, _, devices = _BACKENDS[name]
+    if device not in devices:
+        return f"it does not compute on {device} memory"
+    if name == "triton" and device == "cpu" and not triton_kernel.interpreting():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    return module.unavailable_reason()
+
+
+def resolve_backend(name: str, device: str = "cpu") -> str:
+    """'auto' -> the first backend that can run on `device`; an explicit name must be able to."""
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if _BACKENDS[candidate][0].unavailable_reason() is None:
+        reasons = {}
+        for candidate in _AUTO_ORDER[device]:
+            reasons[candidate] = _reason(candidate, device)
+            if reasons[candidate] is None:
                 return candidate
-        raise MergeError("no merge backend can run here: " + "; ".join(
-            f"{n}: {_BACKENDS[n][0].unavailable_reason()}" for n in _AUTO_ORDER))
+        raise MergeError(f"no merge backend can run on {device} here: " +
+                         "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     if name not in _BACKENDS:
         raise MergeError(f"unknown backend {name!r}: choose one of {', '.join(backend_names())}")
-    reason = _BACKENDS[name][0].unavailable_reason()
+    reason = _reason(name, device)
     if reason is not None:
         raise MergeError(f"backend {name!r} cannot run here: {reason}")
     return name
 
 
-def get_kernel(name: str) -> KernelFn:
-    return _BACKENDS[resolve_backend(name)][0].merge
+def get_kernel(name: str, device: str = "cpu") -> KernelFn:
+    return _BACKENDS[resolve_backend(name, device)][0].merge

@@ -21,11 +21,14 @@ def unavailable_reason() -> Optional[str]:
 
 
 def as_torch(buf: Buffer):
-    """A torch tensor aliasing the buffer's memory (no copy)."""
+    """A torch tensor aliasing the buffer's memory (no copy): its owner when that is a torch
+    tensor (CPU or CUDA), else a view of the host address."""
     import ctypes
 
     import torch
 
+    if isinstance(buf.owner, torch.Tensor) and buf.owner.data_ptr() == buf.address:
+        return buf.owner.reshape(-1)
     if buf.count == 0:
         return torch.empty(0, dtype=to_torch(buf.dtype))
     raw = (ctypes.c_uint8 * buf.nbytes).from_address(buf.address)

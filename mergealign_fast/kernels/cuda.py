@@ -1,0 +1,64 @@
+"""The native CUDA backend (csrc/cuda_merge.cu through the pybind11 module _cuda).
+
+Nothing here runs at import: the extension is imported, and the CUDA runtime initialised, only
+when a merge asks for this backend or `unavailable_reason()` is called.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from .buffer import Buffer
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module or None, reason it cannot run or None)."""
+    try:
+        from .. import _cuda
+    except ImportError as exc:
+        return None, (f"not built ({exc}); reinstall with nvcc on PATH, or set "
+                      "MERGEALIGN_FORCE_CUDA=1 to see why the build skipped it")
+    error, count = _cuda.device_count()
+    if error != 0:
+        return None, f"no usable GPU: {_cuda.error_string(error)}"
+    if count == 0:
+        return None, "no CUDA device"
+    return _cuda, None
+
+
+def unavailable_reason() -> Optional[str]:
+    return _load()[1]
+
+
+def build_info() -> Optional[str]:
+    """What _cuda was built for, without touching a GPU; None when it was not built."""
+    try:
+        from .. import _cuda
+    except ImportError:
+        return None
+    version = _cuda.runtime_version()
+    return f"CUDA {version // 1000}.{version % 1000 // 10} runtime (static), {_cuda.architectures()}"
+
+
+def current_stream() -> int:
+    """torch's current CUDA stream as an integer handle (0, the default stream, without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.current_stream().cuda_stream
+
+
+def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
+          w_domain: float, w_align: float, threads: int, stream: Optional[int] = None) -> None:
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(reason)
+    error = module.merge(base.address, int(base.dtype), domain.address, int(domain.dtype),
+                         aligned.address, int(aligned.dtype), out.address, int(out.dtype),
+                         out.count, w_domain, w_align,
+                         current_stream() if stream is None else stream)
+    if error != 0:
+        raise RuntimeError(f"CUDA merge failed: {module.error_string(error)}")
