@@ -35,6 +35,12 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync of the output (faster; not durable across power loss)")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N to merge "
+                   "on a GPU, streaming through a fixed device-memory budget")
+    p.add_argument("--gpu-memory", default="2GiB", metavar="SIZE",
+                   help="device memory the GPU merge may use (default 2GiB)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
+                   help="GPU kernel (default auto: cuda, then triton)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -63,12 +69,14 @@ def _run_merge(args: argparse.Namespace) -> int:
     try:
         out_dtype = dtypes.parse_dtype(args.dtype) if args.dtype else None
         shard_size = parse_size(args.max_shard_size)
+        gpu_memory = parse_size(args.gpu_memory)
     except ValueError as exc:
         raise MergeError(str(exc)) from None
     if args.threads is not None and args.threads < 1:
         raise MergeError(f"--threads must be at least 1 (got {args.threads})")
     options = MergeOptions(args.domain_weight, args.align_weight, out_dtype, shard_size,
-                           args.tokenizer_from, args.force, args.threads, args.fsync)
+                           args.tokenizer_from, args.force, args.threads, args.fsync,
+                           args.device, gpu_memory, args.backend)
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
     result = execute(plan, show_progress=not args.quiet)
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
@@ -81,7 +89,7 @@ def _run_env() -> int:
     import platform
 
     from . import __version__
-    from .kernels import cpu, describe_backends
+    from .kernels import cpu, cuda, describe_backends
 
     print(f"mergealign-fast {__version__}, Python {platform.python_version()}, "
           f"{platform.machine()}")
@@ -89,6 +97,7 @@ def _run_env() -> int:
         native = cpu.native()
         print(f"native CPU kernel: {native.cpu_isa()} code path, "
               f"{native.hardware_threads()} hardware threads")
+    print(f"CUDA extension: {cuda.build_info() or 'not built (no nvcc at install time)'}")
     for name, status in describe_backends().items():
         print(f"backend {name:6s} {status}")
     return 0

@@ -18,7 +18,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from .dtypes import DType
 from .errors import MergeError
@@ -108,44 +108,81 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         os.ftruncate(fd, size)
 
 
-def _merge_tensor(fd: int, path: Path, file_offset: int, tensor: PlannedTensor,
-                  maps: _InputMaps, threads: int, options: MergeOptions,
-                  progress: Progress) -> None:
-    native = cpu.native()
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [start, start+count) of one tensor: where its inputs lie and where it goes."""
+
+    tensor: PlannedTensor
+    start: int
+    count: int
+    inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) x 3
+    file_offset: int  # of the chunk's first output byte in the shard
+
+    def addresses(self) -> List[int]:
+        return [mapped.address + offset for mapped, offset, _ in self.inputs]
+
+    def release_inputs(self) -> None:
+        """Drop the chunk's input pages from this process (they stay in the page cache)."""
+        for mapped, offset, length in self.inputs:
+            mapped.release(offset, length)
+
+
+def tensor_chunks(tensor: PlannedTensor, maps: _InputMaps, file_offset: int,
+                  max_elements: int) -> Iterator[Chunk]:
+    """The tensor in chunks of at most max_elements; asks for read-ahead of each next chunk."""
     mapped = [maps.maps[loc.file] for loc in tensor.sources]
-    begins = [loc.entry.begin for loc in tensor.sources]
-    in_dtypes = [tensor.source_dtype(i) for i in range(3)]
+    sizes = [tensor.source_dtype(i).itemsize for i in range(3)]
     out_size = tensor.out_dtype.itemsize
-    window = WINDOW_BYTES // out_size
-    for start in range(0, tensor.count, window):
-        n = min(window, tensor.count - start)
-        spans = [(b + start * dt.itemsize, n * dt.itemsize) for b, dt in zip(begins, in_dtypes)]
-        for m, (offset, length) in zip(mapped, spans):  # read-ahead of the next window
+    for start in range(0, tensor.count, max_elements):
+        n = min(max_elements, tensor.count - start)
+        inputs = tuple((m, loc.entry.begin + start * size, n * size)
+                       for m, loc, size in zip(mapped, tensor.sources, sizes))
+        for m, offset, length in inputs:
             m.prefetch(offset + length, length)
-        addresses = [m.address + offset for m, (offset, _) in zip(mapped, spans)]
-        err = native.merge_to_file(
-            addresses[0], int(in_dtypes[0]), addresses[1], int(in_dtypes[1]),
-            addresses[2], int(in_dtypes[2]), int(tensor.out_dtype), n,
-            options.domain_weight, options.align_weight, fd, file_offset + start * out_size,
-            threads)
+        yield Chunk(tensor, start, n, inputs, file_offset + start * out_size)
+
+
+class CpuWriter:
+    """Merges each chunk with the native kernel straight into the shard file."""
+
+    def __init__(self, options: MergeOptions, threads: int):
+        self.options = options
+        self.threads = threads
+        self.native = cpu.native()
+
+    def chunk_elements(self, tensor: PlannedTensor) -> int:
+        return WINDOW_BYTES // tensor.out_dtype.itemsize
+
+    def write(self, fd: int, path: Path, chunk: Chunk) -> None:
+        t = chunk.tensor
+        b, d, a = chunk.addresses()
+        err = self.native.merge_to_file(
+            b, int(t.source_dtype(0)), d, int(t.source_dtype(1)), a, int(t.source_dtype(2)),
+            int(t.out_dtype), chunk.count, self.options.domain_weight, self.options.align_weight,
+            fd, chunk.file_offset, self.threads)
         if err:
-            raise MergeError(f"{path}: writing tensor {tensor.name} failed: {os.strerror(err)}")
-        if options.fsync:  # flush as we go: the disk writes while the next window computes
-            native.start_writeback(fd, file_offset + start * out_size, n * out_size)
-        for m, (offset, length) in zip(mapped, spans):
-            m.release(offset, length)
-        progress.advance(n * out_size)
+            raise MergeError(f"{path}: writing tensor {t.name} failed: {os.strerror(err)}")
+        if self.options.fsync:  # flush as we go: the disk writes while the next window computes
+            self.native.start_writeback(fd, chunk.file_offset, chunk.count * t.out_dtype.itemsize)
+        chunk.release_inputs()
+
+    def drain(self) -> None:
+        """Everything handed to write() is in the file (nothing is pending on the CPU path)."""
 
 
-def _write_shard(path: Path, shard: PlannedShard, maps: _InputMaps, threads: int,
+def _write_shard(path: Path, shard: PlannedShard, maps: _InputMaps, writer,
                  options: MergeOptions, progress: Progress) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         _reserve(fd, shard.size, path)
         _pwrite_all(fd, shard.header, 0)
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
-            _merge_tensor(fd, path, len(shard.header) + offset, tensor, maps, threads, options,
-                          progress)
+            chunks = tensor_chunks(tensor, maps, len(shard.header) + offset,
+                                   writer.chunk_elements(tensor))
+            for chunk in chunks:
+                writer.write(fd, path, chunk)
+                progress.advance(chunk.count * tensor.out_dtype.itemsize)
+        writer.drain()
         if options.fsync:
             os.fsync(fd)
     finally:
@@ -195,19 +232,31 @@ def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
         shutil.rmtree(old)
 
 
-def execute(plan: MergePlan, show_progress: bool = False) -> MergeResult:
-    """Run a checked plan; on any failure or interrupt the temporary folder is removed."""
+def _make_writer(plan: MergePlan):
+    options = plan.options
+    if options.device.split(":")[0] == "cpu":
+        return CpuWriter(options, options.threads or default_threads())
+    from .gpu_stream import GpuWriter
+
+    return GpuWriter(plan, options.gpu_memory, options.backend, options.device)
+
+
+def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeResult:
+    """Run a checked plan; on any failure or interrupt the temporary folder is removed.
+
+    `writer` (default: from the plan's options) computes and writes each chunk: CpuWriter, or
+    gpu_stream.GpuWriter."""
     started = time.perf_counter()
-    threads = plan.options.threads or default_threads()
     plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_for(plan.out_dir)
     tmp.mkdir()
     try:
         with _InputMaps(plan) as maps:
             maps.check_unchanged(plan)
+            writer = writer or _make_writer(plan)
             progress = Progress(plan.tensor_bytes, "merging", enabled=show_progress)
             for shard in plan.shards:
-                _write_shard(tmp / shard.filename, shard, maps, threads, plan.options, progress)
+                _write_shard(tmp / shard.filename, shard, maps, writer, plan.options, progress)
             progress.close()
         _write_side_files(tmp, plan)
         if plan.options.fsync:
@@ -227,12 +276,14 @@ def merge_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathL
                       max_shard_size: int = MergeOptions.max_shard_size,
                       tokenizer_from: str = "aligned", force: bool = False,
                       threads: Optional[int] = None, fsync: bool = True,
-                      progress: bool = False) -> MergeResult:
+                      device: str = "cpu", gpu_memory: int = MergeOptions.gpu_memory,
+                      backend: str = "auto", progress: bool = False) -> MergeResult:
     """Merge three Hugging Face model folders into `out` (see the README for the formula).
 
     Everything is checked first (PlanError lists every problem); then the merge streams through
-    the native kernel in bounded memory and `out` appears only when complete.
+    the native kernel in bounded memory and `out` appears only when complete.  device="cuda"
+    streams through a GPU within `gpu_memory` bytes of device memory.
     """
     options = MergeOptions(domain_weight, align_weight, out_dtype, max_shard_size,
-                           tokenizer_from, force, threads, fsync)
+                           tokenizer_from, force, threads, fsync, device, gpu_memory, backend)
     return execute(plan_merge(base, domain, aligned, out, options), show_progress=progress)

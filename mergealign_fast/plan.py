@@ -27,6 +27,8 @@ from .params import check_weights
 ROLES = ("base", "domain", "aligned")
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+# Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
+DEFAULT_GPU_MEMORY = 2 << 30
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
 
@@ -41,6 +43,9 @@ class MergeOptions:
     force: bool = False
     threads: Optional[int] = None
     fsync: bool = True
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
+    backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,25 @@ def _output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
     return config
 
 
+def _device_problems(options: MergeOptions) -> List[str]:
+    """The GPU path's backend must be able to run before anything is read."""
+    from .kernels import resolve_backend
+
+    kind = options.device.split(":")[0]
+    if kind == "cpu":
+        if options.backend not in ("auto", "cpu"):
+            return [f"backend {options.backend!r} needs --device cuda; merges on the CPU use the "
+                    "native cpu kernel"]
+        return []
+    if kind != "cuda":
+        return [f"device {options.device!r}: choose cpu or cuda (cuda:N for another GPU)"]
+    try:
+        resolve_backend(options.backend, "cuda")
+    except MergeError as exc:
+        return [str(exc)]
+    return []
+
+
 def _option_problems(options: MergeOptions) -> List[str]:
     problems = []
     try:
@@ -275,6 +299,7 @@ def _option_problems(options: MergeOptions) -> List[str]:
         problems.append(str(exc))
     if options.max_shard_size <= 0:
         problems.append(f"max shard size must be positive (got {options.max_shard_size})")
+    problems += _device_problems(options)
     if options.tokenizer_from not in (*ROLES, "none"):
         problems.append(f"tokenizer source {options.tokenizer_from!r}: choose base, domain, "
                         "aligned or none")

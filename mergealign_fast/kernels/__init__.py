@@ -47,7 +47,17 @@ def _reason(name: str, device: str):
         return f"it does not compute on {device} memory"
     if name == "triton" and device == "cpu" and not triton_kernel.interpreting():
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
-    return module.unavailable_reason()
+    reason = module.unavailable_reason()
+    if reason is None and device == "cuda" and name != "cuda":
+        reason = _torch_gpu_reason()
+    return reason
+
+
+def _torch_gpu_reason():
+    """Why torch cannot put tensors on a GPU here, or None (called only at merge time)."""
+    import torch
+
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
 
 
 def resolve_backend(name: str, device: str = "cpu") -> str:

@@ -11,7 +11,6 @@ triton and torch are imported on first use only.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -39,36 +38,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """Define the JIT kernel on first use (triton.jit reads TRITON_INTERPRET at definition)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _round_to_bf16(x):
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        quiet_nan = (bits >> 16) | 0x40
-        return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _merge_kernel(base_ptr, domain_ptr, aligned_ptr, out_ptr, n, w_domain, w_align,
-                      BLOCK: tl.constexpr, OUT_IS_BF16: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        b = tl.load(base_ptr + offsets, mask=mask).to(tl.float32)
-        d = tl.load(domain_ptr + offsets, mask=mask).to(tl.float32)
-        a = tl.load(aligned_ptr + offsets, mask=mask).to(tl.float32)
-        merged = (b + w_domain * (d - b)) + w_align * (a - b)
-        if OUT_IS_BF16:
-            tl.store(out_ptr + offsets, _round_to_bf16(merged), mask=mask)
-        else:
-            tl.store(out_ptr + offsets, merged.to(out_ptr.dtype.element_ty), mask=mask)
-
-    return _merge_kernel
-
-
 def merge_tensors_triton(base, domain, aligned, out, w_domain: float, w_align: float) -> None:
     """The kernel on torch tensors (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     import torch
@@ -79,7 +48,9 @@ def merge_tensors_triton(base, domain, aligned, out, w_domain: float, w_align: f
         return
     grid = (triton.cdiv(n, BLOCK),)
     options = {} if interpreting() else {"enable_fp_fusion": False}
-    _kernel()[grid](base.reshape(-1), domain.reshape(-1), aligned.reshape(-1), out.reshape(-1),
+    from .triton_jit import _merge_kernel
+
+    _merge_kernel[grid](base.reshape(-1), domain.reshape(-1), aligned.reshape(-1), out.reshape(-1),
                     n, float(w_domain), float(w_align), BLOCK=BLOCK,
                     OUT_IS_BF16=out.dtype == torch.bfloat16, **options)
 
