@@ -29,7 +29,7 @@ DEBUG = os.environ.get("MERGEALIGN_DEBUG") == "1"
 # and the same element could round differently on different CPUs or code paths.
 COMMON_FLAGS = ["-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra"]
 OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
-HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/cpu_merge.h",
+HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/cpu_merge.h", "csrc/crc32c.h",
            "csrc/mapped_file.h", "csrc/cuda_merge.h"]
 
 
@@ -104,7 +104,7 @@ def cuda_extension():
 
 native = Pybind11Extension(
     "mergealign_fast._native",
-    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/mapped_file.cpp"],
+    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/crc32c.cpp", "csrc/mapped_file.cpp"],
     include_dirs=["csrc"],
     extra_compile_args=COMMON_FLAGS + OPT_FLAGS,
     extra_link_args=["-pthread"],

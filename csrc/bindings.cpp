@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "cpu_merge.h"
+#include "crc32c.h"
 #include "mapped_file.h"
 #include "merge_math.h"
 
@@ -72,14 +73,31 @@ PYBIND11_MODULE(_native, m) {
          int fd, int64_t file_offset, int threads) {
         const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
                                                 aligned_dtype, out_dtype, count, w_domain, w_align);
-        py::gil_scoped_release no_gil;
-        return merge_cpu_to_file(ops, fd, file_offset, threads);
+        uint32_t crc = 0;
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = merge_cpu_to_file(ops, fd, file_offset, threads, &crc);
+        }
+        return py::make_tuple(err, crc);
       },
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
       py::arg("w_domain"), py::arg("w_align"), py::arg("fd"), py::arg("file_offset"),
       py::arg("threads"),
-      "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns 0 or an errno.");
+      "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns (errno or 0, "
+      "CRC-32C of the bytes written).");
+
+  m.def(
+      "crc32c",
+      [](uintptr_t address, int64_t length, uint32_t crc) {
+        py::gil_scoped_release no_gil;
+        return crc32c_update(crc, reinterpret_cast<const unsigned char*>(address), size_t(length));
+      },
+      py::arg("address"), py::arg("length"), py::arg("crc") = 0,
+      "CRC-32C of `length` bytes at `address`, continuing from `crc`.");
+  m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
+        py::arg("length_b"), "CRC-32C of A+B from crc(A), crc(B) and len(B).");
 
   m.def(
       "start_writeback",

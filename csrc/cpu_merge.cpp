@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "crc32c.h"
 #include "merge_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -165,7 +166,9 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads) {
   });
 }
 
-int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads) {
+int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
+                      uint32_t* crc) {
+  *crc = 0;
   if (ops.count <= 0) return 0;
   const int n_threads = effective_threads(ops.count, threads);
   const int64_t out_size = dtype_size(ops.out_dtype);
@@ -175,6 +178,9 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
   std::vector<unsigned char*> thread_buffer(n_threads);
   for (int t = 0; t < n_threads; ++t) thread_buffer[t] = buffers.get(t);
 
+  // Each piece is checksummed while it is still in cache, and the pieces' CRCs are joined in file
+  // order afterwards: the shard checksum costs no second pass over the output.
+  std::vector<uint32_t> piece_crc((ops.count + piece - 1) / piece);
   std::atomic<int> first_error{0};
   // Buffered writes to one file serialise on the inode lock anyway, and a thread waiting for it
   // in the kernel spins (rwsem_spin_on_owner: 26% of all cycles in a perf profile of a 1.1B
@@ -185,6 +191,7 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
       merge_range(ops, start, start + n, thread_buffer[t]);
+      piece_crc[start / piece] = crc32c_update(0, thread_buffer[t], size_t(n * out_size));
       std::lock_guard<std::mutex> turn(write_turn);
       const int err = write_all(fd, thread_buffer[t], n * out_size, file_offset + start * out_size);
       if (err != 0) {
@@ -193,7 +200,12 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
       }
     }
   });
-  return first_error.load();
+  if (first_error.load() != 0) return first_error.load();
+  for (size_t i = 0; i < piece_crc.size(); ++i) {
+    const int64_t n = std::min<int64_t>(piece, ops.count - int64_t(i) * piece);
+    *crc = i == 0 ? piece_crc[0] : crc32c_combine(*crc, piece_crc[i], uint64_t(n * out_size));
+  }
+  return 0;
 }
 
 std::string cpu_isa() {

@@ -13,8 +13,10 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 
 // The same pass, but the result goes straight to a file: each thread computes at most
 // kWritePieceBytes of output into a buffer it reuses and pwrite()s it at
-// file_offset + its position.  Returns 0 or the errno of the first failed write.
-int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads);
+// file_offset + its position.  Returns 0 or the errno of the first failed write; on success
+// *crc is the CRC-32C of the bytes written.
+int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
+                      uint32_t* crc);
 
 // Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
 // "baseline").
