@@ -1,4 +1,4 @@
-"""Command line: `mergealign-fast merge|demo|env` (also `python -m mergealign_fast`)."""
+"""Command line: `mergealign-fast merge|demo|verify|env` (also `python -m mergealign_fast`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                    help="model whose tokenizer, generation and chat-template files (and "
                         "config.json) the output gets (default aligned)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder "
-                   "(only once the new model is complete)")
+                   "(only once the new model is complete); discard an interrupted merge's "
+                   "partial output")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted merge into the "
+                   "same output, keeping the shards it completed (checked by CRC-32C)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync of the output (faster; not durable across power loss)")
@@ -56,6 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--quiet", action="store_true")
+    verify = sub.add_parser("verify", help="check a merged folder against its manifest")
+    verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
     return parser
 
@@ -76,13 +81,26 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise MergeError(f"--threads must be at least 1 (got {args.threads})")
     options = MergeOptions(args.domain_weight, args.align_weight, out_dtype, shard_size,
                            args.tokenizer_from, args.force, args.threads, args.fsync,
-                           args.device, gpu_memory, args.backend)
+                           args.device, gpu_memory, args.backend, args.resume)
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
     result = execute(plan, show_progress=not args.quiet)
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
           f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
           f"({result.gb_per_s:.1f} GB/s read+write)")
     return 0
+
+
+def _run_verify(out: str) -> int:
+    from pathlib import Path
+
+    from .journal import verify_output
+
+    problems = verify_output(Path(out))
+    for line in problems:
+        print(f"mergealign-fast: verify: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{out}: OK (index, headers, sizes and CRC-32C of every shard match the manifest)")
+    return 1 if problems else 0
 
 
 def _run_env() -> int:
@@ -103,11 +121,27 @@ def _run_env() -> int:
     return 0
 
 
+def _interrupted_message(args: argparse.Namespace) -> str:
+    text = "\nmergealign-fast: interrupted; the output folder was not created or changed"
+    if args.command == "merge":
+        from pathlib import Path
+
+        from .journal import partial_dir_for
+
+        partial = partial_dir_for(Path(args.out))
+        if partial.exists():
+            text += (f"; completed shards are kept in {partial}: rerun the same command with "
+                     "--resume to finish")
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "verify":
+            return _run_verify(args.out)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -118,8 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"mergealign-fast: error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("\nmergealign-fast: interrupted; the output folder was not created or changed",
-              file=sys.stderr)
+        print(_interrupted_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

@@ -5,11 +5,13 @@ in a temporary folder beside OUT; the kernel reads a window of the mapped inputs
 result in <= 1 MiB pieces; the window's input pages are then released from our mappings (they stay
 in the page cache); shards are fsynced; index, config and tokenizer files are added; only then is
 the folder renamed to OUT.  OUT therefore never holds a half-written model, and peak memory is a
-few windows regardless of model or shard size.
+few windows regardless of model or shard size.  The hidden folder, its lock and its journal
+(journal.py) make a killed or interrupted merge resumable and concurrent merges into one OUT safe.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -23,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 from .dtypes import DType
 from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
+from .journal import PartialOutput
 from .kernels import cpu
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
@@ -32,9 +35,6 @@ from .params import default_threads
 # input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
 # output a call lasts ~8 ms, so the Python loop and thread start-up (~0.1 ms) cost about 1%.
 WINDOW_BYTES = 32 << 20
-
-TEMP_MARKER = ".mergealign-partial-"
-
 
 @dataclass(frozen=True)
 class MergeResult:
@@ -49,10 +49,6 @@ class MergeResult:
     def gb_per_s(self) -> float:
         """Bytes moved (inputs read + output written) per second, in GB/s."""
         return (self.input_bytes + self.output_bytes) / max(self.seconds, 1e-9) / 1e9
-
-
-def temp_dir_for(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}{TEMP_MARKER}{os.getpid()}"
 
 
 class _InputMaps:
@@ -142,6 +138,18 @@ def tensor_chunks(tensor: PlannedTensor, maps: _InputMaps, file_offset: int,
         yield Chunk(tensor, start, n, inputs, file_offset + start * out_size)
 
 
+class ShardChecksum:
+    """CRC-32C of a shard file, built from the header and then each chunk in file order."""
+
+    def __init__(self, header: bytes):
+        self.native = cpu.native()
+        buffer = ctypes.create_string_buffer(header, len(header))
+        self.crc = self.native.crc32c(ctypes.addressof(buffer), len(header))
+
+    def add(self, crc: int, length: int) -> None:
+        self.crc = self.native.crc32c_combine(self.crc, crc, length)
+
+
 class CpuWriter:
     """Merges each chunk with the native kernel straight into the shard file."""
 
@@ -153,15 +161,16 @@ class CpuWriter:
     def chunk_elements(self, tensor: PlannedTensor) -> int:
         return WINDOW_BYTES // tensor.out_dtype.itemsize
 
-    def write(self, fd: int, path: Path, chunk: Chunk) -> None:
+    def write(self, fd: int, path: Path, chunk: Chunk, checksum: ShardChecksum) -> None:
         t = chunk.tensor
         b, d, a = chunk.addresses()
-        err = self.native.merge_to_file(
+        err, crc = self.native.merge_to_file(
             b, int(t.source_dtype(0)), d, int(t.source_dtype(1)), a, int(t.source_dtype(2)),
             int(t.out_dtype), chunk.count, self.options.domain_weight, self.options.align_weight,
             fd, chunk.file_offset, self.threads)
         if err:
             raise MergeError(f"{path}: writing tensor {t.name} failed: {os.strerror(err)}")
+        checksum.add(crc, chunk.count * t.out_dtype.itemsize)
         if self.options.fsync:  # flush as we go: the disk writes while the next window computes
             self.native.start_writeback(fd, chunk.file_offset, chunk.count * t.out_dtype.itemsize)
         chunk.release_inputs()
@@ -171,20 +180,24 @@ class CpuWriter:
 
 
 def _write_shard(path: Path, shard: PlannedShard, maps: _InputMaps, writer,
-                 options: MergeOptions, progress: Progress) -> None:
+                 options: MergeOptions, progress: Progress) -> int:
+    """Write one shard file completely; returns its CRC-32C."""
+    path.unlink(missing_ok=True)  # a resumed merge rewrites a shard it had not finished
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         _reserve(fd, shard.size, path)
         _pwrite_all(fd, shard.header, 0)
+        checksum = ShardChecksum(shard.header)
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
             chunks = tensor_chunks(tensor, maps, len(shard.header) + offset,
                                    writer.chunk_elements(tensor))
             for chunk in chunks:
-                writer.write(fd, path, chunk)
+                writer.write(fd, path, chunk, checksum)
                 progress.advance(chunk.count * tensor.out_dtype.itemsize)
         writer.drain()
         if options.fsync:
             os.fsync(fd)
+        return checksum.crc
     finally:
         os.close(fd)
 
@@ -242,29 +255,39 @@ def _make_writer(plan: MergePlan):
 
 
 def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeResult:
-    """Run a checked plan; on any failure or interrupt the temporary folder is removed.
+    """Run a checked plan in OUT's hidden partial folder, then rename it to OUT.
 
     `writer` (default: from the plan's options) computes and writes each chunk: CpuWriter, or
-    gpu_stream.GpuWriter."""
+    gpu_stream.GpuWriter.  On failure or interrupt the partial folder stays, with every completed
+    shard recorded in its journal: the same merge with resume=True finishes it."""
+    from . import __version__
+
     started = time.perf_counter()
-    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(plan.out_dir)
-    tmp.mkdir()
+    options = plan.options
+    partial = PartialOutput(plan, __version__).open(resume=options.resume, force=options.force)
     try:
         with _InputMaps(plan) as maps:
             maps.check_unchanged(plan)
             writer = writer or _make_writer(plan)
             progress = Progress(plan.tensor_bytes, "merging", enabled=show_progress)
             for shard in plan.shards:
-                _write_shard(tmp / shard.filename, shard, maps, writer, plan.options, progress)
+                if partial.shard_is_complete(shard.filename, shard.size):
+                    progress.advance(sum(t.out_nbytes for t in shard.tensors))
+                    continue
+                crc = _write_shard(partial.folder / shard.filename, shard, maps, writer, options,
+                                   progress)
+                partial.record_shard(shard.filename, shard.size, crc, options.fsync)
             progress.close()
-        _write_side_files(tmp, plan)
-        if plan.options.fsync:
-            _fsync_dir(tmp)
-        _move_into_place(tmp, plan.out_dir, plan.options.fsync)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_side_files(partial.folder, plan)
+        partial.release_lock_file()
+        if options.fsync:
+            _fsync_dir(partial.folder)
+        _move_into_place(partial.folder, plan.out_dir, options.fsync)
+    except (MergeError, OSError) as exc:
+        raise MergeError(f"{exc}; completed shards are kept in {partial.folder}: fix the cause "
+                         "and rerun with --resume to finish") from exc
+    finally:
+        partial.close()
     return MergeResult(plan.out_dir, time.perf_counter() - started, plan.input_bytes,
                        plan.output_bytes, plan.tensor_count, len(plan.shards))
 
@@ -277,13 +300,16 @@ def merge_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathL
                       tokenizer_from: str = "aligned", force: bool = False,
                       threads: Optional[int] = None, fsync: bool = True,
                       device: str = "cpu", gpu_memory: int = MergeOptions.gpu_memory,
-                      backend: str = "auto", progress: bool = False) -> MergeResult:
+                      backend: str = "auto", resume: bool = False,
+                      progress: bool = False) -> MergeResult:
     """Merge three Hugging Face model folders into `out` (see the README for the formula).
 
     Everything is checked first (PlanError lists every problem); then the merge streams through
     the native kernel in bounded memory and `out` appears only when complete.  device="cuda"
-    streams through a GPU within `gpu_memory` bytes of device memory.
+    streams through a GPU within `gpu_memory` bytes of device memory.  resume=True finishes a
+    merge that was interrupted, keeping the shards it completed.
     """
     options = MergeOptions(domain_weight, align_weight, out_dtype, max_shard_size,
-                           tokenizer_from, force, threads, fsync, device, gpu_memory, backend)
+                           tokenizer_from, force, threads, fsync, device, gpu_memory, backend,
+                           resume)
     return execute(plan_merge(base, domain, aligned, out, options), show_progress=progress)

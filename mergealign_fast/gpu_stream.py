@@ -27,7 +27,7 @@ from typing import List, Optional
 
 from .dtypes import DType, to_torch
 from .errors import MergeError
-from .kernels import get_kernel
+from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
 
 SLOTS = 2  # double buffering: one slot in flight on the GPU while the host fills the other
@@ -89,7 +89,7 @@ class _Slot:
         self.host_out = torch.empty(self.device_out.numel(), dtype=torch.uint8, pin_memory=pin)
         self.uploaded, self.computed, self.downloaded = (lanes.event(), lanes.event(),
                                                          lanes.event())
-        self.pending = None  # (fd, path, file offset, bytes) of a result not yet in the file
+        self.pending = None  # (fd, path, file offset, bytes, checksum) of a result not yet written
 
 
 class GpuWriter:
@@ -102,6 +102,7 @@ class GpuWriter:
         self.device = torch.device(device)
         self.options = plan.options
         self.kernel = get_kernel(backend, self.device.type)
+        self.native = cpu.native()
         in_bytes, out_bytes = _bytes_per_element(plan)
         # Chunks are whole multiples of ALIGNMENT elements, so the three input regions of a slot
         # stay aligned back to back; each device buffer rounds up by less than ALIGNMENT bytes.
@@ -137,8 +138,9 @@ class GpuWriter:
     def _flush(self, slot: _Slot) -> None:
         if slot.pending is None:
             return
-        fd, path, offset, nbytes = slot.pending
+        fd, path, offset, nbytes, checksum = slot.pending
         slot.downloaded.synchronize()
+        checksum.add(self.native.crc32c(slot.host_out.data_ptr(), nbytes), nbytes)
         data = memoryview(slot.host_out.numpy())[:nbytes]
         while data:
             written = os.pwrite(fd, data, offset)
@@ -147,7 +149,7 @@ class GpuWriter:
             data, offset = data[written:], offset + written
         slot.pending = None
 
-    def write(self, fd: int, path: Path, chunk) -> None:
+    def write(self, fd: int, path: Path, chunk, checksum) -> None:
         torch, lanes, t = self.torch, self.lanes, chunk.tensor
         slot = self.slots[self.turn]
         self.turn = (self.turn + 1) % SLOTS
@@ -177,7 +179,7 @@ class GpuWriter:
             lanes.wait(lanes.d2h, slot.computed)
             slot.host_out[:out_bytes].copy_(slot.device_out[:out_bytes], non_blocking=True)
             slot.downloaded.record()
-        slot.pending = (fd, path, chunk.file_offset, out_bytes)
+        slot.pending = (fd, path, chunk.file_offset, out_bytes, checksum)
 
     def drain(self) -> None:
         """Write every pending result; called before a shard file is closed."""

@@ -107,7 +107,7 @@ class PartialOutput:
             self.close()
             raise MergeError(f"{self.folder} holds an interrupted merge into {self.out_dir}: add "
                              "--resume to finish it, or --force to start over")
-        if leftovers and resume and not force:
+        if leftovers and resume:
             self._load_journal()
         else:
             for path in leftovers:

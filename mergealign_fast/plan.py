@@ -46,6 +46,7 @@ class MergeOptions:
     device: str = "cpu"  # cpu | cuda | cuda:N
     gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
     backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
+    resume: bool = False  # finish an interrupted merge into the same OUT
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_output_is_a_hugging_face_folder(tiny_trio, tmp_path):
     out = tmp_path / "out"
     merge(tiny_trio, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json", "generation_config.json", "mergealign-manifest.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["model_type"] == "llama"
     assert leftovers(tmp_path) == []
@@ -125,27 +125,75 @@ class FailingNative:
         self.calls += 1
         if self.calls == self.fail_at:
             if isinstance(self.failure, int):
-                return self.failure
+                return self.failure, 0  # (errno, crc) as the native call returns them
             raise self.failure
         return self.real.merge_to_file(*args)
 
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO, KeyboardInterrupt()],
                          ids=["disk-full", "io-error", "ctrl-c"])
-def test_failure_midway_leaves_nothing_and_keeps_the_old_output(tiny_trio, tmp_path, monkeypatch,
-                                                                failure):
+def test_failure_midway_keeps_the_old_output_and_resume_finishes(tiny_trio, tmp_path, monkeypatch,
+                                                                 failure):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous model")
-    fake = FailingNative(fail_at=5, failure=failure)
+    merge(tiny_trio, tmp_path / "reference", max_shard_size=100_000)
+    fake = FailingNative(fail_at=9, failure=failure)  # shard 1 of 3 done, shard 2 half done
     monkeypatch.setattr(cpu, "native", lambda: fake)
     expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else MergeError
-    with pytest.raises(expected):
-        merge(tiny_trio, out, force=True)
-    assert fake.calls == 5
-    assert (out / "old.txt").read_text() == "previous model"
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    with pytest.raises(expected) as info:
+        merge(tiny_trio, out, force=True, max_shard_size=100_000)
+    assert fake.calls == 9
+    if expected is MergeError:
+        assert "rerun with --resume" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # OUT untouched
+    assert leftovers(tmp_path) == [".out.mergealign-partial"]
+    monkeypatch.undo()
+    with pytest.raises(PlanError, match="not empty"):  # --force is still needed to replace OUT
+        merge(tiny_trio, out, resume=True, max_shard_size=100_000)
+    counting = FailingNative(fail_at=0, failure=None)  # counts, never fails
+    monkeypatch.setattr(cpu, "native", lambda: counting)
+    merge(tiny_trio, out, force=True, resume=True, max_shard_size=100_000)
+    tensors = len(LLAMA_TINY.tensors())
+    assert 0 < counting.calls < tensors  # the completed first shard was not merged again
+    assert all_tensors_bytes(out) == all_tensors_bytes(tmp_path / "reference")
     assert leftovers(tmp_path) == []
+
+
+def test_an_interrupted_merge_is_neither_overwritten_nor_silently_resumed(tiny_trio, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "out"
+    failing = FailingNative(fail_at=12, failure=errno.EIO)  # after the first of 3 shards
+    monkeypatch.setattr(cpu, "native", lambda: failing)
+    with pytest.raises(MergeError):
+        merge(tiny_trio, out, max_shard_size=100_000)
+    monkeypatch.undo()
+    with pytest.raises(MergeError, match="add --resume to finish it, or --force to start over"):
+        merge(tiny_trio, out, max_shard_size=100_000)
+    with pytest.raises(MergeError, match="started with other inputs or options"):
+        merge(tiny_trio, out, max_shard_size=100_000, resume=True, domain_weight=0.31)
+    merge(tiny_trio, out, max_shard_size=100_000, force=True)  # starts over
+    assert leftovers(tmp_path) == [] and (out / "model.safetensors.index.json").exists()
+
+
+def test_a_second_merge_into_the_same_output_fails_at_once(tiny_trio, tmp_path):
+    import fcntl
+    import os
+
+    from mergealign_fast.journal import LOCK, partial_dir_for
+
+    out = tmp_path / "out"
+    partial = partial_dir_for(out)
+    partial.mkdir()
+    fd = os.open(partial / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running merge holds
+    try:
+        with pytest.raises(MergeError, match="another merge into .* is running now"):
+            merge(tiny_trio, out)
+        merge(tiny_trio, tmp_path / "elsewhere")  # other outputs are not blocked
+    finally:
+        os.close(fd)
+    assert not out.exists()
 
 
 def test_transformers_loads_the_merged_model(tiny_trio, tmp_path):
