@@ -12,6 +12,8 @@
 #include "cpu_merge.h"
 
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -138,6 +140,38 @@ WriteBuffers& write_buffers() {
   return buffers;
 }
 
+// ---- inputs that vanish under the mapping ----------------------------------------------------
+// Reading a page of a memory-mapped input that was truncated away raises SIGBUS, which would
+// kill the whole process.  While a kernel thread reads inputs it arms a jump buffer; the handler
+// jumps back to it and the call returns EFAULT, which the engine reports as "input changed".
+// Faults outside armed regions go to whatever handler was installed before ours.
+
+thread_local sigjmp_buf* t_input_fault = nullptr;
+struct sigaction g_previous_sigbus;
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  if (t_input_fault != nullptr) siglongjmp(*t_input_fault, 1);
+  if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
+    g_previous_sigbus.sa_sigaction(sig, info, context);
+  } else if (g_previous_sigbus.sa_handler != SIG_DFL && g_previous_sigbus.sa_handler != SIG_IGN) {
+    g_previous_sigbus.sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);
+    raise(sig);
+  }
+}
+
+void install_sigbus_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action = {};
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, &g_previous_sigbus);
+  });
+}
+
 // pwrite until done; returns 0 or errno.  A short write without an error means the device is
 // full (or a file-size limit hit): report ENOSPC rather than loop forever.
 int write_all(int fd, const unsigned char* data, int64_t bytes, int64_t offset) {
@@ -187,17 +221,27 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
   // merge).  Taking turns here instead lets the waiting thread sleep while the writer copies,
   // and the other thread compute its next piece meanwhile.
   std::mutex write_turn;
+  auto fail = [&first_error](int err) {
+    int expected = 0;
+    first_error.compare_exchange_strong(expected, err);
+  };
+  install_sigbus_handler();
   parallel_slices(ops.count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
+    sigjmp_buf input_fault;
+    if (sigsetjmp(input_fault, 1) != 0) {  // an input page vanished (SIGBUS): see above
+      t_input_fault = nullptr;
+      fail(EFAULT);
+      return;
+    }
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
+      t_input_fault = &input_fault;  // armed only while reading the mapped inputs
       merge_range(ops, start, start + n, thread_buffer[t]);
+      t_input_fault = nullptr;
       piece_crc[start / piece] = crc32c_update(0, thread_buffer[t], size_t(n * out_size));
       std::lock_guard<std::mutex> turn(write_turn);
       const int err = write_all(fd, thread_buffer[t], n * out_size, file_offset + start * out_size);
-      if (err != 0) {
-        int expected = 0;
-        first_error.compare_exchange_strong(expected, err);
-      }
+      if (err != 0) fail(err);
     }
   });
   if (first_error.load() != 0) return first_error.load();

@@ -13,8 +13,9 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 
 // The same pass, but the result goes straight to a file: each thread computes at most
 // kWritePieceBytes of output into a buffer it reuses and pwrite()s it at
-// file_offset + its position.  Returns 0 or the errno of the first failed write; on success
-// *crc is the CRC-32C of the bytes written.
+// file_offset + its position.  Returns 0, the errno of the first failed write, or EFAULT when
+// an input page vanished while being read (a truncated memory-mapped file: SIGBUS, caught); on
+// success *crc is the CRC-32C of the bytes written.
 int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
                       uint32_t* crc);
 

@@ -136,6 +136,11 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+
+    # Past a file-size limit (ulimit -f) the kernel would kill us with SIGXFSZ mid-write; ignored,
+    # the write fails with EFBIG instead and the user gets a message and a resumable merge.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "merge":

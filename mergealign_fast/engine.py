@@ -72,6 +72,7 @@ class _InputMaps:
         return mapped
 
     def check_unchanged(self, plan: MergePlan) -> None:
+        """Each input is still the file whose header was read (before any compute)."""
         for checkpoint in plan.inputs.values():
             for loc in checkpoint.tensors.values():
                 if self.maps[loc.file].size < loc.entry.end:
@@ -83,6 +84,31 @@ class _InputMaps:
 
     def __exit__(self, *exc):
         self._stack.close()
+
+
+def input_identities(plan: MergePlan) -> Dict[Path, tuple]:
+    """(device, inode, size, mtime) of every input file: what 'unchanged' means."""
+    identities = {}
+    for checkpoint in plan.inputs.values():
+        for path in checkpoint.files:
+            st = os.stat(path)
+            identities[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return identities
+
+
+def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:
+    """Refuse to publish a merge whose inputs were replaced, truncated or rewritten meanwhile:
+    its tensors could mix old and new data."""
+    for path, identity in before.items():
+        try:
+            now = os.stat(path)
+        except OSError:
+            raise MergeError(f"input {path} was removed during the merge") from None
+        if (now.st_dev, now.st_ino) != identity[:2]:
+            raise MergeError(f"input {path} was replaced during the merge")
+        if (now.st_size, now.st_mtime_ns) != identity[2:]:
+            raise MergeError(f"input {path} was modified during the merge "
+                             f"(size {identity[2]:,} -> {now.st_size:,} bytes)")
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -138,6 +164,10 @@ def tensor_chunks(tensor: PlannedTensor, maps: _InputMaps, file_offset: int,
         yield Chunk(tensor, start, n, inputs, file_offset + start * out_size)
 
 
+class InputChanged(MergeError):
+    """An input's pages vanished while the kernel read them (truncated while mapped)."""
+
+
 class ShardChecksum:
     """CRC-32C of a shard file, built from the header and then each chunk in file order."""
 
@@ -168,6 +198,8 @@ class CpuWriter:
             b, int(t.source_dtype(0)), d, int(t.source_dtype(1)), a, int(t.source_dtype(2)),
             int(t.out_dtype), chunk.count, self.options.domain_weight, self.options.align_weight,
             fd, chunk.file_offset, self.threads)
+        if err == errno.EFAULT:
+            raise InputChanged(f"an input of tensor {t.name} changed while it was being read")
         if err:
             raise MergeError(f"{path}: writing tensor {t.name} failed: {os.strerror(err)}")
         checksum.add(crc, chunk.count * t.out_dtype.itemsize)
@@ -198,6 +230,9 @@ def _write_shard(path: Path, shard: PlannedShard, maps: _InputMaps, writer,
         if options.fsync:
             os.fsync(fd)
         return checksum.crc
+    except BaseException:
+        path.unlink(missing_ok=True)  # an unfinished shard only takes space; --resume redoes it
+        raise
     finally:
         os.close(fd)
 
@@ -265,6 +300,7 @@ def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeR
     started = time.perf_counter()
     options = plan.options
     partial = PartialOutput(plan, __version__).open(resume=options.resume, force=options.force)
+    identities = input_identities(plan)
     try:
         with _InputMaps(plan) as maps:
             maps.check_unchanged(plan)
@@ -278,11 +314,15 @@ def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeR
                                    progress)
                 partial.record_shard(shard.filename, shard.size, crc, options.fsync)
             progress.close()
+        check_inputs_unchanged(identities)
         _write_side_files(partial.folder, plan)
         partial.release_lock_file()
         if options.fsync:
             _fsync_dir(partial.folder)
         _move_into_place(partial.folder, plan.out_dir, options.fsync)
+    except InputChanged as exc:
+        check_inputs_unchanged(identities)  # names the file that changed, when it can
+        raise MergeError(f"{exc}; {plan.out_dir} was not created") from exc
     except (MergeError, OSError) as exc:
         raise MergeError(f"{exc}; completed shards are kept in {partial.folder}: fix the cause "
                          "and rerun with --resume to finish") from exc

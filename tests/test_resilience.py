@@ -1,0 +1,257 @@
+"""Nothing lost: checksums and verify, killed and interrupted merges, full disks, inputs that
+change under a running merge, file-size limits."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mergealign_fast import MergeError, merge_checkpoints
+from mergealign_fast.journal import MANIFEST, partial_dir_for, verify_output
+from mergealign_fast.kernels import cpu
+from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
+
+from test_engine import FailingNative, all_tensors_bytes, leftovers
+
+# ~40 MB per model in bf16: a merge long enough (0.1-0.3 s) to be killed in the middle.
+MEDIUM = LlamaShape(hidden=512, intermediate=1408, layers=6, heads=8, kv_heads=4, vocab=8000)
+SHARD = "4MB"  # ~10 shards: a kill usually lands between completed shards
+
+
+@pytest.fixture(scope="module")
+def medium_trio(tmp_path_factory):
+    return ensure_synthetic_trio(tmp_path_factory.mktemp("medium"), MEDIUM, seed=5)
+
+
+def cli(*args, **kwargs):
+    return [sys.executable, "-m", "mergealign_fast", *map(str, args)]
+
+
+def merge_cmd(trio, out, *extra):
+    return cli("merge", trio["base"], trio["domain"], trio["aligned"], "-o", out,
+               "--max-shard-size", SHARD, "--quiet", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(medium_trio, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    subprocess.run(merge_cmd(medium_trio, out), check=True)
+    return all_tensors_bytes(out)
+
+
+# ---- checksums and verify ---------------------------------------------------------------------
+
+def test_crc32c_known_answer_and_combine():
+    import ctypes
+
+    native = cpu.native()
+
+    def crc(data: bytes, start: int = 0) -> int:
+        buffer = ctypes.create_string_buffer(data, len(data))
+        return native.crc32c(ctypes.addressof(buffer), len(data), start)
+
+    assert crc(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = os.urandom(100_003)
+    for cut in (0, 1, 7, 65536, 100_003):
+        a, b = data[:cut], data[cut:]
+        assert native.crc32c_combine(crc(a), crc(b), len(b)) == crc(data)
+        assert crc(b, crc(a)) == crc(data)
+
+
+def test_verify_accepts_a_merge_and_names_what_is_wrong(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out,
+                      max_shard_size=100_000)
+    assert verify_output(out) == []
+    shard = out / "model-00002-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the last tensor
+    shard.write_bytes(bytes(data))
+    [problem] = verify_output(out)
+    assert str(shard) in problem and "CRC-32C" in problem and "changed or is corrupt" in problem
+    shard.write_bytes(bytes(data[:-10]))
+    assert any("bytes, the merge wrote" in p for p in verify_output(out))
+    shard.unlink()
+    assert any("missing" in p or "does not exist" in p for p in verify_output(out))
+    proc = subprocess.run(cli("verify", out), capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (out / MANIFEST).unlink()
+    assert "no mergealign-manifest.json" in verify_output(out)[0]
+
+
+def test_verify_cli_ok(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out)
+    proc = subprocess.run(cli("verify", out), capture_output=True, text=True)
+    assert proc.returncode == 0 and ": OK" in proc.stdout
+
+
+# ---- killed and interrupted -------------------------------------------------------------------
+
+def kill_and_resume(trio, out: Path, reference: dict, kills: int, seed: int) -> dict:
+    """SIGKILL merges at random moments, then check OUT and finish with --resume.
+
+    Returns counts: kills that hit a running merge, merges that had finished first, resumes."""
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    subprocess.run(merge_cmd(trio, out), check=True)
+    full = time.perf_counter() - started
+    shutil.rmtree(out)
+    counts = {"killed": 0, "finished_first": 0, "resumed_ok": 0}
+    for _ in range(kills):
+        proc = subprocess.Popen(merge_cmd(trio, out, "--resume", "--force"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, full))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == 0:
+            counts["finished_first"] += 1
+            assert verify_output(out) == [] and all_tensors_bytes(out) == reference
+            shutil.rmtree(out)
+            continue
+        counts["killed"] += 1
+        assert not out.exists()  # absent, never half-written
+        assert [p.name for p in out.parent.iterdir() if ".mergealign-" in p.name] in (
+            [], [partial_dir_for(out).name])
+    subprocess.run(merge_cmd(trio, out, "--resume"), check=True)
+    assert verify_output(out) == [] and all_tensors_bytes(out) == reference
+    assert leftovers(out.parent) == []
+    counts["resumed_ok"] += 1
+    return counts
+
+
+def test_sigkill_at_random_moments_then_resume(medium_trio, reference, tmp_path):
+    """The CI-sized run; benches/kill_harness.py runs the long one (counts in RESULTS.md)."""
+    counts = kill_and_resume(medium_trio, tmp_path / "out", reference, kills=6, seed=1)
+    assert counts["resumed_ok"] == 1
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes(medium_trio, reference, tmp_path):
+    out = tmp_path / "out"
+    partial = partial_dir_for(out)
+    for attempt in range(5):  # the merge may finish before the signal lands; try again
+        proc = subprocess.Popen(merge_cmd(medium_trio, out, "--force"),
+                                stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not (partial / MANIFEST).exists():
+            time.sleep(0.001)  # interrupt once at least one shard is complete
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate()[1]
+        if proc.returncode == 130:
+            break
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("every merge finished before Ctrl-C arrived")
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists() and (partial / MANIFEST).exists()
+    subprocess.run(merge_cmd(medium_trio, out, "--resume"), check=True)
+    assert all_tensors_bytes(out) == reference and leftovers(tmp_path) == []
+
+
+# ---- inputs that change under a running merge -------------------------------------------------
+
+class ChangingInput(FailingNative):
+    """The native module, but before the n-th merge_to_file call an input file is changed."""
+
+    def __init__(self, fail_at: int, change):
+        super().__init__(fail_at=0, failure=None)
+        self.change_at, self.change = fail_at, change
+
+    def merge_to_file(self, *args):
+        if self.calls + 1 == self.change_at:
+            self.change()
+        return super().merge_to_file(*args)
+
+
+@pytest.mark.parametrize("how", ["truncated", "replaced", "rewritten"])
+def test_input_changed_during_the_merge_is_reported_and_nothing_published(tiny_trio, tmp_path,
+                                                                          monkeypatch, how):
+    trio = {r: tmp_path / r for r in tiny_trio}
+    for role, folder in tiny_trio.items():
+        shutil.copytree(folder, trio[role])
+    victim = trio["domain"] / "model.safetensors"
+
+    def change():
+        if how == "truncated":  # pages of the mapping vanish: SIGBUS, caught
+            os.truncate(victim, 4096)
+        elif how == "replaced":
+            shutil.copy(victim, victim.with_suffix(".new"))
+            os.replace(victim.with_suffix(".new"), victim)
+        else:
+            with open(victim, "r+b") as f:
+                f.seek(-8, os.SEEK_END)
+                f.write(b"\0" * 8)
+
+    native = ChangingInput(fail_at=5, change=change)
+    monkeypatch.setattr(cpu, "native", lambda: native)
+    with pytest.raises(MergeError, match=f"input {victim} was"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- full disks and file-size limits ----------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 128 MiB tmpfs mounted for the test (root only): room for the ~52 MB output plus the
+    64 MiB headroom the checks ask for, and little more."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_too_small_a_filesystem_is_refused_up_front(medium_trio, small_fs):
+    filler = small_fs / "filler"
+    subprocess.run(["fallocate", "-l", "100M", str(filler)], check=True)
+    proc = subprocess.run(merge_cmd(medium_trio, small_fs / "out"), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not enough free disk" in proc.stderr and "bytes are free" in proc.stderr
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_disk_filling_during_the_merge_is_a_clear_error_and_resumable(medium_trio, reference,
+                                                                       small_fs):
+    """Another writer takes the space after the checks: the shard that cannot be reserved
+    fails with ENOSPC, completed shards stay in the partial folder, and once space is freed
+    --resume finishes the job."""
+    from mergealign_fast.engine import execute
+    from mergealign_fast.plan import MergeOptions, parse_size, plan_merge
+
+    out = small_fs / "out"
+    plan = plan_merge(medium_trio["base"], medium_trio["domain"], medium_trio["aligned"], out,
+                      MergeOptions(max_shard_size=parse_size(SHARD)))
+    free = shutil.disk_usage(small_fs).free
+    filler = small_fs / "filler"
+    subprocess.run(["fallocate", "-l", str(free - plan.shards[0].size - 65536), str(filler)],
+                   check=True)
+    with pytest.raises(MergeError, match="disk full: cannot reserve"):
+        execute(plan)
+    assert not out.exists() and (partial_dir_for(out) / MANIFEST).exists()
+    filler.unlink()
+    subprocess.run(merge_cmd(medium_trio, out, "--resume"), check=True)
+    assert all_tensors_bytes(out) == reference
+
+
+def test_file_size_limit_is_an_error_not_a_signal(tiny_trio, tmp_path):
+    import resource
+
+    def limit():  # ulimit -f 40 (KiB): smaller than the first shard
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 << 10, 40 << 10))
+
+    proc = subprocess.run(cli("merge", tiny_trio["base"], tiny_trio["domain"],
+                              tiny_trio["aligned"], "-o", tmp_path / "out",
+                              "--max-shard-size", "100KB", "--quiet"),
+                          capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr
+    assert "File too large" in proc.stderr and "--resume" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
