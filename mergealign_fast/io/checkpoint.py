@@ -125,13 +125,14 @@ def open_checkpoint(folder) -> Checkpoint:
         raise MergeError(f"{folder}: not a directory")
     if (folder / INDEX_FILE).is_file():
         tensors = _locate_sharded(folder)
+        files = sorted({folder / shard for shard in _index_weight_map(folder).values()})
     elif (folder / SINGLE_FILE).is_file():
         header = read_header(folder / SINGLE_FILE)
         tensors = {n: TensorLocation(header.path, e) for n, e in header.tensors.items()}
+        files = [folder / SINGLE_FILE]  # listed even when it holds no tensor
     else:
         hint = ""
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             hint = " (only PyTorch .bin/.pt weights found: convert them to safetensors first)"
         raise MergeError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-    files = sorted({loc.file for loc in tensors.values()})
     return Checkpoint(folder, files, tensors)
