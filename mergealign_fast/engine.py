@@ -321,11 +321,16 @@ def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeR
             _fsync_dir(partial.folder)
         _move_into_place(partial.folder, plan.out_dir, options.fsync)
     except InputChanged as exc:
+        partial.discard_if_empty()
         check_inputs_unchanged(identities)  # names the file that changed, when it can
         raise MergeError(f"{exc}; {plan.out_dir} was not created") from exc
-    except (MergeError, OSError) as exc:
-        raise MergeError(f"{exc}; completed shards are kept in {partial.folder}: fix the cause "
-                         "and rerun with --resume to finish") from exc
+    except BaseException as exc:
+        kept = not partial.discard_if_empty()
+        if not isinstance(exc, (MergeError, OSError)):
+            raise  # KeyboardInterrupt and bugs: the CLI says what was kept
+        hint = (f"completed shards are kept in {partial.folder}: fix the cause and rerun with "
+                "--resume to finish" if kept else f"nothing was kept; {plan.out_dir} is unchanged")
+        raise MergeError(f"{exc}; {hint}") from exc
     finally:
         partial.close()
     return MergeResult(plan.out_dir, time.perf_counter() - started, plan.input_bytes,

@@ -164,6 +164,14 @@ class PartialOutput:
                 os.fsync(f.fileno())
         os.replace(staging, self.folder / MANIFEST)
 
+    def discard_if_empty(self) -> bool:
+        """After a failure: remove the folder when no shard was completed (nothing to resume).
+        Returns True when it was removed."""
+        if self.shards:
+            return False
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return True
+
     def release_lock_file(self) -> None:
         """Remove the lock file before the folder becomes OUT (the lock itself stays held)."""
         (self.folder / LOCK).unlink(missing_ok=True)

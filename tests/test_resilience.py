@@ -262,5 +262,6 @@ def test_file_size_limit_is_an_error_not_a_signal(tiny_trio, tmp_path):
                               "--max-shard-size", "100KB", "--quiet"),
                           capture_output=True, text=True, preexec_fn=limit)
     assert proc.returncode == 2, proc.stderr
-    assert "File too large" in proc.stderr and "--resume" in proc.stderr
+    assert "File too large" in proc.stderr and "nothing was kept" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []  # no shard was completed: no partial folder either
