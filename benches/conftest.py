@@ -58,7 +58,8 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def trio_1b():
     """Three 1.1B-parameter Llama-shaped bf16 models (3 x 2.2 GB), generated once, streaming."""
-    root = Path(os.environ.get("MERGEALIGN_BENCH_CACHE", default_cache_dir())) / "bench-llama-1.1b-v1"
+    cache = Path(os.environ.get("MERGEALIGN_BENCH_CACHE", default_cache_dir()))
+    root = cache / "bench-llama-1.1b-v1"
     return ensure_synthetic_trio(root, LLAMA_1B)
 
 

@@ -1,11 +1,11 @@
 """Coverage-guided fuzz of the safetensors/index parsing and the merge path, with atheris.
 
-    python benches/fuzz_headers.py -atheris_runs=100000
+    python benches/fuzz_headers.py -runs=100000
 
-Each input drives the generator of tests/hostile_files.py (valid files, and files broken in every way
-the format can break); the rule checked is the suite's: a clear one-line error naming the folder,
-or a merge whose output verifies.  A crash, hang or any other exception is a failure (atheris
-stops and saves the input).  Prints the count of cases and how they ended.
+Each input drives the generator of tests/hostile_files.py (valid files, and files broken in
+every way the format can break); the rule checked is the suite's: a clear one-line error naming
+the folder, or a merge whose output verifies.  A crash, hang or any other exception is a failure
+(atheris stops and saves the input).  Prints the count of cases and how they ended.
 """
 
 import sys

@@ -127,7 +127,6 @@ def check_huge(names):
     label = f"{n:,}-element bf16 tensor" + (" (> 2^31)" if n > 1 << 31 else "")
     TABLE.append((label, "oracle ok, backends equal" if ok and agree
                   else "mismatch", "all", "PASS" if ok and agree else "FAIL"))
-    del inputs, outputs
 
 
 # ---- 3. kernel bandwidth ----------------------------------------------------------------------
@@ -169,7 +168,6 @@ def kernel_bandwidth(names):
             TABLE.append((f"kernel {backend} {dtype.short_name}", f"{rate:.0f} GB/s = "
                           f"{rate / copy:.0%} of copy ({copy:.0f})", ">= 85%",
                           "n/a (CPU)" if SMOKE else ("PASS" if rate >= 0.85 * copy else "FAIL")))
-        del inputs, out, src, dst
 
 
 # ---- 4. streaming merge -----------------------------------------------------------------------

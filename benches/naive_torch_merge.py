@@ -3,7 +3,8 @@
 A comparison point for the benchmarks, not part of the package.  Holds the whole output in RAM
 (save_file needs every tensor at once), as naive scripts and mergekit's writer do.
 
-    python benches/naive_torch_merge.py BASE DOMAIN ALIGNED OUT --domain-weight 0.5 --align-weight 0.5
+    python benches/naive_torch_merge.py BASE DOMAIN ALIGNED OUT \
+        --domain-weight 0.5 --align-weight 0.5
 """
 
 import argparse

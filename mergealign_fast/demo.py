@@ -68,7 +68,7 @@ def run_demo(cache_dir: Optional[os.PathLike] = None, threads: Optional[int] = N
     print(f"merged   {result.tensors} tensors, {human_bytes(result.output_bytes)} -> {out}")
     print(f"time     {result.seconds:.3f} s  ({result.gb_per_s:.1f} GB/s counting 3 inputs read "
           f"+ 1 output written)")
-    print(f"memory   peak RSS during the merge: "
+    print("memory   peak RSS during the merge: "
           + (human_bytes(peak) if peak else "unknown on this OS"))
     verdict = "PASS" if report.passed else "FAIL"
     print(f"oracle   {verdict}: {report.elements_checked:,} elements in "

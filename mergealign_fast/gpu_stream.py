@@ -105,11 +105,12 @@ class GpuWriter:
         self.native = cpu.native()
         in_bytes, out_bytes = _bytes_per_element(plan)
         # Chunks are whole multiples of ALIGNMENT elements, so the three input regions of a slot
-        # stay aligned back to back; each device buffer rounds up by less than ALIGNMENT bytes.
+        # stay aligned back to back; each device buffer rounds up by < ALIGNMENT bytes.
         overhead = SLOTS * 2 * ALIGNMENT
-        self.chunk = (budget - overhead) // (SLOTS * (in_bytes + out_bytes)) // ALIGNMENT * ALIGNMENT
+        per_chunk_element = SLOTS * (in_bytes + out_bytes)
+        self.chunk = (budget - overhead) // per_chunk_element // ALIGNMENT * ALIGNMENT
         if self.chunk < MIN_CHUNK_ELEMENTS:
-            least = SLOTS * (in_bytes + out_bytes) * MIN_CHUNK_ELEMENTS + overhead
+            least = per_chunk_element * MIN_CHUNK_ELEMENTS + overhead
             raise MergeError(f"GPU memory budget of {budget:,} bytes is too small: give at least "
                              f"{least:,} (e.g. --gpu-memory 64MiB)")
         self.lanes = _Lanes(torch, self.device)

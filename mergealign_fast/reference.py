@@ -46,7 +46,7 @@ _SPACING = {
 
 
 def merge_ref(base, domain, aligned, w_domain: float, w_align: float) -> np.ndarray:
-    """MergeAlign / task arithmetic in float64: base + w_d (domain - base) + w_a (aligned - base)."""
+    """MergeAlign / task arithmetic in float64: b + w_d (d - b) + w_a (a - b)."""
     b = np.asarray(base, dtype=np.float64)
     d = np.asarray(domain, dtype=np.float64)
     a = np.asarray(aligned, dtype=np.float64)

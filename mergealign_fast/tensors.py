@@ -69,9 +69,11 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                   threads: Optional[int] = None) -> Any:
     """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
 
-    Inputs are numpy arrays (float32/float16, bf16 as uint16 bits) or torch CPU tensors
-    (float32/float16/bfloat16) of one shape; their dtypes may differ.  Math is fp32 with one rounding to the output dtype
-    (default: base's dtype).  Returns `out` (allocated like `base` when not given).
+    Inputs are numpy arrays (float32/float16, bf16 as uint16 bits) or torch tensors
+    (float32/float16/bfloat16) of one shape, all on the CPU or all on one CUDA device; their
+    dtypes may differ.  Math is fp32 with one rounding to the output dtype (default: base's
+    dtype).  Returns `out` (allocated like `base` when not given).  backend: auto, cpu, cuda,
+    triton or torch; auto takes cuda, then triton, for CUDA tensors and cpu for host memory.
     """
     check_weights(domain_weight, align_weight)
     inputs = {"base": as_buffer(base, "base"), "domain": as_buffer(domain, "domain"),

@@ -21,12 +21,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mergealign_fast import MergeError, merge_checkpoints, merge_tensors  # noqa: E402
-from mergealign_fast.dtypes import DType, to_torch  # noqa: E402
+from mergealign_fast.dtypes import DType  # noqa: E402
 from mergealign_fast.engine import execute  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
 from mergealign_fast.reference import merge_error_bound, merge_ref  # noqa: E402
 
-from conftest import as_f64, random_values  # noqa: E402
+from conftest import random_values  # noqa: E402
 from test_engine import all_tensors_bytes  # noqa: E402
 
 pytest.importorskip("triton")

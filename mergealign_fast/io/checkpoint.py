@@ -1,4 +1,4 @@
-"""Hugging Face model folders: one model.safetensors, or shards listed by model.safetensors.index.json."""
+"""Hugging Face model folders: one model.safetensors, or shards listed by an index."""
 
 from __future__ import annotations
 

@@ -38,8 +38,8 @@ def build_info() -> Optional[str]:
         from .. import _cuda
     except ImportError:
         return None
-    version = _cuda.runtime_version()
-    return f"CUDA {version // 1000}.{version % 1000 // 10} runtime (static), {_cuda.architectures()}"
+    major, minor = divmod(_cuda.runtime_version(), 1000)
+    return f"CUDA {major}.{minor // 10} runtime (static), {_cuda.architectures()}"
 
 
 def current_stream() -> int:
