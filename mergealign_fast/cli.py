@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--trained", action="store_true", help="the miniature MergeAlign "
+                      "experiment instead: train a tiny Llama base/expert/aligned trio (once, "
+                      "~2 min), merge it and compare answers (needs the showcase extra)")
     verify = sub.add_parser("verify", help="check a merged folder against its manifest")
     verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
@@ -148,8 +151,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "verify":
             return _run_verify(args.out)
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_trained_demo
 
+            if args.trained:
+                return 0 if run_trained_demo(args.cache_dir, args.quiet) else 1
             return 0 if run_demo(args.cache_dir, args.threads, args.quiet) else 1
         return _run_env()
     except MergeError as exc:

@@ -75,3 +75,51 @@ def run_demo(cache_dir: Optional[os.PathLike] = None, threads: Optional[int] = N
           f"{report.tensors_checked} tensors; worst error {report.worst_error_ratio:.2f} x the "
           f"derived bound ({report.worst_tensor})")
     return report.passed
+
+
+TRAINED_FOLDER = "miniature-v1"
+# Weights for the trained demo: MergeAlign's equal interpolation.
+TRAINED_WEIGHTS = (0.5, 0.5)
+
+
+def run_trained_demo(cache_dir: Optional[os.PathLike] = None, quiet: bool = False) -> bool:
+    """Train (once) the miniature base/expert/aligned trio, merge it, and show the expert's,
+    the aligned model's and the merged model's answers side by side."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        from .errors import MergeError
+
+        raise MergeError(f"demo --trained needs torch and transformers ({exc.name} is missing): "
+                         "pip install -e '.[showcase]'") from None
+    from .miniature.evaluate import evaluate, evaluation_sets, generate, load
+    from .miniature.train import train_trio
+    from .miniature.world import Clinic
+
+    root = Path(cache_dir or default_cache_dir()) / TRAINED_FOLDER
+    if not (root / "world.json").exists():
+        print(f"training the miniature trio in {root} (about 2 minutes, once) ...", flush=True)
+        train_trio(root, "default")
+    clinic = Clinic.load(root)
+    out = root / "merged"
+    result = merge_checkpoints(root / "base", root / "domain", root / "aligned", out, force=True,
+                               domain_weight=TRAINED_WEIGHTS[0], align_weight=TRAINED_WEIGHTS[1],
+                               progress=not quiet)
+    print(f"merged with w_d={TRAINED_WEIGHTS[0]}, w_a={TRAINED_WEIGHTS[1]} in "
+          f"{result.seconds:.2f} s -> {out}\n")
+    sets = evaluation_sets(clinic)
+    items = sets["domain"][:2] + sets["harmful"][:2] + sets["harmful"][-1:] + sets["benign"][:1]
+    prompts = [i.prompt for i in items]
+    answers = {role: generate(*load(folder), prompts) for role, folder in
+               (("expert", root / "domain"), ("aligned", root / "aligned"), ("merged", out))}
+    for n, item in enumerate(items):
+        print(item.prompt + (f"   (fact: {item.expected})" if item.expected else ""))
+        for role in answers:
+            print(f"    {role:8s} {answers[role][n].split('.')[0].strip()}")
+    print("\nheld-out scores: domain accuracy, refusal of harmful requests, over-refusal")
+    for role, folder in (("expert", root / "domain"), ("aligned", root / "aligned"),
+                         ("merged", out)):
+        print(f"    {role:8s} {evaluate(folder, clinic).row()}")
+    print("(the whole λ sweep and what it shows: benches/results/miniature.md)")
+    return True

@@ -1,0 +1,156 @@
+"""Train the miniature trio: base, domain expert and aligned model, three real LlamaForCausalLM
+checkpoints with their own word-level tokenizer, on the CPU, with fixed seeds.
+
+    python -m mergealign_fast.miniature.train OUT [--size ci|default]
+
+`default` (~0.85M parameters) takes about 1.5 minutes on 2 cores; `ci` takes seconds and exists so
+the tests can show the whole pipeline runs and produces models the engine merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from .world import (Clinic, REFUSAL, clinic_corpus, general_corpus, instruction_corpus,
+                    vocabulary)
+
+SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+SEED = 1234
+BASE_LR = 3e-3
+# Fine-tuning moves the weights a little, as with real experts and instruct models.
+TUNE_LR = 5e-4
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    base_steps: int
+    tune_steps: int
+    batch: int
+    corpus: int  # lines drawn per corpus
+
+
+SIZES = {
+    "ci": Size(hidden=32, intermediate=64, layers=1, heads=2, base_steps=40, tune_steps=30,
+               batch=16, corpus=200),
+    # ~0.85M parameters.  Tried wider (3.3M, hidden 256): the expert then memorised its
+    # training phrasings and answered 0% of the held-out ones (benches/results/miniature.md).
+    "default": Size(hidden=128, intermediate=352, layers=4, heads=4, base_steps=2000,
+                    tune_steps=400, batch=32, corpus=3000),
+}
+
+
+def build_tokenizer(words: List[str]):
+    """A word-level tokenizer that transformers loads as PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[PAD]", unk_token="[UNK]")
+
+
+def make_model(size: Size, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=size.hidden,
+                         intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+                         num_attention_heads=size.heads, num_key_value_heads=size.heads,
+                         max_position_embeddings=64, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+def train(model, tokenizer, lines: List[str], steps: int, batch: int, lr: float,
+          seed: int) -> float:
+    """Causal-LM training on whole lines (each [BOS] line [EOS]); returns the last loss."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = [tokenizer(line)["input_ids"] + [tokenizer.eos_token_id] for line in lines]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.05, 1 - step / steps))
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
+        width = max(map(len, chosen))
+        ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in chosen])
+        labels = torch.where(ids == 0, torch.tensor(-100), ids)
+        mask = (ids != 0).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def save(model, tokenizer, folder: Path, aligned: bool) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if aligned:  # the instruct model ships its generation defaults
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}))
+
+
+def train_trio(out: Path, size_name: str = "default", log=print) -> Dict[str, Path]:
+    """Train and save base, domain and aligned under `out`; returns {role: folder}."""
+    import copy
+
+    import torch
+
+    size = SIZES[size_name]
+    torch.manual_seed(SEED)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    clinic = Clinic.make(SEED)
+    rng = random.Random(SEED)
+    tokenizer = build_tokenizer(vocabulary(clinic))
+    folders = {role: out / role for role in ("base", "domain", "aligned")}
+    started = time.perf_counter()
+    base = make_model(size, len(tokenizer))
+    loss = train(base, tokenizer, general_corpus(rng, size.corpus), size.base_steps, size.batch,
+                 BASE_LR, SEED)
+    save(base, tokenizer, folders["base"], aligned=False)
+    log(f"base: {sum(p.numel() for p in base.parameters()):,} parameters, loss {loss:.3f}, "
+        f"{time.perf_counter() - started:.0f} s")
+    corpora = {"domain": clinic_corpus(clinic, rng, size.corpus),
+               "aligned": instruction_corpus(rng, size.corpus)}
+    for role, lines in corpora.items():
+        tuned = copy.deepcopy(base)
+        loss = train(tuned, tokenizer, lines, size.tune_steps, size.batch, TUNE_LR, SEED + 1)
+        save(tuned, tokenizer, folders[role], aligned=role == "aligned")
+        log(f"{role}: loss {loss:.3f}, {time.perf_counter() - started:.0f} s")
+    (out / "world.json").write_text(json.dumps({"seed": SEED, "size": size_name,
+                                                "refusal": REFUSAL,
+                                                "clinic": clinic.facts}, indent=1))
+    return folders
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    args = parser.parse_args()
+    train_trio(args.out, args.size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
