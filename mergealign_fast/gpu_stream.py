@@ -128,13 +128,13 @@ class GpuWriter:
         return sum(s.device_in.numel() + s.device_out.numel() for s in self.slots)
 
     def _views(self, raw, dtypes: List[DType], count: int):
-        """Typed views of consecutive, ALIGNMENT-aligned regions of one byte buffer."""
+        """(typed views of consecutive ALIGNMENT-aligned regions of a byte buffer, bytes used)."""
         views, offset = [], 0
         for dtype in dtypes:
             nbytes = count * dtype.itemsize
             views.append(raw[offset:offset + nbytes].view(to_torch(dtype)))
             offset = _align(offset + nbytes)
-        return views
+        return views, offset
 
     def _flush(self, slot: _Slot) -> None:
         if slot.pending is None:
@@ -157,16 +157,17 @@ class GpuWriter:
         self._flush(slot)  # also proves the slot's previous download has finished
         slot.uploaded.synchronize()  # host_in is free once its last upload is done
         in_dtypes = [t.source_dtype(i) for i in range(3)]
-        host_views = self._views(slot.host_in, in_dtypes, chunk.count)
+        host_views, in_bytes = self._views(slot.host_in, in_dtypes, chunk.count)
         for view, (mapped, offset, length) in zip(host_views, chunk.inputs):
             view.view(torch.uint8).copy_(_host_bytes(torch, mapped.address + offset, length))
         chunk.release_inputs()
         with lanes.on(lanes.h2d):
             lanes.wait(lanes.h2d, slot.computed)  # the kernel has finished reading device_in
-            slot.device_in.copy_(slot.host_in, non_blocking=True)
+            # Only the bytes this chunk uses: small tensors must not move a whole slot.
+            slot.device_in[:in_bytes].copy_(slot.host_in[:in_bytes], non_blocking=True)
             slot.uploaded.record()
-        device_inputs = self._views(slot.device_in, in_dtypes, chunk.count)
-        [device_out] = self._views(slot.device_out, [t.out_dtype], chunk.count)
+        device_inputs, _ = self._views(slot.device_in, in_dtypes, chunk.count)
+        [device_out], _ = self._views(slot.device_out, [t.out_dtype], chunk.count)
         with lanes.on(lanes.compute):
             lanes.wait(lanes.compute, slot.uploaded)
             lanes.wait(lanes.compute, slot.downloaded)  # device_out has been copied out
