@@ -28,6 +28,8 @@
 #include "merge_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define MA_HAVE_F16C_PATH 1
 #define MA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MA_CPU_CLONES
@@ -48,6 +50,45 @@ constexpr int64_t kWritePieceBytes = 1 << 20;
 // than a 64 Ki-element pass (~40 us at 10 GB/s).
 constexpr int64_t kMinElementsPerThread = 1 << 16;
 
+// ---- IEEE half through F16C ----------------------------------------------------------------
+// The portable conversions of merge_math.h cost ~10 integer operations per element; on one
+// thread an fp16 merge was compute-bound at 16 GB/s against 34 GB/s for bf16.  F16C converts 8
+// values per instruction with the same round-to-nearest-even (and quiets NaNs as merge_math.h
+// does), so results are bit-identical; it is used when the CPU has it, decided once.
+
+#ifdef MA_HAVE_F16C_PATH
+// MERGEALIGN_NO_F16C=1 forces the portable path (the tests compare the two bit for bit).
+bool cpu_has_f16c() {
+  static const bool yes = [] {
+    const char* off = std::getenv("MERGEALIGN_NO_F16C");
+    if (off != nullptr && off[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+}
+
+__attribute__((target("avx2,f16c"))) void load_half_tile_f16c(const unsigned char* src,
+                                                                int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
+    _mm256_store_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < count; ++i) dst[i] = load_as_f32(src, i, kF16);
+}
+
+__attribute__((target("avx2,f16c"))) void store_half_tile_f16c(unsigned char* dst, int64_t count,
+                                                                 const float* src) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_load_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), h);
+  }
+  for (; i < count; ++i) store_from_f32(dst, i, kF16, src[i]);
+}
+#endif
+
 inline void load_tile(const unsigned char* src, int dtype, int64_t start, int64_t count,
                       float* dst) {
   switch (dtype) {
@@ -55,6 +96,12 @@ inline void load_tile(const unsigned char* src, int dtype, int64_t start, int64_
       for (int64_t i = 0; i < count; ++i) dst[i] = load_as_f32(src, start + i, kBF16);
       break;
     case kF16:
+#ifdef MA_HAVE_F16C_PATH
+      if (cpu_has_f16c()) {
+        load_half_tile_f16c(src + 2 * start, count, dst);
+        break;
+      }
+#endif
       for (int64_t i = 0; i < count; ++i) dst[i] = load_as_f32(src, start + i, kF16);
       break;
     default:
@@ -70,6 +117,12 @@ inline void store_tile(unsigned char* dst, int dtype, int64_t start, int64_t cou
       for (int64_t i = 0; i < count; ++i) store_from_f32(dst, start + i, kBF16, src[i]);
       break;
     case kF16:
+#ifdef MA_HAVE_F16C_PATH
+      if (cpu_has_f16c()) {
+        store_half_tile_f16c(dst + 2 * start, count, src);
+        break;
+      }
+#endif
       for (int64_t i = 0; i < count; ++i) store_from_f32(dst, start + i, kF16, src[i]);
       break;
     default:

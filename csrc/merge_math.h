@@ -72,8 +72,9 @@ MA_HD float f16_to_f32(uint16_t h) {
   const uint32_t mant = h & 0x3ffu;
   // Normal numbers: rebias the exponent from 15 to 127 (add 112) and widen the mantissa.
   const uint32_t normal = ((exp + 112u) << 23) | (mant << 13);
-  // Inf/NaN: all-ones exponent, payload kept.
-  const uint32_t special = 0x7f800000u | (mant << 13);
+  // Inf/NaN: all-ones exponent, payload kept, a NaN made quiet (as F16C and GPUs do, so every
+  // code path gives the same bits).
+  const uint32_t special = 0x7f800000u | (mant << 13) | select_u32(mant != 0, 0x400000u, 0u);
   // Subnormals (and zero): mant * 2^-24 is exact in fp32.
   // (int32 conversion: unsigned-to-float has no vector instruction before AVX-512.)
   const float sub = float(int32_t(mant)) * 5.9604644775390625e-8f;  // 2^-24

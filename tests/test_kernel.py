@@ -230,3 +230,37 @@ def test_unknown_backend_is_a_clear_error(backend):
     x = np.zeros(3, dtype=np.float32)
     with pytest.raises(MergeError, match="unknown backend 'nonesuch'"):
         merge_tensors(x, x, x, backend=backend)
+
+
+HALF_DIGEST = """
+import hashlib, numpy as np
+from mergealign_fast import merge_tensors
+every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+zeros = np.zeros_like(every)
+rng = np.random.default_rng(3)
+wide = rng.integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(np.float32)
+digest = hashlib.sha256()
+for out in ("fp16", "fp32"):
+    digest.update(merge_tensors(zeros, every, zeros, domain_weight=1.0, align_weight=0.0,
+                                out_dtype=out).tobytes())
+    digest.update(merge_tensors(every, every[::-1].copy(), zeros, domain_weight=0.3,
+                                align_weight=0.9, out_dtype=out).tobytes())
+digest.update(merge_tensors(np.zeros_like(wide), wide, np.zeros_like(wide), domain_weight=1.0,
+                            align_weight=0.0, out_dtype="fp16").tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_f16c_and_portable_half_paths_give_identical_bits():
+    """The F16C fast path and merge_math.h's portable conversions (the ones a GPU runs) must
+    agree on every half value, NaNs included, and on rounding from any float."""
+    import os
+    import subprocess
+    import sys
+
+    def digest(env_extra):
+        return subprocess.run([sys.executable, "-c", HALF_DIGEST], capture_output=True, text=True,
+                              check=True, env={**os.environ, **env_extra}).stdout.strip()
+
+    with np.errstate(all="ignore"):
+        assert digest({}) == digest({"MERGEALIGN_NO_F16C": "1"})
