@@ -264,11 +264,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
-    """Rename the finished folder to OUT; a non-empty OUT (allowed by --force) is replaced only
-    once the new model is complete, so a failure before this point leaves it untouched."""
+    """Rename the finished folder to OUT.  A non-empty OUT (allowed by --force) is swapped with
+    the new folder in one atomic step, so at every instant OUT is either the old model or the new
+    one; the old one is deleted only afterwards."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and _exchange(tmp, out_dir):
+        if fsync:
+            _fsync_dir(out_dir.parent)
+        shutil.rmtree(tmp)  # now holds the old model
+        return
     old = None
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # no renameat2: two renames
         old = out_dir.parent / f".{out_dir.name}.mergealign-replaced-{os.getpid()}"
         os.rename(out_dir, old)
     elif out_dir.is_dir():
