@@ -111,6 +111,24 @@ PYBIND11_MODULE(_native, m) {
       py::arg("fd"), py::arg("offset"), py::arg("length"),
       "sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back; returns 0 or errno.");
 
+  m.def(
+      "vector_stats",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int64_t count, int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, kF32, count, 0.0, 0.0);
+        VectorStats s;
+        {
+          py::gil_scoped_release no_gil;
+          s = vector_stats_cpu(ops, threads);
+        }
+        return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("threads"),
+      "fp64 sums of the task vectors over `count` elements: (sum tau_d^2, sum tau_a^2, "
+      "sum tau_d*tau_a, sign conflicts, elements where both are non-zero).");
+
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 

@@ -305,6 +305,53 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
   return 0;
 }
 
+namespace {
+
+MA_CPU_CLONES
+void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorStats* stats) {
+  alignas(64) float b[kTile];
+  alignas(64) float d[kTile];
+  alignas(64) float a[kTile];
+  VectorStats local;
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int64_t n = std::min(kTile, end - start);
+    load_tile(ops.base, ops.base_dtype, start, n, b);
+    load_tile(ops.domain, ops.domain_dtype, start, n, d);
+    load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
+    for (int64_t i = 0; i < n; ++i) {
+      // Differences in fp64 are exact for fp32/fp16/bf16 inputs.
+      const double td = double(d[i]) - double(b[i]);
+      const double ta = double(a[i]) - double(b[i]);
+      local.domain_sq += td * td;
+      local.align_sq += ta * ta;
+      local.dot += td * ta;
+      local.conflicts += (td * ta < 0);
+      local.both_nonzero += (td != 0 && ta != 0);
+    }
+  }
+  *stats = local;
+}
+
+}  // namespace
+
+VectorStats vector_stats_cpu(const MergeOperands& ops, int threads) {
+  VectorStats total;
+  if (ops.count <= 0) return total;
+  const int n_threads = effective_threads(ops.count, threads);
+  std::vector<VectorStats> partial(n_threads);
+  parallel_slices(ops.count, n_threads, kTile, [&](int t, int64_t begin, int64_t end) {
+    stats_range(ops, begin, end, &partial[t]);
+  });
+  for (const VectorStats& p : partial) {
+    total.domain_sq += p.domain_sq;
+    total.align_sq += p.align_sq;
+    total.dot += p.dot;
+    total.conflicts += p.conflicts;
+    total.both_nonzero += p.both_nonzero;
+  }
+  return total;
+}
+
 std::string cpu_isa() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();

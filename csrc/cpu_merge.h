@@ -19,6 +19,18 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
                       uint32_t* crc);
 
+// Sums over elements of the two task vectors tau_d = domain - base and tau_a = aligned - base,
+// accumulated in fp64 from the exact fp32 widenings of the inputs.  Per-thread partial sums are
+// added in thread order, so a result depends only on the thread count.
+struct VectorStats {
+  double domain_sq = 0;   // sum tau_d^2
+  double align_sq = 0;    // sum tau_a^2
+  double dot = 0;         // sum tau_d * tau_a
+  int64_t conflicts = 0;  // elements where tau_d and tau_a have opposite signs (both non-zero)
+  int64_t both_nonzero = 0;
+};
+VectorStats vector_stats_cpu(const MergeOperands& ops, int threads);
+
 // Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
 // "baseline").
 std::string cpu_isa();

@@ -1,4 +1,4 @@
-"""Command line: `mergealign-fast merge|demo|verify|env` (also `python -m mergealign_fast`)."""
+"""Command line: `mergealign-fast merge|inspect|verify|demo|env` (or `python -m ...`)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trained", action="store_true", help="the miniature MergeAlign "
                       "experiment instead: train a tiny Llama base/expert/aligned trio (once, "
                       "~2 min), merge it and compare answers (needs the showcase extra)")
+    inspect = sub.add_parser("inspect", help="norms, cosine and sign conflicts of the domain and "
+                             "alignment vectors, per tensor and per layer")
+    for role in ("base", "domain", "aligned"):
+        inspect.add_argument(role, help=f"{role} model folder")
+    inspect.add_argument("-o", "--out", default="mergealign-inspect",
+                         help="folder for vectors.json, tensors.csv, layers.csv, layers.png")
+    inspect.add_argument("--domain-weight", type=float, default=0.5)
+    inspect.add_argument("--align-weight", type=float, default=0.5)
+    inspect.add_argument("--threads", type=int, default=None)
     verify = sub.add_parser("verify", help="check a merged folder against its manifest")
     verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
@@ -90,6 +99,24 @@ def _run_merge(args: argparse.Namespace) -> int:
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
           f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
           f"({result.gb_per_s:.1f} GB/s read+write)")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .inspect_vectors import inspect_checkpoints, summary, write_reports
+
+    try:
+        inspection = inspect_checkpoints(args.base, args.domain, args.aligned,
+                                         domain_weight=args.domain_weight,
+                                         align_weight=args.align_weight, threads=args.threads)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    for line in summary(inspection):
+        print(line)
+    for path in write_reports(inspection, Path(args.out)):
+        print(f"wrote {path}")
     return 0
 
 
@@ -148,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
         if args.command == "verify":
             return _run_verify(args.out)
         if args.command == "demo":

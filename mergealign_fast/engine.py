@@ -20,11 +20,11 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .dtypes import DType
 from .errors import MergeError
-from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
+from .io.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, index_json
 from .journal import PartialOutput
 from .kernels import cpu
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
@@ -51,14 +51,16 @@ class MergeResult:
         return (self.input_bytes + self.output_bytes) / max(self.seconds, 1e-9) / 1e9
 
 
-class _InputMaps:
-    """Every input file of the plan, memory-mapped once (a folder given twice shares maps)."""
+class InputMaps:
+    """Every file of the given checkpoints, memory-mapped once (a folder given twice shares
+    maps)."""
 
-    def __init__(self, plan: MergePlan):
+    def __init__(self, checkpoints: Iterable[Checkpoint]):
+        self.checkpoints = list(checkpoints)
         self.maps: Dict[Path, object] = {}
         self._stack = ExitStack()
         native = cpu.native()
-        for checkpoint in plan.inputs.values():
+        for checkpoint in self.checkpoints:
             for loc in checkpoint.tensors.values():
                 if loc.file not in self.maps:
                     self.maps[loc.file] = self._open(native, loc.file)
@@ -71,9 +73,9 @@ class _InputMaps:
         self._stack.callback(mapped.close)
         return mapped
 
-    def check_unchanged(self, plan: MergePlan) -> None:
+    def check_unchanged(self) -> None:
         """Each input is still the file whose header was read (before any compute)."""
-        for checkpoint in plan.inputs.values():
+        for checkpoint in self.checkpoints:
             for loc in checkpoint.tensors.values():
                 if self.maps[loc.file].size < loc.entry.end:
                     raise MergeError(f"{loc.file}: file shrank since its header was read "
@@ -149,7 +151,7 @@ class Chunk:
             mapped.release(offset, length)
 
 
-def tensor_chunks(tensor: PlannedTensor, maps: _InputMaps, file_offset: int,
+def tensor_chunks(tensor: PlannedTensor, maps: InputMaps, file_offset: int,
                   max_elements: int) -> Iterator[Chunk]:
     """The tensor in chunks of at most max_elements; asks for read-ahead of each next chunk."""
     mapped = [maps.maps[loc.file] for loc in tensor.sources]
@@ -211,7 +213,7 @@ class CpuWriter:
         """Everything handed to write() is in the file (nothing is pending on the CPU path)."""
 
 
-def _write_shard(path: Path, shard: PlannedShard, maps: _InputMaps, writer,
+def _write_shard(path: Path, shard: PlannedShard, maps: InputMaps, writer,
                  options: MergeOptions, progress: Progress) -> int:
     """Write one shard file completely; returns its CRC-32C."""
     path.unlink(missing_ok=True)  # a resumed merge rewrites a shard it had not finished
@@ -319,8 +321,8 @@ def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeR
     partial = PartialOutput(plan, __version__).open(resume=options.resume, force=options.force)
     identities = input_identities(plan)
     try:
-        with _InputMaps(plan) as maps:
-            maps.check_unchanged(plan)
+        with InputMaps(plan.inputs.values()) as maps:
+            maps.check_unchanged()
             writer = writer or _make_writer(plan)
             progress = Progress(plan.tensor_bytes, "merging", enabled=show_progress)
             for shard in plan.shards:

@@ -170,6 +170,23 @@ def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
     return problems
 
 
+def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
+    """The three checkpoints, and every problem with them as a trio (names, shapes, dtypes)."""
+    models, problems = _open_inputs(folders)
+    if len(models) == len(ROLES):
+        problems += _name_problems(models) + _tensor_problems(models)
+    return models, problems
+
+
+def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
+    """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
+    models, problems = _checked_inputs({"base": Path(base), "domain": Path(domain),
+                                        "aligned": Path(aligned)})
+    if problems:
+        raise PlanError(problems)
+    return models
+
+
 def _open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
     models, problems = {}, []
     for role, folder in folders.items():
@@ -312,12 +329,9 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     folders = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
     out_dir = Path(out_dir)
     problems = _option_problems(options) + _output_problems(out_dir, folders, options.force)
-    models, input_problems = _open_inputs(folders)
-    problems += input_problems
-    if len(models) == len(ROLES):
-        problems += _name_problems(models) + _tensor_problems(models)
-    if problems:
-        raise PlanError(problems)
+    models, input_problems = _checked_inputs(folders)
+    if problems or input_problems:
+        raise PlanError(problems + input_problems)
     shards = layout_shards(list(_planned_tensors(models, options.out_dtype)),
                            options.max_shard_size)
     config_path, tokenizer = _side_files(folders, options.tokenizer_from)
