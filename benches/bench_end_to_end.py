@@ -180,3 +180,29 @@ def test_mergekit_task_arithmetic(benchmark, trio_1b, inputs, tmp_path):
     for label, text in accuracy_against_oracle(trio_1b, {"ours": ours, "mergekit": out},
                                                name).items():
         record(f"accuracy on {name} against the float64 oracle", label, result=text)
+
+
+SWEEP = "0.25,0.5,0.75"
+SWEEP_SECTION = f"λ sweep {SWEEP} on the 1.1B trio (3 outputs of 2.2 GB), --no-fsync, medians"
+
+
+def test_sweep_one_pass(benchmark, trio_1b, inputs, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "mergealign_fast", "sweep", str(trio_1b["base"]),
+           str(trio_1b["domain"]), str(trio_1b["aligned"]), "-o", str(out), "--lambdas", SWEEP,
+           "--quiet", "--no-fsync"]
+    wall, cpu, rss, _ = bench_command(benchmark, "sweep", cmd, out, ROUNDS_SLOW, inputs)
+    record(SWEEP_SECTION, "one pass (mergealign-fast sweep)", wall=f"{wall:.2f}s",
+           cpu=f"{cpu:.2f}s", peak_rss=f"{rss / 1e6:.0f}MB")
+
+
+def test_sweep_as_separate_merges(benchmark, trio_1b, inputs, tmp_path):
+    out = tmp_path / "separate"
+    merges = [" ".join(our_command(trio_1b, out / f"lambda-{lam}", "--no-fsync",
+                                   "--domain-weight", lam, "--align-weight",
+                                   str(round(1 - float(lam), 12))))
+              for lam in SWEEP.split(",")]
+    wall, cpu, rss, _ = bench_command(benchmark, "separate", ["sh", "-c", " && ".join(merges)],
+                                      out, ROUNDS_SLOW, inputs)
+    ratio = {"one_pass_speedup": f"{wall / RESULTS['sweep']:.2f}x"} if RESULTS.get("sweep") else {}
+    record(SWEEP_SECTION, "3 separate merges", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s", **ratio)

@@ -2,11 +2,13 @@
 // dtype codes, file descriptors) so the core links against neither torch nor numpy; the Python
 // layer (mergealign_fast/kernels/cpu.py) validates dtypes, sizes and lifetimes before calling.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <errno.h>
 #include <fcntl.h>
 
 #include <thread>
+#include <vector>
 
 #include "cpu_merge.h"
 #include "crc32c.h"
@@ -87,6 +89,35 @@ PYBIND11_MODULE(_native, m) {
       py::arg("threads"),
       "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns (errno or 0, "
       "CRC-32C of the bytes written).");
+
+  m.def(
+      "merge_to_files",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int out_dtype, int64_t count, py::list targets, int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, out_dtype, count, 0.0, 0.0);
+        std::vector<WriteTarget> parsed;
+        for (py::handle item : targets) {
+          auto t = item.cast<py::tuple>();
+          parsed.push_back(WriteTarget{t[0].cast<int>(), t[1].cast<int64_t>(),
+                                       static_cast<float>(t[2].cast<double>()),
+                                       static_cast<float>(t[3].cast<double>())});
+        }
+        std::vector<uint32_t> crcs(parsed.size());
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = merge_cpu_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs.data());
+        }
+        py::list crc_list;
+        for (uint32_t c : crcs) crc_list.append(c);
+        return py::make_tuple(err, crc_list);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
+      py::arg("targets"), py::arg("threads"),
+      "One pass over the inputs, one output per (fd, file_offset, w_domain, w_align) target; "
+      "returns (errno or 0, [CRC-32C per target]).");
 
   m.def(
       "crc32c",

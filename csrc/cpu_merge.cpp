@@ -131,22 +131,32 @@ inline void store_tile(unsigned char* dst, int dtype, int64_t start, int64_t cou
   }
 }
 
-// Elements [begin, end) of the operands; output element i goes to out[(i - begin)].
+// Elements [begin, end) of the operands, merged with each of `k` weight pairs: output element i
+// of pair j goes to outs[j][i - begin].  The input tiles are loaded once for all pairs, so a
+// sweep of K weightings reads the inputs once ((3 + K) N bytes instead of 4 K N).
 MA_CPU_CLONES
-void merge_range(const MergeOperands& ops, int64_t begin, int64_t end, unsigned char* out) {
+void merge_range_multi(const MergeOperands& ops, const float* w_domain, const float* w_align,
+                       int k, int64_t begin, int64_t end, unsigned char* const* outs) {
   alignas(64) float b[kTile];
   alignas(64) float d[kTile];
   alignas(64) float a[kTile];
-  const float wd = ops.w_domain;
-  const float wa = ops.w_align;
+  alignas(64) float merged[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     const int64_t n = std::min(kTile, end - start);
     load_tile(ops.base, ops.base_dtype, start, n, b);
     load_tile(ops.domain, ops.domain_dtype, start, n, d);
     load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
-    for (int64_t i = 0; i < n; ++i) b[i] = merge_one(b[i], d[i], a[i], wd, wa);
-    store_tile(out, ops.out_dtype, start - begin, n, b);
+    for (int j = 0; j < k; ++j) {
+      const float wd = w_domain[j];
+      const float wa = w_align[j];
+      for (int64_t i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
+      store_tile(outs[j], ops.out_dtype, start - begin, n, merged);
+    }
   }
+}
+
+void merge_range(const MergeOperands& ops, int64_t begin, int64_t end, unsigned char* out) {
+  merge_range_multi(ops, &ops.w_domain, &ops.w_align, 1, begin, end, &out);
 }
 
 int effective_threads(int64_t count, int requested) {
@@ -253,33 +263,40 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads) {
   });
 }
 
-int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
-                      uint32_t* crc) {
-  *crc = 0;
-  if (ops.count <= 0) return 0;
+int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
+                       uint32_t* crcs) {
+  std::fill(crcs, crcs + k, 0u);
+  if (ops.count <= 0 || k <= 0) return 0;
   const int n_threads = effective_threads(ops.count, threads);
   const int64_t out_size = dtype_size(ops.out_dtype);
   const int64_t piece = kWritePieceBytes / out_size;
   WriteBuffers& buffers = write_buffers();
   std::lock_guard<std::mutex> hold(buffers.lock);
-  std::vector<unsigned char*> thread_buffer(n_threads);
-  for (int t = 0; t < n_threads; ++t) thread_buffer[t] = buffers.get(t);
+  std::vector<unsigned char*> thread_buffers(size_t(n_threads) * k);  // [thread][target]
+  for (size_t i = 0; i < thread_buffers.size(); ++i) thread_buffers[i] = buffers.get(int(i));
+  std::vector<float> w_domain(k), w_align(k);
+  for (int j = 0; j < k; ++j) {
+    w_domain[j] = targets[j].w_domain;
+    w_align[j] = targets[j].w_align;
+  }
 
   // Each piece is checksummed while it is still in cache, and the pieces' CRCs are joined in file
   // order afterwards: the shard checksum costs no second pass over the output.
-  std::vector<uint32_t> piece_crc((ops.count + piece - 1) / piece);
+  const int64_t pieces = (ops.count + piece - 1) / piece;
+  std::vector<uint32_t> piece_crc(size_t(pieces) * k);  // [piece][target]
   std::atomic<int> first_error{0};
   // Buffered writes to one file serialise on the inode lock anyway, and a thread waiting for it
   // in the kernel spins (rwsem_spin_on_owner: 26% of all cycles in a perf profile of a 1.1B
   // merge).  Taking turns here instead lets the waiting thread sleep while the writer copies,
   // and the other thread compute its next piece meanwhile.
-  std::mutex write_turn;
+  std::vector<std::mutex> write_turn(k);
   auto fail = [&first_error](int err) {
     int expected = 0;
     first_error.compare_exchange_strong(expected, err);
   };
   install_sigbus_handler();
   parallel_slices(ops.count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
+    unsigned char* const* outs = &thread_buffers[size_t(t) * k];
     sigjmp_buf input_fault;
     if (sigsetjmp(input_fault, 1) != 0) {  // an input page vanished (SIGBUS): see above
       t_input_fault = nullptr;
@@ -289,20 +306,32 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
       t_input_fault = &input_fault;  // armed only while reading the mapped inputs
-      merge_range(ops, start, start + n, thread_buffer[t]);
+      merge_range_multi(ops, w_domain.data(), w_align.data(), k, start, start + n, outs);
       t_input_fault = nullptr;
-      piece_crc[start / piece] = crc32c_update(0, thread_buffer[t], size_t(n * out_size));
-      std::lock_guard<std::mutex> turn(write_turn);
-      const int err = write_all(fd, thread_buffer[t], n * out_size, file_offset + start * out_size);
-      if (err != 0) fail(err);
+      for (int j = 0; j < k; ++j) {
+        piece_crc[size_t(start / piece) * k + j] = crc32c_update(0, outs[j], size_t(n * out_size));
+        std::lock_guard<std::mutex> turn(write_turn[j]);
+        const int err = write_all(targets[j].fd, outs[j], n * out_size,
+                                  targets[j].file_offset + start * out_size);
+        if (err != 0) fail(err);
+      }
     }
   });
   if (first_error.load() != 0) return first_error.load();
-  for (size_t i = 0; i < piece_crc.size(); ++i) {
-    const int64_t n = std::min<int64_t>(piece, ops.count - int64_t(i) * piece);
-    *crc = i == 0 ? piece_crc[0] : crc32c_combine(*crc, piece_crc[i], uint64_t(n * out_size));
+  for (int64_t i = 0; i < pieces; ++i) {
+    const int64_t bytes = std::min<int64_t>(piece, ops.count - i * piece) * out_size;
+    for (int j = 0; j < k; ++j) {
+      const uint32_t c = piece_crc[size_t(i) * k + j];
+      crcs[j] = i == 0 ? c : crc32c_combine(crcs[j], c, uint64_t(bytes));
+    }
   }
   return 0;
+}
+
+int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
+                      uint32_t* crc) {
+  const WriteTarget target{fd, file_offset, ops.w_domain, ops.w_align};
+  return merge_cpu_to_files(ops, &target, 1, threads, crc);
 }
 
 namespace {

@@ -19,6 +19,19 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
                       uint32_t* crc);
 
+// One output of a multi-output pass: where it goes and which weights make it.
+struct WriteTarget {
+  int fd;
+  int64_t file_offset;
+  float w_domain;
+  float w_align;
+};
+
+// merge_cpu_to_file for k weight pairs at once: the inputs are read once, each target gets its
+// own merged output (bit-identical to a single merge with its weights) and crcs[j] its CRC-32C.
+int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
+                       uint32_t* crcs);
+
 // Sums over elements of the two task vectors tau_d = domain - base and tau_a = aligned - base,
 // accumulated in fp64 from the exact fp32 widenings of the inputs.  Per-thread partial sums are
 // added in thread order, so a result depends only on the thread count.

@@ -1,4 +1,4 @@
-"""Command line: `mergealign-fast merge|inspect|verify|demo|env` (or `python -m ...`)."""
+"""Command line: `mergealign-fast merge|sweep|inspect|verify|demo|env` (or `python -m`)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def _add_merge_args(p: argparse.ArgumentParser) -> None:
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by merge and sweep."""
     from .plan import ROLES
 
     p.add_argument("base", help="base model folder (Hugging Face layout)")
     p.add_argument("domain", help="domain-expert model folder, fine-tuned from base")
     p.add_argument("aligned", help="aligned/instruct model folder, fine-tuned from base")
-    p.add_argument("-o", "--out", required=True, help="output folder (created; see --force)")
-    p.add_argument("--domain-weight", type=float, default=0.5, metavar="W",
-                   help="weight of (domain - base) (default 0.5, the paper's equal mix)")
-    p.add_argument("--align-weight", type=float, default=0.5, metavar="W",
-                   help="weight of (aligned - base) (default 0.5)")
     p.add_argument("--dtype", default=None, metavar="{bf16,fp16,fp32}",
                    help="output dtype (default: each tensor keeps the base model's dtype)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -38,13 +34,22 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync of the output (faster; not durable across power loss)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    _add_output_args(p)
+    p.add_argument("-o", "--out", required=True, help="output folder (created; see --force)")
+    p.add_argument("--domain-weight", type=float, default=0.5, metavar="W",
+                   help="weight of (domain - base) (default 0.5, the paper's equal mix)")
+    p.add_argument("--align-weight", type=float, default=0.5, metavar="W",
+                   help="weight of (aligned - base) (default 0.5)")
     p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N to merge "
                    "on a GPU, streaming through a fixed device-memory budget")
     p.add_argument("--gpu-memory", default="2GiB", metavar="SIZE",
                    help="device memory the GPU merge may use (default 2GiB)")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
                    help="GPU kernel (default auto: cuda, then triton)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -54,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
                     "out = base + w_d*(domain - base) + w_a*(aligned - base)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge_args(sub.add_parser("merge", help="merge three model folders"))
+    sweep = sub.add_parser("sweep", help="one model per λ (w_d = λ, w_a = 1 - λ), reading the "
+                           "inputs once")
+    _add_output_args(sweep)
+    sweep.add_argument("-o", "--out", required=True,
+                       help="folder that receives lambda-<λ>/ for each λ")
+    sweep.add_argument("--lambdas", required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
     demo = sub.add_parser("demo", help="build a ~156M-parameter Llama trio, merge it, check it")
     demo.add_argument("--cache-dir", default=None, help="where the demo models live "
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
@@ -77,28 +88,60 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_merge(args: argparse.Namespace) -> int:
-    from . import dtypes
-    from .engine import execute
-    from .plan import MergeOptions, parse_size, plan_merge
-    from .progress import human_bytes
-
+def _user_value(parse, text):
+    """parse(text), with a ValueError turned into the one-line MergeError the CLI prints."""
     try:
-        out_dtype = dtypes.parse_dtype(args.dtype) if args.dtype else None
-        shard_size = parse_size(args.max_shard_size)
-        gpu_memory = parse_size(args.gpu_memory)
+        return parse(text)
     except ValueError as exc:
         raise MergeError(str(exc)) from None
+
+
+def _parsed_output_args(args: argparse.Namespace):
+    """(out dtype, shard size) from the shared options; MergeError on bad values."""
+    from . import dtypes
+    from .plan import parse_size
+
+    out_dtype = _user_value(dtypes.parse_dtype, args.dtype) if args.dtype else None
+    shard_size = _user_value(parse_size, args.max_shard_size)
     if args.threads is not None and args.threads < 1:
         raise MergeError(f"--threads must be at least 1 (got {args.threads})")
+    return out_dtype, shard_size
+
+
+def _print_result(result) -> None:
+    from .progress import human_bytes
+
+    print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
+          f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
+          f"({result.gb_per_s:.1f} GB/s read+write)")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_lambdas, sweep_checkpoints
+
+    out_dtype, shard_size = _parsed_output_args(args)
+    lambdas = _user_value(parse_lambdas, args.lambdas)
+    results = sweep_checkpoints(args.base, args.domain, args.aligned, args.out, lambdas,
+                                out_dtype=out_dtype, max_shard_size=shard_size,
+                                tokenizer_from=args.tokenizer_from, force=args.force,
+                                resume=args.resume, threads=args.threads, fsync=args.fsync,
+                                progress=not args.quiet)
+    for result in results:
+        _print_result(result)
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .engine import execute
+    from .plan import MergeOptions, parse_size, plan_merge
+
+    out_dtype, shard_size = _parsed_output_args(args)
+    gpu_memory = _user_value(parse_size, args.gpu_memory)
     options = MergeOptions(args.domain_weight, args.align_weight, out_dtype, shard_size,
                            args.tokenizer_from, args.force, args.threads, args.fsync,
                            args.device, gpu_memory, args.backend, args.resume)
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
-    result = execute(plan, show_progress=not args.quiet)
-    print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
-          f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
-          f"({result.gb_per_s:.1f} GB/s read+write)")
+    _print_result(execute(plan, show_progress=not args.quiet))
     return 0
 
 
@@ -175,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "sweep":
+            return _run_sweep(args)
         if args.command == "inspect":
             return _run_inspect(args)
         if args.command == "verify":

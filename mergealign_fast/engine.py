@@ -182,8 +182,19 @@ class ShardChecksum:
         self.crc = self.native.crc32c_combine(self.crc, crc, length)
 
 
+@dataclass
+class ShardTarget:
+    """One output file of a pass over a shard (a sweep writes several at once)."""
+
+    fd: int
+    path: Path
+    checksum: ShardChecksum
+    w_domain: float
+    w_align: float
+
+
 class CpuWriter:
-    """Merges each chunk with the native kernel straight into the shard file."""
+    """Merges each chunk with the native kernel straight into the shard file(s)."""
 
     def __init__(self, options: MergeOptions, threads: int):
         self.options = options
@@ -193,50 +204,70 @@ class CpuWriter:
     def chunk_elements(self, tensor: PlannedTensor) -> int:
         return WINDOW_BYTES // tensor.out_dtype.itemsize
 
-    def write(self, fd: int, path: Path, chunk: Chunk, checksum: ShardChecksum) -> None:
+    def _merge(self, chunk: Chunk, targets: List[ShardTarget]):
+        """(errno or 0, CRC-32C per target) of one native pass writing every target."""
         t = chunk.tensor
         b, d, a = chunk.addresses()
-        err, crc = self.native.merge_to_file(
-            b, int(t.source_dtype(0)), d, int(t.source_dtype(1)), a, int(t.source_dtype(2)),
-            int(t.out_dtype), chunk.count, self.options.domain_weight, self.options.align_weight,
-            fd, chunk.file_offset, self.threads)
+        dtypes = (int(t.source_dtype(0)), int(t.source_dtype(1)), int(t.source_dtype(2)))
+        if len(targets) == 1:
+            only = targets[0]
+            err, crc = self.native.merge_to_file(
+                b, dtypes[0], d, dtypes[1], a, dtypes[2], int(t.out_dtype), chunk.count,
+                only.w_domain, only.w_align, only.fd, chunk.file_offset, self.threads)
+            return err, [crc]
+        return self.native.merge_to_files(
+            b, dtypes[0], d, dtypes[1], a, dtypes[2], int(t.out_dtype), chunk.count,
+            [(x.fd, chunk.file_offset, x.w_domain, x.w_align) for x in targets], self.threads)
+
+    def write(self, targets: List[ShardTarget], chunk: Chunk) -> None:
+        t = chunk.tensor
+        err, crcs = self._merge(chunk, targets)
         if err == errno.EFAULT:
             raise InputChanged(f"an input of tensor {t.name} changed while it was being read")
         if err:
-            raise MergeError(f"{path}: writing tensor {t.name} failed: {os.strerror(err)}")
-        checksum.add(crc, chunk.count * t.out_dtype.itemsize)
-        if self.options.fsync:  # flush as we go: the disk writes while the next window computes
-            self.native.start_writeback(fd, chunk.file_offset, chunk.count * t.out_dtype.itemsize)
+            paths = ", ".join(str(x.path) for x in targets)
+            raise MergeError(f"{paths}: writing tensor {t.name} failed: {os.strerror(err)}")
+        nbytes = chunk.count * t.out_dtype.itemsize
+        for target, crc in zip(targets, crcs):
+            target.checksum.add(crc, nbytes)
+            if self.options.fsync:  # flush as we go: the disk writes while the next window computes
+                self.native.start_writeback(target.fd, chunk.file_offset, nbytes)
         chunk.release_inputs()
 
     def drain(self) -> None:
         """Everything handed to write() is in the file (nothing is pending on the CPU path)."""
 
 
-def _write_shard(path: Path, shard: PlannedShard, maps: InputMaps, writer,
-                 options: MergeOptions, progress: Progress) -> int:
-    """Write one shard file completely; returns its CRC-32C."""
-    path.unlink(missing_ok=True)  # a resumed merge rewrites a shard it had not finished
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _write_shard(paths: List[Path], shard: PlannedShard, weights: List[Tuple[float, float]],
+                 maps: InputMaps, writer, options: MergeOptions, progress: Progress) -> List[int]:
+    """Write one shard completely into each of `paths` (one per weight pair); returns the CRC-32C
+    of each file."""
+    targets: List[ShardTarget] = []
     try:
-        _reserve(fd, shard.size, path)
-        _pwrite_all(fd, shard.header, 0)
-        checksum = ShardChecksum(shard.header)
+        for path, (w_domain, w_align) in zip(paths, weights):
+            path.unlink(missing_ok=True)  # a resumed merge rewrites a shard it had not finished
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            targets.append(ShardTarget(fd, path, ShardChecksum(shard.header), w_domain, w_align))
+            _reserve(fd, shard.size, path)
+            _pwrite_all(fd, shard.header, 0)
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
             chunks = tensor_chunks(tensor, maps, len(shard.header) + offset,
                                    writer.chunk_elements(tensor))
             for chunk in chunks:
-                writer.write(fd, path, chunk, checksum)
-                progress.advance(chunk.count * tensor.out_dtype.itemsize)
+                writer.write(targets, chunk)
+                progress.advance(chunk.count * tensor.out_dtype.itemsize * len(targets))
         writer.drain()
         if options.fsync:
-            os.fsync(fd)
-        return checksum.crc
+            for target in targets:
+                os.fsync(target.fd)
+        return [target.checksum.crc for target in targets]
     except BaseException:
-        path.unlink(missing_ok=True)  # an unfinished shard only takes space; --resume redoes it
+        for path in paths:  # an unfinished shard only takes space; --resume redoes it
+            path.unlink(missing_ok=True)
         raise
     finally:
-        os.close(fd)
+        for target in targets:
+            os.close(target.fd)
 
 
 def _write_file(path: Path, data: bytes, fsync: bool) -> None:
@@ -314,46 +345,80 @@ def execute(plan: MergePlan, show_progress: bool = False, writer=None) -> MergeR
     `writer` (default: from the plan's options) computes and writes each chunk: CpuWriter, or
     gpu_stream.GpuWriter.  On failure or interrupt the partial folder stays, with every completed
     shard recorded in its journal: the same merge with resume=True finishes it."""
+    return execute_many([plan], show_progress, writer)[0]
+
+
+def _same_layout(plans: List[MergePlan]) -> None:
+    first = plans[0]
+    for plan in plans[1:]:
+        if [s.header for s in plan.shards] != [s.header for s in first.shards]:
+            raise MergeError("a sweep's outputs must share one layout (same inputs, dtype and "
+                             "shard size)")
+
+
+def execute_many(plans: List[MergePlan], show_progress: bool = False,
+                 writer=None) -> List[MergeResult]:
+    """Run plans that differ only in their weights and output folders in one pass over the
+    inputs: each chunk is read once and merged once per plan (a λ sweep).  One plan is a plain
+    merge.  Each output keeps every guarantee of a single merge (its own partial folder, lock,
+    journal, manifest and atomic rename)."""
     from . import __version__
 
     started = time.perf_counter()
-    options = plan.options
-    partial = PartialOutput(plan, __version__).open(resume=options.resume, force=options.force)
-    identities = input_identities(plan)
+    _same_layout(plans)
+    options = plans[0].options
+    weights = [(p.options.domain_weight, p.options.align_weight) for p in plans]
+    partials: List[PartialOutput] = []
+    identities = input_identities(plans[0])
     try:
-        with InputMaps(plan.inputs.values()) as maps:
+        for plan in plans:
+            partials.append(PartialOutput(plan, __version__).open(resume=plan.options.resume,
+                                                                   force=plan.options.force))
+        with InputMaps(plans[0].inputs.values()) as maps:
             maps.check_unchanged()
-            writer = writer or _make_writer(plan)
-            progress = Progress(plan.tensor_bytes, "merging", enabled=show_progress)
-            for shard in plan.shards:
-                if partial.shard_is_complete(shard.filename, shard.size):
-                    progress.advance(sum(t.out_nbytes for t in shard.tensors))
+            writer = writer or _make_writer(plans[0])
+            progress = Progress(plans[0].tensor_bytes * len(plans), "merging",
+                                enabled=show_progress)
+            for shard in plans[0].shards:
+                if all(p.shard_is_complete(shard.filename, shard.size) for p in partials):
+                    progress.advance(sum(t.out_nbytes for t in shard.tensors) * len(plans))
                     continue
-                crc = _write_shard(partial.folder / shard.filename, shard, maps, writer, options,
-                                   progress)
-                partial.record_shard(shard.filename, shard.size, crc, options.fsync)
+                crcs = _write_shard([p.folder / shard.filename for p in partials], shard,
+                                    weights, maps, writer, options, progress)
+                for partial, crc in zip(partials, crcs):
+                    partial.record_shard(shard.filename, shard.size, crc, options.fsync)
             progress.close()
         check_inputs_unchanged(identities)
-        _write_side_files(partial.folder, plan)
-        partial.release_lock_file()
-        if options.fsync:
-            _fsync_dir(partial.folder)
-        _move_into_place(partial.folder, plan.out_dir, options.fsync)
+        for plan, partial in zip(plans, partials):
+            _publish(plan, partial)
     except InputChanged as exc:
-        partial.discard_if_empty()
+        for partial in partials:
+            partial.discard_if_empty()
         check_inputs_unchanged(identities)  # names the file that changed, when it can
-        raise MergeError(f"{exc}; {plan.out_dir} was not created") from exc
+        raise MergeError(f"{exc}; {plans[0].out_dir} was not created") from exc
     except BaseException as exc:
-        kept = not partial.discard_if_empty()
+        kept = [p.folder for p in partials if not p.discard_if_empty()]
         if not isinstance(exc, (MergeError, OSError)):
             raise  # KeyboardInterrupt and bugs: the CLI says what was kept
-        hint = (f"completed shards are kept in {partial.folder}: fix the cause and rerun with "
-                "--resume to finish" if kept else f"nothing was kept; {plan.out_dir} is unchanged")
+        hint = (f"completed shards are kept in {', '.join(map(str, kept))}: fix the cause and "
+                "rerun with --resume to finish" if kept
+                else f"nothing was kept; {plans[0].out_dir} is unchanged")
         raise MergeError(f"{exc}; {hint}") from exc
     finally:
-        partial.close()
-    return MergeResult(plan.out_dir, time.perf_counter() - started, plan.input_bytes,
-                       plan.output_bytes, plan.tensor_count, len(plan.shards))
+        for partial in partials:
+            partial.close()
+    seconds = time.perf_counter() - started
+    return [MergeResult(p.out_dir, seconds, p.input_bytes, p.output_bytes, p.tensor_count,
+                        len(p.shards)) for p in plans]
+
+
+def _publish(plan: MergePlan, partial: PartialOutput) -> None:
+    """Side files, then the partial folder becomes OUT."""
+    _write_side_files(partial.folder, plan)
+    partial.release_lock_file()
+    if plan.options.fsync:
+        _fsync_dir(partial.folder)
+    _move_into_place(partial.folder, plan.out_dir, plan.options.fsync)
 
 
 def merge_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathLike],

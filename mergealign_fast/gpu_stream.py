@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import List, Optional
 
 from .dtypes import DType, to_torch
@@ -150,7 +149,10 @@ class GpuWriter:
             data, offset = data[written:], offset + written
         slot.pending = None
 
-    def write(self, fd: int, path: Path, chunk, checksum) -> None:
+    def write(self, targets, chunk) -> None:
+        if len(targets) != 1:
+            raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
+        fd, path, checksum = targets[0].fd, targets[0].path, targets[0].checksum
         torch, lanes, t = self.torch, self.lanes, chunk.tensor
         slot = self.slots[self.turn]
         self.turn = (self.turn + 1) % SLOTS

@@ -225,7 +225,7 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def _disk_problem(out_dir: Path, needed: int) -> Optional[str]:
+def disk_problem(out_dir: Path, needed: int) -> Optional[str]:
     free = shutil.disk_usage(_existing_ancestor(out_dir.parent)).free
     if needed + DISK_HEADROOM_BYTES > free:
         return (f"not enough free disk for {out_dir}: the merge writes {needed:,} bytes, "
@@ -337,7 +337,7 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     config_path, tokenizer = _side_files(folders, options.tokenizer_from)
     plan = MergePlan(models, out_dir, options, shards, None, tokenizer)
     plan.config = _output_config(config_path, plan.dominant_dtype)
-    disk = _disk_problem(out_dir, plan.output_bytes)
+    disk = disk_problem(out_dir, plan.output_bytes)
     if disk:
         raise PlanError([disk])
     return plan
