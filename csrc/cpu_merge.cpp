@@ -131,28 +131,39 @@ inline void store_tile(unsigned char* dst, int dtype, int64_t start, int64_t cou
   }
 }
 
+// Calls body(b, d, a, start, n) for each tile of elements [begin, end) of the three inputs,
+// widened to fp32: the one place inputs are read, for merges and statistics alike.
+template <typename Body>
+inline __attribute__((always_inline)) void for_each_tile(const MergeOperands& ops,
+                                                         int64_t begin, int64_t end, Body body) {
+  alignas(64) float b[kTile];
+  alignas(64) float d[kTile];
+  alignas(64) float a[kTile];
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int64_t n = std::min(kTile, end - start);
+    load_tile(ops.base, ops.base_dtype, start, n, b);
+    load_tile(ops.domain, ops.domain_dtype, start, n, d);
+    load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
+    body(b, d, a, start, n);
+  }
+}
+
 // Elements [begin, end) of the operands, merged with each of `k` weight pairs: output element i
 // of pair j goes to outs[j][i - begin].  The input tiles are loaded once for all pairs, so a
 // sweep of K weightings reads the inputs once ((3 + K) N bytes instead of 4 K N).
 MA_CPU_CLONES
 void merge_range_multi(const MergeOperands& ops, const float* w_domain, const float* w_align,
                        int k, int64_t begin, int64_t end, unsigned char* const* outs) {
-  alignas(64) float b[kTile];
-  alignas(64) float d[kTile];
-  alignas(64) float a[kTile];
   alignas(64) float merged[kTile];
-  for (int64_t start = begin; start < end; start += kTile) {
-    const int64_t n = std::min(kTile, end - start);
-    load_tile(ops.base, ops.base_dtype, start, n, b);
-    load_tile(ops.domain, ops.domain_dtype, start, n, d);
-    load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
+  for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a,
+                                     int64_t start, int64_t n) __attribute__((always_inline)) {
     for (int j = 0; j < k; ++j) {
       const float wd = w_domain[j];
       const float wa = w_align[j];
       for (int64_t i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
       store_tile(outs[j], ops.out_dtype, start - begin, n, merged);
     }
-  }
+  });
 }
 
 void merge_range(const MergeOperands& ops, int64_t begin, int64_t end, unsigned char* out) {
@@ -338,15 +349,9 @@ namespace {
 
 MA_CPU_CLONES
 void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorStats* stats) {
-  alignas(64) float b[kTile];
-  alignas(64) float d[kTile];
-  alignas(64) float a[kTile];
   VectorStats local;
-  for (int64_t start = begin; start < end; start += kTile) {
-    const int64_t n = std::min(kTile, end - start);
-    load_tile(ops.base, ops.base_dtype, start, n, b);
-    load_tile(ops.domain, ops.domain_dtype, start, n, d);
-    load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
+  for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
+                                     int64_t n) __attribute__((always_inline)) {
     for (int64_t i = 0; i < n; ++i) {
       // Differences in fp64 are exact for fp32/fp16/bf16 inputs.
       const double td = double(d[i]) - double(b[i]);
@@ -357,7 +362,7 @@ void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorSta
       local.conflicts += (td * ta < 0);
       local.both_nonzero += (td != 0 && ta != 0);
     }
-  }
+  });
   *stats = local;
 }
 
