@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import List, Optional
+from typing import List
 
 from .dtypes import DType, to_torch
 from .errors import MergeError
@@ -199,12 +199,3 @@ def _host_bytes(torch, address: int, length: int):
     if length == 0:
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer((ctypes.c_uint8 * length).from_address(address), dtype=torch.uint8)
-
-
-def device_peak_bytes(device: str = "cuda") -> Optional[int]:
-    """torch's peak allocated device memory, for reports; None off CUDA."""
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device)

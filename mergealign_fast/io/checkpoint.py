@@ -38,10 +38,6 @@ class Checkpoint:
     files: List[Path]
     tensors: Dict[str, TensorLocation]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(loc.entry.nbytes for loc in self.tensors.values())
-
 
 def shard_file_name(index: int, total: int) -> str:
     """transformers' names: model.safetensors alone, else model-00001-of-00003.safetensors."""
