@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 from .dtypes import DType
 from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, index_json
-from .journal import PartialOutput
+from .journal import PartialOutput, input_identities
 from .kernels import cpu
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
@@ -86,16 +86,6 @@ class InputMaps:
 
     def __exit__(self, *exc):
         self._stack.close()
-
-
-def input_identities(plan: MergePlan) -> Dict[Path, tuple]:
-    """(device, inode, size, mtime) of every input file: what 'unchanged' means."""
-    identities = {}
-    for checkpoint in plan.inputs.values():
-        for path in checkpoint.files:
-            st = os.stat(path)
-            identities[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    return identities
 
 
 def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:

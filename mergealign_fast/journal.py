@@ -55,12 +55,21 @@ def file_crc32c(path: Path) -> int:
         mapped.close()
 
 
+def input_identities(plan) -> Dict[Path, tuple]:
+    """(device, inode, size, mtime) of every input file: what 'unchanged' means."""
+    identities = {}
+    for checkpoint in plan.inputs.values():
+        for path in checkpoint.files:
+            st = os.stat(path)
+            identities[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return identities
+
+
 def plan_fingerprint(plan) -> str:
-    """Identity of a merge: its inputs (path, size, mtime, inode), options and output layout.
+    """Identity of a merge: its inputs (path, device, inode, size, mtime), options and layout.
     A partial merge is resumed only by a merge with the same fingerprint."""
-    inputs = sorted({str(loc.file.resolve()) for c in plan.inputs.values()
-                     for loc in c.tensors.values()})
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns, os.stat(p).st_ino) for p in inputs]
+    stats = sorted((str(path.resolve()), identity)
+                   for path, identity in input_identities(plan).items())
     o = plan.options
     layout = [(s.filename, hashlib.sha256(s.header).hexdigest()) for s in plan.shards]
     key = json.dumps([stats, o.domain_weight, o.align_weight, layout], sort_keys=True)
@@ -71,8 +80,9 @@ def describe_inputs(plan) -> Dict[str, dict]:
     """What the manifest says about each input model: its folder and files with size and mtime."""
     described = {}
     for role, checkpoint in plan.inputs.items():
-        files = {f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-                 for f in checkpoint.files}
+        stats = {f: f.stat() for f in checkpoint.files}
+        files = {f.name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                 for f, st in stats.items()}
         described[role] = {"folder": str(checkpoint.folder.resolve()), "files": files}
     return described
 

@@ -120,7 +120,10 @@ def write_synthetic_model(folder: os.PathLike, shape: LlamaShape, role: str, *, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specs = [(i, name, shp) for i, (name, shp) in enumerate(shape.tensors())]
-    nbytes = lambda spec: int(np.prod(spec[2])) * dtype.itemsize  # noqa: E731
+
+    def nbytes(spec) -> int:
+        return int(np.prod(spec[2])) * dtype.itemsize
+
     groups = group_by_size(specs, nbytes, max_shard_size or 1 << 62)
     weight_map = {}
     for g, group in enumerate(groups):
