@@ -37,6 +37,21 @@ MergeOperands make_operands(uintptr_t base, int base_dtype, uintptr_t domain, in
                        static_cast<float>(w_domain), static_cast<float>(w_align)};
 }
 
+// A read-only pass found an input page gone (a file truncated under its mapping): OSError with
+// errno EFAULT, which the engine reports as "input changed".
+void raise_input_fault(int err) {
+  if (err != 0) throw FileError(err, "an input of the pass");
+}
+
+// The int64[2][65536] histogram behind a writable Python buffer (a bytearray).
+int64_t* histogram_rows(py::buffer hist) {
+  const py::buffer_info info = hist.request(true);
+  if (info.size * info.itemsize != int64_t(2 * 65536 * sizeof(int64_t))) {
+    throw py::value_error("histogram buffer must hold 2 x 65536 int64");
+  }
+  return static_cast<int64_t*>(info.ptr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -69,39 +84,59 @@ PYBIND11_MODULE(_native, m) {
       "Fused merge of `count` elements between raw addresses.");
 
   m.def(
+      "merge_recipe",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, int64_t first_index,
+         const Recipe& recipe, int threads) {
+        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
+        ops.first_index = first_index;
+        py::gil_scoped_release no_gil;
+        merge_cpu_recipe(ops, recipe, reinterpret_cast<unsigned char*>(out), threads);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("count"), py::arg("first_index"), py::arg("recipe"), py::arg("threads"),
+      "Merge of `count` elements with a method's Recipe; first_index is the index of the first "
+      "element within its tensor (random masks are keyed by it).");
+
+  m.def(
       "merge_to_file",
       [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int out_dtype, int64_t count, double w_domain, double w_align,
-         int fd, int64_t file_offset, int threads) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, out_dtype, count, w_domain, w_align);
+         int aligned_dtype, int out_dtype, int64_t count, int64_t first_index,
+         const Recipe& recipe, int fd, int64_t file_offset, int threads) {
+        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
+        ops.first_index = first_index;
+        const WriteTarget target{fd, file_offset, recipe};
         uint32_t crc = 0;
         int err;
         {
           py::gil_scoped_release no_gil;
-          err = merge_cpu_to_file(ops, fd, file_offset, threads, &crc);
+          err = merge_cpu_to_files(ops, &target, 1, threads, &crc);
         }
         return py::make_tuple(err, crc);
       },
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
-      py::arg("w_domain"), py::arg("w_align"), py::arg("fd"), py::arg("file_offset"),
+      py::arg("first_index"), py::arg("recipe"), py::arg("fd"), py::arg("file_offset"),
       py::arg("threads"),
-      "Fused merge written to fd at file_offset in <=1 MiB pwrite()s; returns (errno or 0, "
+      "Merge written to fd at file_offset in <=1 MiB pwrite()s; returns (errno or 0, "
       "CRC-32C of the bytes written).");
 
   m.def(
       "merge_to_files",
       [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int out_dtype, int64_t count, py::list targets, int threads) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, out_dtype, count, 0.0, 0.0);
+         int aligned_dtype, int out_dtype, int64_t count, int64_t first_index, py::list targets,
+         int threads) {
+        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
+        ops.first_index = first_index;
         std::vector<WriteTarget> parsed;
         for (py::handle item : targets) {
           auto t = item.cast<py::tuple>();
           parsed.push_back(WriteTarget{t[0].cast<int>(), t[1].cast<int64_t>(),
-                                       static_cast<float>(t[2].cast<double>()),
-                                       static_cast<float>(t[3].cast<double>())});
+                                       t[2].cast<Recipe>()});
         }
         std::vector<uint32_t> crcs(parsed.size());
         int err;
@@ -115,8 +150,8 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
-      py::arg("targets"), py::arg("threads"),
-      "One pass over the inputs, one output per (fd, file_offset, w_domain, w_align) target; "
+      py::arg("first_index"), py::arg("targets"), py::arg("threads"),
+      "One pass over the inputs, one output per (fd, file_offset, recipe) target; "
       "returns (errno or 0, [CRC-32C per target]).");
 
   m.def(
@@ -149,16 +184,102 @@ PYBIND11_MODULE(_native, m) {
         const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
                                                 aligned_dtype, kF32, count, 0.0, 0.0);
         VectorStats s;
+        int err;
         {
           py::gil_scoped_release no_gil;
-          s = vector_stats_cpu(ops, threads);
+          err = vector_stats_cpu(ops, threads, &s);
         }
-        return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero);
+        raise_input_fault(err);
+        return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero,
+                              s.model_domain_sq, s.model_align_sq, s.model_dot);
       },
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("threads"),
-      "fp64 sums of the task vectors over `count` elements: (sum tau_d^2, sum tau_a^2, "
-      "sum tau_d*tau_a, sign conflicts, elements where both are non-zero).");
+      "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input vanished): (sum tau_d^2, sum tau_a^2, "
+      "sum tau_d*tau_a, sign conflicts, elements where both are non-zero, sum domain^2, "
+      "sum aligned^2, sum domain*aligned).");
+
+  m.def(
+      "magnitude_histogram",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int64_t count, int prefix_domain, int prefix_align, py::buffer hist,
+         int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, kF32, count, 0.0, 0.0);
+        int64_t* bins = histogram_rows(hist);
+        const int prefix[2] = {prefix_domain, prefix_align};
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = magnitude_histogram_cpu(ops, prefix, bins, threads);
+        }
+        raise_input_fault(err);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("prefix_domain"),
+      py::arg("prefix_align"), py::arg("hist"), py::arg("threads"),
+      "Adds the magnitude histograms of tau_d and tau_a to `hist` (a writable buffer of "
+      "2 x 65536 int64): prefix -1 counts the top 16 bits of |tau|, p >= 0 the low 16 bits of "
+      "elements whose top bits are p, -2 skips that model.");
+
+  m.def(
+      "select_kth_largest",
+      [](py::buffer hist, int row, int64_t k) {
+        const int64_t* bins = histogram_rows(hist);
+        if (row != 0 && row != 1) throw py::value_error("row must be 0 or 1");
+        if (k < 1) throw py::value_error("k must be at least 1");
+        const Selection s = select_kth_largest(bins + int64_t(row) * 65536, k);
+        return py::make_tuple(s.bin, s.above);
+      },
+      py::arg("hist"), py::arg("row"), py::arg("k"),
+      "(bin holding the k-th largest value, count in higher bins); bin -1 if fewer than k.");
+
+  m.def(
+      "sparsity_stats",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int64_t count, int64_t first_index, const Recipe& recipe,
+         int threads) {
+        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                          aligned_dtype, kF32, count, 0.0, 0.0);
+        ops.first_index = first_index;
+        SparsityStats s;
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = sparsity_stats_cpu(ops, recipe, threads, &s);
+        }
+        raise_input_fault(err);
+        return py::make_tuple(s.l1[0], s.kept_l1[0], s.l1[1], s.kept_l1[1]);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("first_index"),
+      py::arg("recipe"), py::arg("threads"),
+      "fp64 (L1 of tau_d, L1 of kept tau_d, L1 of tau_a, L1 of kept tau_a) under the recipe's "
+      "sparsification.");
+
+  m.def("random_draw24", &random_draw24, py::arg("key_lo"), py::arg("key_hi"), py::arg("index"),
+        "The 24-bit random draw of one element (DARE masks), for tests and other backends.");
+
+  py::class_<VectorTerm>(m, "VectorTerm")
+      .def(py::init<>())
+      .def_readwrite("weight", &VectorTerm::weight)
+      .def_readwrite("scale", &VectorTerm::scale)
+      .def_readwrite("sparsify", &VectorTerm::sparsify)
+      .def_readwrite("min_magnitude_bits", &VectorTerm::min_magnitude_bits)
+      .def_readwrite("keep_below", &VectorTerm::keep_below)
+      .def_readwrite("key_lo", &VectorTerm::key_lo)
+      .def_readwrite("key_hi", &VectorTerm::key_hi);
+
+  py::class_<Recipe>(m, "Recipe")
+      .def(py::init<>())
+      .def_readwrite("kind", &Recipe::kind)
+      .def_readwrite("domain", &Recipe::domain)
+      .def_readwrite("align", &Recipe::align)
+      .def_readwrite("sign_election", &Recipe::sign_election)
+      .def_readwrite("normalize", &Recipe::normalize)
+      .def_readwrite("lambda_", &Recipe::lambda)
+      .def_readwrite("base_weight", &Recipe::base_weight)
+      .def_readwrite("divisor", &Recipe::divisor);
 
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });

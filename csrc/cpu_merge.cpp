@@ -148,26 +148,51 @@ inline __attribute__((always_inline)) void for_each_tile(const MergeOperands& op
   }
 }
 
-// Elements [begin, end) of the operands, merged with each of `k` weight pairs: output element i
-// of pair j goes to outs[j][i - begin].  The input tiles are loaded once for all pairs, so a
+// One tile merged with one recipe into `merged`.  The recipe's kind is decided per tile, so each
+// formula's loop is a straight line the compiler vectorises.
+inline __attribute__((always_inline)) void merge_tile(const Recipe& r, const float* b,
+                                                      const float* d, const float* a,
+                                                      int64_t first_index, int64_t n,
+                                                      float* merged) {
+  switch (r.kind) {
+    case kTaskArithmetic: {
+      const float wd = r.domain.weight;
+      const float wa = r.align.weight;
+      for (int64_t i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
+      break;
+    }
+    case kModels:
+      for (int64_t i = 0; i < n; ++i) merged[i] = merge_models(r, b[i], d[i], a[i]);
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) {
+        merged[i] = merge_vectors(r, b[i], d[i], a[i], first_index + i);
+      }
+      break;
+  }
+}
+
+// Elements [begin, end) of the operands, merged with each of `k` recipes: output element i of
+// recipe j goes to outs[j][i - begin].  The input tiles are loaded once for all recipes, so a
 // sweep of K weightings reads the inputs once ((3 + K) N bytes instead of 4 K N).
 MA_CPU_CLONES
-void merge_range_multi(const MergeOperands& ops, const float* w_domain, const float* w_align,
-                       int k, int64_t begin, int64_t end, unsigned char* const* outs) {
+void merge_range_multi(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
+                       int64_t end, unsigned char* const* outs) {
   alignas(64) float merged[kTile];
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a,
                                      int64_t start, int64_t n) __attribute__((always_inline)) {
     for (int j = 0; j < k; ++j) {
-      const float wd = w_domain[j];
-      const float wa = w_align[j];
-      for (int64_t i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
+      merge_tile(recipes[j], b, d, a, ops.first_index + start, n, merged);
       store_tile(outs[j], ops.out_dtype, start - begin, n, merged);
     }
   });
 }
 
-void merge_range(const MergeOperands& ops, int64_t begin, int64_t end, unsigned char* out) {
-  merge_range_multi(ops, &ops.w_domain, &ops.w_align, 1, begin, end, &out);
+Recipe task_arithmetic(float w_domain, float w_align) {
+  Recipe r;
+  r.domain.weight = w_domain;
+  r.align.weight = w_align;
+  return r;
 }
 
 int effective_threads(int64_t count, int requested) {
@@ -263,15 +288,41 @@ int write_all(int fd, const unsigned char* data, int64_t bytes, int64_t offset) 
   return 0;
 }
 
+// parallel_slices for passes that only read the inputs: a thread whose input pages vanish
+// (SIGBUS, see above) stops, and the call returns EFAULT instead of killing the process.
+template <typename Body>
+int guarded_slices(int64_t count, int threads, int64_t granule, Body body) {
+  std::atomic<int> fault{0};
+  install_sigbus_handler();
+  parallel_slices(count, threads, granule, [&](int t, int64_t begin, int64_t end) {
+    sigjmp_buf input_fault;
+    if (sigsetjmp(input_fault, 1) != 0) {
+      t_input_fault = nullptr;
+      fault.store(EFAULT);
+      return;
+    }
+    t_input_fault = &input_fault;
+    body(t, begin, end);
+    t_input_fault = nullptr;
+  });
+  return fault.load();
+}
+
 }  // namespace
 
-void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads) {
+void merge_cpu_recipe(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
+                      int threads) {
   if (ops.count <= 0) return;
   const int n_threads = effective_threads(ops.count, threads);
   const int64_t out_size = dtype_size(ops.out_dtype);
   parallel_slices(ops.count, n_threads, kTile, [&](int, int64_t begin, int64_t end) {
-    merge_range(ops, begin, end, out + begin * out_size);
+    unsigned char* slice_out = out + begin * out_size;
+    merge_range_multi(ops, &recipe, 1, begin, end, &slice_out);
   });
+}
+
+void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads) {
+  merge_cpu_recipe(ops, task_arithmetic(ops.w_domain, ops.w_align), out, threads);
 }
 
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
@@ -285,11 +336,8 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
   std::lock_guard<std::mutex> hold(buffers.lock);
   std::vector<unsigned char*> thread_buffers(size_t(n_threads) * k);  // [thread][target]
   for (size_t i = 0; i < thread_buffers.size(); ++i) thread_buffers[i] = buffers.get(int(i));
-  std::vector<float> w_domain(k), w_align(k);
-  for (int j = 0; j < k; ++j) {
-    w_domain[j] = targets[j].w_domain;
-    w_align[j] = targets[j].w_align;
-  }
+  std::vector<Recipe> recipes(k);
+  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
 
   // Each piece is checksummed while it is still in cache, and the pieces' CRCs are joined in file
   // order afterwards: the shard checksum costs no second pass over the output.
@@ -317,7 +365,7 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
       t_input_fault = &input_fault;  // armed only while reading the mapped inputs
-      merge_range_multi(ops, w_domain.data(), w_align.data(), k, start, start + n, outs);
+      merge_range_multi(ops, recipes.data(), k, start, start + n, outs);
       t_input_fault = nullptr;
       for (int j = 0; j < k; ++j) {
         piece_crc[size_t(start / piece) * k + j] = crc32c_update(0, outs[j], size_t(n * out_size));
@@ -341,7 +389,7 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
 
 int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
                       uint32_t* crc) {
-  const WriteTarget target{fd, file_offset, ops.w_domain, ops.w_align};
+  const WriteTarget target{fd, file_offset, task_arithmetic(ops.w_domain, ops.w_align)};
   return merge_cpu_to_files(ops, &target, 1, threads, crc);
 }
 
@@ -361,6 +409,9 @@ void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorSta
       local.dot += td * ta;
       local.conflicts += (td * ta < 0);
       local.both_nonzero += (td != 0 && ta != 0);
+      local.model_domain_sq += double(d[i]) * double(d[i]);
+      local.model_align_sq += double(a[i]) * double(a[i]);
+      local.model_dot += double(d[i]) * double(a[i]);
     }
   });
   *stats = local;
@@ -368,22 +419,122 @@ void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorSta
 
 }  // namespace
 
-VectorStats vector_stats_cpu(const MergeOperands& ops, int threads) {
+int vector_stats_cpu(const MergeOperands& ops, int threads, VectorStats* out) {
   VectorStats total;
-  if (ops.count <= 0) return total;
+  *out = total;
+  if (ops.count <= 0) return 0;
   const int n_threads = effective_threads(ops.count, threads);
   std::vector<VectorStats> partial(n_threads);
-  parallel_slices(ops.count, n_threads, kTile, [&](int t, int64_t begin, int64_t end) {
-    stats_range(ops, begin, end, &partial[t]);
+  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
+    stats_range(ops, b, e, &partial[t]);
   });
+  if (err != 0) return err;
   for (const VectorStats& p : partial) {
     total.domain_sq += p.domain_sq;
     total.align_sq += p.align_sq;
     total.dot += p.dot;
     total.conflicts += p.conflicts;
     total.both_nonzero += p.both_nonzero;
+    total.model_domain_sq += p.model_domain_sq;
+    total.model_align_sq += p.model_align_sq;
+    total.model_dot += p.model_dot;
   }
-  return total;
+  *out = total;
+  return 0;
+}
+
+namespace {
+
+constexpr int64_t kBins = 1 << 16;
+
+MA_CPU_CLONES
+void histogram_range(const MergeOperands& ops, const int* prefix, int64_t begin, int64_t end,
+                     int64_t* hist) {
+  for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
+                                     int64_t n) __attribute__((always_inline)) {
+    const float* model[2] = {d, a};
+    for (int m = 0; m < 2; ++m) {
+      if (prefix[m] == kSkip) continue;
+      int64_t* row = hist + m * kBins;
+      const float* x = model[m];
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t bits = float_bits(ma_sub(x[i], b[i])) & 0x7fffffffu;
+        if (prefix[m] == kHighBits) {
+          ++row[bits >> 16];
+        } else if (int64_t(bits >> 16) == prefix[m]) {
+          ++row[bits & 0xffffu];
+        }
+      }
+    }
+  });
+}
+
+MA_CPU_CLONES
+void sparsity_range(const MergeOperands& ops, const Recipe& r, int64_t begin, int64_t end,
+                    SparsityStats* stats) {
+  SparsityStats local;
+  for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a,
+                                     int64_t start, int64_t n) __attribute__((always_inline)) {
+    const float* model[2] = {d, a};
+    const VectorTerm* term[2] = {&r.domain, &r.align};
+    for (int m = 0; m < 2; ++m) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float tau = ma_sub(model[m][i], b[i]);
+        const double magnitude = tau < 0 ? -double(tau) : double(tau);
+        local.l1[m] += magnitude;
+        if (term_keeps(*term[m], tau, ops.first_index + start + i)) local.kept_l1[m] += magnitude;
+      }
+    }
+  });
+  *stats = local;
+}
+
+}  // namespace
+
+int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
+                            int threads) {
+  if (ops.count <= 0) return 0;
+  const int n_threads = effective_threads(ops.count, threads);
+  // Per-thread histograms (2 x 512 KiB each), added in thread order: counts are exact.
+  std::vector<std::vector<int64_t>> partial(n_threads, std::vector<int64_t>(2 * kBins, 0));
+  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
+    histogram_range(ops, prefix, b, e, partial[t].data());
+  });
+  if (err != 0) return err;
+  for (const auto& p : partial) {
+    for (int64_t i = 0; i < 2 * kBins; ++i) hist[i] += p[i];
+  }
+  return 0;
+}
+
+Selection select_kth_largest(const int64_t* row, int64_t k) {
+  int64_t above = 0;
+  for (int bin = int(kBins) - 1; bin >= 0; --bin) {
+    if (above + row[bin] >= k) return Selection{bin, above};
+    above += row[bin];
+  }
+  return Selection{-1, above};
+}
+
+int sparsity_stats_cpu(const MergeOperands& ops, const Recipe& recipe, int threads,
+                       SparsityStats* out) {
+  SparsityStats total;
+  *out = total;
+  if (ops.count <= 0) return 0;
+  const int n_threads = effective_threads(ops.count, threads);
+  std::vector<SparsityStats> partial(n_threads);
+  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
+    sparsity_range(ops, recipe, b, e, &partial[t]);
+  });
+  if (err != 0) return err;
+  for (const SparsityStats& p : partial) {
+    for (int m = 0; m < 2; ++m) {
+      total.l1[m] += p.l1[m];
+      total.kept_l1[m] += p.kept_l1[m];
+    }
+  }
+  *out = total;
+  return 0;
 }
 
 std::string cpu_isa() {

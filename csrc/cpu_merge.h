@@ -11,6 +11,10 @@ namespace mergealign {
 // out[i] = merge_one(base[i], domain[i], aligned[i]) for i < count, split over `threads` threads.
 void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 
+// The same with any merge method's recipe (merge_operands.h) instead of ops' two weights.
+void merge_cpu_recipe(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
+                      int threads);
+
 // The same pass, but the result goes straight to a file: each thread computes at most
 // kWritePieceBytes of output into a buffer it reuses and pwrite()s it at
 // file_offset + its position.  Returns 0, the errno of the first failed write, or EFAULT when
@@ -19,16 +23,15 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
                       uint32_t* crc);
 
-// One output of a multi-output pass: where it goes and which weights make it.
+// One output of a multi-output pass: where it goes and the recipe that makes it.
 struct WriteTarget {
   int fd;
   int64_t file_offset;
-  float w_domain;
-  float w_align;
+  Recipe recipe;
 };
 
-// merge_cpu_to_file for k weight pairs at once: the inputs are read once, each target gets its
-// own merged output (bit-identical to a single merge with its weights) and crcs[j] its CRC-32C.
+// merge_cpu_to_file for k recipes at once: the inputs are read once, each target gets its own
+// merged output (bit-identical to a single merge with its recipe) and crcs[j] its CRC-32C.
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
                        uint32_t* crcs);
 
@@ -41,8 +44,39 @@ struct VectorStats {
   double dot = 0;         // sum tau_d * tau_a
   int64_t conflicts = 0;  // elements where tau_d and tau_a have opposite signs (both non-zero)
   int64_t both_nonzero = 0;
+  double model_domain_sq = 0;  // sum domain^2 (SLERP and ChipAlign of the models)
+  double model_align_sq = 0;   // sum aligned^2
+  double model_dot = 0;        // sum domain * aligned
 };
-VectorStats vector_stats_cpu(const MergeOperands& ops, int threads);
+// The read-only passes below return 0, or EFAULT when an input page vanished (see
+// merge_cpu_to_file); their results are written only on success.
+int vector_stats_cpu(const MergeOperands& ops, int threads, VectorStats* out);
+
+// Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is int64[2][65536],
+// row 0 for tau_d and row 1 for tau_a, and is added to (so windows of a tensor accumulate).
+// prefix[m] = kHighBits: count the top 16 bits of |tau|'s fp32 pattern; >= 0: count the low 16
+// bits of the elements whose top bits equal prefix[m]; kSkip: leave row m alone.
+constexpr int kHighBits = -1;
+constexpr int kSkip = -2;
+int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
+                            int threads);
+
+// The bin holding the k-th largest value of a 65536-bin histogram, and how many values lie in
+// higher bins.  k >= 1; returns bin -1 when the histogram holds fewer than k values.
+struct Selection {
+  int bin;
+  int64_t above;
+};
+Selection select_kth_largest(const int64_t* row, int64_t k);
+
+// L1 norms of the task vectors before and after the recipe's sparsification (fp64), for DARE's
+// and TIES' rescale: index 0 for tau_d, 1 for tau_a.
+struct SparsityStats {
+  double l1[2] = {0, 0};
+  double kept_l1[2] = {0, 0};
+};
+int sparsity_stats_cpu(const MergeOperands& ops, const Recipe& recipe, int threads,
+                       SparsityStats* out);
 
 // Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
 // "baseline").

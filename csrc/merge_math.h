@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "merge_operands.h"
+
 #if defined(__CUDACC__)
 #define MA_HD __host__ __device__ __forceinline__
 #else
@@ -133,16 +135,89 @@ MA_HD void store_from_f32(unsigned char* p, int64_t i, int dtype, float v) {
 MA_HD float ma_add(float x, float y) { return __fadd_rn(x, y); }
 MA_HD float ma_sub(float x, float y) { return __fsub_rn(x, y); }
 MA_HD float ma_mul(float x, float y) { return __fmul_rn(x, y); }
+MA_HD float ma_div(float x, float y) { return __fdiv_rn(x, y); }
 #else
 MA_HD float ma_add(float x, float y) { return x + y; }
 MA_HD float ma_sub(float x, float y) { return x - y; }
 MA_HD float ma_mul(float x, float y) { return x * y; }
+MA_HD float ma_div(float x, float y) { return x / y; }
 #endif
 
 MA_HD float merge_one(float base, float domain, float aligned, float w_domain, float w_align) {
   const float domain_step = ma_mul(w_domain, ma_sub(domain, base));
   const float align_step = ma_mul(w_align, ma_sub(aligned, base));
   return ma_add(ma_add(base, domain_step), align_step);
+}
+
+// ---- merge methods (recipes, merge_operands.h) ------------------------------------------------
+
+// MurmurHash3's 32-bit finaliser: a bijection on 32 bits in which every input bit flips each
+// output bit with probability ~1/2.
+MA_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// The random draw of element `index` of a stream, uniform on [0, 2^24): counter-based, a pure
+// function of (key, index), so every backend, thread count and chunking draws the same mask.
+// For indices below 2^32 (every tensor of today's LLMs) the map index -> draw is a permutation
+// composed with the top-24-bit projection, so no two elements share a 32-bit hash.
+// mergealign_fast/reference.py (numpy) and the Triton kernel implement the same function.
+MA_HD uint32_t random_draw24(uint32_t key_lo, uint32_t key_hi, int64_t index) {
+  const uint64_t i = uint64_t(index);
+  const uint32_t h = mix32(uint32_t(i) ^ key_lo);
+  return mix32(h ^ (uint32_t(i >> 32) * 0x9e3779b9u) ^ key_hi) >> 8;
+}
+
+MA_HD bool term_keeps(const VectorTerm& term, float tau, int64_t index) {
+  if (term.sparsify == kKeepLargest) {
+    // |tau| as bits: for non-negative floats the bit patterns order like the values.
+    return (float_bits(tau) & 0x7fffffffu) >= term.min_magnitude_bits;
+  }
+  if (term.sparsify == kKeepRandom) {
+    return random_draw24(term.key_lo, term.key_hi, index) < term.keep_below;
+  }
+  return true;
+}
+
+// A task vector's element after dropping and rescaling, times its weight.
+MA_HD float term_value(const VectorTerm& term, float tau, int64_t index) {
+  return term_keeps(term, tau, index) ? ma_mul(ma_mul(tau, term.scale), term.weight) : 0.0f;
+}
+
+// kVectors: TIES / DARE / RESTA.  With sign election a term counts only when its sign matches
+// the sign of the sum of both terms (zero counts as positive), and the divisor is the sum of
+// the weights of the terms that count (1 when none does): mergekit's disjoint mean.
+MA_HD float merge_vectors(const Recipe& r, float base, float domain, float aligned,
+                          int64_t index) {
+  const float xd = term_value(r.domain, ma_sub(domain, base), index);
+  const float xa = term_value(r.align, ma_sub(aligned, base), index);
+  float mixed;
+  float divisor = r.divisor;
+  if (r.sign_election) {
+    const bool up = ma_add(xd, xa) >= 0.0f;
+    const bool keep_d = up ? xd > 0.0f : xd < 0.0f;
+    const bool keep_a = up ? xa > 0.0f : xa < 0.0f;
+    mixed = ma_add(keep_d ? xd : 0.0f, keep_a ? xa : 0.0f);
+    divisor = ma_add(keep_d ? r.domain.weight : 0.0f, keep_a ? r.align.weight : 0.0f);
+    divisor = divisor == 0.0f ? 1.0f : divisor;
+  } else {
+    mixed = ma_add(xd, xa);
+  }
+  if (r.normalize) mixed = ma_div(mixed, divisor);
+  return ma_add(base, ma_mul(mixed, r.lambda));
+}
+
+// kModels: a weighted sum of the models themselves, with per-tensor coefficients (linear,
+// SLERP, ChipAlign compute theirs from the tensor's norms).
+MA_HD float merge_models(const Recipe& r, float base, float domain, float aligned) {
+  const float sum = ma_add(ma_add(ma_mul(r.base_weight, base), ma_mul(r.domain.weight, domain)),
+                           ma_mul(r.align.weight, aligned));
+  return ma_div(sum, r.divisor);
 }
 
 }  // namespace mergealign

@@ -18,6 +18,48 @@ struct MergeOperands {
   int64_t count;  // elements, int64: LLM tensors pass 2^31 elements
   float w_domain;
   float w_align;
+  // Index of the first element within its tensor: random drop masks (DARE) are keyed by the
+  // element's index in the tensor, so a chunked pass draws what a whole-tensor pass would.
+  int64_t first_index = 0;
+};
+
+// ---- recipes: what a merge method does to each element --------------------------------------
+// The Python layer (mergealign_fast/methods.py) turns a method and one tensor's statistics into a
+// Recipe; the kernels apply it element by element.  The numbering is part of the Python ABI.
+
+enum RecipeKind : int {
+  kTaskArithmetic = 0,  // base + w_d*tau_d + w_a*tau_a (the MergeAlign formula, fastest path)
+  kVectors = 1,         // base + combination of sparsified, weighted task vectors (TIES, DARE)
+  kModels = 2,          // (c_b*base + c_d*domain + c_a*aligned) / divisor (linear, SLERP, ChipAlign)
+};
+
+enum Sparsify : int {
+  kKeepAll = 0,
+  kKeepLargest = 1,  // keep |tau| >= a per-tensor threshold (TIES magnitude trim)
+  kKeepRandom = 2,   // keep with a per-element counter-based draw (DARE)
+};
+
+// How one fine-tuned model's task vector tau enters a kVectors merge: kept or dropped, then
+// (tau * scale) * weight, the order mergekit applies them in.
+struct VectorTerm {
+  float weight = 0.0f;
+  float scale = 1.0f;  // rescale of the kept elements (DARE), 1 when none
+  int sparsify = kKeepAll;
+  uint32_t min_magnitude_bits = 0;  // kKeepLargest: keep when the fp32 bits of |tau| are >= this
+  uint32_t keep_below = 0;          // kKeepRandom: keep when the 24-bit draw is < this
+  uint32_t key_lo = 0;              // kKeepRandom: the stream of (seed, tensor, model)
+  uint32_t key_hi = 0;
+};
+
+struct Recipe {
+  int kind = kTaskArithmetic;
+  VectorTerm domain;  // kModels and kTaskArithmetic read only the weights
+  VectorTerm align;
+  int sign_election = 0;  // TIES: drop terms whose sign differs from the sign of their sum
+  int normalize = 0;      // kVectors: divide by the summed weights of the kept terms
+  float lambda = 1.0f;    // kVectors: scale of the combined vector (mergekit's `lambda`)
+  float base_weight = 0.0f;  // kModels
+  float divisor = 1.0f;      // kModels, and kVectors without sign election
 };
 
 }  // namespace mergealign

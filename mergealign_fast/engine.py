@@ -27,6 +27,7 @@ from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, index_json
 from .journal import PartialOutput, input_identities
 from .kernels import cpu
+from .methods import Method, TensorPasses, tensor_recipe
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
 from .params import default_threads
@@ -135,6 +136,9 @@ class Chunk:
     def addresses(self) -> List[int]:
         return [mapped.address + offset for mapped, offset, _ in self.inputs]
 
+    def dtype_codes(self) -> Tuple[int, int, int]:
+        return tuple(int(self.tensor.source_dtype(i)) for i in range(3))
+
     def release_inputs(self) -> None:
         """Drop the chunk's input pages from this process (they stay in the page cache)."""
         for mapped, offset, length in self.inputs:
@@ -179,8 +183,6 @@ class ShardTarget:
     fd: int
     path: Path
     checksum: ShardChecksum
-    w_domain: float
-    w_align: float
 
 
 class CpuWriter:
@@ -194,24 +196,23 @@ class CpuWriter:
     def chunk_elements(self, tensor: PlannedTensor) -> int:
         return WINDOW_BYTES // tensor.out_dtype.itemsize
 
-    def _merge(self, chunk: Chunk, targets: List[ShardTarget]):
+    def _merge(self, chunk: Chunk, targets: List[ShardTarget], recipes: list):
         """(errno or 0, CRC-32C per target) of one native pass writing every target."""
         t = chunk.tensor
         b, d, a = chunk.addresses()
-        dtypes = (int(t.source_dtype(0)), int(t.source_dtype(1)), int(t.source_dtype(2)))
+        dtypes = chunk.dtype_codes()
         if len(targets) == 1:
-            only = targets[0]
             err, crc = self.native.merge_to_file(
                 b, dtypes[0], d, dtypes[1], a, dtypes[2], int(t.out_dtype), chunk.count,
-                only.w_domain, only.w_align, only.fd, chunk.file_offset, self.threads)
+                chunk.start, recipes[0], targets[0].fd, chunk.file_offset, self.threads)
             return err, [crc]
         return self.native.merge_to_files(
-            b, dtypes[0], d, dtypes[1], a, dtypes[2], int(t.out_dtype), chunk.count,
-            [(x.fd, chunk.file_offset, x.w_domain, x.w_align) for x in targets], self.threads)
+            b, dtypes[0], d, dtypes[1], a, dtypes[2], int(t.out_dtype), chunk.count, chunk.start,
+            [(x.fd, chunk.file_offset, r) for x, r in zip(targets, recipes)], self.threads)
 
-    def write(self, targets: List[ShardTarget], chunk: Chunk) -> None:
+    def write(self, targets: List[ShardTarget], chunk: Chunk, recipes: list) -> None:
         t = chunk.tensor
-        err, crcs = self._merge(chunk, targets)
+        err, crcs = self._merge(chunk, targets, recipes)
         if err == errno.EFAULT:
             raise InputChanged(f"an input of tensor {t.name} changed while it was being read")
         if err:
@@ -228,23 +229,48 @@ class CpuWriter:
         """Everything handed to write() is in the file (nothing is pending on the CPU path)."""
 
 
-def _write_shard(paths: List[Path], shard: PlannedShard, weights: List[Tuple[float, float]],
-                 maps: InputMaps, writer, options: MergeOptions, progress: Progress) -> List[int]:
-    """Write one shard completely into each of `paths` (one per weight pair); returns the CRC-32C
+def tensor_recipes(plans: List[MergePlan], tensor: PlannedTensor, maps: InputMaps,
+                   threads: int) -> list:
+    """Each plan's native Recipe for `tensor`, after the reduction passes its method needs
+    (none for task arithmetic; shared between the plans of a sweep)."""
+    native = cpu.native()
+
+    def windows():
+        for chunk in tensor_chunks(tensor, maps, 0, WINDOW_BYTES // 4):
+            yield (chunk.addresses(), chunk.dtype_codes(), chunk.count, chunk.start,
+                   chunk.release_inputs)
+
+    passes = TensorPasses(native, windows, threads)
+    try:
+        return [tensor_recipe(native, plan.settings[tensor.name], tensor.name, tensor.count,
+                              passes) for plan in plans]
+    except OSError as exc:
+        if exc.errno == errno.EFAULT:
+            raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "
+                               "read") from None
+        raise
+
+
+def _write_shard(paths: List[Path], shard: PlannedShard, plans: List[MergePlan],
+                 maps: InputMaps, writer, progress: Progress) -> List[int]:
+    """Write one shard completely into each of `paths` (one per plan); returns the CRC-32C
     of each file."""
+    options = plans[0].options
+    threads = options.threads or default_threads()
     targets: List[ShardTarget] = []
     try:
-        for path, (w_domain, w_align) in zip(paths, weights):
+        for path in paths:
             path.unlink(missing_ok=True)  # a resumed merge rewrites a shard it had not finished
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            targets.append(ShardTarget(fd, path, ShardChecksum(shard.header), w_domain, w_align))
+            targets.append(ShardTarget(fd, path, ShardChecksum(shard.header)))
             _reserve(fd, shard.size, path)
             _pwrite_all(fd, shard.header, 0)
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
+            recipes = tensor_recipes(plans, tensor, maps, threads)
             chunks = tensor_chunks(tensor, maps, len(shard.header) + offset,
                                    writer.chunk_elements(tensor))
             for chunk in chunks:
-                writer.write(targets, chunk)
+                writer.write(targets, chunk, recipes)
                 progress.advance(chunk.count * tensor.out_dtype.itemsize * len(targets))
         writer.drain()
         if options.fsync:
@@ -356,8 +382,6 @@ def execute_many(plans: List[MergePlan], show_progress: bool = False,
 
     started = time.perf_counter()
     _same_layout(plans)
-    options = plans[0].options
-    weights = [(p.options.domain_weight, p.options.align_weight) for p in plans]
     partials: List[PartialOutput] = []
     identities = input_identities(plans[0])
     try:
@@ -374,9 +398,10 @@ def execute_many(plans: List[MergePlan], show_progress: bool = False,
                     progress.advance(sum(t.out_nbytes for t in shard.tensors) * len(plans))
                     continue
                 crcs = _write_shard([p.folder / shard.filename for p in partials], shard,
-                                    weights, maps, writer, options, progress)
+                                    plans, maps, writer, progress)
                 for partial, crc in zip(partials, crcs):
-                    partial.record_shard(shard.filename, shard.size, crc, options.fsync)
+                    partial.record_shard(shard.filename, shard.size, crc,
+                                         plans[0].options.fsync)
             progress.close()
         check_inputs_unchanged(identities)
         for plan, partial in zip(plans, partials):
@@ -420,15 +445,16 @@ def merge_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathL
                       threads: Optional[int] = None, fsync: bool = True,
                       device: str = "cpu", gpu_memory: int = MergeOptions.gpu_memory,
                       backend: str = "auto", resume: bool = False,
-                      progress: bool = False) -> MergeResult:
+                      method: Method = Method(), progress: bool = False) -> MergeResult:
     """Merge three Hugging Face model folders into `out` (see the README for the formula).
 
     Everything is checked first (PlanError lists every problem); then the merge streams through
     the native kernel in bounded memory and `out` appears only when complete.  device="cuda"
     streams through a GPU within `gpu_memory` bytes of device memory.  resume=True finishes a
-    merge that was interrupted, keeping the shards it completed.
+    merge that was interrupted, keeping the shards it completed.  `method` picks another merge
+    method (methods.py: TIES, DARE, SLERP, ...); the weights are its w_d and w_a.
     """
     options = MergeOptions(domain_weight, align_weight, out_dtype, max_shard_size,
                            tokenizer_from, force, threads, fsync, device, gpu_memory, backend,
-                           resume)
+                           resume, method)
     return execute(plan_merge(base, domain, aligned, out, options), show_progress=progress)

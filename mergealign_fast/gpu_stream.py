@@ -149,7 +149,9 @@ class GpuWriter:
             data, offset = data[written:], offset + written
         slot.pending = None
 
-    def write(self, targets, chunk) -> None:
+    def write(self, targets, chunk, recipes) -> None:
+        """The GPU path runs task arithmetic only (plan.py refuses other methods on a GPU), with
+        the options' weights; `recipes` are the CPU kernel's."""
         if len(targets) != 1:
             raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
         fd, path, checksum = targets[0].fd, targets[0].path, targets[0].checksum

@@ -121,7 +121,7 @@ def _tensor_sums(native, maps: InputMaps, locations, threads: int) -> Sums:
         addresses = [m.address + offset for m, (offset, _) in zip(mapped, spans)]
         values = native.vector_stats(addresses[0], int(dtypes[0]), addresses[1], int(dtypes[1]),
                                      addresses[2], int(dtypes[2]), n, threads)
-        sums.add(Sums(n, *values))
+        sums.add(Sums(n, *values[:5]))  # the task-vector sums (not the models')
         for m, (offset, length) in zip(mapped, spans):
             m.release(offset, length)
     return sums

@@ -11,6 +11,7 @@ file, completed, stays in OUT as the manifest that `mergealign-fast verify` chec
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -72,8 +73,18 @@ def plan_fingerprint(plan) -> str:
                    for path, identity in input_identities(plan).items())
     o = plan.options
     layout = [(s.filename, hashlib.sha256(s.header).hexdigest()) for s in plan.shards]
-    key = json.dumps([stats, o.domain_weight, o.align_weight, layout], sort_keys=True)
+    key = json.dumps([stats, o.domain_weight, o.align_weight, repr(o.method), layout],
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def method_parameters(method) -> dict:
+    """The method's parameters as the manifest records them (rules as text)."""
+    described = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+                 if f.name not in ("name", "rules")}
+    if method.rules:
+        described["rules"] = [repr(rule) for rule in method.rules]
+    return described
 
 
 def describe_inputs(plan) -> Dict[str, dict]:
@@ -160,8 +171,8 @@ class PartialOutput:
         o = self.plan.options
         manifest = {
             "format": FORMAT, "tool": f"mergealign-fast {self.version}",
-            "method": "task_arithmetic", "domain_weight": o.domain_weight,
-            "align_weight": o.align_weight,
+            "method": o.method.name, "method_parameters": method_parameters(o.method),
+            "domain_weight": o.domain_weight, "align_weight": o.align_weight,
             "out_dtype": o.out_dtype.short_name if o.out_dtype is not None else "base",
             "inputs": describe_inputs(self.plan), "fingerprint": self.fingerprint,
             "shards": dict(sorted(self.shards.items())),

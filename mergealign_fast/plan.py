@@ -22,6 +22,8 @@ from .errors import MergeError, PlanError
 from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
                             group_by_size, open_checkpoint, shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
+from .methods import LAYER_INDEX, Method, TensorSettings, layer_position, resolve, \
+    settings_problems
 from .params import check_weights
 
 ROLES = ("base", "domain", "aligned")
@@ -31,6 +33,8 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 DEFAULT_GPU_MEMORY = 2 << 30
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
+# Per-tensor parameter problems listed before "... and N more".
+MAX_TENSOR_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class MergeOptions:
     gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
     backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
     resume: bool = False  # finish an interrupted merge into the same OUT
+    method: Method = Method()  # methods.py; the weights above are its w_d and w_a
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class MergePlan:
     shards: List[PlannedShard]
     config: Optional[dict]  # config.json of the output, dtype already set
     tokenizer_files: List[Path] = field(default_factory=list)
+    settings: Dict[str, TensorSettings] = field(default_factory=dict)  # method, per tensor
 
     @property
     def output_bytes(self) -> int:
@@ -309,8 +315,28 @@ def _device_problems(options: MergeOptions) -> List[str]:
     return []
 
 
+def _method_problems(options: MergeOptions) -> List[str]:
+    method = options.method
+    problems = method.problems()
+    plain = (method.name == "task_arithmetic" and not method.rules and method.lambda_ == 1.0
+             and not method.normalize)
+    if not problems and not plain and options.device.split(":")[0] != "cpu":
+        problems.append(f"method {method.name} runs on the CPU only for now: use --device cpu "
+                        "(the GPU path runs task_arithmetic / MergeAlign)")
+    return problems
+
+
+def tensor_settings(options: MergeOptions, names: List[str]) -> Dict[str, TensorSettings]:
+    """The method's parameters for each tensor (mergekit layer gradients run over the layers
+    found in the names)."""
+    layers = [int(m.group(1)) for m in map(LAYER_INDEX.search, names) if m]
+    num_layers = max(layers) + 1 if layers else 0
+    return {name: resolve(options.method, name, layer_position(name, num_layers),
+                          options.domain_weight, options.align_weight) for name in names}
+
+
 def _option_problems(options: MergeOptions) -> List[str]:
-    problems = []
+    problems = _method_problems(options)
     try:
         check_weights(options.domain_weight, options.align_weight)
     except ValueError as exc:
@@ -332,10 +358,16 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     models, input_problems = _checked_inputs(folders)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
-    shards = layout_shards(list(_planned_tensors(models, options.out_dtype)),
-                           options.max_shard_size)
+    tensors = list(_planned_tensors(models, options.out_dtype))
+    settings = tensor_settings(options, [t.name for t in tensors])
+    problems = [p for name, s in settings.items() for p in settings_problems(s, name)]
+    if problems:  # a bad rule can fail every tensor: show the first few
+        more = len(problems) - MAX_TENSOR_PROBLEMS
+        raise PlanError(problems[:MAX_TENSOR_PROBLEMS]
+                        + ([f"... and {more} more tensors"] if more > 0 else []))
+    shards = layout_shards(tensors, options.max_shard_size)
     config_path, tokenizer = _side_files(folders, options.tokenizer_from)
-    plan = MergePlan(models, out_dir, options, shards, None, tokenizer)
+    plan = MergePlan(models, out_dir, options, shards, None, tokenizer, settings)
     plan.config = _output_config(config_path, plan.dominant_dtype)
     disk = disk_problem(out_dir, plan.output_bytes)
     if disk:

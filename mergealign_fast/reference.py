@@ -80,3 +80,145 @@ def merge_error_bound(base, domain, aligned, w_domain: float, w_align: float,
     fp32_error = 8 * FP32_UNIT_ROUNDOFF * scale
     exact = merge_ref(b, d, a, w_domain, w_align)
     return fp32_error + 0.5 * spacing(np.abs(exact) + fp32_error, out_dtype)
+
+
+# ---- merge methods (methods.py) ---------------------------------------------------------------
+# Discrete decisions (which elements a trim or a drop keeps, which sign wins an election) are
+# taken on the fp32 values the method's definition names (τ = fp32(x - b), the fp32 weighted
+# terms); everything else is float64.  An oracle that decided in float64 would disagree with
+# any fp32 implementation on elements at a decision boundary by a whole term, not an ulp.
+
+
+def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
+    """The kernels' counter-based draw (merge_math.h random_draw24), in numpy."""
+    i = np.asarray(index, dtype=np.uint64)
+
+    def mix32(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+    with np.errstate(over="ignore"):
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hi = (i >> np.uint64(32)).astype(np.uint32)
+        h = mix32(lo ^ np.uint32(key_lo))
+        return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
+
+
+def _kept(tau32: np.ndarray, density: float, sparsify: int, key) -> np.ndarray:
+    from . import methods
+
+    if sparsify == methods.KEEP_ALL or density >= 1.0:
+        return np.ones(tau32.shape, dtype=bool)
+    if sparsify == methods.KEEP_LARGEST:
+        if density <= 0.0 or tau32.size == 0:
+            return np.zeros(tau32.shape, dtype=bool)
+        magnitude = np.abs(tau32)
+        k = methods.keep_count(density, tau32.size)
+        threshold = np.partition(magnitude, tau32.size - k)[tau32.size - k]
+        return magnitude >= threshold
+    draws = random_draw24(key[0], key[1], np.arange(tau32.size))
+    return draws < np.uint32(int(round(density * methods.DRAW_RANGE)))
+
+
+def _rescale_factor(tau32: np.ndarray, kept: np.ndarray, density: float, rescale: str) -> float:
+    from . import methods
+
+    if rescale == "none" or kept.all():
+        return 1.0
+    if rescale == "inverse_density":
+        return 1.0 / density if density > 0 else 1.0
+    before = np.abs(tau32.astype(np.float64)).sum()
+    after = np.abs(tau32.astype(np.float64))[kept].sum()
+    if before < methods.RESCALE_EPS or after < methods.RESCALE_EPS:
+        return 1.0
+    return before / after
+
+
+def method_ref(settings, tensor_name: str, base, domain, aligned):
+    """(float64 result, float64 error scale S) of a merge method on flat arrays.
+
+    S bounds the magnitude of every fp32 intermediate: a correct kernel is within 8u·S, plus
+    half an output spacing (method_error_bound)."""
+    from . import methods
+
+    b = np.asarray(base, dtype=np.float64).ravel()
+    d = np.asarray(domain, dtype=np.float64).ravel()
+    a = np.asarray(aligned, dtype=np.float64).ravel()
+    s = settings
+    if s.name == "linear":
+        coefficients = (s.w_base, s.w_domain, s.w_align)
+        divisor = sum(coefficients) if s.normalize else 1.0
+        return _combination(coefficients, (b, d, a), divisor)
+    if s.name in ("slerp", "chipalign", "slerp_vectors"):
+        return _geodesic_ref(s, b, d, a)
+    if s.name == "task_arithmetic" and s.lambda_ == 1.0 and not s.normalize:
+        return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
+                            1.0, exact=b + s.w_domain * (d - b) + s.w_align * (a - b),
+                            scale=np.abs(b) + np.abs(s.w_domain * (d - b))
+                            + np.abs(s.w_align * (a - b)))
+    return _vectors_ref(s, tensor_name, b, d, a)
+
+
+def _combination(coefficients, arrays, divisor, exact=None, scale=None):
+    if exact is None:
+        exact = sum(c * x for c, x in zip(coefficients, arrays)) / divisor
+        scale = sum(np.abs(c * x) for c, x in zip(coefficients, arrays)) / abs(divisor)
+    return exact, scale
+
+
+def _geodesic_ref(s, b, d, a):
+    from . import methods
+
+    if s.name == "slerp_vectors":
+        td, ta = d - b, a - b
+        c_d, c_a = methods.slerp_coefficients(s.t, td @ td, ta @ ta, td @ ta)
+        return b + c_d * td + c_a * ta, np.abs(b) + np.abs(c_d * td) + np.abs(c_a * ta)
+    pick = (methods.slerp_coefficients if s.name == "slerp"
+            else methods.chipalign_coefficients)
+    c_d, c_a = pick(s.t, d @ d, a @ a, d @ a)
+    return _combination((0.0, c_d, c_a), (b, d, a), 1.0)
+
+
+def _vectors_ref(s, tensor_name, b, d, a):
+    from . import methods
+
+    resta = s.name == "resta"
+    weights = (1.0 if resta else s.w_domain, s.w_align)
+    densities = (s.domain_density, 1.0 if resta else s.align_density)
+    b32 = b.astype(np.float32)
+    terms32, terms64, scales = [], [], []
+    for x, weight, density, role in zip((d, a), weights, densities, ("domain", "aligned")):
+        tau32 = x.astype(np.float32) - b32
+        key = methods.stream_key(s.seed, tensor_name, role)
+        kept = _kept(tau32, density, s.sparsify, key)
+        factor = _rescale_factor(tau32, kept, density, s.rescale)
+        f32 = np.float32(factor)
+        terms32.append(np.where(kept, (tau32 * f32) * np.float32(weight), np.float32(0)))
+        terms64.append(np.where(kept, tau32.astype(np.float64) * factor * weight, 0.0))
+        scales.append(np.abs(terms64[-1]))
+    if s.sign_election:
+        up = (terms32[0] + terms32[1]) >= 0
+        agree = [np.where(up, t > 0, t < 0) for t in terms32]
+        mixed = sum(np.where(k, t, 0.0) for k, t in zip(agree, terms64))
+        divisor = sum(np.where(k, w, 0.0) for k, w in zip(agree, weights))
+        divisor = np.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = terms64[0] + terms64[1]
+        total = weights[0] + weights[1]
+        divisor = total if abs(total) >= methods.DIVISOR_EPS else 1.0
+    if not s.normalize:
+        divisor = 1.0
+    exact = b + s.lambda_ * mixed / divisor
+    # τ in fp32 is itself rounded: its error (u|x - b|) is part of what the kernel may show.
+    tau_error = sum(np.abs(x - b) * abs(w) for x, w in zip((d, a), weights))
+    scale = np.abs(b) + abs(s.lambda_) * (scales[0] + scales[1] + tau_error) / np.abs(divisor)
+    return exact, scale
+
+
+def method_error_bound(exact: np.ndarray, scale: np.ndarray, out_dtype: DType) -> np.ndarray:
+    """8u·S of fp32 evaluation plus half the output spacing (see merge_error_bound)."""
+    fp32_error = 8 * FP32_UNIT_ROUNDOFF * scale
+    return fp32_error + 0.5 * spacing(np.abs(exact) + fp32_error, out_dtype)

@@ -37,7 +37,7 @@ def test_the_inputs_are_read_once(tiny_trio, tmp_path, monkeypatch):
     original = counting.real.merge_to_files
 
     def merge_to_files(*args):
-        calls.append(len(args[8]))
+        calls.append(len(args[9]))  # the targets
         return original(*args)
 
     counting.merge_to_files = merge_to_files

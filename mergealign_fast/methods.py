@@ -1,0 +1,459 @@
+"""Merge methods: what each one computes, and how it becomes a native Recipe per tensor.
+
+Every method runs through the same streaming engine and fused kernel.  A method is a Method
+(its name and parameters, optionally varying per tensor like mergekit's filters and layer
+gradients); for each tensor, `tensor_recipe` resolves the parameters, runs the reductions the
+method needs over the tensor (fp64, in the native kernel) and returns the per-element Recipe of
+csrc/merge_operands.h.  Element values follow the formulas below; mergekit 0.1.5 is the
+reference for the semantics of the methods it has.
+
+    task_arithmetic  base + λ·(w_d τ_d + w_a τ_a)                   (MergeAlign; λ = 1 default)
+    linear           (w_b base + w_d domain + w_a aligned) / Σw     (normalize: default true)
+    ties             magnitude trim of each τ to its density, sign election by the sum of the
+                     weighted terms, disjoint mean (divide by the weights that agree)
+    dare_linear      random drop of each τ to its density, rescale, weighted sum
+    dare_ties        random drop, rescale, sign election, weighted sum
+    slerp            slerp(domain, aligned, t)           per tensor, mergekit's formula
+    slerp_vectors    base + slerp(τ_d, τ_a, t)
+    resta            domain + β·τ_a, β = w_a; optional DARE on τ_d (its density)
+    chipalign        ‖aligned‖^(1-t)·‖domain‖^t · slerp(aligned/‖aligned‖, domain/‖domain‖, t)
+
+τ_d = domain - base and τ_a = aligned - base.  The magnitude threshold is the k-th largest |τ|
+(k = max(1, int(density·n)), mergekit's count), found by a two-pass 16-bit radix selection in
+the native kernel instead of a sort; every element tied with the threshold is kept, so a tensor
+with ties keeps slightly more than k (mergekit keeps an arbitrary subset of the ties).  DARE's
+mask is a counter-based draw keyed by (seed, tensor name, model, element index): the same seed
+gives the same model on any thread count or chunking.  Rescale "l1" (mergekit's default) scales
+the kept elements so the tensor's L1 norm is unchanged; "inverse_density" is the DARE paper's
+1/p; "none" keeps them as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+from .params import check_weights
+
+# RecipeKind, Sparsify (csrc/merge_operands.h)
+TASK_ARITHMETIC, VECTORS, MODELS = 0, 1, 2
+KEEP_ALL, KEEP_LARGEST, KEEP_RANDOM = 0, 1, 2
+# kKeepLargest threshold no |τ| reaches: |τ|'s bits are at most 0x7fffffff (a NaN).
+KEEP_NONE_BITS = 0x80000000
+# Draws are 24-bit: keep_below = density · 2^24.
+DRAW_RANGE = 1 << 24
+# mergekit: norms below this leave a tensor unrescaled (rescaled_masked_tensor's eps) ...
+RESCALE_EPS = 1e-7
+# ... a summed weight below this is not divided by (generalized task arithmetic) ...
+DIVISOR_EPS = 1e-8
+# ... and SLERP treats norms below this as 1 and |cos| above this as collinear (linear blend).
+SLERP_NORM_EPS = 1e-8
+SLERP_DOT_THRESHOLD = 0.9995
+
+RESCALES = ("l1", "inverse_density", "none")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method accepts and its defaults (mergekit's, where mergekit has the method)."""
+
+    parameters: Tuple[str, ...]
+    normalize: bool = False
+    rescale: str = "none"
+    sparsify: int = KEEP_ALL
+    sign_election: bool = False
+
+
+_VECTOR_PARAMS = ("weight", "density", "lambda", "normalize", "rescale")
+METHODS: Dict[str, MethodInfo] = {
+    "task_arithmetic": MethodInfo(("weight", "lambda", "normalize")),
+    "linear": MethodInfo(("weight", "normalize"), normalize=True),
+    "ties": MethodInfo(_VECTOR_PARAMS, normalize=True, sparsify=KEEP_LARGEST,
+                       sign_election=True),
+    "dare_linear": MethodInfo(_VECTOR_PARAMS + ("seed",), rescale="l1", sparsify=KEEP_RANDOM),
+    "dare_ties": MethodInfo(_VECTOR_PARAMS + ("seed",), rescale="l1", sparsify=KEEP_RANDOM,
+                            sign_election=True),
+    "slerp": MethodInfo(("t",)),
+    "slerp_vectors": MethodInfo(("t",)),
+    "resta": MethodInfo(("weight", "density", "rescale", "seed"), rescale="inverse_density",
+                        sparsify=KEEP_RANDOM),
+    "chipalign": MethodInfo(("t",)),
+}
+
+# A mergekit-style parameter value: a scalar, a layer gradient (tuple of numbers), or
+# filter rules ((substring or None, value), ...), the first matching rule winning.
+Setting = Union[float, int, bool, str, Tuple]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A parameter's setting for one model role (None: every model / shared)."""
+
+    parameter: str
+    role: Optional[str]
+    setting: Setting
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method and its parameters.  Weights live in MergeOptions (domain_weight,
+    align_weight); `rules` override any parameter per tensor (mergekit filters and gradients)."""
+
+    name: str = "task_arithmetic"
+    domain_density: float = 1.0
+    align_density: float = 1.0
+    lambda_: float = 1.0
+    normalize: Optional[bool] = None  # None: the method's default
+    rescale: Optional[str] = None     # None: the method's default
+    seed: int = 0
+    t: float = 0.5
+    base_weight: float = 0.0  # linear: weight of the base model itself
+    rules: Tuple[Rule, ...] = field(default=())
+
+    @property
+    def info(self) -> MethodInfo:
+        return METHODS[self.name]
+
+    def problems(self) -> List[str]:
+        """Everything wrong with the parameters, one line each (checked before any tensor)."""
+        if self.name not in METHODS:
+            return [f"unknown merge method {self.name!r}: choose one of {', '.join(METHODS)}"]
+        problems = []
+        for label, value in (("density", self.domain_density), ("density", self.align_density)):
+            if not 0.0 <= value <= 1.0:
+                problems.append(f"{self.name}: {label} must be between 0 and 1 (got {value})")
+        if self.rescale is not None and self.rescale not in RESCALES:
+            problems.append(f"{self.name}: rescale {self.rescale!r}: choose one of "
+                            f"{', '.join(RESCALES)}")
+        for label, value in (("lambda", self.lambda_), ("t", self.t),
+                             ("base weight", self.base_weight)):
+            if not math.isfinite(value):
+                problems.append(f"{self.name}: {label} must be finite (got {value})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"{self.name}: seed must be a non-negative integer (got {self.seed})")
+        return problems
+
+
+@dataclass(frozen=True)
+class TensorSettings:
+    """A method's parameters resolved for one tensor."""
+
+    name: str
+    w_domain: float
+    w_align: float
+    w_base: float
+    domain_density: float
+    align_density: float
+    lambda_: float
+    normalize: bool
+    rescale: str
+    seed: int
+    t: float
+    sparsify: int
+    sign_election: bool
+
+
+LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """mergekit's gradient coordinate: layer i of n is at i/(n-1); tensors outside the layers
+    (embeddings, final norm, lm_head) are at 0."""
+    match = LAYER_INDEX.search(tensor_name)
+    if not match or num_layers <= 1:
+        return 1.0 if match else 0.0
+    return int(match.group(1)) / (num_layers - 1)
+
+
+def evaluate(setting: Setting, tensor_name: str, position: float):
+    """A mergekit parameter setting's value for one tensor; None when no filter matches."""
+    if isinstance(setting, tuple) and setting and isinstance(setting[0], tuple):
+        for pattern, value in setting:
+            if pattern in (None, "*") or pattern in tensor_name:
+                return evaluate(value, tensor_name, position)
+        return None
+    if isinstance(setting, tuple):
+        if not setting:
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            return setting[int(position * (len(setting) - 1))]
+        scaled = position * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
+            w_align: float) -> TensorSettings:
+    """The parameters of one tensor: the first rule (model-specific before shared) whose
+    setting applies to the tensor, else the method's value."""
+
+    def value(parameter: str, role: Optional[str], default):
+        for scope in ((role, None) if role else (None,)):
+            for rule in method.rules:
+                if rule.parameter == parameter and rule.role == scope:
+                    found = evaluate(rule.setting, tensor_name, position)
+                    if found is not None:
+                        return found
+        return default
+
+    info = method.info
+    return TensorSettings(
+        name=method.name,
+        w_domain=float(value("weight", "domain", w_domain)),
+        w_align=float(value("weight", "aligned", w_align)),
+        w_base=float(value("weight", "base", method.base_weight)),
+        domain_density=float(value("density", "domain", method.domain_density)),
+        align_density=float(value("density", "aligned", method.align_density)),
+        lambda_=float(value("lambda", None, method.lambda_)),
+        normalize=bool(value("normalize", None, info.normalize if method.normalize is None
+                             else method.normalize)),
+        rescale=str(value("rescale", None, method.rescale or info.rescale)),
+        seed=int(value("seed", None, method.seed)),
+        t=float(value("t", None, method.t)),
+        sparsify=info.sparsify,
+        sign_election=info.sign_election,
+    )
+
+
+def settings_problems(s: TensorSettings, tensor_name: str) -> List[str]:
+    """Per-tensor values a rule may have pushed out of range."""
+    problems = []
+    try:
+        check_weights(s.w_domain, s.w_align)
+    except ValueError as exc:
+        problems.append(f"tensor {tensor_name}: {exc}")
+    for label, density in (("domain", s.domain_density), ("aligned", s.align_density)):
+        if not 0.0 <= density <= 1.0:
+            problems.append(f"tensor {tensor_name}: {label} density must be between 0 and 1 "
+                            f"(got {density})")
+    if s.rescale not in RESCALES:
+        problems.append(f"tensor {tensor_name}: rescale {s.rescale!r}: choose one of "
+                        f"{', '.join(RESCALES)}")
+    if s.name == "linear" and s.normalize and s.w_base + s.w_domain + s.w_align == 0:
+        problems.append(f"tensor {tensor_name}: linear weights sum to 0 and cannot be "
+                        "normalized: set normalize false or change the weights")
+    return problems
+
+
+# ---- per-tensor recipes -----------------------------------------------------------------------
+
+def stream_key(seed: int, tensor_name: str, role: str) -> Tuple[int, int]:
+    """The (lo, hi) 32-bit key of a model's random stream in one tensor."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{role}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def keep_count(density: float, count: int) -> int:
+    """Elements a magnitude trim keeps: mergekit's max(1, int(density·n))."""
+    return max(1, int(density * count))
+
+
+def slerp_coefficients(t: float, xx: float, yy: float, xy: float) -> Tuple[float, float]:
+    """(c_x, c_y) with slerp(x, y, t) = c_x·x + c_y·y, from Σx², Σy², Σxy (mergekit's formula:
+    angle of the normalised vectors, linear blend when nearly collinear)."""
+    nx = math.sqrt(xx)
+    ny = math.sqrt(yy)
+    nx = nx if nx > SLERP_NORM_EPS else 1.0
+    ny = ny if ny > SLERP_NORM_EPS else 1.0
+    dot = min(1.0, max(-1.0, xy / (nx * ny)))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def chipalign_coefficients(t: float, dd: float, aa: float, da: float) -> Tuple[float, float]:
+    """(c_d, c_a) with ChipAlign = c_d·domain + c_a·aligned: the slerp of the unit tensors
+    aligned/‖aligned‖ -> domain/‖domain‖ at t, scaled to ‖aligned‖^(1-t)·‖domain‖^t.  A zero
+    tensor has no direction: then it is the linear blend (1-t)·aligned + t·domain."""
+    nd, na = math.sqrt(dd), math.sqrt(aa)
+    if nd <= SLERP_NORM_EPS or na <= SLERP_NORM_EPS:
+        return t, 1.0 - t
+    c_a, c_d = slerp_coefficients(t, 1.0, 1.0, da / (nd * na))
+    scale = na ** (1.0 - t) * nd ** t
+    return scale * c_d / nd, scale * c_a / na
+
+
+class TensorPasses:
+    """Reductions over one tensor's three inputs, for the recipes that need them.
+
+    `windows()` yields the tensor in windows, each a tuple (base, domain, aligned addresses,
+    (dtype codes), count, first element index, release callback); each result is computed once
+    and cached, so the recipes of a sweep share the passes."""
+
+    def __init__(self, native, windows, threads: int):
+        self.native = native
+        self.windows = windows
+        self.threads = threads
+        self._cache: Dict[tuple, object] = {}
+
+    def _each(self, call) -> None:
+        for addresses, dtypes, count, first, release in self.windows():
+            call(addresses, dtypes, count, first)
+            release()
+
+    def vector_stats(self) -> Tuple[float, ...]:
+        if "stats" not in self._cache:
+            sums = [0.0] * 8
+
+            def add(addresses, dtypes, count, first):
+                part = self.native.vector_stats(addresses[0], dtypes[0], addresses[1],
+                                                dtypes[1], addresses[2], dtypes[2], count,
+                                                self.threads)
+                for i, v in enumerate(part):
+                    sums[i] += v
+
+            self._each(add)
+            self._cache["stats"] = tuple(sums)
+        return self._cache["stats"]
+
+    def magnitude_thresholds(self, k_domain: Optional[int],
+                             k_align: Optional[int]) -> Tuple[int, int]:
+        """fp32 bit patterns of the k-th largest |τ_d| and |τ_a| (None: not needed)."""
+        key = ("threshold", k_domain, k_align)
+        if key not in self._cache:
+            ks = (k_domain, k_align)
+            high = self._histogram([-1 if k else -2 for k in ks])
+            picks = [self.native.select_kth_largest(high, m, k) if k else (-2, 0)
+                     for m, k in enumerate(ks)]
+            low = self._histogram([bin_ if bin_ >= 0 else -2 for bin_, _ in picks])
+            bits = []
+            for m, (k, (bin_, above)) in enumerate(zip(ks, picks)):
+                if not k or bin_ < 0:  # not needed, or fewer than k elements: keep all
+                    bits.append(0)
+                    continue
+                low_bin, _ = self.native.select_kth_largest(low, m, k - above)
+                bits.append((bin_ << 16) | low_bin)
+            self._cache[key] = tuple(bits)
+        return self._cache[key]
+
+    def _histogram(self, prefixes) -> bytearray:
+        hist = bytearray(2 * 65536 * 8)
+        if all(p == -2 for p in prefixes):
+            return hist
+
+        def add(addresses, dtypes, count, first):
+            self.native.magnitude_histogram(addresses[0], dtypes[0], addresses[1], dtypes[1],
+                                            addresses[2], dtypes[2], count, prefixes[0],
+                                            prefixes[1], hist, self.threads)
+
+        self._each(add)
+        return hist
+
+    def l1_norms(self, recipe) -> Tuple[float, float, float, float]:
+        """(‖τ_d‖₁, ‖kept τ_d‖₁, ‖τ_a‖₁, ‖kept τ_a‖₁) under the recipe's masks."""
+        key = ("l1",) + tuple(_term_key(t) for t in (recipe.domain, recipe.align))
+        if key not in self._cache:
+            sums = [0.0] * 4
+
+            def add(addresses, dtypes, count, first):
+                part = self.native.sparsity_stats(addresses[0], dtypes[0], addresses[1],
+                                                  dtypes[1], addresses[2], dtypes[2], count,
+                                                  first, recipe, self.threads)
+                for i, v in enumerate(part):
+                    sums[i] += v
+
+            self._each(add)
+            self._cache[key] = tuple(sums)
+        return self._cache[key]
+
+
+def _term_key(term) -> tuple:
+    return (term.sparsify, term.min_magnitude_bits, term.keep_below, term.key_lo, term.key_hi)
+
+
+def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: TensorPasses):
+    """The native Recipe of one tensor under resolved settings (runs the passes it needs)."""
+    recipe = native.Recipe()
+    if s.name == "task_arithmetic" and s.lambda_ == 1.0 and not s.normalize:
+        return _weights_recipe(recipe, TASK_ARITHMETIC, s.w_domain, s.w_align)
+    if s.name == "linear":
+        recipe = _weights_recipe(recipe, MODELS, s.w_domain, s.w_align)
+        recipe.base_weight = s.w_base
+        total = s.w_base + s.w_domain + s.w_align
+        recipe.divisor = total if s.normalize else 1.0
+        return recipe
+    if s.name in ("slerp", "slerp_vectors", "chipalign"):
+        return _geodesic_recipe(recipe, s, passes)
+    return _vectors_recipe(native, recipe, s, tensor_name, count, passes)
+
+
+def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
+    recipe.kind = kind
+    recipe.domain.weight = w_domain
+    recipe.align.weight = w_align
+    return recipe
+
+
+def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
+    stats = passes.vector_stats()
+    if s.name == "slerp_vectors":  # base + c_d·τ_d + c_a·τ_a
+        c_d, c_a = slerp_coefficients(s.t, stats[0], stats[1], stats[2])
+        return _weights_recipe(recipe, TASK_ARITHMETIC, c_d, c_a)
+    if s.name == "slerp":
+        c_d, c_a = slerp_coefficients(s.t, stats[5], stats[6], stats[7])
+    else:
+        c_d, c_a = chipalign_coefficients(s.t, stats[5], stats[6], stats[7])
+    return _weights_recipe(recipe, MODELS, c_d, c_a)
+
+
+def _vectors_recipe(native, recipe, s: TensorSettings, tensor_name: str, count: int,
+                    passes: TensorPasses):
+    recipe.kind = VECTORS
+    recipe.sign_election = int(s.sign_election)
+    recipe.normalize = int(s.normalize)
+    recipe.lambda_ = s.lambda_
+    w_domain = 1.0 if s.name == "resta" else s.w_domain  # RESTA keeps the whole expert
+    densities = (s.domain_density, 1.0 if s.name == "resta" else s.align_density)
+    terms = (recipe.domain, recipe.align)
+    for term, weight in zip(terms, (w_domain, s.w_align)):
+        term.weight = weight
+    total = w_domain + s.w_align
+    recipe.divisor = total if abs(total) >= DIVISOR_EPS else 1.0
+    if s.sparsify == KEEP_LARGEST:
+        wanted = [keep_count(d, count) if 0.0 < d < 1.0 else None for d in densities]
+        bits = passes.magnitude_thresholds(*wanted)
+        for term, density, threshold in zip(terms, densities, bits):
+            _trim(term, density, threshold)
+    elif s.sparsify == KEEP_RANDOM:
+        for term, density, role in zip(terms, densities, ("domain", "aligned")):
+            _drop(term, density, stream_key(s.seed, tensor_name, role))
+    _rescale(terms, densities, s.rescale, passes, recipe)
+    return recipe
+
+
+def _trim(term, density: float, threshold_bits: int) -> None:
+    if density >= 1.0:
+        return
+    term.sparsify = KEEP_LARGEST
+    term.min_magnitude_bits = threshold_bits if density > 0.0 else KEEP_NONE_BITS
+
+
+def _drop(term, density: float, key: Tuple[int, int]) -> None:
+    if density >= 1.0:
+        return
+    term.sparsify = KEEP_RANDOM
+    term.keep_below = int(round(density * DRAW_RANGE))
+    term.key_lo, term.key_hi = key
+
+
+def _rescale(terms, densities, rescale: str, passes: TensorPasses, recipe) -> None:
+    active = [t.sparsify != KEEP_ALL for t in terms]
+    if rescale == "none" or not any(active):
+        return
+    if rescale == "inverse_density":
+        for term, density, on in zip(terms, densities, active):
+            if on and density > 0.0:
+                term.scale = 1.0 / density
+        return
+    norms = passes.l1_norms(recipe)
+    for m, (term, on) in enumerate(zip(terms, active)):
+        before, after = norms[2 * m], norms[2 * m + 1]
+        if on and before >= RESCALE_EPS and after >= RESCALE_EPS:
+            term.scale = before / after
