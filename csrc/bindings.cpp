@@ -235,6 +235,53 @@ PYBIND11_MODULE(_native, m) {
       "(bin holding the k-th largest value, count in higher bins); bin -1 if fewer than k.");
 
   m.def(
+      "count_magnitude_ties",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int64_t count, uint32_t bits_domain, uint32_t bits_align,
+         int threads) {
+        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                                aligned_dtype, kF32, count, 0.0, 0.0);
+        const uint32_t bits[2] = {bits_domain, bits_align};
+        int64_t counts[2] = {0, 0};
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = count_magnitude_ties_cpu(ops, bits, threads, counts);
+        }
+        raise_input_fault(err);
+        return py::make_tuple(counts[0], counts[1]);
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("bits_domain"),
+      py::arg("bits_align"), py::arg("threads"),
+      "(elements whose |tau_d| has the fp32 bits bits_domain, same for tau_a).");
+
+  m.def(
+      "nth_magnitude_tie",
+      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
+         int aligned_dtype, int64_t count, int64_t first_index, int model, uint32_t bits,
+         int64_t n) {
+        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
+                                          aligned_dtype, kF32, count, 0.0, 0.0);
+        ops.first_index = first_index;
+        if (model != 0 && model != 1) throw py::value_error("model must be 0 or 1");
+        if (n < 1) throw py::value_error("n must be at least 1");
+        int64_t index;
+        int err;
+        {
+          py::gil_scoped_release no_gil;
+          err = nth_magnitude_tie(ops, model, bits, n, &index);
+        }
+        raise_input_fault(err);
+        return index;
+      },
+      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
+      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("first_index"),
+      py::arg("model"), py::arg("bits"), py::arg("n"),
+      "Tensor index of the n-th element (index order) whose |tau| has the fp32 bits `bits`; "
+      "-1 if fewer.");
+
+  m.def(
       "sparsity_stats",
       [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
          int aligned_dtype, int64_t count, int64_t first_index, const Recipe& recipe,
@@ -266,6 +313,7 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("scale", &VectorTerm::scale)
       .def_readwrite("sparsify", &VectorTerm::sparsify)
       .def_readwrite("min_magnitude_bits", &VectorTerm::min_magnitude_bits)
+      .def_readwrite("last_tie_index", &VectorTerm::last_tie_index)
       .def_readwrite("keep_below", &VectorTerm::keep_below)
       .def_readwrite("key_lo", &VectorTerm::key_lo)
       .def_readwrite("key_hi", &VectorTerm::key_hi);

@@ -288,22 +288,31 @@ int write_all(int fd, const unsigned char* data, int64_t bytes, int64_t offset) 
   return 0;
 }
 
+// Runs work() with input faults armed; false when an input page vanished under it (SIGBUS,
+// see above).  work is not inlined here: its loop counters must not live in this frame, which
+// siglongjmp returns to.
+template <typename Work>
+bool run_guarded(const Work& work) {
+  sigjmp_buf input_fault;
+  if (sigsetjmp(input_fault, 1) != 0) {
+    t_input_fault = nullptr;
+    return false;
+  }
+  t_input_fault = &input_fault;
+  work();
+  t_input_fault = nullptr;
+  return true;
+}
+
 // parallel_slices for passes that only read the inputs: a thread whose input pages vanish
-// (SIGBUS, see above) stops, and the call returns EFAULT instead of killing the process.
+// stops, and the call returns EFAULT instead of killing the process.
 template <typename Body>
 int guarded_slices(int64_t count, int threads, int64_t granule, Body body) {
   std::atomic<int> fault{0};
   install_sigbus_handler();
   parallel_slices(count, threads, granule, [&](int t, int64_t begin, int64_t end) {
-    sigjmp_buf input_fault;
-    if (sigsetjmp(input_fault, 1) != 0) {
-      t_input_fault = nullptr;
-      fault.store(EFAULT);
-      return;
-    }
-    t_input_fault = &input_fault;
-    body(t, begin, end);
-    t_input_fault = nullptr;
+    auto work = [&]() __attribute__((noinline)) { body(t, begin, end); };
+    if (!run_guarded(work)) fault.store(EFAULT);
   });
   return fault.load();
 }
@@ -489,7 +498,60 @@ void sparsity_range(const MergeOperands& ops, const Recipe& r, int64_t begin, in
   *stats = local;
 }
 
+MA_CPU_CLONES
+void ties_range(const MergeOperands& ops, const uint32_t* bits, int64_t begin, int64_t end,
+                int64_t* counts) {
+  for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
+                                     int64_t n) __attribute__((always_inline)) {
+    const float* model[2] = {d, a};
+    for (int m = 0; m < 2; ++m) {
+      int64_t c = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        c += (float_bits(ma_sub(model[m][i], b[i])) & 0x7fffffffu) == bits[m];
+      }
+      counts[m] += c;
+    }
+  });
+}
+
 }  // namespace
+
+int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], int threads,
+                             int64_t counts[2]) {
+  if (ops.count <= 0) return 0;
+  const int n_threads = effective_threads(ops.count, threads);
+  std::vector<int64_t> partial(size_t(n_threads) * 2, 0);
+  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
+    ties_range(ops, bits, b, e, &partial[size_t(t) * 2]);
+  });
+  if (err != 0) return err;
+  for (int t = 0; t < n_threads; ++t) {
+    counts[0] += partial[size_t(t) * 2];
+    counts[1] += partial[size_t(t) * 2 + 1];
+  }
+  return 0;
+}
+
+int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
+                      int64_t* index) {
+  const unsigned char* x = model == 0 ? ops.domain : ops.aligned;
+  const int dtype = model == 0 ? ops.domain_dtype : ops.aligned_dtype;
+  *index = -1;
+  int64_t found = -1;
+  const int err = guarded_slices(ops.count, 1, kTile, [&](int, int64_t begin, int64_t end) {
+    int64_t remaining = n;
+    for (int64_t i = begin; i < end; ++i) {
+      const float tau = ma_sub(load_as_f32(x, i, dtype), load_as_f32(ops.base, i, ops.base_dtype));
+      if ((float_bits(tau) & 0x7fffffffu) == bits && --remaining == 0) {
+        found = ops.first_index + i;
+        return;
+      }
+    }
+  });
+  if (err != 0) return err;
+  *index = found;
+  return 0;
+}
 
 int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
                             int threads) {

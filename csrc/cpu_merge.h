@@ -69,6 +69,17 @@ struct Selection {
 };
 Selection select_kth_largest(const int64_t* row, int64_t k);
 
+// Ties at a magnitude threshold: counts[m] += elements whose |tau| has exactly the fp32 bits
+// bits[m] (m = 0: tau_d, 1: tau_a; bits[m] = 0xffffffff skips the model).
+int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], int threads,
+                             int64_t counts[2]);
+
+// *index = the index (ops.first_index based) of the n-th element, n >= 1, in index order whose
+// |tau| (model m) has exactly the fp32 bits `bits`, or -1 when there are fewer than n.  One
+// thread: it scans a single window of a tensor, once per trimmed tensor.  Returns 0 or EFAULT.
+int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
+                      int64_t* index);
+
 // L1 norms of the task vectors before and after the recipe's sparsification (fp64), for DARE's
 // and TIES' rescale: index 0 for tau_d, 1 for tau_a.
 struct SparsityStats {

@@ -176,7 +176,9 @@ MA_HD uint32_t random_draw24(uint32_t key_lo, uint32_t key_hi, int64_t index) {
 MA_HD bool term_keeps(const VectorTerm& term, float tau, int64_t index) {
   if (term.sparsify == kKeepLargest) {
     // |tau| as bits: for non-negative floats the bit patterns order like the values.
-    return (float_bits(tau) & 0x7fffffffu) >= term.min_magnitude_bits;
+    const uint32_t magnitude = float_bits(tau) & 0x7fffffffu;
+    return magnitude > term.min_magnitude_bits ||
+           (magnitude == term.min_magnitude_bits && index <= term.last_tie_index);
   }
   if (term.sparsify == kKeepRandom) {
     return random_draw24(term.key_lo, term.key_hi, index) < term.keep_below;

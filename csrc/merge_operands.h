@@ -45,7 +45,10 @@ struct VectorTerm {
   float weight = 0.0f;
   float scale = 1.0f;  // rescale of the kept elements (DARE), 1 when none
   int sparsify = kKeepAll;
-  uint32_t min_magnitude_bits = 0;  // kKeepLargest: keep when the fp32 bits of |tau| are >= this
+  // kKeepLargest: keep when the fp32 bits of |tau| exceed this, or equal it at an element index
+  // <= last_tie_index (ties at the threshold go to the lowest indices, so exactly k are kept).
+  uint32_t min_magnitude_bits = 0;
+  int64_t last_tie_index = INT64_MAX;
   uint32_t keep_below = 0;          // kKeepRandom: keep when the 24-bit draw is < this
   uint32_t key_lo = 0;              // kKeepRandom: the stream of (seed, tensor, model)
   uint32_t key_hi = 0;

@@ -35,15 +35,88 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync of the output (faster; not durable across power loss)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_method_args(p)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS, RESCALES
+
+    group = p.add_argument_group("merge method (see README: Merge methods)")
+    group.add_argument("--method", default="task_arithmetic", choices=list(METHODS),
+                       help="default task_arithmetic: MergeAlign's base + w_d τ_d + w_a τ_a")
+    group.add_argument("--density", type=float, default=None, metavar="P",
+                       help="ties/dare/resta: fraction of each task vector kept (default 1)")
+    group.add_argument("--domain-density", type=float, default=None, metavar="P",
+                       help="density of τ_d alone")
+    group.add_argument("--align-density", type=float, default=None, metavar="P",
+                       help="density of τ_a alone")
+    group.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="L",
+                       help="task_arithmetic/ties/dare: scale of the combined vector (default 1)")
+    group.add_argument("--normalize", dest="normalize", action="store_true", default=None,
+                       help="divide by the summed weights (default: on for linear and ties)")
+    group.add_argument("--no-normalize", dest="normalize", action="store_false")
+    group.add_argument("--rescale", choices=RESCALES, default=None,
+                       help="after dropping: l1 (default for dare, mergekit's), inverse_density "
+                            "(1/p, default for resta) or none (default for ties)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="dare/resta: seed of the random masks (default 0)")
+    group.add_argument("--t", type=float, default=None,
+                       help="slerp/slerp_vectors/chipalign: 0 = aligned, 1 = domain (default 0.5)")
+    group.add_argument("--base-weight", type=float, default=None, metavar="W",
+                       help="linear: weight of the base model itself (default 0)")
+
+
+# Command-line flag -> the method parameter it sets (methods.METHODS lists what each accepts).
+_METHOD_FLAGS = {"density": "density", "domain_density": "density",
+                 "align_density": "density", "lambda_": "lambda", "normalize": "normalize",
+                 "rescale": "rescale", "seed": "seed", "t": "t", "base_weight": "weight",
+                 "domain_weight": "weight", "align_weight": "weight"}
+
+
+def _method_from_args(args: argparse.Namespace):
+    """The Method the flags describe; MergeError for a flag the method does not take."""
+    from .methods import METHODS, Method
+
+    accepted = METHODS[args.method].parameters
+    problems = [f"--{flag.rstrip('_').replace('_', '-')} does not apply to {args.method} (it "
+                f"takes: {', '.join(accepted) or 'nothing'})"
+                for flag, parameter in _METHOD_FLAGS.items()
+                if getattr(args, flag, None) is not None and parameter not in accepted]
+    if args.base_weight is not None and args.method != "linear":
+        problems.append("--base-weight applies to linear only")
+    if args.method == "resta" and getattr(args, "domain_weight", None) is not None:
+        problems.append("--domain-weight does not apply to resta: the expert is kept whole "
+                        "(--align-weight is β)")
+    if problems:
+        raise MergeError("\n".join(dict.fromkeys(problems)))
+
+    def given(value, default):
+        return default if value is None else value
+
+    density = given(args.density, 1.0)
+    method = Method(args.method, given(args.domain_density, density),
+                    given(args.align_density, density), given(args.lambda_, 1.0),
+                    args.normalize, args.rescale, given(args.seed, 0), given(args.t, 0.5),
+                    given(args.base_weight, 0.0))
+    problems = method.problems()
+    if problems:
+        raise MergeError("\n".join(problems))
+    return method
+
+
+def _weights(args: argparse.Namespace):
+    """(w_d, w_a): 0.5 each unless given."""
+    return (0.5 if args.domain_weight is None else args.domain_weight,
+            0.5 if args.align_weight is None else args.align_weight)
 
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
     _add_output_args(p)
     p.add_argument("-o", "--out", required=True, help="output folder (created; see --force)")
-    p.add_argument("--domain-weight", type=float, default=0.5, metavar="W",
+    p.add_argument("--domain-weight", type=float, default=None, metavar="W",
                    help="weight of (domain - base) (default 0.5, the paper's equal mix)")
-    p.add_argument("--align-weight", type=float, default=0.5, metavar="W",
-                   help="weight of (aligned - base) (default 0.5)")
+    p.add_argument("--align-weight", type=float, default=None, metavar="W",
+                   help="weight of (aligned - base) (default 0.5; resta: β)")
     p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N to merge "
                    "on a GPU, streaming through a fixed device-memory budget")
     p.add_argument("--gpu-memory", default="2GiB", metavar="SIZE",
@@ -65,6 +138,17 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("-o", "--out", required=True,
                        help="folder that receives lambda-<λ>/ for each λ")
     sweep.add_argument("--lambdas", required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
+    run = sub.add_parser("run", help="run a mergekit YAML config (models, base_model, "
+                         "merge_method, parameters, dtype) through this engine")
+    run.add_argument("config", help="mergekit YAML file; model paths are local folders, "
+                     "relative to the file")
+    run.add_argument("out", help="output folder (created; see --force)")
+    run.add_argument("--max-shard-size", default="5GB", metavar="SIZE")
+    run.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    run.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--no-fsync", dest="fsync", action="store_false")
+    run.add_argument("--quiet", action="store_true")
     demo = sub.add_parser("demo", help="build a ~156M-parameter Llama trio, merge it, check it")
     demo.add_argument("--cache-dir", default=None, help="where the demo models live "
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
@@ -121,7 +205,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     out_dtype, shard_size = _parsed_output_args(args)
     lambdas = _user_value(parse_lambdas, args.lambdas)
+    args.domain_weight = args.align_weight = None  # the sweep sets them
     results = sweep_checkpoints(args.base, args.domain, args.aligned, args.out, lambdas,
+                                method=_method_from_args(args),
                                 out_dtype=out_dtype, max_shard_size=shard_size,
                                 tokenizer_from=args.tokenizer_from, force=args.force,
                                 resume=args.resume, threads=args.threads, fsync=args.fsync,
@@ -137,10 +223,28 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     out_dtype, shard_size = _parsed_output_args(args)
     gpu_memory = _user_value(parse_size, args.gpu_memory)
-    options = MergeOptions(args.domain_weight, args.align_weight, out_dtype, shard_size,
-                           args.tokenizer_from, args.force, args.threads, args.fsync,
-                           args.device, gpu_memory, args.backend, args.resume)
+    method = _method_from_args(args)
+    options = MergeOptions(*_weights(args), out_dtype, shard_size, args.tokenizer_from,
+                           args.force, args.threads, args.fsync, args.device, gpu_memory,
+                           args.backend, args.resume, method)
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
+    _print_result(execute(plan, show_progress=not args.quiet))
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from .engine import execute
+    from .mergekit_config import load
+    from .plan import MergeOptions, parse_size, plan_merge
+
+    shard_size = _user_value(parse_size, args.max_shard_size)
+    config = load(args.config)
+    # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
+    nan = float("nan")
+    options = MergeOptions(nan, nan, config.out_dtype, shard_size, config.tokenizer_from,
+                           args.force, args.threads, args.fsync, resume=args.resume,
+                           method=config.method)
+    plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
     _print_result(execute(plan, show_progress=not args.quiet))
     return 0
 
@@ -220,6 +324,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_merge(args)
         if args.command == "sweep":
             return _run_sweep(args)
+        if args.command == "run":
+            return _run_config(args)
         if args.command == "inspect":
             return _run_inspect(args)
         if args.command == "verify":

@@ -13,15 +13,17 @@ reference for the semantics of the methods it has.
                      weighted terms, disjoint mean (divide by the weights that agree)
     dare_linear      random drop of each τ to its density, rescale, weighted sum
     dare_ties        random drop, rescale, sign election, weighted sum
-    slerp            slerp(domain, aligned, t)           per tensor, mergekit's formula
-    slerp_vectors    base + slerp(τ_d, τ_a, t)
+    slerp            slerp(aligned, domain, t)           per tensor, mergekit's formula
+    slerp_vectors    base + slerp(τ_a, τ_d, t)
     resta            domain + β·τ_a, β = w_a; optional DARE on τ_d (its density)
     chipalign        ‖aligned‖^(1-t)·‖domain‖^t · slerp(aligned/‖aligned‖, domain/‖domain‖, t)
 
-τ_d = domain - base and τ_a = aligned - base.  The magnitude threshold is the k-th largest |τ|
+τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
+(t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.  The magnitude threshold is the k-th largest |τ|
 (k = max(1, int(density·n)), mergekit's count), found by a two-pass 16-bit radix selection in
-the native kernel instead of a sort; every element tied with the threshold is kept, so a tensor
-with ties keeps slightly more than k (mergekit keeps an arbitrary subset of the ties).  DARE's
+the native kernel instead of a sort.  Exactly k elements are kept: of the elements tied with the
+threshold (common in bf16 models), the first in index order (mergekit keeps an arbitrary subset
+of them: torch's argsort is not stable).  DARE's
 mask is a counter-based draw keyed by (seed, tensor name, model, element index): the same seed
 gives the same model on any thread count or chunking.  Rescale "l1" (mergekit's default) scales
 the kept elements so the tensor's L1 norm is unchanged; "inverse_density" is the DARE paper's
@@ -43,6 +45,9 @@ TASK_ARITHMETIC, VECTORS, MODELS = 0, 1, 2
 KEEP_ALL, KEEP_LARGEST, KEEP_RANDOM = 0, 1, 2
 # kKeepLargest threshold no |τ| reaches: |τ|'s bits are at most 0x7fffffff (a NaN).
 KEEP_NONE_BITS = 0x80000000
+# last_tie_index that keeps every tie (INT64_MAX), and tie bits no |τ| has (skips a model).
+ALL_TIES = 2**63 - 1
+NO_TIE_BITS = 0xFFFFFFFF
 # Draws are 24-bit: keep_below = density · 2^24.
 DRAW_RANGE = 1 << 24
 # mergekit: norms below this leave a tensor unrescaled (rescaled_masked_tensor's eps) ...
@@ -122,7 +127,8 @@ class Method:
         if self.name not in METHODS:
             return [f"unknown merge method {self.name!r}: choose one of {', '.join(METHODS)}"]
         problems = []
-        for label, value in (("density", self.domain_density), ("density", self.align_density)):
+        for label, value in (("domain density", self.domain_density),
+                             ("aligned density", self.align_density)):
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{self.name}: {label} must be between 0 and 1 (got {value})")
         if self.rescale is not None and self.rescale not in RESCALES:
@@ -224,10 +230,15 @@ def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
 def settings_problems(s: TensorSettings, tensor_name: str) -> List[str]:
     """Per-tensor values a rule may have pushed out of range."""
     problems = []
-    try:
-        check_weights(s.w_domain, s.w_align)
-    except ValueError as exc:
-        problems.append(f"tensor {tensor_name}: {exc}")
+    unset = [role for role, w in (("domain", s.w_domain), ("aligned", s.w_align)) if w != w]
+    if unset:  # NaN is "no value" (mergekit configs: no rule matched the tensor)
+        problems.append(f"tensor {tensor_name}: no weight for the {' and '.join(unset)} "
+                        "model: no `weight` setting matches this tensor")
+    else:
+        try:
+            check_weights(s.w_domain, s.w_align)
+        except ValueError as exc:
+            problems.append(f"tensor {tensor_name}: {exc}")
     for label, density in (("domain", s.domain_density), ("aligned", s.align_density)):
         if not 0.0 <= density <= 1.0:
             problems.append(f"tensor {tensor_name}: {label} density must be between 0 and 1 "
@@ -314,24 +325,52 @@ class TensorPasses:
         return self._cache["stats"]
 
     def magnitude_thresholds(self, k_domain: Optional[int],
-                             k_align: Optional[int]) -> Tuple[int, int]:
-        """fp32 bit patterns of the k-th largest |τ_d| and |τ_a| (None: not needed)."""
+                             k_align: Optional[int]) -> Tuple[Tuple[int, int], ...]:
+        """Per model, (fp32 bits of the k-th largest |τ|, index of the last tie to keep): the
+        elements above the threshold plus the first ties in index order make exactly k.
+        (0, ALL_TIES) where not needed or the tensor has fewer than k elements."""
         key = ("threshold", k_domain, k_align)
         if key not in self._cache:
             ks = (k_domain, k_align)
             high = self._histogram([-1 if k else -2 for k in ks])
-            picks = [self.native.select_kth_largest(high, m, k) if k else (-2, 0)
+            picks = [self.native.select_kth_largest(high, m, k) if k else (-1, 0)
                      for m, k in enumerate(ks)]
             low = self._histogram([bin_ if bin_ >= 0 else -2 for bin_, _ in picks])
-            bits = []
+            found = [(0, ALL_TIES), (0, ALL_TIES)]
+            ties_wanted = [0, 0]
             for m, (k, (bin_, above)) in enumerate(zip(ks, picks)):
                 if not k or bin_ < 0:  # not needed, or fewer than k elements: keep all
-                    bits.append(0)
                     continue
-                low_bin, _ = self.native.select_kth_largest(low, m, k - above)
-                bits.append((bin_ << 16) | low_bin)
-            self._cache[key] = tuple(bits)
+                low_bin, above_low = self.native.select_kth_largest(low, m, k - above)
+                tied = int.from_bytes(low[(m * 65536 + low_bin) * 8:][:8], "little")
+                found[m] = ((bin_ << 16) | low_bin, ALL_TIES)
+                wanted = k - above - above_low
+                ties_wanted[m] = wanted if wanted < tied else 0
+            self._cache[key] = self._last_ties(found, ties_wanted)
         return self._cache[key]
+
+    def _last_ties(self, found, wanted) -> Tuple[Tuple[int, int], ...]:
+        """`found` with the index of the wanted[m]-th tie (index order) where wanted[m] > 0."""
+        found = list(found)
+        bits = [b if w else NO_TIE_BITS for (b, _), w in zip(found, wanted)]
+        remaining = list(wanted)
+        for addresses, dtypes, count, first, release in self.windows():
+            if not any(remaining):
+                break
+            counts = self.native.count_magnitude_ties(addresses[0], dtypes[0], addresses[1],
+                                                      dtypes[1], addresses[2], dtypes[2], count,
+                                                      bits[0], bits[1], self.threads)
+            for m in (0, 1):
+                if remaining[m] and counts[m] >= remaining[m]:
+                    index = self.native.nth_magnitude_tie(
+                        addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2],
+                        dtypes[2], count, first, m, bits[m], remaining[m])
+                    found[m] = (found[m][0], index)
+                    remaining[m] = 0
+                elif remaining[m]:
+                    remaining[m] -= counts[m]
+            release()
+        return tuple(found)
 
     def _histogram(self, prefixes) -> bytearray:
         hist = bytearray(2 * 65536 * 8)
@@ -365,7 +404,8 @@ class TensorPasses:
 
 
 def _term_key(term) -> tuple:
-    return (term.sparsify, term.min_magnitude_bits, term.keep_below, term.key_lo, term.key_hi)
+    return (term.sparsify, term.min_magnitude_bits, term.last_tie_index, term.keep_below,
+            term.key_lo, term.key_hi)
 
 
 def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: TensorPasses):
@@ -394,10 +434,10 @@ def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
 def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
     stats = passes.vector_stats()
     if s.name == "slerp_vectors":  # base + c_d·τ_d + c_a·τ_a
-        c_d, c_a = slerp_coefficients(s.t, stats[0], stats[1], stats[2])
+        c_a, c_d = slerp_coefficients(s.t, stats[1], stats[0], stats[2])
         return _weights_recipe(recipe, TASK_ARITHMETIC, c_d, c_a)
     if s.name == "slerp":
-        c_d, c_a = slerp_coefficients(s.t, stats[5], stats[6], stats[7])
+        c_a, c_d = slerp_coefficients(s.t, stats[6], stats[5], stats[7])
     else:
         c_d, c_a = chipalign_coefficients(s.t, stats[5], stats[6], stats[7])
     return _weights_recipe(recipe, MODELS, c_d, c_a)
@@ -418,8 +458,8 @@ def _vectors_recipe(native, recipe, s: TensorSettings, tensor_name: str, count: 
     recipe.divisor = total if abs(total) >= DIVISOR_EPS else 1.0
     if s.sparsify == KEEP_LARGEST:
         wanted = [keep_count(d, count) if 0.0 < d < 1.0 else None for d in densities]
-        bits = passes.magnitude_thresholds(*wanted)
-        for term, density, threshold in zip(terms, densities, bits):
+        thresholds = passes.magnitude_thresholds(*wanted)
+        for term, density, threshold in zip(terms, densities, thresholds):
             _trim(term, density, threshold)
     elif s.sparsify == KEEP_RANDOM:
         for term, density, role in zip(terms, densities, ("domain", "aligned")):
@@ -428,11 +468,12 @@ def _vectors_recipe(native, recipe, s: TensorSettings, tensor_name: str, count: 
     return recipe
 
 
-def _trim(term, density: float, threshold_bits: int) -> None:
+def _trim(term, density: float, threshold: Tuple[int, int]) -> None:
     if density >= 1.0:
         return
     term.sparsify = KEEP_LARGEST
-    term.min_magnitude_bits = threshold_bits if density > 0.0 else KEEP_NONE_BITS
+    term.min_magnitude_bits, term.last_tie_index = threshold if density > 0.0 \
+        else (KEEP_NONE_BITS, ALL_TIES)
 
 
 def _drop(term, density: float, key: Tuple[int, int]) -> None:

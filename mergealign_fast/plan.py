@@ -337,10 +337,11 @@ def tensor_settings(options: MergeOptions, names: List[str]) -> Dict[str, Tensor
 
 def _option_problems(options: MergeOptions) -> List[str]:
     problems = _method_problems(options)
-    try:
-        check_weights(options.domain_weight, options.align_weight)
-    except ValueError as exc:
-        problems.append(str(exc))
+    if not options.method.rules:  # with rules, each tensor's weights are checked (plan_merge)
+        try:
+            check_weights(options.domain_weight, options.align_weight)
+        except ValueError as exc:
+            problems.append(str(exc))
     if options.max_shard_size <= 0:
         problems.append(f"max shard size must be positive (got {options.max_shard_size})")
     problems += _device_problems(options)

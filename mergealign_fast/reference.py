@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import methods
 from .dtypes import DType
 
 
@@ -108,8 +109,6 @@ def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
 
 
 def _kept(tau32: np.ndarray, density: float, sparsify: int, key) -> np.ndarray:
-    from . import methods
-
     if sparsify == methods.KEEP_ALL or density >= 1.0:
         return np.ones(tau32.shape, dtype=bool)
     if sparsify == methods.KEEP_LARGEST:
@@ -118,15 +117,16 @@ def _kept(tau32: np.ndarray, density: float, sparsify: int, key) -> np.ndarray:
         magnitude = np.abs(tau32)
         k = methods.keep_count(density, tau32.size)
         threshold = np.partition(magnitude, tau32.size - k)[tau32.size - k]
-        return magnitude >= threshold
+        above = magnitude > threshold
+        ties = magnitude == threshold  # the first ones in index order make the count exactly k
+        return above | (ties & (np.cumsum(ties) <= k - above.sum()))
     draws = random_draw24(key[0], key[1], np.arange(tau32.size))
     return draws < np.uint32(int(round(density * methods.DRAW_RANGE)))
 
 
-def _rescale_factor(tau32: np.ndarray, kept: np.ndarray, density: float, rescale: str) -> float:
-    from . import methods
-
-    if rescale == "none" or kept.all():
+def _rescale_factor(tau32: np.ndarray, kept: np.ndarray, density: float, rescale: str,
+                    sparsify: int) -> float:
+    if rescale == "none" or sparsify == methods.KEEP_ALL or density >= 1.0:
         return 1.0
     if rescale == "inverse_density":
         return 1.0 / density if density > 0 else 1.0
@@ -142,8 +142,6 @@ def method_ref(settings, tensor_name: str, base, domain, aligned):
 
     S bounds the magnitude of every fp32 intermediate: a correct kernel is within 8u·S, plus
     half an output spacing (method_error_bound)."""
-    from . import methods
-
     b = np.asarray(base, dtype=np.float64).ravel()
     d = np.asarray(domain, dtype=np.float64).ravel()
     a = np.asarray(aligned, dtype=np.float64).ravel()
@@ -170,21 +168,18 @@ def _combination(coefficients, arrays, divisor, exact=None, scale=None):
 
 
 def _geodesic_ref(s, b, d, a):
-    from . import methods
-
     if s.name == "slerp_vectors":
         td, ta = d - b, a - b
-        c_d, c_a = methods.slerp_coefficients(s.t, td @ td, ta @ ta, td @ ta)
+        c_a, c_d = methods.slerp_coefficients(s.t, ta @ ta, td @ td, td @ ta)
         return b + c_d * td + c_a * ta, np.abs(b) + np.abs(c_d * td) + np.abs(c_a * ta)
-    pick = (methods.slerp_coefficients if s.name == "slerp"
-            else methods.chipalign_coefficients)
-    c_d, c_a = pick(s.t, d @ d, a @ a, d @ a)
+    if s.name == "slerp":
+        c_a, c_d = methods.slerp_coefficients(s.t, a @ a, d @ d, d @ a)
+    else:
+        c_d, c_a = methods.chipalign_coefficients(s.t, d @ d, a @ a, d @ a)
     return _combination((0.0, c_d, c_a), (b, d, a), 1.0)
 
 
 def _vectors_ref(s, tensor_name, b, d, a):
-    from . import methods
-
     resta = s.name == "resta"
     weights = (1.0 if resta else s.w_domain, s.w_align)
     densities = (s.domain_density, 1.0 if resta else s.align_density)
@@ -194,7 +189,7 @@ def _vectors_ref(s, tensor_name, b, d, a):
         tau32 = x.astype(np.float32) - b32
         key = methods.stream_key(s.seed, tensor_name, role)
         kept = _kept(tau32, density, s.sparsify, key)
-        factor = _rescale_factor(tau32, kept, density, s.rescale)
+        factor = _rescale_factor(tau32, kept, density, s.rescale, s.sparsify)
         f32 = np.float32(factor)
         terms32.append(np.where(kept, (tau32 * f32) * np.float32(weight), np.float32(0)))
         terms64.append(np.where(kept, tau32.astype(np.float64) * factor * weight, 0.0))

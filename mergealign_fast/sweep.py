@@ -9,12 +9,14 @@ first, its own partial folder, journal, manifest, atomic rename).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from .dtypes import DType
 from .engine import MergeResult, execute_many
 from .errors import PlanError
+from .methods import Method
 from .plan import MergeOptions, disk_problem, plan_merge
 
 
@@ -41,8 +43,9 @@ def sweep_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathL
                       max_shard_size: int = MergeOptions.max_shard_size,
                       tokenizer_from: str = "aligned", force: bool = False,
                       resume: bool = False, threads: Optional[int] = None, fsync: bool = True,
-                      progress: bool = False) -> List[MergeResult]:
-    """Write out_root/lambda-<λ> for each λ (w_d = λ, w_a = 1 - λ) in one pass."""
+                      method: Method = Method(), progress: bool = False) -> List[MergeResult]:
+    """Write out_root/lambda-<λ> for each λ (w_d = λ, w_a = 1 - λ, and t = λ for the SLERP
+    family: every method's "how far toward the domain expert") in one pass."""
     out_root = Path(out_root)
     if not lambdas:
         raise PlanError(["give at least one λ"])
@@ -50,7 +53,8 @@ def sweep_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathL
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
         options = MergeOptions(lam, round(1.0 - lam, 12), out_dtype, max_shard_size,
-                               tokenizer_from, force, threads, fsync, resume=resume)
+                               tokenizer_from, force, threads, fsync, resume=resume,
+                               method=replace(method, t=lam))
         plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), options))
     needed = sum(p.output_bytes for p in plans)
     problem = disk_problem(lambda_folder(out_root, lambdas[0]), needed)

@@ -8,8 +8,10 @@ import numpy as np
 
 from . import dtypes
 from .dtypes import DType
-from .kernels import get_kernel
+from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
+from .methods import Method, TensorPasses, layer_position, resolve, settings_problems, \
+    tensor_recipe
 from .params import check_weights, default_threads
 
 
@@ -66,8 +68,13 @@ def _check_no_partial_overlap(out: Buffer, inputs: dict) -> None:
 def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float = 0.5,
                   align_weight: float = 0.5, out: Any = None,
                   out_dtype: Union[DType, str, None] = None, backend: str = "auto",
-                  threads: Optional[int] = None) -> Any:
+                  threads: Optional[int] = None, method: Union[Method, str, None] = None,
+                  name: str = "") -> Any:
     """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
+
+    `method` (a methods.Method or its name) runs another merge method on the native CPU kernel
+    instead, the weights being its w_d and w_a; `name` is the tensor's name, which keys DARE's
+    random mask (the same name and seed give the same mask as a checkpoint merge).
 
     Inputs are numpy arrays (float32/float16, bf16 as uint16 bits) or torch tensors
     (float32/float16/bfloat16) of one shape, all on the CPU or all on one CUDA device; their
@@ -93,7 +100,43 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
         raise ValueError(f"out has dtype {out_buf.dtype.short_name}, out_dtype asks "
                          f"{out_dtype.short_name}")
     _check_no_partial_overlap(out_buf, inputs)
-    kernel = get_kernel(backend, _common_device(base, domain, aligned, out))
+    device = _common_device(base, domain, aligned, out)
+    if method is not None:
+        method = Method(method) if isinstance(method, str) else method
+        problems = method.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        if device != "cpu" or backend not in ("auto", "cpu"):
+            raise ValueError(f"method {method.name} runs on the native CPU backend only")
+        _merge_with_method(inputs, out_buf, method, name, float(domain_weight),
+                           float(align_weight), threads or default_threads())
+        return out
+    kernel = get_kernel(backend, device)
     kernel(inputs["base"], inputs["domain"], inputs["aligned"], out_buf,
            float(domain_weight), float(align_weight), threads or default_threads())
     return out
+
+
+def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_domain: float,
+                       w_align: float, threads: int) -> None:
+    """One tensor through the method's reduction passes and the recipe kernel."""
+    native = cpu.native()
+    b, d, a = inputs["base"], inputs["domain"], inputs["aligned"]
+    addresses, codes = (b.address, d.address, a.address), (int(b.dtype), int(d.dtype),
+                                                          int(a.dtype))
+
+    def windows():  # the whole tensor is one window: it is in memory already
+        yield addresses, codes, out.count, 0, lambda: None
+
+    settings = resolve(method, name, layer_position(name, 0), w_domain, w_align)
+    problems = settings_problems(settings, name or "tensor")
+    if problems:
+        raise ValueError("; ".join(problems))
+    recipe = tensor_recipe(native, settings, name, out.count, TensorPasses(native, windows,
+                                                                           threads))
+    native.merge_recipe(*_interleave(addresses, codes), out.address, int(out.dtype), out.count,
+                        0, recipe, threads)
+
+
+def _interleave(addresses, codes) -> list:
+    return [x for pair in zip(addresses, codes) for x in pair]

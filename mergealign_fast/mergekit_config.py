@@ -1,0 +1,307 @@
+"""`mergealign-fast run CONFIG.yml OUT`: a mergekit YAML config through our engine.
+
+Supported: `models` (each a local model folder with optional `parameters`), `base_model`,
+`merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties, slerp, and our
+slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per
+model or shared), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).  The
+whole config is checked, and every problem reported, before any tensor is read; anything else
+(`slices`, `modules`, `tokenizer`, `chat_template`, an unknown key or parameter, a hub name
+instead of a folder) is an error naming it.
+
+Models map onto the engine's three roles (base, domain, aligned):
+  task arithmetic family (task_arithmetic, ties, dare_*, resta, slerp_vectors): base_model is
+    the base, the other models are domain then aligned (one other model: no aligned term);
+  linear: base_model (or the first model) in the base role with its own weight, the others
+    domain then aligned;
+  slerp: mergekit's t runs from base_model (t = 0) to the other model (t = 1), so base_model
+    takes the aligned role and the other the domain role (our t is "toward domain");
+  chipalign: the first model is the domain expert, the second the aligned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .dtypes import DType, parse_dtype
+from .errors import PlanError
+from .methods import METHODS, Method, Rule
+
+TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source"}
+UNSUPPORTED_TOP_LEVEL = {"slices": "layer slices", "modules": "modules",
+                         "tokenizer": "tokenizer merging", "chat_template": "chat templates"}
+MODEL_KEYS = {"model", "parameters"}
+# mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
+PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
+              "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
+              "int8_mask": None}
+PER_MODEL = {"weight", "density"}
+# merge_method -> does it need a base model.
+NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
+              "slerp"}
+NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear"}
+
+
+@dataclass
+class RunConfig:
+    """A mergekit config turned into the engine's inputs."""
+
+    base: Path
+    domain: Path
+    aligned: Path
+    method: Method
+    out_dtype: Optional[DType]
+    tokenizer_from: str  # base | domain | aligned | none
+
+
+def load(path: Path) -> RunConfig:
+    """Read and check a mergekit YAML file; PlanError lists every problem, one per line."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError([f"{path}: cannot read: {exc}"]) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise PlanError([f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}"]) \
+            from None
+    if not isinstance(raw, dict):
+        raise PlanError([f"{path}: must be a YAML mapping (merge_method, models, ...)"])
+    return _Reader(Path(path), raw).config()
+
+
+def _folder(value, config_dir: Path) -> Path:
+    """A model reference as a local folder (relative to the config file's folder)."""
+    folder = Path(str(value)).expanduser()
+    return folder if folder.is_absolute() else config_dir / folder
+
+
+class _Reader:
+    def __init__(self, path: Path, raw: dict):
+        self.path, self.raw = path, raw
+        self.problems: List[str] = []
+
+    def problem(self, text: str) -> None:
+        self.problems.append(f"{self.path}: {text}")
+
+    def config(self) -> RunConfig:
+        self._check_keys()
+        name = self.raw.get("merge_method")
+        if name not in METHODS:
+            self.problem(f"merge_method {name!r} is not supported (supported: "
+                         f"{', '.join(METHODS)})")
+        models = self._models()
+        base = self._reference(self.raw.get("base_model"), "base_model") \
+            if self.raw.get("base_model") is not None else None
+        rules = self._rules(self.raw.get("parameters"), None, name)
+        roles = self._roles(name, base, models) if name in METHODS else None
+        if roles is not None:
+            rules += self._model_rules(name, roles, models)
+            self._check_weights(name, roles, models)
+        out_dtype = self._out_dtype()
+        tokenizer_from = self._tokenizer(roles or {}, base)
+        if self.problems:
+            raise PlanError(self.problems)
+        return RunConfig(roles["base"], roles["domain"], roles["aligned"],
+                         Method(name, rules=tuple(rules)), out_dtype, tokenizer_from)
+
+    def _check_keys(self) -> None:
+        for key in self.raw:
+            if key in UNSUPPORTED_TOP_LEVEL:
+                self.problem(f"`{key}` ({UNSUPPORTED_TOP_LEVEL[key]}) is not supported; "
+                             "use `models` with `parameters` filters")
+            elif key not in TOP_LEVEL_KEYS:
+                self.problem(f"unknown key `{key}` (supported: "
+                             f"{', '.join(sorted(TOP_LEVEL_KEYS))})")
+
+    def _reference(self, value, where: str) -> Optional[Path]:
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}: expected a model folder, got {value!r}")
+            return None
+        if "+" in value:
+            self.problem(f"{where}: {value}: LoRA references (model+lora) are not supported")
+            return None
+        folder = _folder(value, self.path.parent)
+        if not folder.is_dir():
+            self.problem(f"{where}: {value}: no such local folder (hub names are not "
+                         "downloaded: give a local path)")
+            return None
+        return folder
+
+    def _models(self) -> List[Tuple[Path, dict]]:
+        entries = self.raw.get("models")
+        if not isinstance(entries, list) or not entries:
+            self.problem("`models` must be a non-empty list")
+            return []
+        models = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            if not isinstance(entry, dict) or "model" not in entry:
+                self.problem(f"models[{i}]: expected a mapping with `model`")
+                continue
+            for key in entry:
+                if key not in MODEL_KEYS:
+                    self.problem(f"models[{i}]: unknown key `{key}` (supported: model, "
+                                 "parameters)")
+            folder = self._reference(entry["model"], f"models[{i}]")
+            if folder is not None:
+                models.append((folder, entry.get("parameters") or {}))
+        return models
+
+    def _roles(self, name: str, base: Optional[Path], models) -> Optional[Dict[str, Path]]:
+        """{role: folder}: which model takes which of the engine's three roles."""
+        folders = [f for f, _ in models]
+        if name in NEEDS_BASE and base is None:
+            self.problem(f"{name} needs `base_model`")
+            return None
+        others = [f for f in folders if base is None or f.resolve() != base.resolve()]
+        if name == "linear":
+            first = base if base is not None else (folders[0] if folders else None)
+            others = [f for f in folders if first is None or f.resolve() != first.resolve()]
+            limit, base = 2, first
+        elif name == "slerp":
+            if len(others) != 1:
+                self.problem(f"slerp takes base_model and exactly one other model "
+                             f"(got {len(others)} others)")
+                return None
+            return {"base": base, "domain": others[0], "aligned": base}
+        elif name == "chipalign":
+            if len(folders) != 2:
+                self.problem(f"chipalign takes two models, domain then aligned "
+                             f"(got {len(folders)})")
+                return None
+            return {"base": folders[1], "domain": folders[0], "aligned": folders[1]}
+        else:
+            limit = 2
+        if base is None or not 1 <= len(others) <= limit:
+            self.problem(f"{name}: the engine merges a base and one or two other models "
+                         f"(got {len(others)} besides the base)")
+            return None
+        # One other model: the aligned role repeats the base, so its vector is zero.
+        return {"base": base, "domain": others[0],
+                "aligned": others[1] if len(others) == 2 else base}
+
+    def _model_rules(self, name: str, roles: Dict[str, Path], models) -> List[Rule]:
+        rules = []
+        for folder, parameters in models:
+            role = self._role_of(folder, roles, name)
+            unknown_per_model = [k for k in parameters if k not in PER_MODEL and k in PARAMETERS]
+            for key in unknown_per_model:
+                self.problem(f"{folder}: `{key}` is a shared parameter: set it under the top "
+                             "level `parameters`")
+            rules += self._rules({k: v for k, v in parameters.items() if k not in
+                                  unknown_per_model}, role, name, per_model=True)
+        # Models not merged as a vector (the aligned role repeating the base) weigh nothing.
+        if roles["aligned"] == roles["base"] and name not in ("slerp", "chipalign"):
+            rules.insert(0, Rule("weight", "aligned", 0.0))
+        return rules
+
+    @staticmethod
+    def _role_of(folder: Path, roles: Dict[str, Path], name: str) -> str:
+        if name == "slerp" and folder.resolve() == roles["aligned"].resolve():
+            return "aligned"
+        for role in ("domain", "aligned", "base"):
+            if roles[role].resolve() == folder.resolve():
+                return role
+        return "base"
+
+    def _rules(self, parameters, role: Optional[str], method_name: str,
+               per_model: bool = False) -> List[Rule]:
+        if parameters is None:
+            return []
+        if not isinstance(parameters, dict):
+            self.problem(f"`parameters` must be a mapping (got {parameters!r})")
+            return []
+        accepted = METHODS[method_name].parameters if method_name in METHODS else ()
+        rules = []
+        for key, value in parameters.items():
+            if key not in PARAMETERS:
+                self.problem(f"unknown parameter `{key}` (supported: "
+                             f"{', '.join(p for p in PARAMETERS)})")
+                continue
+            ours = PARAMETERS[key]
+            if ours is None:
+                continue
+            if ours not in accepted and method_name in METHODS:
+                self.problem(f"parameter `{key}` does not apply to {method_name} (it takes: "
+                             f"{', '.join(accepted)})")
+                continue
+            setting = self._setting(key, value)
+            if setting is None:
+                continue
+            if ours in PER_MODEL and role is None:
+                rules += [Rule(ours, r, setting) for r in ("domain", "aligned", "base")]
+            else:
+                rules.append(Rule(ours, role, setting))
+        return rules
+
+    def _setting(self, key: str, value):
+        """mergekit's value forms as the immutable Setting of methods.py."""
+        if key == "rescale" and isinstance(value, bool):
+            return "l1" if value else "none"
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            conditions = []
+            for condition in value:
+                extra = set(condition) - {"filter", "value"}
+                if "value" not in condition or extra:
+                    self.problem(f"parameter `{key}`: a condition needs `value` and an "
+                                 f"optional `filter` (got {sorted(condition)})")
+                    return None
+                inner = self._setting(key, condition["value"])
+                if inner is None:
+                    return None
+                conditions.append((condition.get("filter"), inner))
+            return tuple(conditions)
+        if isinstance(value, list) and all(isinstance(v, (int, float, bool, str))
+                                           for v in value) and value:
+            return tuple(value)
+        self.problem(f"parameter `{key}`: cannot read {value!r}")
+        return None
+
+    def _check_weights(self, name: str, roles: Dict[str, Path], models) -> None:
+        """mergekit requires a weight for every merged model; so do we (no silent 0.5)."""
+        if name not in NEEDS_WEIGHTS:
+            return
+        shared = "weight" in (self.raw.get("parameters") or {})
+        for folder, parameters in models:
+            weighted = name == "linear" or folder.resolve() != roles["base"].resolve()
+            if weighted and not shared and "weight" not in parameters:
+                self.problem(f"{folder}: {name} needs a `weight` for this model")
+
+    def _out_dtype(self) -> Optional[DType]:
+        chosen = self.raw.get("out_dtype") or self.raw.get("dtype")
+        for key in ("dtype", "out_dtype"):
+            value = self.raw.get(key)
+            if value is not None:
+                try:
+                    parse_dtype(str(value))
+                except ValueError as exc:
+                    self.problem(f"{key}: {exc}")
+                    return None
+        return parse_dtype(str(chosen)) if chosen else None
+
+    def _tokenizer(self, roles: Dict[str, Path], base: Optional[Path]) -> str:
+        source = self.raw.get("tokenizer_source")
+        if source is None:
+            return "base" if roles else "none"
+        if source == "base":
+            return "base"
+        if source == "union":
+            self.problem("tokenizer_source: union (vocabulary merging) is not supported; "
+                         "choose base or one of the models")
+            return "none"
+        folder = _folder(source, self.path.parent)
+        for role in ("domain", "aligned", "base"):
+            if role in roles and roles[role].resolve() == folder.resolve():
+                return role
+        self.problem(f"tokenizer_source: {source} is not one of the merged models")
+        return "none"

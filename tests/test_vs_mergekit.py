@@ -1,0 +1,85 @@
+"""Our methods against mergekit 0.1.5's on the same tensors (skipped when mergekit is absent).
+
+Deterministic methods: ours and mergekit's both compute in fp32, so each lies within
+method_error_bound of the float64 value and the two within twice that of each other.  The masks
+are taken on identical fp32 values, so TIES keeps the same elements (continuous random data has
+no ties at the threshold).  DARE's masks come from different generators: there the kept
+fraction and the rescaled L1 norm must agree statistically.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mergealign_fast import merge_tensors
+from mergealign_fast.dtypes import DType
+from mergealign_fast.methods import Method, resolve
+from mergealign_fast.reference import method_error_bound, method_ref
+
+mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+
+COUNT = 50_000
+
+
+def trio(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(COUNT, generator=g)
+    return [base, base + 0.02 * torch.randn(COUNT, generator=g),
+            base + 0.02 * torch.randn(COUNT, generator=g)]
+
+
+def theirs(name: str, tensors, base_index, parameters) -> torch.Tensor:
+    group = TensorGroup.from_tensors(tensors, base_index=base_index, name="w")
+    return mergekit_registry.get(name)([group], parameters=parameters)[0]
+
+
+# (our method, w_d, w_a, mergekit name, mergekit parameters, inputs as mergekit sees them)
+CASES = {
+    "task_arithmetic": (Method("task_arithmetic", lambda_=0.8), 0.6, 0.9, "task_arithmetic",
+                        {"weight": [0.6, 0.9], "lambda": 0.8}, "bda"),
+    "linear": (Method("linear", base_weight=0.2), 0.3, 0.9, "linear",
+               {"weight": [0.2, 0.3, 0.9]}, "bda"),
+    "ties": (Method("ties", domain_density=0.4, align_density=0.7), 0.6, 0.9, "ties",
+             {"weight": [0.6, 0.9], "density": [0.4, 0.7]}, "bda"),
+    "ties-unnormalized": (Method("ties", domain_density=0.2, align_density=0.5,
+                                 normalize=False, lambda_=1.5), 1.0, 0.5, "ties",
+                          {"weight": [1.0, 0.5], "density": [0.2, 0.5], "normalize": False,
+                           "lambda": 1.5}, "bda"),
+    # mergekit's t runs from its base model (our aligned here) to the other (our domain).
+    "slerp": (Method("slerp", t=0.3), 0.5, 0.5, "slerp", {"t": 0.3}, "ad"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_tensors_as_mergekit(case):
+    method, w_d, w_a, name, parameters, order = CASES[case]
+    b, d, a = trio(hash(case) % 2**31)
+    ours = merge_tensors(b, d, a, domain_weight=w_d, align_weight=w_a, method=method, name="w")
+    inputs = {"b": b, "d": d, "a": a}
+    reference = theirs(name, [inputs[k] for k in order], 0, parameters)
+    exact, scale = method_ref(resolve(method, "w", 0.0, w_d, w_a), "w",
+                              *(x.double().numpy() for x in (b, d, a)))
+    bound = method_error_bound(exact, scale, DType.F32)
+    assert np.all(np.abs(ours.double().numpy() - exact) <= bound)
+    difference = np.abs(ours.double().numpy() - reference.double().numpy())
+    assert np.all(difference <= 2 * bound), f"worst {np.max(difference / bound):.1f} x bound"
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_statistically_the_same_as_mergekit(name):
+    b, d, a = trio(7)
+    density = (0.3, 0.6)
+    ours = merge_tensors(b, d, a, domain_weight=0.7, align_weight=0.5, name="w",
+                         method=Method(name, domain_density=density[0],
+                                       align_density=density[1], seed=5))
+    torch.manual_seed(5)
+    reference = theirs(name, [b, d, a], 0, {"weight": [0.7, 0.5], "density": list(density)})
+    # Fraction of elements that moved: binomial, so within 5 standard deviations of each other.
+    moved_ours = (ours != b).double().mean().item()
+    moved_theirs = (reference != b).double().mean().item()
+    assert abs(moved_ours - moved_theirs) < 5 * np.sqrt(2 * 0.25 / COUNT)
+    # L1 rescale: the merged update has the same size in both.
+    l1_ours = (ours - b).abs().sum().item()
+    l1_theirs = (reference - b).abs().sum().item()
+    assert abs(l1_ours / l1_theirs - 1) < 0.02
