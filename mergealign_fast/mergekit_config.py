@@ -112,8 +112,7 @@ class _Reader:
     def _check_keys(self) -> None:
         for key in self.raw:
             if key in UNSUPPORTED_TOP_LEVEL:
-                self.problem(f"`{key}` ({UNSUPPORTED_TOP_LEVEL[key]}) is not supported; "
-                             "use `models` with `parameters` filters")
+                self.problem(f"`{key}` ({UNSUPPORTED_TOP_LEVEL[key]}) is not supported")
             elif key not in TOP_LEVEL_KEYS:
                 self.problem(f"unknown key `{key}` (supported: "
                              f"{', '.join(sorted(TOP_LEVEL_KEYS))})")
@@ -190,12 +189,13 @@ class _Reader:
         rules = []
         for folder, parameters in models:
             role = self._role_of(folder, roles, name)
-            unknown_per_model = [k for k in parameters if k not in PER_MODEL and k in PARAMETERS]
-            for key in unknown_per_model:
+            accepted = METHODS[name].parameters
+            shared = [k for k in parameters if PARAMETERS.get(k) in set(accepted) - PER_MODEL]
+            for key in shared:
                 self.problem(f"{folder}: `{key}` is a shared parameter: set it under the top "
                              "level `parameters`")
-            rules += self._rules({k: v for k, v in parameters.items() if k not in
-                                  unknown_per_model}, role, name, per_model=True)
+            rules += self._rules({k: v for k, v in parameters.items() if k not in shared},
+                                 role, name)
         # Models not merged as a vector (the aligned role repeating the base) weigh nothing.
         if roles["aligned"] == roles["base"] and name not in ("slerp", "chipalign"):
             rules.insert(0, Rule("weight", "aligned", 0.0))
@@ -210,8 +210,7 @@ class _Reader:
                 return role
         return "base"
 
-    def _rules(self, parameters, role: Optional[str], method_name: str,
-               per_model: bool = False) -> List[Rule]:
+    def _rules(self, parameters, role: Optional[str], method_name: str) -> List[Rule]:
         if parameters is None:
             return []
         if not isinstance(parameters, dict):

@@ -19,15 +19,16 @@ reference for the semantics of the methods it has.
     chipalign        ‖aligned‖^(1-t)·‖domain‖^t · slerp(aligned/‖aligned‖, domain/‖domain‖, t)
 
 τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
-(t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.  The magnitude threshold is the k-th largest |τ|
-(k = max(1, int(density·n)), mergekit's count), found by a two-pass 16-bit radix selection in
-the native kernel instead of a sort.  Exactly k elements are kept: of the elements tied with the
-threshold (common in bf16 models), the first in index order (mergekit keeps an arbitrary subset
-of them: torch's argsort is not stable).  DARE's
-mask is a counter-based draw keyed by (seed, tensor name, model, element index): the same seed
-gives the same model on any thread count or chunking.  Rescale "l1" (mergekit's default) scales
-the kept elements so the tensor's L1 norm is unchanged; "inverse_density" is the DARE paper's
-1/p; "none" keeps them as they are.
+(t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.
+
+The magnitude threshold is the k-th largest |τ| (k = max(1, int(density·n)), mergekit's count),
+found by a two-pass 16-bit radix selection in the native kernel instead of a sort.  Exactly k
+elements are kept: of the elements tied with the threshold (common in bf16 models), the first
+in index order (mergekit keeps an arbitrary subset of them: torch's argsort is not stable).
+DARE's mask is a counter-based draw keyed by (seed, tensor name, model, element index): the
+same seed gives the same model on any thread count or chunking.  Rescale "l1" (mergekit's
+default) scales the kept elements so the tensor's L1 norm is unchanged; "inverse_density" is
+the DARE paper's 1/p; "none" keeps them as they are.
 """
 
 from __future__ import annotations
@@ -230,11 +231,13 @@ def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
 def settings_problems(s: TensorSettings, tensor_name: str) -> List[str]:
     """Per-tensor values a rule may have pushed out of range."""
     problems = []
-    unset = [role for role, w in (("domain", s.w_domain), ("aligned", s.w_align)) if w != w]
+    weighted = "weight" in METHODS[s.name].parameters  # SLERP's family ignores the weights
+    unset = [role for role, w in (("domain", s.w_domain), ("aligned", s.w_align))
+             if weighted and w != w]
     if unset:  # NaN is "no value" (mergekit configs: no rule matched the tensor)
         problems.append(f"tensor {tensor_name}: no weight for the {' and '.join(unset)} "
                         "model: no `weight` setting matches this tensor")
-    else:
+    elif weighted:
         try:
             check_weights(s.w_domain, s.w_align)
         except ValueError as exc:

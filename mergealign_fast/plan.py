@@ -33,8 +33,6 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 DEFAULT_GPU_MEMORY = 2 << 30
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
-# Per-tensor parameter problems listed before "... and N more".
-MAX_TENSOR_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -362,10 +360,8 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     tensors = list(_planned_tensors(models, options.out_dtype))
     settings = tensor_settings(options, [t.name for t in tensors])
     problems = [p for name, s in settings.items() for p in settings_problems(s, name)]
-    if problems:  # a bad rule can fail every tensor: show the first few
-        more = len(problems) - MAX_TENSOR_PROBLEMS
-        raise PlanError(problems[:MAX_TENSOR_PROBLEMS]
-                        + ([f"... and {more} more tensors"] if more > 0 else []))
+    if problems:
+        raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)
     config_path, tokenizer = _side_files(folders, options.tokenizer_from)
     plan = MergePlan(models, out_dir, options, shards, None, tokenizer, settings)

@@ -6,6 +6,8 @@ decisions (which elements a trim or drop keeps, which sign wins) on the fp32 val
 defines, and computes the values in float64 (see reference.py).
 """
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -85,13 +87,14 @@ def oracle(raws, dtypes, method, w_domain, w_align, name="t"):
 def test_method_matches_oracle_within_derived_bound(case, dtypes, out_dtype, shape):
     method, w_domain, w_align = CASES[case]
     count = int(np.prod(shape))
-    raws = [r.reshape(shape) for r in trio(abs(hash((case, dtypes, shape))) % 2**32, count,
-                                            dtypes)]
+    seed = zlib.crc32(repr((case, dtypes, shape)).encode())  # str hash() varies per process
+    raws = [r.reshape(shape) for r in trio(seed, count, dtypes)]
     got = as_f64(run_method(raws, dtypes, out_dtype, method, w_domain, w_align), out_dtype)
     exact, scale = oracle(raws, dtypes, method, w_domain, w_align)
     bound = method_error_bound(exact, scale, out_dtype)
     err = np.abs(got.ravel() - exact)
-    assert np.all(err <= bound), f"worst {np.max(err / bound):.2f} x bound at {np.argmax(err / bound)}"
+    worst = np.argmax(err / bound) if err.size else 0
+    assert np.all(err <= bound), f"worst {np.max(err / bound):.2f} x bound at {worst}"
 
 
 # ---- the oracle itself, on cases worked out by hand --------------------------------------------

@@ -1,0 +1,209 @@
+"""`mergealign-fast run CONFIG.yml OUT`: mergekit configs through our engine."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mergealign_fast import merge_tensors
+from mergealign_fast.dtypes import DType
+from mergealign_fast.errors import PlanError
+from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
+from mergealign_fast.mergekit_config import load
+from mergealign_fast.methods import Method, resolve
+from mergealign_fast.reference import method_error_bound, method_ref
+
+from conftest import as_f64
+
+ROLES = ("base", "domain", "aligned")
+
+
+def cli(*args):
+    return [sys.executable, "-m", "mergealign_fast", *map(str, args)]
+
+
+def write_config(folder, trio, text: str):
+    path = folder / "config.yml"
+    path.write_text(text.format(**{r: trio[r] for r in ROLES}))
+    return path
+
+
+TIES = """
+models:
+  - model: {base}
+  - model: {domain}
+    parameters:
+      weight: 0.7
+      density: [0.3, 0.6]
+  - model: {aligned}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.2
+        - value: 0.5
+      density: 0.5
+merge_method: ties
+base_model: {base}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
+out_dtype: bfloat16
+"""
+
+
+def test_filters_gradients_and_per_model_parameters_reach_each_tensor(tiny_trio, tmp_path):
+    config = write_config(tmp_path, tiny_trio, TIES)
+    subprocess.run(cli("run", config, tmp_path / "out", "--quiet"), check=True)
+    merged = open_checkpoint(tmp_path / "out")
+    models = {r: open_checkpoint(tiny_trio[r]) for r in ROLES}
+    # (tensor, domain density, aligned weight) as mergekit resolves them: the density gradient
+    # runs over the 2 layers (layer 0 -> 0.3, layer 1 -> 0.6, outside the layers 0.3) and the
+    # aligned weight is 0.2 on mlp tensors.
+    expected = {"model.embed_tokens.weight": (0.3, 0.5),
+                "model.layers.0.mlp.up_proj.weight": (0.3, 0.2),
+                "model.layers.1.mlp.up_proj.weight": (0.6, 0.2),
+                "model.layers.1.self_attn.q_proj.weight": (0.6, 0.5)}
+    for name, (density, w_align) in expected.items():
+        raws = [read_elements(models[r].tensors[name]) for r in ROLES]
+        reference = merge_tensors(*raws, domain_weight=0.7, align_weight=w_align,
+                                  out_dtype="bf16", name=name,
+                                  method=Method("ties", domain_density=density,
+                                                align_density=0.5, normalize=True))
+        np.testing.assert_array_equal(read_elements(merged.tensors[name]).ravel(),
+                                      reference.ravel(), name)
+
+
+def test_task_arithmetic_config_equals_the_merge_command(tiny_trio, tmp_path):
+    config = write_config(tmp_path, tiny_trio, """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.3}}
+  - model: {aligned}
+    parameters: {{weight: 0.9}}
+""")
+    subprocess.run(cli("run", config, tmp_path / "run", "--quiet"), check=True)
+    subprocess.run(cli("merge", *(tiny_trio[r] for r in ROLES), "-o", tmp_path / "merge",
+                       "--domain-weight", 0.3, "--align-weight", 0.9, "--quiet"), check=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == \
+        (tmp_path / "merge" / "model.safetensors").read_bytes()
+
+
+def test_every_unsupported_key_is_named_before_any_tensor_is_read(tiny_trio, tmp_path):
+    config = write_config(tmp_path, tiny_trio, """
+slices: []
+merge_method: ties
+base_model: {base}
+chat_template: chatml
+tokenizer_source: union
+surprise: 1
+models:
+  - model: {domain}
+    lora: x
+    parameters: {{weight: 1, gamma: 0.1, density: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 1, t: 0.5}}
+""")
+    with pytest.raises(PlanError) as info:
+        load(config)
+    text = str(info.value)
+    for needle in ("`slices`", "`chat_template`", "union", "`surprise`", "`lora`",
+                   "`gamma`", "`t` does not apply to ties"):
+        assert needle in text, needle
+    result = subprocess.run(cli("run", config, tmp_path / "out"), capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {domain}\n", "needs a `weight`"),
+    ("merge_method: slerp\nmodels:\n  - model: {domain}\n  - model: {aligned}\n",
+     "needs `base_model`"),
+    ("merge_method: ties\nmodels: [\n", "not valid YAML"),
+    ("merge_method: linear\nmodels:\n  - model: hub/name\n", "no such local folder"),
+])
+def test_config_mistakes_are_clear_errors(tiny_trio, tmp_path, text, message):
+    with pytest.raises(PlanError, match=message):
+        load(write_config(tmp_path, tiny_trio, text))
+
+
+def test_weight_rules_that_miss_a_tensor_are_an_error_not_a_default(tiny_trio, tmp_path):
+    config = write_config(tmp_path, tiny_trio, """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters:
+      weight: [{{filter: mlp, value: 0.5}}]
+""")
+    result = subprocess.run(cli("run", config, tmp_path / "out"), capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "no weight for the domain model" in result.stderr
+
+
+def test_slerp_runs_from_base_model_to_the_other_model(tiny_trio, tmp_path):
+    config = write_config(tmp_path, tiny_trio, """
+merge_method: slerp
+base_model: {aligned}
+models:
+  - model: {aligned}
+  - model: {domain}
+parameters:
+  t: 0.25
+""")
+    subprocess.run(cli("run", config, tmp_path / "out", "--quiet"), check=True)
+    merged = open_checkpoint(tmp_path / "out")
+    models = {r: open_checkpoint(tiny_trio[r]) for r in ROLES}
+    name = "model.layers.0.mlp.down_proj.weight"
+    raws = [read_elements(models[r].tensors[name]) for r in ROLES]
+    expected = merge_tensors(*raws, method=Method("slerp", t=0.25), name=name)
+    np.testing.assert_array_equal(read_elements(merged.tensors[name]), expected)
+
+
+def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path):
+    """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
+    within twice the oracle bound (both are fp32 evaluations of the same formula)."""
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions as MergekitOptions, run_merge
+    import yaml
+
+    text = """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters:
+      weight: [0.2, 0.8]
+  - model: {aligned}
+    parameters:
+      weight: [{{filter: self_attn, value: 0.9}}, {{value: 0.4}}]
+parameters:
+  lambda: 0.9
+dtype: float32
+"""
+    config = write_config(tmp_path, tiny_trio, text)
+    subprocess.run(cli("run", config, tmp_path / "ours", "--quiet"), check=True)
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(config.read_text())),
+              str(tmp_path / "theirs"), MergekitOptions(copy_tokenizer=False, quiet=True,
+                                                        write_model_card=False))
+    ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "theirs")
+    method = load(config).method
+    models = {r: open_checkpoint(tiny_trio[r]) for r in ROLES}
+    assert set(ours.tensors) == set(theirs.tensors)
+    for name, loc in ours.tensors.items():
+        from mergealign_fast.methods import layer_position
+
+        settings = resolve(method, name, layer_position(name, 2), 0.0, 0.0)
+        inputs = [as_f64(read_elements(models[r].tensors[name]),
+                         DType[models[r].tensors[name].entry.dtype]).ravel() for r in ROLES]
+        exact, scale = method_ref(settings, name, *inputs)
+        bound = method_error_bound(exact, scale, DType.F32)
+        difference = np.abs(read_elements(loc).ravel().astype(np.float64)
+                            - read_elements(theirs.tensors[name]).ravel().astype(np.float64))
+        assert np.all(difference <= 2 * bound), name
