@@ -123,6 +123,12 @@ class Method:
     def info(self) -> MethodInfo:
         return METHODS[self.name]
 
+    @property
+    def is_plain_task_arithmetic(self) -> bool:
+        """The MergeAlign formula itself, which every backend (GPU included) runs."""
+        return (self.name == "task_arithmetic" and not self.rules and self.lambda_ == 1.0
+                and not self.normalize)
+
     def problems(self) -> List[str]:
         """Everything wrong with the parameters, one line each (checked before any tensor)."""
         if self.name not in METHODS:

@@ -316,9 +316,8 @@ def _device_problems(options: MergeOptions) -> List[str]:
 def _method_problems(options: MergeOptions) -> List[str]:
     method = options.method
     problems = method.problems()
-    plain = (method.name == "task_arithmetic" and not method.rules and method.lambda_ == 1.0
-             and not method.normalize)
-    if not problems and not plain and options.device.split(":")[0] != "cpu":
+    on_gpu = options.device.split(":")[0] != "cpu"
+    if not problems and on_gpu and not method.is_plain_task_arithmetic:
         problems.append(f"method {method.name} runs on the CPU only for now: use --device cpu "
                         "(the GPU path runs task_arithmetic / MergeAlign)")
     return problems

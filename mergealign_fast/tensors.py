@@ -101,8 +101,8 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                          f"{out_dtype.short_name}")
     _check_no_partial_overlap(out_buf, inputs)
     device = _common_device(base, domain, aligned, out)
-    if method is not None:
-        method = Method(method) if isinstance(method, str) else method
+    method = Method(method) if isinstance(method, str) else method
+    if method is not None and not method.is_plain_task_arithmetic:
         problems = method.problems()
         if problems:
             raise ValueError("; ".join(problems))

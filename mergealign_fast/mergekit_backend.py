@@ -1,0 +1,122 @@
+"""The engine's fused kernels as merge methods inside mergekit 0.1.5.
+
+    import mergealign_fast.mergekit_backend as backend
+    backend.register()          # adds mergealign_task_arithmetic, mergealign_ties, ...
+
+After `register()`, a mergekit config may say `merge_method: mergealign_ties` (or any name in
+METHOD_NAMES with the prefix) and mergekit's own planner, loader, tokenizer handling and writer
+run as usual; only the per-tensor arithmetic is ours (the native CPU kernel: fp32 math, one
+rounding, radix-selected TIES thresholds, counter-based DARE masks).  Parameters are mergekit's
+(`weight`, `density`, `normalize`, `rescale`, `lambda`, `t`, plus `seed` for DARE's masks).
+mergekit hands each tensor over in memory, so this speeds up the arithmetic, not mergekit's
+loading and writing: for whole-checkpoint speed use `mergealign-fast run CONFIG.yml OUT`.
+
+A group merges a base and one or two other models (the engine's base/domain/aligned trio);
+linear takes one to three models; slerp the base and one other.  Tensors on a GPU are merged
+with task arithmetic on the GPU kernels; other methods need CPU tensors (mergekit's default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from .methods import Method
+from .tensors import merge_tensors
+
+try:
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import (BasePolicy, GroupMergeMethod, InputContract,
+                                             MergeMethodSpec, ParameterScope, ParameterSpec)
+except ImportError as exc:  # pragma: no cover - exercised only without mergekit
+    raise ImportError(f"mergealign_fast.mergekit_backend needs mergekit 0.1.5 "
+                      f"(pip install mergekit==0.1.5): {exc}") from exc
+
+PREFIX = "mergealign_"
+# mergekit method -> (our method, mergekit's default for normalize, for rescale).
+METHOD_NAMES: Dict[str, Tuple[str, bool, bool]] = {
+    "task_arithmetic": ("task_arithmetic", False, False),
+    "ties": ("ties", True, False),
+    "dare_linear": ("dare_linear", False, True),
+    "dare_ties": ("dare_ties", False, True),
+    "linear": ("linear", True, False),
+    "slerp": ("slerp", False, False),
+}
+
+
+def register(prefix: str = PREFIX) -> List[str]:
+    """Register every method in METHOD_NAMES with mergekit under `prefix` + its name; returns
+    the names.  Calling it again is harmless."""
+    names = []
+    for mergekit_name in METHOD_NAMES:
+        method = FusedMethod(mergekit_name, prefix + mergekit_name)
+        if method.spec.name not in {m.spec.name for m in registry.registered_methods()}:
+            registry.register(method)
+        names.append(method.spec.name)
+    return names
+
+
+def _spec(mergekit_name: str, name: str) -> MergeMethodSpec:
+    ours, normalize, rescale = METHOD_NAMES[mergekit_name]
+    if ours == "slerp":
+        return MergeMethodSpec(name, (ParameterSpec("t", float, ParameterScope.SHARED),),
+                               InputContract(base=BasePolicy.REQUIRED, min_inputs=2,
+                                             max_inputs=2), pretty_name="SLERP (mergealign)")
+    if ours == "linear":
+        return MergeMethodSpec(name, (
+            ParameterSpec("weight", float, ParameterScope.INPUT),
+            ParameterSpec("normalize", bool, ParameterScope.SHARED, default=normalize)),
+            InputContract(min_inputs=1, max_inputs=3), pretty_name="Linear (mergealign)")
+    parameters = [ParameterSpec("weight", float, ParameterScope.NON_BASE),
+                  ParameterSpec("normalize", bool, ParameterScope.SHARED, default=normalize),
+                  ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
+                  ParameterSpec("int8_mask", bool, ParameterScope.SHARED, default=False)]
+    if ours != "task_arithmetic":
+        parameters += [ParameterSpec("density", float, ParameterScope.NON_BASE, default=1.0),
+                       ParameterSpec("rescale", bool, ParameterScope.SHARED, default=rescale)]
+    if ours.startswith("dare"):
+        parameters.append(ParameterSpec("seed", int, ParameterScope.SHARED, default=0))
+    return MergeMethodSpec(name, tuple(parameters),
+                           InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=3),
+                           pretty_name=f"{mergekit_name} (mergealign)")
+
+
+class FusedMethod(GroupMergeMethod):
+    """One of our methods, called by mergekit once per output tensor."""
+
+    def __init__(self, mergekit_name: str, name: str):
+        self.ours = METHOD_NAMES[mergekit_name][0]
+        self.spec = _spec(mergekit_name, name)
+
+    def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+        trio, w_domain, w_align, method = self._trio(group, parameters)
+        return merge_tensors(*(t.contiguous() for t in trio), domain_weight=w_domain,
+                             align_weight=w_align, method=method,
+                             name=group.metadata.name or "")
+
+    def _trio(self, group, p: Dict[str, Any]):
+        """(base, domain, aligned tensors), w_d, w_a and the Method of one group."""
+        if self.ours == "linear":
+            entries = list(group.entries)
+            weights = [p["weight"][e.id] for e in entries]
+            while len(entries) < 3:  # missing roles repeat the first model, weight 0
+                entries.append(entries[0])
+                weights.append(0.0)
+            return ([e.tensor for e in entries], weights[1], weights[2],
+                    Method("linear", normalize=p["normalize"], base_weight=weights[0]))
+        base, others = group.base, list(group.non_base)
+        if self.ours == "slerp":  # t = 0 is mergekit's base: our aligned role
+            return ([base.tensor, others[0].tensor, base.tensor], 0.5, 0.5,
+                    Method("slerp", t=p["t"]))
+        weights = [p["weight"][e.id] for e in others]
+        densities = [p.get("density", {}).get(e.id, 1.0) for e in others]
+        if len(others) == 1:  # no second vector: the aligned role repeats the base
+            others.append(base)
+            weights.append(0.0)
+            densities.append(1.0)
+        rescale = "l1" if p.get("rescale") else "none"
+        method = Method(self.ours, densities[0], densities[1], p["lambda"],
+                        p["normalize"], rescale, p.get("seed", 0))
+        return [base.tensor, others[0].tensor, others[1].tensor], weights[0], weights[1], \
+            method

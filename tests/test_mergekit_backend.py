@@ -1,0 +1,91 @@
+"""The engine's kernels registered inside mergekit 0.1.5 (skipped when mergekit is absent)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mergekit")
+
+import yaml  # noqa: E402
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import MergeOptions, run_merge  # noqa: E402
+
+from mergealign_fast import mergekit_backend  # noqa: E402
+from mergealign_fast.io.checkpoint import open_checkpoint, read_elements  # noqa: E402
+
+CONFIGS = {
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.7, density: [0.3, 0.6]}}
+  - model: {aligned}
+    parameters:
+      weight: [{{filter: mlp, value: 0.2}}, {{value: 0.5}}]
+      density: 0.5
+dtype: float32
+out_dtype: bfloat16
+""",
+    "dare_ties": """
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.4}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: 0.7}}
+parameters: {{seed: 3}}
+""",
+    "linear": """
+merge_method: linear
+models:
+  - model: {base}
+    parameters: {{weight: 0.2}}
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+""",
+    "slerp": """
+merge_method: slerp
+base_model: {aligned}
+models:
+  - model: {aligned}
+  - model: {domain}
+parameters: {{t: 0.4}}
+""",
+}
+
+
+def test_register_adds_prefixed_methods_once():
+    from mergekit.merge_methods import registry
+
+    names = mergekit_backend.register()
+    assert names == mergekit_backend.register()  # a second call changes nothing
+    assert {"mergealign_ties", "mergealign_dare_ties", "mergealign_slerp"} <= set(names)
+    assert registry.get("mergealign_ties").spec.name == "mergealign_ties"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_inside_mergekit_gives_the_model_of_the_run_command(tiny_trio, tmp_path, name):
+    """mergekit plans, loads and writes; our kernel merges: the tensors are bit for bit those
+    of `mergealign-fast run` on the same config."""
+    text = CONFIGS[name].format(**tiny_trio)
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    subprocess.run([sys.executable, "-m", "mergealign_fast", "run", config, tmp_path / "ours",
+                    "--quiet"], check=True)
+    mergekit_backend.register()
+    raw = yaml.safe_load(text)
+    raw["merge_method"] = "mergealign_" + raw["merge_method"]
+    run_merge(MergeConfiguration.model_validate(raw), str(tmp_path / "mergekit"),
+              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "mergekit")
+    assert set(ours.tensors) == set(theirs.tensors)
+    for tensor, loc in ours.tensors.items():
+        assert loc.entry.dtype == theirs.tensors[tensor].entry.dtype, tensor
+        np.testing.assert_array_equal(read_elements(loc), read_elements(theirs.tensors[tensor]),
+                                      tensor)
