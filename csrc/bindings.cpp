@@ -180,14 +180,14 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "vector_stats",
       [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, int threads) {
+         int aligned_dtype, int64_t count, int threads, bool models) {
         const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
                                                 aligned_dtype, kF32, count, 0.0, 0.0);
         VectorStats s;
         int err;
         {
           py::gil_scoped_release no_gil;
-          err = vector_stats_cpu(ops, threads, &s);
+          err = vector_stats_cpu(ops, models, threads, &s);
         }
         raise_input_fault(err);
         return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero,
@@ -195,9 +195,11 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("threads"),
+      py::arg("models") = false,
       "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input vanished): (sum tau_d^2, sum tau_a^2, "
       "sum tau_d*tau_a, sign conflicts, elements where both are non-zero, sum domain^2, "
-      "sum aligned^2, sum domain*aligned).");
+      "sum aligned^2, sum domain*aligned); models=False fills the first five, True the last "
+      "three (the others are 0).");
 
   m.def(
       "magnitude_histogram",

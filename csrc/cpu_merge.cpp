@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -148,27 +149,98 @@ inline __attribute__((always_inline)) void for_each_tile(const MergeOperands& op
   }
 }
 
+// keep[i] = term_keeps(term, tau[i], first + i) for one tile (n <= kTile), in loops the compiler
+// vectorises: the tie limit becomes a count of leading elements and the random draw's high half
+// is mixed once per tile.
+inline __attribute__((always_inline)) void keep_tile(const VectorTerm& term, const float* tau,
+                                                     int64_t first, int n, uint32_t* keep) {
+  if (term.sparsify == kKeepLargest) {
+    const uint32_t min_bits = term.min_magnitude_bits;
+    const int64_t last = term.last_tie_index;
+    const int tie_limit = last >= first + n ? n : (last < first ? 0 : int(last - first + 1));
+    for (int i = 0; i < n; ++i) {
+      const uint32_t m = magnitude_bits(tau[i]);
+      keep[i] = uint32_t((m > min_bits) | ((m == min_bits) & (i < tie_limit)));
+    }
+  } else if (term.sparsify == kKeepRandom) {
+    const uint64_t f = uint64_t(first);
+    if ((f >> 32) != ((f + uint64_t(n) - 1) >> 32)) {  // the tile straddles 2^32: per element
+      for (int i = 0; i < n; ++i) keep[i] = uint32_t(term_keeps(term, tau[i], first + i));
+      return;
+    }
+    const uint32_t hi = high_mix(term.key_hi, uint32_t(f >> 32));
+    const uint32_t lo = uint32_t(f);
+    const uint32_t key_lo = term.key_lo;
+    const uint32_t below = term.keep_below;
+    for (int i = 0; i < n; ++i) keep[i] = uint32_t(draw24(key_lo, hi, lo + uint32_t(i)) < below);
+  } else {
+    for (int i = 0; i < n; ++i) keep[i] = 1;
+  }
+}
+
+// Task vectors of one tile, which of their elements each term keeps, and the terms.
+struct VectorTile {
+  alignas(64) float tau_d[kTile];
+  alignas(64) float tau_a[kTile];
+  alignas(64) uint32_t keep_d[kTile];  // 32-bit like the floats: GCC vectorises the selects
+  alignas(64) uint32_t keep_a[kTile];
+  alignas(64) float term_d[kTile];
+  alignas(64) float term_a[kTile];
+
+  inline __attribute__((always_inline)) void load(const Recipe& r, const float* b,
+                                                  const float* d, const float* a,
+                                                  int64_t first, int n) {
+    for (int i = 0; i < n; ++i) {
+      tau_d[i] = ma_sub(d[i], b[i]);
+      tau_a[i] = ma_sub(a[i], b[i]);
+    }
+    keep_tile(r.domain, tau_d, first, n, keep_d);
+    keep_tile(r.align, tau_a, first, n, keep_a);
+  }
+
+  inline __attribute__((always_inline)) void weigh(const Recipe& r, int n) {
+    for (int i = 0; i < n; ++i) {
+      term_d[i] = vector_term(r.domain, tau_d[i], keep_d[i] != 0);
+      term_a[i] = vector_term(r.align, tau_a[i], keep_a[i] != 0);
+    }
+  }
+};
+
 // One tile merged with one recipe into `merged`.  The recipe's kind is decided per tile, so each
-// formula's loop is a straight line the compiler vectorises.
-inline __attribute__((always_inline)) void merge_tile(const Recipe& r, const float* b,
+// formula's loop is a straight line the compiler vectorises.  The recipe is copied first: the
+// stores to `merged` could otherwise alias its fields and force a reload every element.
+inline __attribute__((always_inline)) void merge_tile(const Recipe& recipe, const float* b,
                                                       const float* d, const float* a,
-                                                      int64_t first_index, int64_t n,
+                                                      int64_t first_index, int64_t count,
                                                       float* merged) {
+  const Recipe r = recipe;
+  const int n = int(count);
   switch (r.kind) {
     case kTaskArithmetic: {
       const float wd = r.domain.weight;
       const float wa = r.align.weight;
-      for (int64_t i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
+      for (int i = 0; i < n; ++i) merged[i] = merge_one(b[i], d[i], a[i], wd, wa);
       break;
     }
     case kModels:
-      for (int64_t i = 0; i < n; ++i) merged[i] = merge_models(r, b[i], d[i], a[i]);
+      for (int i = 0; i < n; ++i) merged[i] = merge_models(r, b[i], d[i], a[i]);
       break;
-    default:
-      for (int64_t i = 0; i < n; ++i) {
-        merged[i] = merge_vectors(r, b[i], d[i], a[i], first_index + i);
+    default: {
+      VectorTile v;
+      v.load(r, b, d, a, first_index, n);
+      v.weigh(r, n);
+      // One loop per election setting, so neither carries the other's selects.
+      if (r.sign_election) {
+        for (int i = 0; i < n; ++i) {
+          merged[i] = combine_terms<true>(r, b[i], v.term_d[i], v.term_a[i]);
+        }
+      } else {
+        for (int i = 0; i < n; ++i) {
+          merged[i] = combine_terms<false>(r, b[i], v.term_d[i], v.term_a[i]);
+        }
       }
       break;
+    }
   }
 }
 
@@ -404,38 +476,71 @@ int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int
 
 namespace {
 
-MA_CPU_CLONES
-void stats_range(const MergeOperands& ops, int64_t begin, int64_t end, VectorStats* stats) {
+// fp64 sums in kLanes independent partial sums per tile, added in lane order at the tile's end:
+// one running sum would chain every addition on the previous one (4 cycles each) and keep the
+// loop scalar.  Tiles start at multiples of kTile in the tensor, so only the split between
+// threads changes the order of additions.
+constexpr int kLanes = 8;
+
+template <bool kModels>
+inline __attribute__((always_inline)) void stats_range_of(const MergeOperands& ops,
+                                                          int64_t begin, int64_t end,
+                                                          VectorStats* stats) {
   VectorStats local;
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
                                      int64_t n) __attribute__((always_inline)) {
+    double s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {};
+    int64_t conflicts[kLanes] = {}, both[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
-      // Differences in fp64 are exact for fp32/fp16/bf16 inputs.
-      const double td = double(d[i]) - double(b[i]);
-      const double ta = double(a[i]) - double(b[i]);
-      local.domain_sq += td * td;
-      local.align_sq += ta * ta;
-      local.dot += td * ta;
-      local.conflicts += (td * ta < 0);
-      local.both_nonzero += (td != 0 && ta != 0);
-      local.model_domain_sq += double(d[i]) * double(d[i]);
-      local.model_align_sq += double(a[i]) * double(a[i]);
-      local.model_dot += double(d[i]) * double(a[i]);
+      const int lane = int(i % kLanes);
+      // Differences and products of fp32 values are exact in fp64.
+      const double x = kModels ? double(d[i]) : double(d[i]) - double(b[i]);
+      const double y = kModels ? double(a[i]) : double(a[i]) - double(b[i]);
+      s0[lane] += x * x;
+      s1[lane] += y * y;
+      s2[lane] += x * y;
+      if (!kModels) {
+        conflicts[lane] += (x * y < 0);
+        both[lane] += (x != 0 && y != 0);
+      }
+    }
+    for (int lane = 0; lane < kLanes; ++lane) {
+      if (kModels) {
+        local.model_domain_sq += s0[lane];
+        local.model_align_sq += s1[lane];
+        local.model_dot += s2[lane];
+      } else {
+        local.domain_sq += s0[lane];
+        local.align_sq += s1[lane];
+        local.dot += s2[lane];
+        local.conflicts += conflicts[lane];
+        local.both_nonzero += both[lane];
+      }
     }
   });
   *stats = local;
 }
 
+MA_CPU_CLONES
+void stats_range(const MergeOperands& ops, bool models, int64_t begin, int64_t end,
+                 VectorStats* stats) {
+  if (models) {
+    stats_range_of<true>(ops, begin, end, stats);
+  } else {
+    stats_range_of<false>(ops, begin, end, stats);
+  }
+}
+
 }  // namespace
 
-int vector_stats_cpu(const MergeOperands& ops, int threads, VectorStats* out) {
+int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorStats* out) {
   VectorStats total;
   *out = total;
   if (ops.count <= 0) return 0;
   const int n_threads = effective_threads(ops.count, threads);
   std::vector<VectorStats> partial(n_threads);
   const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
-    stats_range(ops, b, e, &partial[t]);
+    stats_range(ops, models, b, e, &partial[t]);
   });
   if (err != 0) return err;
   for (const VectorStats& p : partial) {
@@ -459,43 +564,93 @@ constexpr int64_t kBins = 1 << 16;
 MA_CPU_CLONES
 void histogram_range(const MergeOperands& ops, const int* prefix, int64_t begin, int64_t end,
                      int64_t* hist) {
+  // Four interleaved uint32 sub-histograms per model: neighbouring elements often fall in one
+  // bin, and back-to-back increments of one counter wait for each other's store (~5 cycles);
+  // spread over four they overlap.  They are added into hist at the end, and before any counter
+  // could pass 2^32.
+  constexpr int kWays = 4;
+  std::vector<uint32_t> sub(size_t(2) * kWays * kBins, 0);
+  int64_t pending = 0;
+  auto flush = [&] {
+    for (int m = 0; m < 2; ++m) {
+      for (int w = 0; w < kWays; ++w) {
+        uint32_t* from = &sub[(size_t(m) * kWays + w) * kBins];
+        for (int64_t bin = 0; bin < kBins; ++bin) hist[m * kBins + bin] += from[bin];
+        std::fill(from, from + kBins, 0u);
+      }
+    }
+    pending = 0;
+  };
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
                                      int64_t n) __attribute__((always_inline)) {
     const float* model[2] = {d, a};
     for (int m = 0; m < 2; ++m) {
       if (prefix[m] == kSkip) continue;
-      int64_t* row = hist + m * kBins;
+      uint32_t* h = &sub[size_t(m) * kWays * kBins];
       const float* x = model[m];
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t bits = float_bits(ma_sub(x[i], b[i])) & 0x7fffffffu;
-        if (prefix[m] == kHighBits) {
-          ++row[bits >> 16];
-        } else if (int64_t(bits >> 16) == prefix[m]) {
-          ++row[bits & 0xffffu];
+      if (prefix[m] == kHighBits) {
+        for (int i = 0; i < int(n); ++i) {
+          ++h[(i % kWays) * kBins + (magnitude_bits(ma_sub(x[i], b[i])) >> 16)];
+        }
+      } else {
+        const uint32_t wanted = uint32_t(prefix[m]);
+        for (int i = 0; i < int(n); ++i) {
+          const uint32_t bits = magnitude_bits(ma_sub(x[i], b[i]));
+          if ((bits >> 16) == wanted) ++h[(i % kWays) * kBins + (bits & 0xffffu)];
         }
       }
     }
+    pending += n;
+    if (pending >= (int64_t(1) << 31)) flush();
   });
+  flush();
 }
+
+// L1 sums accumulated exactly: |tau| = mantissa * 2^(exponent - 150) for an fp32 with biased
+// exponent >= 1 (2^-149 * mantissa for subnormals), so per model, kept or dropped, and exponent
+// the integer mantissas are summed in int64 (2^39 elements per bin before overflow).  Integer
+// sums do not depend on the order of the additions: the rescale factor, and so the merged
+// model, is the same for every thread count and chunking.
+struct ExactL1 {
+  int64_t bins[2][2][256] = {};  // [model][kept][biased exponent]
+
+  inline __attribute__((always_inline)) void add(int m, float tau, bool kept) {
+    const uint32_t bits = magnitude_bits(tau);
+    const uint32_t exponent = bits >> 23;
+    const uint32_t mantissa = (bits & 0x7fffffu) | (exponent != 0 ? 0x800000u : 0u);
+    bins[m][kept][exponent] += mantissa;
+  }
+
+  void add(const ExactL1& other) {
+    for (int m = 0; m < 2; ++m) {
+      for (int k = 0; k < 2; ++k) {
+        for (int e = 0; e < 256; ++e) bins[m][k][e] += other.bins[m][k][e];
+      }
+    }
+  }
+
+  // Sum of bins[m][k] in fp64, in exponent order (a fixed order: deterministic).
+  double value(int m, int k) const {
+    double sum = 0;
+    for (int e = 0; e < 256; ++e) {
+      sum += std::ldexp(double(bins[m][k][e]), std::max(e, 1) - 150);
+    }
+    return sum;
+  }
+};
 
 MA_CPU_CLONES
 void sparsity_range(const MergeOperands& ops, const Recipe& r, int64_t begin, int64_t end,
-                    SparsityStats* stats) {
-  SparsityStats local;
+                    ExactL1* sums) {
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a,
                                      int64_t start, int64_t n) __attribute__((always_inline)) {
-    const float* model[2] = {d, a};
-    const VectorTerm* term[2] = {&r.domain, &r.align};
-    for (int m = 0; m < 2; ++m) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float tau = ma_sub(model[m][i], b[i]);
-        const double magnitude = tau < 0 ? -double(tau) : double(tau);
-        local.l1[m] += magnitude;
-        if (term_keeps(*term[m], tau, ops.first_index + start + i)) local.kept_l1[m] += magnitude;
-      }
+    VectorTile v;
+    v.load(r, b, d, a, ops.first_index + start, int(n));
+    for (int i = 0; i < int(n); ++i) {
+      sums->add(0, v.tau_d[i], v.keep_d[i] != 0);
+      sums->add(1, v.tau_a[i], v.keep_a[i] != 0);
     }
   });
-  *stats = local;
 }
 
 MA_CPU_CLONES
@@ -506,12 +661,38 @@ void ties_range(const MergeOperands& ops, const uint32_t* bits, int64_t begin, i
     const float* model[2] = {d, a};
     for (int m = 0; m < 2; ++m) {
       int64_t c = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        c += (float_bits(ma_sub(model[m][i], b[i])) & 0x7fffffffu) == bits[m];
-      }
+      for (int64_t i = 0; i < n; ++i) c += magnitude_bits(ma_sub(model[m][i], b[i])) == bits[m];
       counts[m] += c;
     }
   });
+}
+
+// The n-th tie of nth_magnitude_tie in [begin, end): tiles are counted in bulk and only the tile
+// holding it is searched element by element.
+MA_CPU_CLONES
+int64_t find_nth_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
+                     int64_t begin, int64_t end) {
+  const unsigned char* x = model == 0 ? ops.domain : ops.aligned;
+  const int dtype = model == 0 ? ops.domain_dtype : ops.aligned_dtype;
+  alignas(64) float bt[kTile];
+  alignas(64) float xt[kTile];
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int count = int(std::min(kTile, end - start));
+    load_tile(ops.base, ops.base_dtype, start, count, bt);
+    load_tile(x, dtype, start, count, xt);
+    int64_t ties = 0;
+    for (int i = 0; i < count; ++i) ties += magnitude_bits(ma_sub(xt[i], bt[i])) == bits;
+    if (ties < n) {
+      n -= ties;
+      continue;
+    }
+    for (int i = 0; i < count; ++i) {
+      if (magnitude_bits(ma_sub(xt[i], bt[i])) == bits && --n == 0) {
+        return ops.first_index + start + i;
+      }
+    }
+  }
+  return -1;
 }
 
 }  // namespace
@@ -534,19 +715,10 @@ int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], i
 
 int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
                       int64_t* index) {
-  const unsigned char* x = model == 0 ? ops.domain : ops.aligned;
-  const int dtype = model == 0 ? ops.domain_dtype : ops.aligned_dtype;
   *index = -1;
   int64_t found = -1;
   const int err = guarded_slices(ops.count, 1, kTile, [&](int, int64_t begin, int64_t end) {
-    int64_t remaining = n;
-    for (int64_t i = begin; i < end; ++i) {
-      const float tau = ma_sub(load_as_f32(x, i, dtype), load_as_f32(ops.base, i, ops.base_dtype));
-      if ((float_bits(tau) & 0x7fffffffu) == bits && --remaining == 0) {
-        found = ops.first_index + i;
-        return;
-      }
-    }
+    found = find_nth_tie(ops, model, bits, n, begin, end);
   });
   if (err != 0) return err;
   *index = found;
@@ -580,22 +752,20 @@ Selection select_kth_largest(const int64_t* row, int64_t k) {
 
 int sparsity_stats_cpu(const MergeOperands& ops, const Recipe& recipe, int threads,
                        SparsityStats* out) {
-  SparsityStats total;
-  *out = total;
+  *out = SparsityStats();
   if (ops.count <= 0) return 0;
   const int n_threads = effective_threads(ops.count, threads);
-  std::vector<SparsityStats> partial(n_threads);
+  std::vector<ExactL1> partial(n_threads);
   const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
     sparsity_range(ops, recipe, b, e, &partial[t]);
   });
   if (err != 0) return err;
-  for (const SparsityStats& p : partial) {
-    for (int m = 0; m < 2; ++m) {
-      total.l1[m] += p.l1[m];
-      total.kept_l1[m] += p.kept_l1[m];
-    }
+  ExactL1 total;
+  for (const ExactL1& p : partial) total.add(p);
+  for (int m = 0; m < 2; ++m) {
+    out->kept_l1[m] = total.value(m, 1);
+    out->l1[m] = out->kept_l1[m] + total.value(m, 0);
   }
-  *out = total;
   return 0;
 }
 

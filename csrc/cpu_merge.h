@@ -50,7 +50,9 @@ struct VectorStats {
 };
 // The read-only passes below return 0, or EFAULT when an input page vanished (see
 // merge_cpu_to_file); their results are written only on success.
-int vector_stats_cpu(const MergeOperands& ops, int threads, VectorStats* out);
+// models = false sums the task vectors (the first five fields), true the models themselves (the
+// last three): a pass computes only what its caller needs.
+int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorStats* out);
 
 // Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is int64[2][65536],
 // row 0 for tau_d and row 1 for tau_a, and is added to (so windows of a tensor accumulate).
@@ -80,8 +82,9 @@ int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], i
 int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
                       int64_t* index);
 
-// L1 norms of the task vectors before and after the recipe's sparsification (fp64), for DARE's
-// and TIES' rescale: index 0 for tau_d, 1 for tau_a.
+// L1 norms of the task vectors before and after the recipe's sparsification, for DARE's and
+// TIES' rescale: index 0 for tau_d, 1 for tau_a.  Accumulated exactly (integer sums per fp32
+// exponent), so they do not depend on the thread count or on how a tensor is split in windows.
 struct SparsityStats {
   double l1[2] = {0, 0};
   double kept_l1[2] = {0, 0};

@@ -166,17 +166,30 @@ MA_HD uint32_t mix32(uint32_t x) {
 // function of (key, index), so every backend, thread count and chunking draws the same mask.
 // For indices below 2^32 (every tensor of today's LLMs) the map index -> draw is a permutation
 // composed with the top-24-bit projection, so no two elements share a 32-bit hash.
-// mergealign_fast/reference.py (numpy) and the Triton kernel implement the same function.
-MA_HD uint32_t random_draw24(uint32_t key_lo, uint32_t key_hi, int64_t index) {
-  const uint64_t i = uint64_t(index);
-  const uint32_t h = mix32(uint32_t(i) ^ key_lo);
-  return mix32(h ^ (uint32_t(i >> 32) * 0x9e3779b9u) ^ key_hi) >> 8;
+// mergealign_fast/reference.py (numpy) implements the same function.  The draw is split in two
+// so a kernel can mix the high half of the index once per tile: draw24(key_lo, high_mix(key_hi,
+// index >> 32), uint32(index)).
+MA_HD uint32_t high_mix(uint32_t key_hi, uint32_t index_hi) {
+  return (index_hi * 0x9e3779b9u) ^ key_hi;
 }
 
+MA_HD uint32_t draw24(uint32_t key_lo, uint32_t mixed_hi, uint32_t index_lo) {
+  return mix32(mix32(index_lo ^ key_lo) ^ mixed_hi) >> 8;
+}
+
+MA_HD uint32_t random_draw24(uint32_t key_lo, uint32_t key_hi, int64_t index) {
+  const uint64_t i = uint64_t(index);
+  return draw24(key_lo, high_mix(key_hi, uint32_t(i >> 32)), uint32_t(i));
+}
+
+MA_HD uint32_t magnitude_bits(float tau) { return float_bits(tau) & 0x7fffffffu; }
+
+// Does a term keep its element?  The definition; CPU tiles evaluate the same rules in bulk
+// (cpu_merge.cpp keep_tile).
 MA_HD bool term_keeps(const VectorTerm& term, float tau, int64_t index) {
   if (term.sparsify == kKeepLargest) {
     // |tau| as bits: for non-negative floats the bit patterns order like the values.
-    const uint32_t magnitude = float_bits(tau) & 0x7fffffffu;
+    const uint32_t magnitude = magnitude_bits(tau);
     return magnitude > term.min_magnitude_bits ||
            (magnitude == term.min_magnitude_bits && index <= term.last_tie_index);
   }
@@ -186,32 +199,46 @@ MA_HD bool term_keeps(const VectorTerm& term, float tau, int64_t index) {
   return true;
 }
 
-// A task vector's element after dropping and rescaling, times its weight.
-MA_HD float term_value(const VectorTerm& term, float tau, int64_t index) {
-  return term_keeps(term, tau, index) ? ma_mul(ma_mul(tau, term.scale), term.weight) : 0.0f;
+// kVectors: TIES / DARE / RESTA.  A term is a task vector's element after sparsification:
+// (tau * scale) * weight when kept (the order mergekit applies them in), 0 when dropped.  Every
+// operation is computed and then selected: with an operation inside a ?: arm the compiler would
+// not vectorise.
+MA_HD float vector_term(const VectorTerm& term, float tau, bool keep) {
+  const float value = ma_mul(ma_mul(tau, term.scale), term.weight);
+  return keep ? value : 0.0f;
 }
 
-// kVectors: TIES / DARE / RESTA.  With sign election a term counts only when its sign matches
-// the sign of the sum of both terms (zero counts as positive), and the divisor is the sum of
-// the weights of the terms that count (1 when none does): mergekit's disjoint mean.
-MA_HD float merge_vectors(const Recipe& r, float base, float domain, float aligned,
-                          int64_t index) {
-  const float xd = term_value(r.domain, ma_sub(domain, base), index);
-  const float xa = term_value(r.align, ma_sub(aligned, base), index);
+// base + lambda * (combined terms) / divisor.  With sign election a term counts only when its
+// sign matches the sign of the sum of both terms (zero counts as positive), and the divisor is
+// the sum of the weights of the terms that count (1 when none does): mergekit's disjoint mean.
+template <bool kSignElection>
+MA_HD float combine_terms(const Recipe& r, float base, float xd, float xa) {
   float mixed;
   float divisor = r.divisor;
-  if (r.sign_election) {
+  if (kSignElection) {
+    // Bitwise, not && / ?: on bools: no control flow, so the CPU loop vectorises.
     const bool up = ma_add(xd, xa) >= 0.0f;
-    const bool keep_d = up ? xd > 0.0f : xd < 0.0f;
-    const bool keep_a = up ? xa > 0.0f : xa < 0.0f;
-    mixed = ma_add(keep_d ? xd : 0.0f, keep_a ? xa : 0.0f);
-    divisor = ma_add(keep_d ? r.domain.weight : 0.0f, keep_a ? r.align.weight : 0.0f);
+    const bool count_d = ((xd > 0.0f) & up) | ((xd < 0.0f) & !up);
+    const bool count_a = ((xa > 0.0f) & up) | ((xa < 0.0f) & !up);
+    mixed = ma_add(count_d ? xd : 0.0f, count_a ? xa : 0.0f);
+    divisor = ma_add(count_d ? r.domain.weight : 0.0f, count_a ? r.align.weight : 0.0f);
     divisor = divisor == 0.0f ? 1.0f : divisor;
   } else {
     mixed = ma_add(xd, xa);
   }
-  if (r.normalize) mixed = ma_div(mixed, divisor);
-  return ma_add(base, ma_mul(mixed, r.lambda));
+  // x / 1 is exact: dividing always keeps the loop free of a branch.
+  divisor = r.normalize ? divisor : 1.0f;
+  return ma_add(base, ma_mul(ma_div(mixed, divisor), r.lambda));
+}
+
+MA_HD float merge_vectors(const Recipe& r, float base, float domain, float aligned,
+                          int64_t index) {
+  const float tau_d = ma_sub(domain, base);
+  const float tau_a = ma_sub(aligned, base);
+  const float xd = vector_term(r.domain, tau_d, term_keeps(r.domain, tau_d, index));
+  const float xa = vector_term(r.align, tau_a, term_keeps(r.align, tau_a, index));
+  return r.sign_election ? combine_terms<true>(r, base, xd, xa)
+                         : combine_terms<false>(r, base, xd, xa);
 }
 
 // kModels: a weighted sum of the models themselves, with per-tensor coefficients (linear,

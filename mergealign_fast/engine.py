@@ -36,6 +36,9 @@ from .params import default_threads
 # input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
 # output a call lasts ~8 ms, so the Python loop and thread start-up (~0.1 ms) cost about 1%.
 WINDOW_BYTES = 32 << 20
+# Input bytes (all three models) of a tensor whose pages stay mapped between a merge method's
+# passes over it (see tensor_recipes).
+PASS_RESIDENT_BYTES = 128 << 20
 
 @dataclass(frozen=True)
 class MergeResult:
@@ -229,16 +232,24 @@ class CpuWriter:
         """Everything handed to write() is in the file (nothing is pending on the CPU path)."""
 
 
+def _keep() -> None:
+    """Release callback that keeps a window's pages mapped."""
+
+
 def tensor_recipes(plans: List[MergePlan], tensor: PlannedTensor, maps: InputMaps,
                    threads: int) -> list:
     """Each plan's native Recipe for `tensor`, after the reduction passes its method needs
     (none for task arithmetic; shared between the plans of a sweep)."""
     native = cpu.native()
+    # A method's passes read a tensor several times: a small tensor's pages stay mapped until
+    # the merge pass releases them (re-faulting them cost ~1 s of 6 on a 1.1B TIES merge); a
+    # large one is released window by window, keeping memory bounded.
+    keep_mapped = sum(loc.entry.nbytes for loc in tensor.sources) <= PASS_RESIDENT_BYTES
 
     def windows():
         for chunk in tensor_chunks(tensor, maps, 0, WINDOW_BYTES // 4):
             yield (chunk.addresses(), chunk.dtype_codes(), chunk.count, chunk.start,
-                   chunk.release_inputs)
+                   _keep if keep_mapped else chunk.release_inputs)
 
     passes = TensorPasses(native, windows, threads)
     try:

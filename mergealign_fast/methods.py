@@ -318,20 +318,23 @@ class TensorPasses:
             call(addresses, dtypes, count, first)
             release()
 
-    def vector_stats(self) -> Tuple[float, ...]:
-        if "stats" not in self._cache:
+    def vector_stats(self, models: bool) -> Tuple[float, ...]:
+        """(Στ_d², Στ_a², Στ_d·τ_a) of the task vectors, or with models=True
+        (Σdomain², Σaligned², Σdomain·aligned) of the models themselves; fp64."""
+        key = ("stats", models)
+        if key not in self._cache:
             sums = [0.0] * 8
 
             def add(addresses, dtypes, count, first):
                 part = self.native.vector_stats(addresses[0], dtypes[0], addresses[1],
                                                 dtypes[1], addresses[2], dtypes[2], count,
-                                                self.threads)
+                                                self.threads, models)
                 for i, v in enumerate(part):
                     sums[i] += v
 
             self._each(add)
-            self._cache["stats"] = tuple(sums)
-        return self._cache["stats"]
+            self._cache[key] = tuple(sums[5:8] if models else sums[0:3])
+        return self._cache[key]
 
     def magnitude_thresholds(self, k_domain: Optional[int],
                              k_align: Optional[int]) -> Tuple[Tuple[int, int], ...]:
@@ -441,14 +444,15 @@ def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
 
 
 def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
-    stats = passes.vector_stats()
     if s.name == "slerp_vectors":  # base + c_d·τ_d + c_a·τ_a
-        c_a, c_d = slerp_coefficients(s.t, stats[1], stats[0], stats[2])
+        dd, aa, da = passes.vector_stats(models=False)
+        c_a, c_d = slerp_coefficients(s.t, aa, dd, da)
         return _weights_recipe(recipe, TASK_ARITHMETIC, c_d, c_a)
+    dd, aa, da = passes.vector_stats(models=True)
     if s.name == "slerp":
-        c_a, c_d = slerp_coefficients(s.t, stats[6], stats[5], stats[7])
+        c_a, c_d = slerp_coefficients(s.t, aa, dd, da)
     else:
-        c_d, c_a = chipalign_coefficients(s.t, stats[5], stats[6], stats[7])
+        c_d, c_a = chipalign_coefficients(s.t, dd, aa, da)
     return _weights_recipe(recipe, MODELS, c_d, c_a)
 
 
