@@ -26,8 +26,8 @@ ROUNDS_MERGEKIT = 1
 
 # our method -> (our extra flags, mergekit method or None, mergekit per-model parameters, shared)
 METHODS = {
-    "task_arithmetic": ([], "task_arithmetic", "weight: 0.5", ""),
-    "linear": ([], "linear", "weight: 0.5", ""),
+    "task_arithmetic": ([], "task_arithmetic", "{weight: 0.5}", ""),
+    "linear": ([], "linear", "{weight: 0.5}", ""),
     "ties": (["--density", "0.3"], "ties", "{weight: 0.5, density: 0.3}", ""),
     "dare_linear": (["--density", "0.3"], "dare_linear", "{weight: 0.5, density: 0.3}", ""),
     "dare_ties": (["--density", "0.3"], "dare_ties", "{weight: 0.5, density: 0.3}", ""),
@@ -54,10 +54,11 @@ def mergekit_config(method: str, trio) -> str:
     else:
         models = "".join(f"  - model: {trio[r]}\n    parameters: {per_model}\n"
                          for r in ("domain", "aligned"))
-        models += f"  - model: {trio['base']}\n" if name == "linear" else ""
         base = trio["base"]
     parameters = f"parameters: {{{shared}}}\n" if shared else ""
-    return (f"merge_method: {name}\nbase_model: {base}\nmodels:\n{models}{parameters}"
+    # mergekit's linear merges its base_model too (and wants a weight for it): leave it out.
+    base_line = "" if name == "linear" else f"base_model: {base}\n"
+    return (f"merge_method: {name}\n{base_line}models:\n{models}{parameters}"
             "dtype: bfloat16\n")
 
 

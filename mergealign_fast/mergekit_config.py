@@ -203,12 +203,14 @@ class _Reader:
 
     @staticmethod
     def _role_of(folder: Path, roles: Dict[str, Path], name: str) -> str:
-        if name == "slerp" and folder.resolve() == roles["aligned"].resolve():
-            return "aligned"
-        for role in ("domain", "aligned", "base"):
-            if roles[role].resolve() == folder.resolve():
-                return role
-        return "base"
+        """The role whose parameters a model's `parameters` set.  A folder can fill two roles:
+        the aligned role repeats the base when there is one other model (then it is the base),
+        and slerp/chipalign only fill the base role with their aligned model (then aligned)."""
+        placeholder_base = name in ("slerp", "chipalign")
+        repeat = roles["aligned"].resolve() == roles["base"].resolve()
+        order = ("domain", "base", "aligned") if repeat and not placeholder_base \
+            else ("domain", "aligned", "base")
+        return next(role for role in order if roles[role].resolve() == folder.resolve())
 
     def _rules(self, parameters, role: Optional[str], method_name: str) -> List[Rule]:
         if parameters is None:
@@ -275,6 +277,11 @@ class _Reader:
             weighted = name == "linear" or folder.resolve() != roles["base"].resolve()
             if weighted and not shared and "weight" not in parameters:
                 self.problem(f"{folder}: {name} needs a `weight` for this model")
+        listed = {folder.resolve() for folder, _ in models}
+        if name == "linear" and not shared and roles["base"].resolve() not in listed:
+            # mergekit's linear merges base_model too, so it needs a weight as well.
+            self.problem(f"base_model {roles['base']}: linear merges it too: list it under "
+                         "`models` with a `weight`, or leave base_model out")
 
     def _out_dtype(self) -> Optional[DType]:
         chosen = self.raw.get("out_dtype") or self.raw.get("dtype")

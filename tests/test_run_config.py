@@ -207,3 +207,19 @@ dtype: float32
         difference = np.abs(read_elements(loc).ravel().astype(np.float64)
                             - read_elements(theirs.tensors[name]).ravel().astype(np.float64))
         assert np.all(difference <= 2 * bound), name
+
+
+def test_linear_base_model_needs_a_weight_as_in_mergekit(tiny_trio, tmp_path):
+    text = ("merge_method: linear\nbase_model: {base}\nmodels:\n"
+            "  - model: {domain}\n    parameters: {{weight: 0.5}}\n"
+            "  - model: {aligned}\n    parameters: {{weight: 0.5}}\n")
+    with pytest.raises(PlanError, match="linear merges it too"):
+        load(write_config(tmp_path, tiny_trio, text))
+    config = write_config(tmp_path, tiny_trio, text.replace("base_model: {base}\n", ""))
+    subprocess.run(cli("run", config, tmp_path / "out", "--quiet"), check=True)
+    # Two models, no base: (0.5 domain + 0.5 aligned) / 1.
+    name = "model.layers.1.mlp.up_proj.weight"
+    raws = [read_elements(open_checkpoint(tiny_trio[r]).tensors[name]) for r in ROLES]
+    expected = merge_tensors(*raws, domain_weight=0.5, align_weight=0.5, method="linear")
+    np.testing.assert_array_equal(
+        read_elements(open_checkpoint(tmp_path / "out").tensors[name]), expected)

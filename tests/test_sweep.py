@@ -3,12 +3,14 @@
 import errno
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.journal import verify_output
 from mergealign_fast.kernels import cpu
+from mergealign_fast.methods import Method
 from mergealign_fast.sweep import parse_lambdas, sweep_checkpoints
 
 from test_engine import FailingNative, all_tensors_bytes, leftovers
@@ -82,3 +84,19 @@ def test_cli_and_bad_lambdas(tiny_trio, tmp_path):
     assert proc.returncode == 2 and "'half' is not a number" in proc.stderr
     with pytest.raises(ValueError, match="appears twice"):
         parse_lambdas("0.5,0.5")
+
+
+@pytest.mark.parametrize("method", [Method("ties", domain_density=0.4, align_density=0.6),
+                                    Method("dare_ties", domain_density=0.5, seed=2),
+                                    Method("slerp")], ids=lambda m: m.name)
+def test_a_sweep_of_any_method_equals_its_single_merges(tiny_trio, tmp_path, method):
+    """λ sets w_d = λ, w_a = 1 - λ and t = λ; the passes a method needs are shared."""
+    lambdas = [0.25, 0.75]
+    results = sweep_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                                tmp_path / "sweep", lambdas, method=method)
+    for lam, result in zip(lambdas, results):
+        single = tmp_path / f"single-{lam}"
+        merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], single,
+                          domain_weight=lam, align_weight=1 - lam,
+                          method=replace(method, t=lam))
+        assert all_tensors_bytes(result.out_dir) == all_tensors_bytes(single), lam
