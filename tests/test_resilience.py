@@ -15,6 +15,7 @@ import pytest
 from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.journal import MANIFEST, partial_dir_for, verify_output
 from mergealign_fast.kernels import cpu
+from mergealign_fast.methods import Method
 from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
 
 from test_engine import FailingNative, all_tensors_bytes, leftovers
@@ -200,6 +201,38 @@ def test_input_changed_during_the_merge_is_reported_and_nothing_published(tiny_t
     monkeypatch.setattr(cpu, "native", lambda: native)
     with pytest.raises(MergeError, match=f"input {victim} was"):
         merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, pass_name", [
+    (Method("ties", domain_density=0.3), "magnitude_histogram"),
+    (Method("dare_linear", domain_density=0.3), "sparsity_stats"),
+    (Method("slerp"), "vector_stats"),
+])
+def test_input_truncated_during_a_method_pass_is_reported(tiny_trio, tmp_path, monkeypatch,
+                                                         method, pass_name):
+    """The passes a method makes before merging read the mapped inputs too: a page that
+    vanishes under them is caught (SIGBUS) like one under the merge itself."""
+    trio = {r: tmp_path / r for r in tiny_trio}
+    for role, folder in tiny_trio.items():
+        shutil.copytree(folder, trio[role])
+    victim = trio["aligned"] / "model.safetensors"
+    real = cpu.native()
+
+    class TruncateBeforePass:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    def truncating(*args):
+        os.truncate(victim, 4096)
+        return getattr(real, pass_name)(*args)
+
+    native = TruncateBeforePass()
+    setattr(native, pass_name, truncating)
+    monkeypatch.setattr(cpu, "native", lambda: native)
+    with pytest.raises(MergeError, match="changed while it was being read|was modified"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
+                          method=method)
     assert not (tmp_path / "out").exists()
 
 
