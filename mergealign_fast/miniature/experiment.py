@@ -5,8 +5,9 @@ mergealign-fast, evaluate every model the same way, and write a table and a trad
 
 Models evaluated: the base, the domain expert, the aligned model; MergeAlign with w_d = λ and
 w_a = 1 - λ for λ = 0, 0.1, ..., 1; expert + w_a * alignment vector (w_d = 1, weights summing
-to more than one); and SLERP of the two fine-tuned models (per tensor, mergekit's formulation),
-the baseline the paper compares with.  TIES and DARE are not in the engine yet.
+to more than one: RESTA without DARE); SLERP of the two fine-tuned models (per tensor,
+mergekit's formulation), the baseline the paper compares with; and the merges users reach for
+instead: TIES, DARE-TIES and ChipAlign, all through the engine's methods.
 """
 
 from __future__ import annotations
@@ -20,12 +21,22 @@ from pathlib import Path
 from typing import List
 
 from ..engine import merge_checkpoints
+from ..methods import Method
 from .evaluate import Scores, evaluate
 from .world import Clinic
 
 LAMBDAS = [round(0.1 * i, 1) for i in range(11)]
 SAFETY_BOOSTS = [0.25, 0.5, 0.75, 1.0]  # w_a with w_d = 1
 SLERP_TS = [0.25, 0.5, 0.75]  # t = 0: domain, t = 1: aligned
+# Other methods at common settings: (row label, setting, Method, w_d, w_a).
+OTHER_METHODS = [
+    ("TIES", "density=0.5", Method("ties", domain_density=0.5, align_density=0.5), 1.0, 1.0),
+    ("TIES", "density=0.2", Method("ties", domain_density=0.2, align_density=0.2), 1.0, 1.0),
+    ("DARE-TIES", "density=0.5", Method("dare_ties", domain_density=0.5, align_density=0.5),
+     1.0, 1.0),
+    ("ChipAlign (aligned → domain)", "t=0.5", Method("chipalign", t=0.5), 0.5, 0.5),
+    ("ChipAlign (aligned → domain)", "t=0.75", Method("chipalign", t=0.75), 0.5, 0.5),
+]
 
 
 @dataclass(frozen=True)
@@ -37,28 +48,6 @@ class Row:
     over_refusal: float
 
 
-def slerp_models(domain: Path, aligned: Path, out: Path, t: float) -> None:
-    """Per-tensor spherical interpolation of two fine-tuned models (mergekit's SLERP: the
-    angle between the flattened tensors, linear interpolation when they are nearly parallel)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    a, b = load_file(domain / "model.safetensors"), load_file(aligned / "model.safetensors")
-    merged = {}
-    for name, x in a.items():
-        y = b[name]
-        xn, yn = x.flatten().double(), y.flatten().double()
-        cos = torch.dot(xn / xn.norm(), yn / yn.norm()).clamp(-1, 1)
-        if abs(float(cos)) > 0.9995:
-            z = (1 - t) * xn + t * yn
-        else:
-            theta = torch.arccos(cos)
-            z = (torch.sin((1 - t) * theta) * xn + torch.sin(t * theta) * yn) / torch.sin(theta)
-        merged[name] = z.reshape(x.shape).to(x.dtype)
-    shutil.copytree(aligned, out, dirs_exist_ok=True)
-    save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
-
-
 def _row(method: str, setting: str, scores: Scores) -> Row:
     return Row(method, setting, scores.domain_accuracy, scores.refusal_rate, scores.over_refusal)
 
@@ -67,19 +56,20 @@ def run(trio: dict, work: Path, clinic: Clinic, log=print) -> List[Row]:
     rows = [_row("base", "-", evaluate(trio["base"], clinic)),
             _row("domain expert", "-", evaluate(trio["domain"], clinic)),
             _row("aligned", "-", evaluate(trio["aligned"], clinic))]
-    settings = [("MergeAlign", f"λ={lam}", lam, round(1 - lam, 1)) for lam in LAMBDAS]
-    settings += [("expert + safety vector", f"w_a={w}", 1.0, w) for w in SAFETY_BOOSTS]
-    for method, setting, w_d, w_a in settings:
+    plain = Method()
+    settings = [("MergeAlign", f"λ={lam}", plain, lam, round(1 - lam, 1)) for lam in LAMBDAS]
+    settings += [("expert + safety vector", f"w_a={w}", plain, 1.0, w) for w in SAFETY_BOOSTS]
+    # Our slerp's t runs from aligned to domain: the table's t (domain -> aligned) is 1 - ours.
+    settings += [("SLERP (domain → aligned)", f"t={t}", Method("slerp", t=1 - t), 0.5, 0.5)
+                 for t in SLERP_TS]
+    settings += OTHER_METHODS
+    for label, setting, method, w_d, w_a in settings:
         out = work / "merged"
         merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, domain_weight=w_d,
-                          align_weight=w_a, force=True, fsync=False)
-        rows.append(_row(method, setting, evaluate(out, clinic)))
-        log(f"{method:24s} {setting:8s} {rows[-1].domain_accuracy:6.1%} "
+                          align_weight=w_a, method=method, force=True, fsync=False)
+        rows.append(_row(label, setting, evaluate(out, clinic)))
+        log(f"{label:28s} {setting:12s} {rows[-1].domain_accuracy:6.1%} "
             f"{rows[-1].refusal_rate:6.1%} {rows[-1].over_refusal:6.1%}")
-    for t in SLERP_TS:
-        out = work / "slerp"
-        slerp_models(trio["domain"], trio["aligned"], out, t)
-        rows.append(_row("SLERP (domain → aligned)", f"t={t}", evaluate(out, clinic)))
     return rows
 
 
@@ -104,7 +94,8 @@ def plot(rows: List[Row], path: Path) -> None:
     for r in line:
         ax.annotate(r.setting.replace("λ=", ""), (r.refusal_rate, r.domain_accuracy),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
-    styles = {"expert + safety vector": "s", "SLERP (domain → aligned)": "^", "base": "x",
+    styles = {"expert + safety vector": "s", "SLERP (domain → aligned)": "^", "TIES": "v",
+              "DARE-TIES": "<", "ChipAlign (aligned → domain)": ">", "base": "x",
               "domain expert": "D", "aligned": "P"}
     for method, marker in styles.items():
         group = [r for r in rows if r.method == method]
@@ -137,13 +128,13 @@ def main() -> int:
             else train_trio(root, args.size))
     clinic = Clinic.load(root)
     rows = run(trio, work, clinic)
+    took = "" if args.trio else " including training"
     header = (f"# MergeAlign in miniature ({args.size} trio, "
-              f"{time.perf_counter() - started:.0f} s including training)")
+              f"{time.perf_counter() - started:.0f} s{took})")
     write_table(rows, args.results / "miniature.md", header)
     (args.results / "miniature.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     plot(rows, args.results / "miniature.png")
     shutil.rmtree(work / "merged", ignore_errors=True)
-    shutil.rmtree(work / "slerp", ignore_errors=True)
     print((args.results / "miniature.md").read_text())
     return 0
 
