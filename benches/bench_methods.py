@@ -88,6 +88,24 @@ def test_mergekit(benchmark, trio_1b, inputs, tmp_path, method):
            peak_rss=f"{rss / 1e6:.0f}MB", **ratio)
 
 
+@pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_mergekit_with_our_kernels(benchmark, trio_1b, inputs, tmp_path, method):
+    """mergekit's own pipeline with mergealign_fast.mergekit_backend registered: what a user who
+    stays inside mergekit gets."""
+    config = tmp_path / f"{method}.yml"
+    config.write_text(mergekit_config(method, trio_1b))
+    out = tmp_path / "out"
+    script = Path(__file__).with_name("mergekit_backend_run.py")
+    cmd = [sys.executable, str(script), str(config), str(out)]
+    wall, cpu, rss, _ = bench_command(benchmark, f"mergekit+ours {method}", cmd, out,
+                                      ROUNDS_MERGEKIT, inputs)
+    theirs = RESULTS.get(f"mergekit {method}")
+    ratio = {"mergekit_over_this": f"{theirs / wall:.1f}x"} if theirs else {}
+    record(SECTION, f"mergekit + our kernels {method}", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",
+           peak_rss=f"{rss / 1e6:.0f}MB", **ratio)
+
+
 def test_configs_are_what_mergekit_reads(trio_1b, tmp_path):
     """The generated configs parse as mergekit configurations (cheap; no merge runs)."""
     pytest.importorskip("mergekit")

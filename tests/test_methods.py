@@ -268,3 +268,28 @@ def test_the_oracle_check_catches_a_slightly_different_method(ours, other):
     got = as_f64(run_method(raws, dtypes, DType.F32, ours, 0.6, 0.9), DType.F32)
     exact, scale = oracle(raws, dtypes, other, 0.6, 0.9)
     assert np.any(np.abs(got - exact) > method_error_bound(exact, scale, DType.F32))
+
+
+def test_random_masks_of_tiles_straddling_2_to_the_32():
+    """Tensors past 2^32 elements: a tile whose indices cross 2^32 takes the per-element path,
+    every other tile the bulk one; both must draw the numpy reference's mask."""
+    from mergealign_fast.kernels import cpu
+    from mergealign_fast.methods import stream_key
+
+    native = cpu.native()
+    count = 4096
+    raws = trio(3, count, (DType.F32,) * 3)
+    for first in (2**32 - 1000, 2**32, 3 * 2**32 - 128):
+        recipe = native.Recipe()
+        recipe.kind = 1
+        recipe.domain.weight = 1.0
+        recipe.domain.sparsify = 2
+        recipe.domain.keep_below = 1 << 23  # density 0.5
+        recipe.domain.key_lo, recipe.domain.key_hi = stream_key(0, "t", "domain")
+        out = np.empty(count, dtype=np.float32)
+        addresses = [x.ctypes.data for x in raws]
+        native.merge_recipe(addresses[0], 0, addresses[1], 0, addresses[2], 0, out.ctypes.data,
+                            0, count, first, recipe, 2)
+        draws = random_draw24(*stream_key(0, "t", "domain"), np.arange(first, first + count))
+        kept = (raws[1] - raws[0]) * (draws < (1 << 23))
+        np.testing.assert_array_equal(out, raws[0] + kept)
