@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <cstdlib>
@@ -389,6 +390,19 @@ int guarded_slices(int64_t count, int threads, int64_t granule, Body body) {
   return fault.load();
 }
 
+// A read-only pass: range(begin, end, &partial[t]) on each thread's slice, protected like
+// guarded_slices; `partial` gets one default-constructed result per thread, which the caller
+// combines in thread order.  Returns 0 or EFAULT.
+template <typename Partial, typename Range>
+int reduce_slices(const MergeOperands& ops, int threads, std::vector<Partial>* partial,
+                  Range range) {
+  const int n_threads = effective_threads(ops.count, threads);
+  partial->assign(size_t(n_threads), Partial());
+  return guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t begin, int64_t end) {
+    range(begin, end, &(*partial)[size_t(t)]);
+  });
+}
+
 }  // namespace
 
 void merge_cpu_recipe(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
@@ -537,10 +551,9 @@ int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorS
   VectorStats total;
   *out = total;
   if (ops.count <= 0) return 0;
-  const int n_threads = effective_threads(ops.count, threads);
-  std::vector<VectorStats> partial(n_threads);
-  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
-    stats_range(ops, models, b, e, &partial[t]);
+  std::vector<VectorStats> partial;
+  const int err = reduce_slices(ops, threads, &partial, [&](int64_t b, int64_t e, VectorStats* p) {
+    stats_range(ops, models, b, e, p);
   });
   if (err != 0) return err;
   for (const VectorStats& p : partial) {
@@ -700,15 +713,15 @@ int64_t find_nth_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t
 int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], int threads,
                              int64_t counts[2]) {
   if (ops.count <= 0) return 0;
-  const int n_threads = effective_threads(ops.count, threads);
-  std::vector<int64_t> partial(size_t(n_threads) * 2, 0);
-  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
-    ties_range(ops, bits, b, e, &partial[size_t(t) * 2]);
-  });
+  std::vector<std::array<int64_t, 2>> partial;
+  const int err = reduce_slices(ops, threads, &partial,
+                                [&](int64_t b, int64_t e, std::array<int64_t, 2>* p) {
+                                  ties_range(ops, bits, b, e, p->data());
+                                });
   if (err != 0) return err;
-  for (int t = 0; t < n_threads; ++t) {
-    counts[0] += partial[size_t(t) * 2];
-    counts[1] += partial[size_t(t) * 2 + 1];
+  for (const auto& p : partial) {
+    counts[0] += p[0];
+    counts[1] += p[1];
   }
   return 0;
 }
@@ -728,12 +741,13 @@ int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_
 int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
                             int threads) {
   if (ops.count <= 0) return 0;
-  const int n_threads = effective_threads(ops.count, threads);
   // Per-thread histograms (2 x 512 KiB each), added in thread order: counts are exact.
-  std::vector<std::vector<int64_t>> partial(n_threads, std::vector<int64_t>(2 * kBins, 0));
-  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
-    histogram_range(ops, prefix, b, e, partial[t].data());
-  });
+  std::vector<std::vector<int64_t>> partial;
+  const int err = reduce_slices(ops, threads, &partial,
+                                [&](int64_t b, int64_t e, std::vector<int64_t>* p) {
+                                  p->assign(2 * kBins, 0);
+                                  histogram_range(ops, prefix, b, e, p->data());
+                                });
   if (err != 0) return err;
   for (const auto& p : partial) {
     for (int64_t i = 0; i < 2 * kBins; ++i) hist[i] += p[i];
@@ -754,10 +768,9 @@ int sparsity_stats_cpu(const MergeOperands& ops, const Recipe& recipe, int threa
                        SparsityStats* out) {
   *out = SparsityStats();
   if (ops.count <= 0) return 0;
-  const int n_threads = effective_threads(ops.count, threads);
-  std::vector<ExactL1> partial(n_threads);
-  const int err = guarded_slices(ops.count, n_threads, kTile, [&](int t, int64_t b, int64_t e) {
-    sparsity_range(ops, recipe, b, e, &partial[t]);
+  std::vector<ExactL1> partial;
+  const int err = reduce_slices(ops, threads, &partial, [&](int64_t b, int64_t e, ExactL1* p) {
+    sparsity_range(ops, recipe, b, e, p);
   });
   if (err != 0) return err;
   ExactL1 total;
