@@ -196,7 +196,8 @@ PYBIND11_MODULE(_native, m) {
       py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
       py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("threads"),
       py::arg("models") = false,
-      "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input vanished): (sum tau_d^2, sum tau_a^2, "
+      "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input "
+      "vanished): (sum tau_d^2, sum tau_a^2, "
       "sum tau_d*tau_a, sign conflicts, elements where both are non-zero, sum domain^2, "
       "sum aligned^2, sum domain*aligned); models=False fills the first five, True the last "
       "three (the others are 0).");

@@ -30,7 +30,8 @@ struct MergeOperands {
 enum RecipeKind : int {
   kTaskArithmetic = 0,  // base + w_d*tau_d + w_a*tau_a (the MergeAlign formula, fastest path)
   kVectors = 1,         // base + combination of sparsified, weighted task vectors (TIES, DARE)
-  kModels = 2,          // (c_b*base + c_d*domain + c_a*aligned) / divisor (linear, SLERP, ChipAlign)
+  kModels = 2,          // (c_b*base + c_d*domain + c_a*aligned) / divisor: linear, SLERP,
+                        // ChipAlign
 };
 
 enum Sparsify : int {
