@@ -141,7 +141,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a mergekit YAML config (models, base_model, "
                          "merge_method, parameters, dtype) through this engine")
     run.add_argument("config", help="mergekit YAML file; model paths are local folders, "
-                     "relative to the file")
+                     "relative to the current directory (as mergekit-yaml reads them)")
     run.add_argument("out", help="output folder (created; see --force)")
     run.add_argument("--max-shard-size", default="5GB", metavar="SIZE")
     run.add_argument("--force", action="store_true", help="replace a non-empty output folder")

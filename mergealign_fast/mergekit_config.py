@@ -1,6 +1,7 @@
 """`mergealign-fast run CONFIG.yml OUT`: a mergekit YAML config through our engine.
 
-Supported: `models` (each a local model folder with optional `parameters`), `base_model`,
+Supported: `models` (each a local model folder, relative paths from the current directory as
+for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties, slerp, and our
 slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per
 model or shared), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).  The
@@ -74,10 +75,10 @@ def load(path: Path) -> RunConfig:
     return _Reader(Path(path), raw).config()
 
 
-def _folder(value, config_dir: Path) -> Path:
-    """A model reference as a local folder (relative to the config file's folder)."""
-    folder = Path(str(value)).expanduser()
-    return folder if folder.is_absolute() else config_dir / folder
+def _folder(value) -> Path:
+    """A model reference as a local folder; a relative path is relative to the current
+    directory, as mergekit-yaml reads it."""
+    return Path(str(value)).expanduser()
 
 
 class _Reader:
@@ -124,7 +125,7 @@ class _Reader:
         if "+" in value:
             self.problem(f"{where}: {value}: LoRA references (model+lora) are not supported")
             return None
-        folder = _folder(value, self.path.parent)
+        folder = _folder(value)
         if not folder.is_dir():
             self.problem(f"{where}: {value}: no such local folder (hub names are not "
                          "downloaded: give a local path)")
@@ -305,7 +306,7 @@ class _Reader:
             self.problem("tokenizer_source: union (vocabulary merging) is not supported; "
                          "choose base or one of the models")
             return "none"
-        folder = _folder(source, self.path.parent)
+        folder = _folder(source)
         for role in ("domain", "aligned", "base"):
             if role in roles and roles[role].resolve() == folder.resolve():
                 return role
