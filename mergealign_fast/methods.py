@@ -234,30 +234,30 @@ def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
     )
 
 
-def settings_problems(s: TensorSettings, tensor_name: str) -> List[str]:
-    """Per-tensor values a rule may have pushed out of range."""
+def settings_problems(s: TensorSettings, where: str) -> List[str]:
+    """Values out of range (a rule may push one tensor's); each line starts with `where`."""
     problems = []
     weighted = "weight" in METHODS[s.name].parameters  # SLERP's family ignores the weights
     unset = [role for role, w in (("domain", s.w_domain), ("aligned", s.w_align))
              if weighted and w != w]
     if unset:  # NaN is "no value" (mergekit configs: no rule matched the tensor)
-        problems.append(f"tensor {tensor_name}: no weight for the {' and '.join(unset)} "
+        problems.append(f"{where}: no weight for the {' and '.join(unset)} "
                         "model: no `weight` setting matches this tensor")
     elif weighted:
         try:
             check_weights(s.w_domain, s.w_align)
         except ValueError as exc:
-            problems.append(f"tensor {tensor_name}: {exc}")
+            problems.append(f"{where}: {exc}")
     for label, density in (("domain", s.domain_density), ("aligned", s.align_density)):
         if not 0.0 <= density <= 1.0:
-            problems.append(f"tensor {tensor_name}: {label} density must be between 0 and 1 "
+            problems.append(f"{where}: {label} density must be between 0 and 1 "
                             f"(got {density})")
     if s.rescale not in RESCALES:
-        problems.append(f"tensor {tensor_name}: rescale {s.rescale!r}: choose one of "
+        problems.append(f"{where}: rescale {s.rescale!r}: choose one of "
                         f"{', '.join(RESCALES)}")
     if s.name == "linear" and s.normalize and s.w_base + s.w_domain + s.w_align == 0:
-        problems.append(f"tensor {tensor_name}: linear weights sum to 0 and cannot be "
-                        "normalized: set normalize false or change the weights")
+        problems.append(f"{where}: the weights sum to 0, so linear cannot normalize them: "
+                        "set normalize false (--no-normalize) or change the weights")
     return problems
 
 

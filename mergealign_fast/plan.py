@@ -358,7 +358,12 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
         raise PlanError(problems + input_problems)
     tensors = list(_planned_tensors(models, options.out_dtype))
     settings = tensor_settings(options, [t.name for t in tensors])
-    problems = [p for name, s in settings.items() for p in settings_problems(s, name)]
+    if options.method.rules:  # rules can make any one tensor's values wrong
+        problems = [p for name, s in settings.items()
+                    for p in settings_problems(s, f"tensor {name}")]
+    else:  # one set of values for every tensor: say it once
+        problems = settings_problems(next(iter(settings.values())), options.method.name) \
+            if settings else []
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)

@@ -129,7 +129,7 @@ def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_d
         yield addresses, codes, out.count, 0, lambda: None
 
     settings = resolve(method, name, layer_position(name, 0), w_domain, w_align)
-    problems = settings_problems(settings, name or "tensor")
+    problems = settings_problems(settings, f"tensor {name}" if name else method.name)
     if problems:
         raise ValueError("; ".join(problems))
     recipe = tensor_recipe(native, settings, name, out.count, TensorPasses(native, windows,
