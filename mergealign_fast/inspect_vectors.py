@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .engine import WINDOW_BYTES, InputMaps
+from .engine import WINDOW_BYTES, InputMaps, tensor_chunks
 from .kernels import cpu
 from .params import check_weights, default_threads
-from .plan import check_inputs
+from .plan import PlannedTensor, check_inputs
 
 LAYER_PATTERN = re.compile(r"layers\.(\d+)\.")
 
@@ -107,23 +107,19 @@ def inspect_checkpoints(base, domain, aligned, *, domain_weight: float = 0.5,
 
 
 def _tensor_sums(native, maps: InputMaps, locations, threads: int) -> Sums:
+    """One pass over a tensor in the engine's windows (released as it goes)."""
     from .dtypes import DType
 
-    dtypes = [DType[loc.entry.dtype] for loc in locations]
-    mapped = [maps.maps[loc.file] for loc in locations]
-    count = locations[0].entry.count
-    window = WINDOW_BYTES // 4
+    # Nothing is written: the output dtype only sizes output offsets, unused here.
+    tensor = PlannedTensor(locations[0].entry.name, locations[0].entry.shape, DType.F32,
+                           tuple(locations))
     sums = Sums()
-    for start in range(0, count, window):
-        n = min(window, count - start)
-        spans = [(loc.entry.begin + start * dt.itemsize, n * dt.itemsize)
-                 for loc, dt in zip(locations, dtypes)]
-        addresses = [m.address + offset for m, (offset, _) in zip(mapped, spans)]
-        values = native.vector_stats(addresses[0], int(dtypes[0]), addresses[1], int(dtypes[1]),
-                                     addresses[2], int(dtypes[2]), n, threads)
-        sums.add(Sums(n, *values[:5]))  # the task-vector sums (not the models')
-        for m, (offset, length) in zip(mapped, spans):
-            m.release(offset, length)
+    for chunk in tensor_chunks(tensor, maps, 0, WINDOW_BYTES // 4):
+        (b, d, a), codes = chunk.addresses(), chunk.dtype_codes()
+        values = native.vector_stats(b, codes[0], d, codes[1], a, codes[2], chunk.count,
+                                     threads)
+        sums.add(Sums(chunk.count, *values[:5]))  # the task-vector sums (not the models')
+        chunk.release_inputs()
     return sums
 
 
