@@ -34,7 +34,7 @@ COMMON_FLAGS = ["-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trap
                 "-Wall", "-Wextra"]
 OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/cpu_merge.h", "csrc/crc32c.h",
-           "csrc/mapped_file.h", "csrc/cuda_merge.h"]
+           "csrc/mapped_file.h", "csrc/cuda_merge.h", "csrc/operands_from_python.h"]
 
 
 def find_cuda_home():

@@ -14,28 +14,12 @@
 #include "crc32c.h"
 #include "mapped_file.h"
 #include "merge_math.h"
+#include "operands_from_python.h"
 
 namespace py = pybind11;
 using namespace mergealign;
 
 namespace {
-
-MergeOperands make_operands(uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype,
-                            uintptr_t aligned, int aligned_dtype, int out_dtype, int64_t count,
-                            double w_domain, double w_align) {
-  for (int dtype : {base_dtype, domain_dtype, aligned_dtype, out_dtype}) {
-    if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-      throw py::value_error("unknown dtype code " + std::to_string(dtype));
-    }
-  }
-  if (count < 0) throw py::value_error("negative element count");
-  // The coefficients are rounded to fp32 once, here, explicitly (STYLE.md §6).
-  return MergeOperands{reinterpret_cast<const unsigned char*>(base),
-                       reinterpret_cast<const unsigned char*>(domain),
-                       reinterpret_cast<const unsigned char*>(aligned),
-                       base_dtype, domain_dtype, aligned_dtype, out_dtype, count,
-                       static_cast<float>(w_domain), static_cast<float>(w_align)};
-}
 
 // A read-only pass found an input page gone (a file truncated under its mapping): OSError with
 // errno EFAULT, which the engine reports as "input changed".

@@ -73,6 +73,27 @@ merge_element_kernel(MergeOperands ops, unsigned char* out) {
   }
 }
 
+// Any method's recipe (merge_operands.h), one element per iteration.  A method's statistics
+// passes run on the CPU before this; this is its final pass, bound by memory like the plain
+// merge.  The kind is the same for every element, so the branch never diverges.
+__global__ void __launch_bounds__(kThreads)
+merge_recipe_kernel(MergeOperands ops, Recipe r, unsigned char* out) {
+  for (int64_t i = global_thread(); i < ops.count; i += grid_stride()) {
+    const float b = load_as_f32(ops.base, i, ops.base_dtype);
+    const float d = load_as_f32(ops.domain, i, ops.domain_dtype);
+    const float a = load_as_f32(ops.aligned, i, ops.aligned_dtype);
+    float merged;
+    if (r.kind == kTaskArithmetic) {
+      merged = merge_one(b, d, a, r.domain.weight, r.align.weight);
+    } else if (r.kind == kModels) {
+      merged = merge_models(r, b, d, a);
+    } else {
+      merged = merge_vectors(r, b, d, a, ops.first_index + i);
+    }
+    store_from_f32(out, i, ops.out_dtype, merged);
+  }
+}
+
 int blocks_for(int64_t work) {
   int device = 0, sms = 1;
   cudaGetDevice(&device);
@@ -133,6 +154,15 @@ int merge_cuda(const MergeOperands& ops, unsigned char* out, uintptr_t stream_ha
     merge_element_kernel<<<blocks_for(rest.count), kThreads, 0, stream>>>(
         rest, out + done * dtype_size(ops.out_dtype));
   }
+  return cudaGetLastError();
+}
+
+int merge_recipe_cuda(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
+                      uintptr_t stream_handle) {
+  if (ops.count <= 0) return cudaSuccess;
+  cudaGetLastError();  // clear a stale error so the one returned is this launch's
+  merge_recipe_kernel<<<blocks_for(ops.count), kThreads, 0,
+                        reinterpret_cast<cudaStream_t>(stream_handle)>>>(ops, recipe, out);
   return cudaGetLastError();
 }
 

@@ -14,6 +14,10 @@ namespace mergealign {
 // a cudaError_t value: 0 when the launch was accepted.
 int merge_cuda(const MergeOperands& ops, unsigned char* out, uintptr_t stream);
 
+// The same for any merge method's recipe; ops.first_index keys the random masks.
+int merge_recipe_cuda(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
+                      uintptr_t stream);
+
 // cudaGetDeviceCount; returns a cudaError_t value (no driver or no device is not a crash).
 int cuda_device_count(int* count);
 

@@ -26,7 +26,7 @@ from typing import List
 
 from .dtypes import DType, to_torch
 from .errors import MergeError
-from .kernels import cpu, get_kernel
+from .kernels import cpu, get_kernel, get_recipe_kernel
 from .kernels.buffer import Buffer
 
 SLOTS = 2  # double buffering: one slot in flight on the GPU while the host fills the other
@@ -101,6 +101,9 @@ class GpuWriter:
         self.device = torch.device(device)
         self.options = plan.options
         self.kernel = get_kernel(backend, self.device.type)
+        # Other methods than the plain formula need the recipe kernel (cuda; cpu for tests).
+        self.recipe_kernel = (None if plan.options.method.is_plain_task_arithmetic
+                              else get_recipe_kernel(backend, self.device.type))
         self.native = cpu.native()
         in_bytes, out_bytes = _bytes_per_element(plan)
         # Chunks are whole multiples of ALIGNMENT elements, so the three input regions of a slot
@@ -150,8 +153,8 @@ class GpuWriter:
         slot.pending = None
 
     def write(self, targets, chunk, recipes) -> None:
-        """The GPU path runs task arithmetic only (plan.py refuses other methods on a GPU), with
-        the options' weights; `recipes` are the CPU kernel's."""
+        """`recipes` (one per target: a sweep's) come from the method's passes on the CPU; plain
+        task arithmetic runs on any backend's kernel, other methods on merge_recipe."""
         if len(targets) != 1:
             raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
         fd, path, checksum = targets[0].fd, targets[0].path, targets[0].checksum
@@ -178,7 +181,11 @@ class GpuWriter:
             buffers = [Buffer(v.data_ptr(), dt, chunk.count, owner=v)
                        for v, dt in zip(device_inputs, in_dtypes)]
             out = Buffer(device_out.data_ptr(), t.out_dtype, chunk.count, owner=device_out)
-            self.kernel(*buffers, out, self.options.domain_weight, self.options.align_weight, 1)
+            if self.recipe_kernel is not None:
+                self.recipe_kernel(*buffers, out, recipes[0], chunk.start, 1)
+            else:
+                self.kernel(*buffers, out, self.options.domain_weight,
+                            self.options.align_weight, 1)
             slot.computed.record()
         out_bytes = chunk.count * t.out_dtype.itemsize
         with lanes.on(lanes.d2h):

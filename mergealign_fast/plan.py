@@ -314,12 +314,17 @@ def _device_problems(options: MergeOptions) -> List[str]:
 
 
 def _method_problems(options: MergeOptions) -> List[str]:
+    """The method's parameters, and on a GPU a backend that runs methods (the CUDA kernel)."""
+    from .kernels import get_recipe_kernel
+
     method = options.method
     problems = method.problems()
-    on_gpu = options.device.split(":")[0] != "cpu"
-    if not problems and on_gpu and not method.is_plain_task_arithmetic:
-        problems.append(f"method {method.name} runs on the CPU only for now: use --device cpu "
-                        "(the GPU path runs task_arithmetic / MergeAlign)")
+    kind = options.device.split(":")[0]
+    if not problems and kind == "cuda" and not method.is_plain_task_arithmetic:
+        try:
+            get_recipe_kernel(options.backend, kind)
+        except MergeError as exc:
+            problems.append(f"method {method.name} on {options.device}: {exc}")
     return problems
 
 

@@ -107,7 +107,9 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
         if problems:
             raise ValueError("; ".join(problems))
         if device != "cpu" or backend not in ("auto", "cpu"):
-            raise ValueError(f"method {method.name} runs on the native CPU backend only")
+            raise ValueError(f"method {method.name} needs CPU tensors and the cpu backend (its "
+                             "statistics passes read host memory); on a GPU, merge checkpoints "
+                             "with merge_checkpoints(device='cuda')")
         _merge_with_method(inputs, out_buf, method, name, float(domain_weight),
                            float(align_weight), threads or default_threads())
         return out
@@ -134,9 +136,4 @@ def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_d
         raise ValueError("; ".join(problems))
     recipe = tensor_recipe(native, settings, name, out.count, TensorPasses(native, windows,
                                                                            threads))
-    native.merge_recipe(*_interleave(addresses, codes), out.address, int(out.dtype), out.count,
-                        0, recipe, threads)
-
-
-def _interleave(addresses, codes) -> list:
-    return [x for pair in zip(addresses, codes) for x in pair]
+    cpu.merge_recipe(b, d, a, out, recipe, 0, threads)

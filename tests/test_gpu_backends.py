@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from mergealign_fast import MergeError, merge_checkpoints, merge_tensors  # noqa: E402
 from mergealign_fast.dtypes import DType  # noqa: E402
 from mergealign_fast.engine import execute  # noqa: E402
+from mergealign_fast.methods import Method  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
 from mergealign_fast.reference import merge_error_bound, merge_ref  # noqa: E402
 
@@ -163,3 +164,39 @@ def test_the_device_check_script_runs_on_the_cpu():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| check | result | target | verdict |" in proc.stdout and "FAIL" not in proc.stdout
+
+
+@pytest.mark.parametrize("method", [Method("ties", domain_density=0.3, align_density=0.6),
+                                    Method("dare_ties", domain_density=0.5, seed=4),
+                                    Method("chipalign", t=0.3)], ids=lambda m: m.name)
+def test_streaming_writer_runs_methods_like_the_cpu_merge(tiny_trio, tmp_path, method):
+    """Methods through the GPU writer (recipes from the CPU passes, chunked merge_recipe):
+    run here with the cpu backend standing in for cuda, chunks splitting tensors."""
+    from mergealign_fast.gpu_stream import GpuWriter
+
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                      tmp_path / "cpu", domain_weight=0.7, align_weight=0.6, method=method,
+                      max_shard_size=100_000)
+    plan = plan_merge(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                      tmp_path / "gpu", MergeOptions(domain_weight=0.7, align_weight=0.6,
+                                                     max_shard_size=100_000, method=method))
+    execute(plan, writer=GpuWriter(plan, 2 * 8 * 4096 + 2048, backend="cpu", device="cpu"))
+    assert all_tensors_bytes(tmp_path / "gpu") == all_tensors_bytes(tmp_path / "cpu")
+
+
+def test_methods_need_a_backend_with_the_recipe_kernel():
+    from mergealign_fast.kernels import get_recipe_kernel
+
+    with pytest.raises(MergeError, match="runs task_arithmetic only"):
+        get_recipe_kernel("torch", "cpu")
+    assert get_recipe_kernel("auto", "cpu").__module__.endswith("kernels.cpu")
+
+
+@pytest.mark.skipif(not cuda_toolkit_present(), reason="no CUDA toolkit: _cuda is not built")
+def test_cuda_recipe_binding_takes_the_native_recipe_type():
+    """_cuda.merge_recipe receives _native.Recipe objects (pybind11 shares the type); an empty
+    launch returns cudaSuccess without touching a GPU."""
+    from mergealign_fast import _cuda
+    from mergealign_fast.kernels import cpu
+
+    assert _cuda.merge_recipe(0, 2, 0, 2, 0, 2, 0, 2, 0, 0, cpu.native().Recipe(), 0) == 0

@@ -1,7 +1,9 @@
 """Backend registry: every backend computes the same fused merge on raw buffers.
 
 A backend module has `unavailable_reason() -> str | None` and
-`merge(base, domain, aligned, out, w_domain, w_align, threads)` over :class:`Buffer` views.
+`merge(base, domain, aligned, out, w_domain, w_align, threads)` over :class:`Buffer` views; the
+cpu and cuda backends also have `merge_recipe(base, domain, aligned, out, recipe, first_index,
+threads)`, the final pass of any merge method (methods.py).
 ``auto`` picks the first backend that can run for the data's device and falls back quietly;
 naming a backend that cannot run is a clear one-line error.  Nothing here touches a GPU at import.
 """
@@ -80,3 +82,16 @@ def resolve_backend(name: str, device: str = "cpu") -> str:
 
 def get_kernel(name: str, device: str = "cpu") -> KernelFn:
     return _BACKENDS[resolve_backend(name, device)][0].merge
+
+
+def get_recipe_kernel(name: str, device: str = "cpu"):
+    """The backend's merge_recipe (methods other than plain task arithmetic); auto means the
+    native backend of the device (Triton and torch run task arithmetic only)."""
+    if name == "auto":
+        name = "cuda" if device == "cuda" else "cpu"
+    resolved = resolve_backend(name, device)
+    kernel = getattr(_BACKENDS[resolved][0], "merge_recipe", None)
+    if kernel is None:
+        raise MergeError(f"backend {resolved!r} runs task_arithmetic only; other merge methods "
+                         "run on the cpu and cuda backends")
+    return kernel

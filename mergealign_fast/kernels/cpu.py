@@ -35,3 +35,11 @@ def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
     native().merge(base.address, int(base.dtype), domain.address, int(domain.dtype),
                    aligned.address, int(aligned.dtype), out.address, int(out.dtype),
                    out.count, w_domain, w_align, threads)
+
+
+def merge_recipe(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer, recipe,
+                 first_index: int, threads: int) -> None:
+    """Any merge method's per-element pass (methods.tensor_recipe made `recipe`)."""
+    native().merge_recipe(base.address, int(base.dtype), domain.address, int(domain.dtype),
+                          aligned.address, int(aligned.dtype), out.address, int(out.dtype),
+                          out.count, first_index, recipe, threads)

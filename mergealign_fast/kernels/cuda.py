@@ -51,14 +51,32 @@ def current_stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
-          w_domain: float, w_align: float, threads: int, stream: Optional[int] = None) -> None:
+def _module():
     module, reason = _load()
     if module is None:
         raise RuntimeError(reason)
-    error = module.merge(base.address, int(base.dtype), domain.address, int(domain.dtype),
-                         aligned.address, int(aligned.dtype), out.address, int(out.dtype),
-                         out.count, w_domain, w_align,
-                         current_stream() if stream is None else stream)
+    return module
+
+
+def _check(module, error: int) -> None:
     if error != 0:
         raise RuntimeError(f"CUDA merge failed: {module.error_string(error)}")
+
+
+def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
+          w_domain: float, w_align: float, threads: int, stream: Optional[int] = None) -> None:
+    module = _module()
+    _check(module, module.merge(base.address, int(base.dtype), domain.address,
+                                int(domain.dtype), aligned.address, int(aligned.dtype),
+                                out.address, int(out.dtype), out.count, w_domain, w_align,
+                                current_stream() if stream is None else stream))
+
+
+def merge_recipe(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer, recipe,
+                 first_index: int, threads: int, stream: Optional[int] = None) -> None:
+    """Any merge method's per-element pass on the GPU (the recipe's passes ran on the CPU)."""
+    module = _module()
+    _check(module, module.merge_recipe(base.address, int(base.dtype), domain.address,
+                                       int(domain.dtype), aligned.address, int(aligned.dtype),
+                                       out.address, int(out.dtype), out.count, first_index,
+                                       recipe, current_stream() if stream is None else stream))
