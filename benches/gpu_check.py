@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergealign_fast import merge_checkpoints, merge_tensors  # noqa: E402
+from mergealign_fast import Method, merge_checkpoints, merge_tensors  # noqa: E402
 from mergealign_fast.dtypes import DType, to_torch  # noqa: E402
 from mergealign_fast.engine import execute  # noqa: E402
 from mergealign_fast.kernels import cuda as cuda_backend  # noqa: E402
@@ -239,6 +239,35 @@ def streaming_merge(names, root: Path):
                       "equal", "PASS" if same else "FAIL"))
 
 
+GPU_METHODS = [Method("ties", domain_density=0.3, align_density=0.3),
+               Method("dare_ties", domain_density=0.5, align_density=0.5, seed=1),
+               Method("slerp", t=0.3), Method("chipalign", t=0.6), Method("linear"),
+               Method("task_arithmetic", lambda_=0.8)]
+
+
+def methods_on_gpu(root: Path):
+    """Every method through the GPU writer (CPU passes, CUDA merge_recipe) on the tiny trio:
+    bitwise the CPU merge.  In --smoke the cpu backend stands in for cuda."""
+    from mergealign_fast.gpu_stream import GpuWriter
+
+    trio = ensure_synthetic_trio(root / "tiny", LLAMA_TINY)
+    for method in GPU_METHODS:
+        cpu_out, gpu_out = root / f"{method.name}-cpu", root / f"{method.name}-gpu"
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], cpu_out, force=True,
+                          fsync=False, method=method)
+        options = MergeOptions(force=True, fsync=False, method=method, max_shard_size=100_000,
+                               **({} if SMOKE else {"device": "cuda", "backend": "cuda"}))
+        plan = plan_merge(trio["base"], trio["domain"], trio["aligned"], gpu_out, options)
+        writer = GpuWriter(plan, 2 * 8 * 4096 + 2048, backend="cpu", device="cpu") \
+            if SMOKE else None
+        execute(plan, writer=writer)
+        same = _same_tensors(cpu_out, gpu_out)
+        log(f"method {method.name} on the GPU path: output "
+            f"{'bitwise equal to' if same else 'DIFFERENT from'} the CPU merge")
+        TABLE.append((f"method {method.name}: GPU output = CPU output",
+                      "equal" if same else "differs", "equal", "PASS" if same else "FAIL"))
+
+
 def _same_tensors(a: Path, b: Path) -> bool:
     from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 
@@ -260,6 +289,7 @@ def main():
     check_huge(names)
     kernel_bandwidth(names)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        methods_on_gpu(Path(tmp))
         streaming_merge(names, Path(tmp))
     log("\n| check | result | target | verdict |\n|---|---|---|---|")
     for row in TABLE:
