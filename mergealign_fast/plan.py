@@ -314,17 +314,14 @@ def _device_problems(options: MergeOptions) -> List[str]:
 
 
 def _method_problems(options: MergeOptions) -> List[str]:
-    """The method's parameters, and on a GPU a backend that runs methods (the CUDA kernel)."""
-    from .kernels import get_recipe_kernel
-
+    """The method's parameters, and on a GPU a backend that runs methods: the CUDA kernel
+    (whether it can run here is _device_problems' question)."""
     method = options.method
     problems = method.problems()
-    kind = options.device.split(":")[0]
-    if not problems and kind == "cuda" and not method.is_plain_task_arithmetic:
-        try:
-            get_recipe_kernel(options.backend, kind)
-        except MergeError as exc:
-            problems.append(f"method {method.name} on {options.device}: {exc}")
+    on_gpu = options.device.split(":")[0] == "cuda"
+    if on_gpu and not method.is_plain_task_arithmetic and options.backend in ("triton", "torch"):
+        problems.append(f"method {method.name} on {options.device} needs --backend cuda (or "
+                        f"auto): {options.backend} runs task_arithmetic only")
     return problems
 
 

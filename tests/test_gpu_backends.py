@@ -200,3 +200,13 @@ def test_cuda_recipe_binding_takes_the_native_recipe_type():
     from mergealign_fast.kernels import cpu
 
     assert _cuda.merge_recipe(0, 2, 0, 2, 0, 2, 0, 2, 0, 0, cpu.native().Recipe(), 0) == 0
+
+
+def test_a_method_on_the_gpu_with_a_task_arithmetic_only_backend_is_refused(tiny_trio,
+                                                                            tmp_path):
+    from mergealign_fast import PlanError
+
+    options = MergeOptions(device="cuda", backend="torch", method=Method("ties"))
+    with pytest.raises(PlanError, match="needs --backend cuda"):
+        plan_merge(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                   tmp_path / "out", options)
