@@ -21,13 +21,14 @@ Models map onto the engine's three roles (base, domain, aligned):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .dtypes import DType, parse_dtype
 from .errors import PlanError
-from .methods import METHODS, Method, Rule
+from .methods import METHODS, RESCALES, Method, Rule
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                   "tokenizer_source"}
@@ -39,6 +40,7 @@ PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
               "int8_mask": None}
 PER_MODEL = {"weight", "density"}
+NUMERIC = {"weight", "density", "lambda", "t"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
               "slerp"}
@@ -244,10 +246,8 @@ class _Reader:
 
     def _setting(self, key: str, value):
         """mergekit's value forms as the immutable Setting of methods.py."""
-        if key == "rescale" and isinstance(value, bool):
-            return "l1" if value else "none"
         if isinstance(value, (bool, int, float, str)):
-            return value
+            return self._scalar(key, value)
         if isinstance(value, dict):
             value = [value]
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
@@ -263,10 +263,36 @@ class _Reader:
                     return None
                 conditions.append((condition.get("filter"), inner))
             return tuple(conditions)
-        if isinstance(value, list) and all(isinstance(v, (int, float, bool, str))
-                                           for v in value) and value:
-            return tuple(value)
+        if isinstance(value, list) and value and key in NUMERIC and \
+                all(isinstance(v, (int, float, str)) for v in value):
+            gradient = tuple(self._scalar(key, v) for v in value)
+            return None if None in gradient else gradient
         self.problem(f"parameter `{key}`: cannot read {value!r}")
+        return None
+
+    def _scalar(self, key: str, value):
+        """One value of a parameter, of its type (None after reporting a problem)."""
+        if key in NUMERIC:
+            try:  # YAML may give "1e-3" as a string: mergekit reads it as a number too
+                number = float(value) if not isinstance(value, bool) else math.nan
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                self.problem(f"parameter `{key}`: {value!r} is not a finite number")
+                return None
+            return number
+        if key == "seed" and isinstance(value, int) and not isinstance(value, bool) \
+                and value >= 0:
+            return value
+        if key == "rescale" and isinstance(value, bool):
+            return "l1" if value else "none"
+        if key == "rescale" and value in RESCALES:
+            return value
+        if key in ("normalize", "int8_mask") and isinstance(value, bool):
+            return value
+        wanted = {"seed": "a non-negative integer", "rescale": "true, false or one of "
+                  + ", ".join(RESCALES)}.get(key, "true or false")
+        self.problem(f"parameter `{key}`: {value!r} is not {wanted}")
         return None
 
     def _check_weights(self, name: str, roles: Dict[str, Path], models) -> None:

@@ -223,3 +223,22 @@ def test_linear_base_model_needs_a_weight_as_in_mergekit(tiny_trio, tmp_path):
     expected = merge_tensors(*raws, domain_weight=0.5, align_weight=0.5, method="linear")
     np.testing.assert_array_equal(
         read_elements(open_checkpoint(tmp_path / "out").tensors[name]), expected)
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"abc"', "'abc' is not a finite number"),
+    ('[0.3, "x"]', "'x' is not a finite number"),
+    ("true", "True is not a finite number"),
+    ('[{filter: mlp, value: "q"}]', "'q' is not a finite number"),
+])
+def test_parameter_values_of_the_wrong_type_are_named(tiny_trio, tmp_path, value, message):
+    text = ("merge_method: ties\nbase_model: {base}\nmodels:\n"
+            "  - model: {domain}\n    parameters: {{weight: 0.5, density: "
+            + value.replace("{", "{{").replace("}", "}}") + "}}\n"
+            "  - model: {aligned}\n    parameters: {{weight: 0.5}}\n"
+            "parameters: {{normalize: 1, rescale: l2}}\n")
+    with pytest.raises(PlanError) as info:
+        load(write_config(tmp_path, tiny_trio, text))
+    text = str(info.value)
+    assert message in text and "`normalize`: 1 is not true or false" in text
+    assert "`rescale`: 'l2' is not true, false or one of" in text
