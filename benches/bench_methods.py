@@ -73,15 +73,23 @@ def test_ours(benchmark, trio_1b, inputs, tmp_path, method):
            peak_rss=f"{rss / 1e6:.0f}MB")
 
 
+def time_config_run(benchmark, trio, inputs, tmp_path, method: str, name: str, runner):
+    """Write `method`'s mergekit config, time runner(config, out) as one command; returns
+    (wall, cpu, peak RSS)."""
+    config = tmp_path / f"{method}.yml"
+    config.write_text(mergekit_config(method, trio))
+    out = tmp_path / "out"
+    wall, cpu, rss, _ = bench_command(benchmark, name, runner(config, out), out,
+                                      ROUNDS_MERGEKIT, inputs)
+    return wall, cpu, rss
+
+
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 @pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec[1]])
 def test_mergekit(benchmark, trio_1b, inputs, tmp_path, method):
-    config = tmp_path / f"{method}.yml"
-    config.write_text(mergekit_config(method, trio_1b))
-    out = tmp_path / "mergekit-out"
-    cmd = ["mergekit-yaml", str(config), str(out)]
-    wall, cpu, rss, _ = bench_command(benchmark, f"mergekit {method}", cmd, out,
-                                      ROUNDS_MERGEKIT, inputs)
+    wall, cpu, rss = time_config_run(benchmark, trio_1b, inputs, tmp_path, method,
+                                     f"mergekit {method}",
+                                     lambda config, out: ["mergekit-yaml", str(config), str(out)])
     ours = RESULTS.get(f"ours {method}")
     ratio = {"mergekit_over_ours": f"{wall / ours:.1f}x"} if ours else {}
     record(SECTION, f"mergekit {method}", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",
@@ -93,13 +101,10 @@ def test_mergekit(benchmark, trio_1b, inputs, tmp_path, method):
 def test_mergekit_with_our_kernels(benchmark, trio_1b, inputs, tmp_path, method):
     """mergekit's own pipeline with mergealign_fast.mergekit_backend registered: what a user who
     stays inside mergekit gets."""
-    config = tmp_path / f"{method}.yml"
-    config.write_text(mergekit_config(method, trio_1b))
-    out = tmp_path / "out"
     script = Path(__file__).with_name("mergekit_backend_run.py")
-    cmd = [sys.executable, str(script), str(config), str(out)]
-    wall, cpu, rss, _ = bench_command(benchmark, f"mergekit+ours {method}", cmd, out,
-                                      ROUNDS_MERGEKIT, inputs)
+    wall, cpu, rss = time_config_run(
+        benchmark, trio_1b, inputs, tmp_path, method, f"mergekit+ours {method}",
+        lambda config, out: [sys.executable, str(script), str(config), str(out)])
     theirs = RESULTS.get(f"mergekit {method}")
     ratio = {"mergekit_over_this": f"{theirs / wall:.1f}x"} if theirs else {}
     record(SECTION, f"mergekit + our kernels {method}", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",

@@ -318,21 +318,26 @@ class TensorPasses:
             call(addresses, dtypes, count, first)
             release()
 
+    def _summed(self, size: int, call) -> List[float]:
+        """Element-wise sums over the windows of the `size`-tuples call(...) returns for each
+        (zeros for a tensor without elements, which has no windows)."""
+        sums = [0.0] * size
+
+        def add(*window):
+            for i, value in enumerate(call(*window)):
+                sums[i] += value
+
+        self._each(add)
+        return sums
+
     def vector_stats(self, models: bool) -> Tuple[float, ...]:
         """(Στ_d², Στ_a², Στ_d·τ_a) of the task vectors, or with models=True
         (Σdomain², Σaligned², Σdomain·aligned) of the models themselves; fp64."""
         key = ("stats", models)
         if key not in self._cache:
-            sums = [0.0] * 8
-
-            def add(addresses, dtypes, count, first):
-                part = self.native.vector_stats(addresses[0], dtypes[0], addresses[1],
-                                                dtypes[1], addresses[2], dtypes[2], count,
-                                                self.threads, models)
-                for i, v in enumerate(part):
-                    sums[i] += v
-
-            self._each(add)
+            sums = self._summed(8, lambda addresses, dtypes, count, first: self.native.vector_stats(
+                addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2], dtypes[2], count,
+                self.threads, models))
             self._cache[key] = tuple(sums[5:8] if models else sums[0:3])
         return self._cache[key]
 
@@ -401,17 +406,10 @@ class TensorPasses:
         """(‖τ_d‖₁, ‖kept τ_d‖₁, ‖τ_a‖₁, ‖kept τ_a‖₁) under the recipe's masks."""
         key = ("l1",) + tuple(_term_key(t) for t in (recipe.domain, recipe.align))
         if key not in self._cache:
-            sums = [0.0] * 4
-
-            def add(addresses, dtypes, count, first):
-                part = self.native.sparsity_stats(addresses[0], dtypes[0], addresses[1],
-                                                  dtypes[1], addresses[2], dtypes[2], count,
-                                                  first, recipe, self.threads)
-                for i, v in enumerate(part):
-                    sums[i] += v
-
-            self._each(add)
-            self._cache[key] = tuple(sums)
+            self._cache[key] = tuple(self._summed(
+                4, lambda addresses, dtypes, count, first: self.native.sparsity_stats(
+                    addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2], dtypes[2],
+                    count, first, recipe, self.threads)))
         return self._cache[key]
 
 
@@ -433,7 +431,7 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
         return recipe
     if s.name in ("slerp", "slerp_vectors", "chipalign"):
         return _geodesic_recipe(recipe, s, passes)
-    return _vectors_recipe(native, recipe, s, tensor_name, count, passes)
+    return _vectors_recipe(recipe, s, tensor_name, count, passes)
 
 
 def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
@@ -456,7 +454,7 @@ def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
     return _weights_recipe(recipe, MODELS, c_d, c_a)
 
 
-def _vectors_recipe(native, recipe, s: TensorSettings, tensor_name: str, count: int,
+def _vectors_recipe(recipe, s: TensorSettings, tensor_name: str, count: int,
                     passes: TensorPasses):
     recipe.kind = VECTORS
     recipe.sign_election = int(s.sign_election)

@@ -293,3 +293,18 @@ def test_random_masks_of_tiles_straddling_2_to_the_32():
         draws = random_draw24(*stream_key(0, "t", "domain"), np.arange(first, first + count))
         kept = (raws[1] - raws[0]) * (draws < (1 << 23))
         np.testing.assert_array_equal(out, raws[0] + kept)
+
+
+@pytest.mark.parametrize("name", ["slerp", "dare_linear", "ties", "chipalign"])
+def test_a_checkpoint_tensor_without_elements_merges(tmp_path, name):
+    """A (0, 3) tensor has no windows: its passes sum nothing and its merge writes nothing."""
+    from conftest import write_checkpoint
+    from mergealign_fast.engine import merge_checkpoints
+    from mergealign_fast.io.checkpoint import open_checkpoint
+
+    for i, role in enumerate(("base", "domain", "aligned")):
+        write_checkpoint(tmp_path / role, {"w": np.full(4, float(i), dtype=np.float32),
+                                           "empty": np.zeros((0, 3), dtype=np.float32)})
+    merge_checkpoints(tmp_path / "base", tmp_path / "domain", tmp_path / "aligned",
+                      tmp_path / "out", method=Method(name, domain_density=0.5), fsync=False)
+    assert open_checkpoint(tmp_path / "out").tensors["empty"].entry.shape == (0, 3)
