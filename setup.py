@@ -6,7 +6,7 @@
 No torch here: the cores are torch-free and link against nothing but libstdc++, pthreads and (for
 _cuda) the static CUDA runtime, so the build works in an isolated build environment, the wheel fits
 any torch the user has, and users need only an NVIDIA driver.  No -march=native either: the CPU
-loop is compiled for several instruction sets and chosen at run time (csrc/cpu_merge.cpp).
+loop is compiled for several instruction sets and chosen at run time (csrc/tiles.h).
 
 Build knobs (environment variables, one prefix):
   MERGEALIGN_SKIP_CUDA=1        do not build _cuda even when nvcc is present
@@ -33,8 +33,9 @@ DEBUG = os.environ.get("MERGEALIGN_DEBUG") == "1"
 COMMON_FLAGS = ["-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                 "-Wall", "-Wextra"]
 OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
-HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/cpu_merge.h", "csrc/crc32c.h",
-           "csrc/mapped_file.h", "csrc/cuda_merge.h", "csrc/operands_from_python.h"]
+HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/tiles.h", "csrc/parallel.h",
+           "csrc/cpu_merge.h", "csrc/reductions.h", "csrc/crc32c.h", "csrc/mapped_file.h",
+           "csrc/cuda_merge.h", "csrc/operands_from_python.h"]
 
 
 def find_cuda_home():
@@ -108,7 +109,8 @@ def cuda_extension():
 
 native = Pybind11Extension(
     "mergealign_fast._native",
-    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/crc32c.cpp", "csrc/mapped_file.cpp"],
+    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/reductions.cpp", "csrc/parallel.cpp",
+     "csrc/crc32c.cpp", "csrc/mapped_file.cpp"],
     include_dirs=["csrc"],
     extra_compile_args=COMMON_FLAGS + OPT_FLAGS,
     extra_link_args=["-pthread"],

@@ -205,7 +205,7 @@ def streaming_merge(names, root: Path):
             torch.cuda.reset_peak_memory_stats()
         writer = None
         if SMOKE:  # merges on the CPU plan for the CPU writer: hand it the GPU writer instead
-            from mergealign_fast.gpu_stream import GpuWriter
+            from mergealign_fast.writers.gpu import GpuWriter
 
             options = MergeOptions(force=True, fsync=False)
         else:
@@ -248,7 +248,7 @@ GPU_METHODS = [Method("ties", domain_density=0.3, align_density=0.3),
 def methods_on_gpu(root: Path):
     """Every method through the GPU writer (CPU passes, CUDA merge_recipe) on the tiny trio:
     bitwise the CPU merge.  In --smoke the cpu backend stands in for cuda."""
-    from mergealign_fast.gpu_stream import GpuWriter
+    from mergealign_fast.writers.gpu import GpuWriter
 
     trio = ensure_synthetic_trio(root / "tiny", LLAMA_TINY)
     for method in GPU_METHODS:

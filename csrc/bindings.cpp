@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu_merge.h"
+#include "reductions.h"
 #include "crc32c.h"
 #include "mapped_file.h"
 #include "merge_math.h"
@@ -27,11 +28,11 @@ void raise_input_fault(int err) {
   if (err != 0) throw FileError(err, "an input of the pass");
 }
 
-// The int64[2][65536] histogram behind a writable Python buffer (a bytearray).
+// The int64[2][kHistogramBins] histogram behind a writable Python buffer (a bytearray).
 int64_t* histogram_rows(py::buffer hist) {
   const py::buffer_info info = hist.request(true);
-  if (info.size * info.itemsize != int64_t(2 * 65536 * sizeof(int64_t))) {
-    throw py::value_error("histogram buffer must hold 2 x 65536 int64");
+  if (info.size * info.itemsize != int64_t(2 * kHistogramBins * sizeof(int64_t))) {
+    throw py::value_error("histogram buffer must hold 2 x HISTOGRAM_BINS int64");
   }
   return static_cast<int64_t*>(info.ptr);
 }
@@ -52,70 +53,30 @@ PYBIND11_MODULE(_native, m) {
     }
   });
 
+  bind_operands(m);
+
   m.def(
       "merge",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, double w_domain,
-         double w_align, int threads) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, out_dtype, count, w_domain, w_align);
+      [](const MergeOperands& ops, uintptr_t out, double w_domain, double w_align, int threads) {
+        const MergeOperands weighted = with_weights(ops, w_domain, w_align);
         py::gil_scoped_release no_gil;
-        merge_cpu(ops, reinterpret_cast<unsigned char*>(out), threads);
+        merge_cpu(weighted, reinterpret_cast<unsigned char*>(out), threads);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("count"), py::arg("w_domain"), py::arg("w_align"), py::arg("threads"),
-      "Fused merge of `count` elements between raw addresses.");
+      py::arg("ops"), py::arg("out"), py::arg("w_domain"), py::arg("w_align"), py::arg("threads"),
+      "Fused task-arithmetic merge of the operands into `out` (ops.out_dtype).");
 
   m.def(
       "merge_recipe",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, int64_t first_index,
-         const Recipe& recipe, int threads) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
-        ops.first_index = first_index;
+      [](const MergeOperands& ops, uintptr_t out, const Recipe& recipe, int threads) {
         py::gil_scoped_release no_gil;
         merge_cpu_recipe(ops, recipe, reinterpret_cast<unsigned char*>(out), threads);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("count"), py::arg("first_index"), py::arg("recipe"), py::arg("threads"),
-      "Merge of `count` elements with a method's Recipe; first_index is the index of the first "
-      "element within its tensor (random masks are keyed by it).");
-
-  m.def(
-      "merge_to_file",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int out_dtype, int64_t count, int64_t first_index,
-         const Recipe& recipe, int fd, int64_t file_offset, int threads) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
-        ops.first_index = first_index;
-        const WriteTarget target{fd, file_offset, recipe};
-        uint32_t crc = 0;
-        int err;
-        {
-          py::gil_scoped_release no_gil;
-          err = merge_cpu_to_files(ops, &target, 1, threads, &crc);
-        }
-        return py::make_tuple(err, crc);
-      },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
-      py::arg("first_index"), py::arg("recipe"), py::arg("fd"), py::arg("file_offset"),
-      py::arg("threads"),
-      "Merge written to fd at file_offset in <=1 MiB pwrite()s; returns (errno or 0, "
-      "CRC-32C of the bytes written).");
+      py::arg("ops"), py::arg("out"), py::arg("recipe"), py::arg("threads"),
+      "Merge of the operands with a method's Recipe into `out`.");
 
   m.def(
       "merge_to_files",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int out_dtype, int64_t count, int64_t first_index, py::list targets,
-         int threads) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                          aligned_dtype, out_dtype, count, 0.0, 0.0);
-        ops.first_index = first_index;
+      [](const MergeOperands& ops, py::list targets, int threads) {
         std::vector<WriteTarget> parsed;
         for (py::handle item : targets) {
           auto t = item.cast<py::tuple>();
@@ -132,11 +93,9 @@ PYBIND11_MODULE(_native, m) {
         for (uint32_t c : crcs) crc_list.append(c);
         return py::make_tuple(err, crc_list);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out_dtype"), py::arg("count"),
-      py::arg("first_index"), py::arg("targets"), py::arg("threads"),
-      "One pass over the inputs, one output per (fd, file_offset, recipe) target; "
-      "returns (errno or 0, [CRC-32C per target]).");
+      py::arg("ops"), py::arg("targets"), py::arg("threads"),
+      "One pass over the inputs, one output per (fd, file_offset, recipe) target, written in "
+      "<= 1 MiB pwrite()s; returns (errno or 0, [CRC-32C per target]).");
 
   m.def(
       "crc32c",
@@ -163,10 +122,7 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "vector_stats",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, int threads, bool models) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, kF32, count, 0.0, 0.0);
+      [](const MergeOperands& ops, int threads, bool models) {
         VectorStats s;
         int err;
         {
@@ -177,9 +133,7 @@ PYBIND11_MODULE(_native, m) {
         return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero,
                               s.model_domain_sq, s.model_align_sq, s.model_dot);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("threads"),
-      py::arg("models") = false,
+      py::arg("ops"), py::arg("threads"), py::arg("models") = false,
       "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input "
       "vanished): (sum tau_d^2, sum tau_a^2, "
       "sum tau_d*tau_a, sign conflicts, elements where both are non-zero, sum domain^2, "
@@ -188,11 +142,8 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "magnitude_histogram",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, int prefix_domain, int prefix_align, py::buffer hist,
+      [](const MergeOperands& ops, int prefix_domain, int prefix_align, py::buffer hist,
          int threads) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, kF32, count, 0.0, 0.0);
         int64_t* bins = histogram_rows(hist);
         const int prefix[2] = {prefix_domain, prefix_align};
         int err;
@@ -202,11 +153,10 @@ PYBIND11_MODULE(_native, m) {
         }
         raise_input_fault(err);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("prefix_domain"),
-      py::arg("prefix_align"), py::arg("hist"), py::arg("threads"),
+      py::arg("ops"), py::arg("prefix_domain"), py::arg("prefix_align"), py::arg("hist"),
+      py::arg("threads"),
       "Adds the magnitude histograms of tau_d and tau_a to `hist` (a writable buffer of "
-      "2 x 65536 int64): prefix -1 counts the top 16 bits of |tau|, p >= 0 the low 16 bits of "
+      "2 x HISTOGRAM_BINS int64): prefix -1 counts the top 16 bits of |tau|, p >= 0 the low 16 bits of "
       "elements whose top bits are p, -2 skips that model.");
 
   m.def(
@@ -215,7 +165,7 @@ PYBIND11_MODULE(_native, m) {
         const int64_t* bins = histogram_rows(hist);
         if (row != 0 && row != 1) throw py::value_error("row must be 0 or 1");
         if (k < 1) throw py::value_error("k must be at least 1");
-        const Selection s = select_kth_largest(bins + int64_t(row) * 65536, k);
+        const Selection s = select_kth_largest(bins + int64_t(row) * kHistogramBins, k);
         return py::make_tuple(s.bin, s.above);
       },
       py::arg("hist"), py::arg("row"), py::arg("k"),
@@ -223,11 +173,7 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "count_magnitude_ties",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, uint32_t bits_domain, uint32_t bits_align,
-         int threads) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                                aligned_dtype, kF32, count, 0.0, 0.0);
+      [](const MergeOperands& ops, uint32_t bits_domain, uint32_t bits_align, int threads) {
         const uint32_t bits[2] = {bits_domain, bits_align};
         int64_t counts[2] = {0, 0};
         int err;
@@ -238,19 +184,12 @@ PYBIND11_MODULE(_native, m) {
         raise_input_fault(err);
         return py::make_tuple(counts[0], counts[1]);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("bits_domain"),
-      py::arg("bits_align"), py::arg("threads"),
+      py::arg("ops"), py::arg("bits_domain"), py::arg("bits_align"), py::arg("threads"),
       "(elements whose |tau_d| has the fp32 bits bits_domain, same for tau_a).");
 
   m.def(
       "nth_magnitude_tie",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, int64_t first_index, int model, uint32_t bits,
-         int64_t n) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                          aligned_dtype, kF32, count, 0.0, 0.0);
-        ops.first_index = first_index;
+      [](const MergeOperands& ops, int model, uint32_t bits, int64_t n) {
         if (model != 0 && model != 1) throw py::value_error("model must be 0 or 1");
         if (n < 1) throw py::value_error("n must be at least 1");
         int64_t index;
@@ -262,20 +201,13 @@ PYBIND11_MODULE(_native, m) {
         raise_input_fault(err);
         return index;
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("first_index"),
-      py::arg("model"), py::arg("bits"), py::arg("n"),
+      py::arg("ops"), py::arg("model"), py::arg("bits"), py::arg("n"),
       "Tensor index of the n-th element (index order) whose |tau| has the fp32 bits `bits`; "
       "-1 if fewer.");
 
   m.def(
       "sparsity_stats",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, int64_t count, int64_t first_index, const Recipe& recipe,
-         int threads) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                          aligned_dtype, kF32, count, 0.0, 0.0);
-        ops.first_index = first_index;
+      [](const MergeOperands& ops, const Recipe& recipe, int threads) {
         SparsityStats s;
         int err;
         {
@@ -285,9 +217,7 @@ PYBIND11_MODULE(_native, m) {
         raise_input_fault(err);
         return py::make_tuple(s.l1[0], s.kept_l1[0], s.l1[1], s.kept_l1[1]);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("count"), py::arg("first_index"),
-      py::arg("recipe"), py::arg("threads"),
+      py::arg("ops"), py::arg("recipe"), py::arg("threads"),
       "fp64 (L1 of tau_d, L1 of kept tau_d, L1 of tau_a, L1 of kept tau_a) under the recipe's "
       "sparsification.");
 
@@ -316,6 +246,7 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("base_weight", &Recipe::base_weight)
       .def_readwrite("divisor", &Recipe::divisor);
 
+  m.attr("HISTOGRAM_BINS") = kHistogramBins;
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 

@@ -1,4 +1,5 @@
-// CPU merge kernels: torch-free, raw pointers and element counts in, plain integers for dtypes.
+// CPU merges (cpu_merge.cpp): torch-free, raw pointers and element counts in, plain integers for
+// dtypes.  The read-only statistics passes of the merge methods are in reductions.h.
 #pragma once
 
 #include <cstdint>
@@ -15,82 +16,21 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads);
 void merge_cpu_recipe(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
                       int threads);
 
-// The same pass, but the result goes straight to a file: each thread computes at most
-// kWritePieceBytes of output into a buffer it reuses and pwrite()s it at
-// file_offset + its position.  Returns 0, the errno of the first failed write, or EFAULT when
-// an input page vanished while being read (a truncated memory-mapped file: SIGBUS, caught); on
-// success *crc is the CRC-32C of the bytes written.
-int merge_cpu_to_file(const MergeOperands& ops, int fd, int64_t file_offset, int threads,
-                      uint32_t* crc);
-
-// One output of a multi-output pass: where it goes and the recipe that makes it.
+// One output of a merge written to a file: where it goes and the recipe that makes it.
 struct WriteTarget {
   int fd;
   int64_t file_offset;
   Recipe recipe;
 };
 
-// merge_cpu_to_file for k recipes at once: the inputs are read once, each target gets its own
-// merged output (bit-identical to a single merge with its recipe) and crcs[j] its CRC-32C.
+// The merge written straight to files, for k recipes at once: each thread computes at most
+// 1 MiB of each target's output into a buffer it reuses and pwrite()s it at
+// file_offset + its position.  The inputs are read once; each target gets its own merged output
+// (bit-identical to a single merge with its recipe) and crcs[j] its CRC-32C.  Returns 0, the
+// errno of the first failed write, or EFAULT when an input page vanished while being read (a
+// truncated memory-mapped file: SIGBUS, caught).
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
                        uint32_t* crcs);
-
-// Sums over elements of the two task vectors tau_d = domain - base and tau_a = aligned - base,
-// accumulated in fp64 from the exact fp32 widenings of the inputs.  Per-thread partial sums are
-// added in thread order, so a result depends only on the thread count.
-struct VectorStats {
-  double domain_sq = 0;   // sum tau_d^2
-  double align_sq = 0;    // sum tau_a^2
-  double dot = 0;         // sum tau_d * tau_a
-  int64_t conflicts = 0;  // elements where tau_d and tau_a have opposite signs (both non-zero)
-  int64_t both_nonzero = 0;
-  double model_domain_sq = 0;  // sum domain^2 (SLERP and ChipAlign of the models)
-  double model_align_sq = 0;   // sum aligned^2
-  double model_dot = 0;        // sum domain * aligned
-};
-// The read-only passes below return 0, or EFAULT when an input page vanished (see
-// merge_cpu_to_file); their results are written only on success.
-// models = false sums the task vectors (the first five fields), true the models themselves (the
-// last three): a pass computes only what its caller needs.
-int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorStats* out);
-
-// Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is int64[2][65536],
-// row 0 for tau_d and row 1 for tau_a, and is added to (so windows of a tensor accumulate).
-// prefix[m] = kHighBits: count the top 16 bits of |tau|'s fp32 pattern; >= 0: count the low 16
-// bits of the elements whose top bits equal prefix[m]; kSkip: leave row m alone.
-constexpr int kHighBits = -1;
-constexpr int kSkip = -2;
-int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
-                            int threads);
-
-// The bin holding the k-th largest value of a 65536-bin histogram, and how many values lie in
-// higher bins.  k >= 1; returns bin -1 when the histogram holds fewer than k values.
-struct Selection {
-  int bin;
-  int64_t above;
-};
-Selection select_kth_largest(const int64_t* row, int64_t k);
-
-// Ties at a magnitude threshold: counts[m] += elements whose |tau| has exactly the fp32 bits
-// bits[m] (m = 0: tau_d, 1: tau_a; bits[m] = 0xffffffff skips the model).
-int count_magnitude_ties_cpu(const MergeOperands& ops, const uint32_t bits[2], int threads,
-                             int64_t counts[2]);
-
-// *index = the index (ops.first_index based) of the n-th element, n >= 1, in index order whose
-// |tau| (model m) has exactly the fp32 bits `bits`, or -1 when there are fewer than n.  One
-// thread: it scans a single window of a tensor, once per trimmed tensor.  Returns 0 or EFAULT.
-int nth_magnitude_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t n,
-                      int64_t* index);
-
-// L1 norms of the task vectors before and after the recipe's sparsification, for DARE's and
-// TIES' rescale: index 0 for tau_d, 1 for tau_a.  Accumulated exactly (integer sums per fp32
-// exponent), so they do not depend on the thread count or on how a tensor is split in windows.
-struct SparsityStats {
-  double l1[2] = {0, 0};
-  double kept_l1[2] = {0, 0};
-};
-int sparsity_stats_cpu(const MergeOperands& ops, const Recipe& recipe, int threads,
-                       SparsityStats* out);
 
 // Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
 // "baseline").

@@ -10,41 +10,29 @@
 namespace py = pybind11;
 using namespace mergealign;
 
-
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "mergealign-fast CUDA kernels (torch-free, static CUDA runtime)";
 
+  // Operands and Recipe are the types of mergealign_fast._native, which must be imported first.
   m.def(
       "merge_recipe",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, int64_t first_index,
-         const Recipe& recipe, uintptr_t stream) {
-        MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype, aligned,
-                                             aligned_dtype, out_dtype, count, 0.0, 0.0);
-        ops.first_index = first_index;
+      [](const MergeOperands& ops, uintptr_t out, const Recipe& recipe, uintptr_t stream) {
         py::gil_scoped_release no_gil;
         return merge_recipe_cuda(ops, recipe, reinterpret_cast<unsigned char*>(out), stream);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("count"), py::arg("first_index"), py::arg("recipe"), py::arg("stream"),
-      "Enqueue a merge method's Recipe (the type of mergealign_fast._native, which must be "
-      "imported) on a CUDA stream; returns a cudaError_t value (0 = launched).");
+      py::arg("ops"), py::arg("out"), py::arg("recipe"), py::arg("stream"),
+      "Enqueue a merge method's Recipe on a CUDA stream; returns a cudaError_t value "
+      "(0 = launched).");
 
   m.def(
       "merge",
-      [](uintptr_t base, int base_dtype, uintptr_t domain, int domain_dtype, uintptr_t aligned,
-         int aligned_dtype, uintptr_t out, int out_dtype, int64_t count, double w_domain,
-         double w_align, uintptr_t stream) {
-        const MergeOperands ops = make_operands(base, base_dtype, domain, domain_dtype,
-                                                   aligned, aligned_dtype, out_dtype, count,
-                                                   w_domain, w_align);
+      [](const MergeOperands& ops, uintptr_t out, double w_domain, double w_align,
+         uintptr_t stream) {
+        const MergeOperands weighted = with_weights(ops, w_domain, w_align);
         py::gil_scoped_release no_gil;
-        return merge_cuda(ops, reinterpret_cast<unsigned char*>(out), stream);
+        return merge_cuda(weighted, reinterpret_cast<unsigned char*>(out), stream);
       },
-      py::arg("base"), py::arg("base_dtype"), py::arg("domain"), py::arg("domain_dtype"),
-      py::arg("aligned"), py::arg("aligned_dtype"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("count"), py::arg("w_domain"), py::arg("w_align"), py::arg("stream"),
+      py::arg("ops"), py::arg("out"), py::arg("w_domain"), py::arg("w_align"), py::arg("stream"),
       "Enqueue the fused merge on a CUDA stream; returns a cudaError_t value (0 = launched).");
   m.def("device_count", [] {
     int count = 0;

@@ -1,11 +1,13 @@
 // Per-element merge math shared by every native backend.
 //
-// This header is the single home of the arithmetic: the CPU kernel (cpu_merge.cpp) includes it
-// today and a CUDA kernel includes the same functions as __host__ __device__, so tests on the CPU
-// check the exact operations a GPU would run.  It depends on nothing but <cstdint>/<cstring>.
+// This header is the single home of the arithmetic: the CPU kernel's tile layer (tiles.h) and
+// the CUDA kernels (cuda_merge.cu) both call these functions, marked __host__ __device__ under
+// nvcc, so CPU tests check the exact operations a GPU runs.  It depends on nothing but
+// <cstdint>/<cstring>.
 //
-// Rules (see STYLE.md §6):
-//   * every input is widened to fp32, all math is fp32, one rounding happens at the store;
+// Rules:
+//   * every input is widened to fp32, all math is fp32, one rounding happens at the store
+//     (coefficients are rounded to fp32 once, explicitly, before any element is computed);
 //   * rounding to bf16/fp16 is IEEE round-to-nearest-even, NaN stays NaN, overflow gives ±inf;
 //   * the formula is evaluated in one fixed order with no fused multiply-add, so the result of an
 //     element never depends on vector width, thread count or chunking (the build passes

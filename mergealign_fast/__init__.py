@@ -3,18 +3,18 @@
     theta = base + domain_weight * (domain - base) + align_weight * (aligned - base)
 
 `merge_tensors` merges in-memory arrays/tensors; `merge_checkpoints` merges Hugging Face model
-folders; `sweep_checkpoints` writes one model per λ in one pass; `Method` picks another merge
-method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing this package loads neither
+folders (its settings: `MergeOptions`); `sweep_checkpoints` writes one model per λ in one pass;
+`Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing this package loads neither
 numpy, torch nor any GPU runtime.
 """
 
+from ._version import __version__
 from .dtypes import DType
 from .engine import MergeResult, merge_checkpoints
 from .errors import MergeError, PlanError
 from .methods import Method
+from .plan import MergeOptions
 from .sweep import sweep_checkpoints
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):
@@ -25,5 +25,7 @@ def __getattr__(name):
         return merge_tensors
     raise AttributeError(f"module 'mergealign_fast' has no attribute {name!r}")
 
-__all__ = ["DType", "MergeError", "MergeResult", "Method", "PlanError", "merge_checkpoints",
-           "merge_tensors", "sweep_checkpoints", "__version__"]
+
+
+__all__ = ["DType", "MergeError", "MergeOptions", "MergeResult", "Method", "PlanError",
+           "merge_checkpoints", "merge_tensors", "sweep_checkpoints", "__version__"]

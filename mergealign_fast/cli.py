@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import platform
+import signal
 import sys
+from pathlib import Path
 from typing import List, Optional
 
+from . import dtypes
+from ._version import __version__
+from .engine import MergeResult, execute
 from .errors import MergeError
+from .inspect_vectors import inspect_checkpoints, summary, write_reports
+from .kernels import cpu, cuda, describe_backends
+from .manifest import verify_output
+from .mergekit_config import load as load_mergekit_config
+from .methods import METHODS, RESCALES, Method
+from .output import partial_dir_for
+from .plan import ROLES, MergeOptions, parse_size, plan_merge
+from .progress import human_bytes
+from .sweep import parse_lambdas, sweep_checkpoints
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -14,7 +29,6 @@ EXIT_INTERRUPTED = 130
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """Options shared by merge and sweep."""
-    from .plan import ROLES
 
     p.add_argument("base", help="base model folder (Hugging Face layout)")
     p.add_argument("domain", help="domain-expert model folder, fine-tuned from base")
@@ -39,8 +53,6 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from .methods import METHODS, RESCALES
-
     group = p.add_argument_group("merge method (see README: Merge methods)")
     group.add_argument("--method", default="task_arithmetic", choices=list(METHODS),
                        help="default task_arithmetic: MergeAlign's base + w_d τ_d + w_a τ_a")
@@ -75,7 +87,6 @@ _METHOD_FLAGS = {"density": "density", "domain_density": "density",
 
 def _method_from_args(args: argparse.Namespace):
     """The Method the flags describe; MergeError for a flag the method does not take."""
-    from .methods import METHODS, Method
 
     accepted = METHODS[args.method].parameters
     problems = [f"--{flag.rstrip('_').replace('_', '-')} does not apply to {args.method} (it "
@@ -94,10 +105,11 @@ def _method_from_args(args: argparse.Namespace):
         return default if value is None else value
 
     density = given(args.density, 1.0)
-    method = Method(args.method, given(args.domain_density, density),
-                    given(args.align_density, density), given(args.lambda_, 1.0),
-                    args.normalize, args.rescale, given(args.seed, 0), given(args.t, 0.5),
-                    given(args.base_weight, 0.0))
+    method = Method(args.method, domain_density=given(args.domain_density, density),
+                    align_density=given(args.align_density, density),
+                    lambda_=given(args.lambda_, 1.0), normalize=args.normalize,
+                    rescale=args.rescale, seed=given(args.seed, 0), t=given(args.t, 0.5),
+                    base_weight=given(args.base_weight, 0.0))
     problems = method.problems()
     if problems:
         raise MergeError("\n".join(problems))
@@ -180,69 +192,55 @@ def _user_value(parse, text):
         raise MergeError(str(exc)) from None
 
 
-def _parsed_output_args(args: argparse.Namespace):
-    """(out dtype, shard size) from the shared options; MergeError on bad values."""
-    from . import dtypes
-    from .plan import parse_size
-
-    out_dtype = _user_value(dtypes.parse_dtype, args.dtype) if args.dtype else None
-    shard_size = _user_value(parse_size, args.max_shard_size)
-    if args.threads is not None and args.threads < 1:
-        raise MergeError(f"--threads must be at least 1 (got {args.threads})")
-    return out_dtype, shard_size
+def _out_dtype(args: argparse.Namespace) -> Optional[dtypes.DType]:
+    return _user_value(dtypes.parse_dtype, args.dtype) if args.dtype else None
 
 
-def _print_result(result) -> None:
-    from .progress import human_bytes
-
+def _print_result(result: MergeResult) -> None:
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
           f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
           f"({result.gb_per_s:.1f} GB/s read+write)")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_lambdas, sweep_checkpoints
-
-    out_dtype, shard_size = _parsed_output_args(args)
     lambdas = _user_value(parse_lambdas, args.lambdas)
     args.domain_weight = args.align_weight = None  # the sweep sets them
+    options = _run_options(args, out_dtype=_out_dtype(args), tokenizer_from=args.tokenizer_from,
+                           method=_method_from_args(args))
     results = sweep_checkpoints(args.base, args.domain, args.aligned, args.out, lambdas,
-                                method=_method_from_args(args),
-                                out_dtype=out_dtype, max_shard_size=shard_size,
-                                tokenizer_from=args.tokenizer_from, force=args.force,
-                                resume=args.resume, threads=args.threads, fsync=args.fsync,
-                                progress=not args.quiet)
+                                options=options, progress=not args.quiet)
     for result in results:
         _print_result(result)
     return 0
 
 
-def _run_merge(args: argparse.Namespace) -> int:
-    from .engine import execute
-    from .plan import MergeOptions, parse_size, plan_merge
+def _run_options(args: argparse.Namespace, **settings) -> MergeOptions:
+    """MergeOptions from the flags every writing command has, plus the command's `settings`."""
+    if args.threads is not None and args.threads < 1:
+        raise MergeError(f"--threads must be at least 1 (got {args.threads})")
+    return MergeOptions(max_shard_size=_user_value(parse_size, args.max_shard_size),
+                        force=args.force, resume=args.resume, threads=args.threads,
+                        fsync=args.fsync, **settings)
 
-    out_dtype, shard_size = _parsed_output_args(args)
-    gpu_memory = _user_value(parse_size, args.gpu_memory)
-    method = _method_from_args(args)
-    options = MergeOptions(*_weights(args), out_dtype, shard_size, args.tokenizer_from,
-                           args.force, args.threads, args.fsync, args.device, gpu_memory,
-                           args.backend, args.resume, method)
+
+def _run_merge(args: argparse.Namespace) -> int:
+    domain_weight, align_weight = _weights(args)
+    options = _run_options(
+        args, domain_weight=domain_weight, align_weight=align_weight,
+        out_dtype=_out_dtype(args), tokenizer_from=args.tokenizer_from, device=args.device,
+        gpu_memory=_user_value(parse_size, args.gpu_memory), backend=args.backend,
+        method=_method_from_args(args))
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
     _print_result(execute(plan, show_progress=not args.quiet))
     return 0
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    from .engine import execute
-    from .mergekit_config import load
-    from .plan import MergeOptions, parse_size, plan_merge
-
-    shard_size = _user_value(parse_size, args.max_shard_size)
-    config = load(args.config)
+    config = load_mergekit_config(args.config)
     # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
     nan = float("nan")
-    options = MergeOptions(nan, nan, config.out_dtype, shard_size, config.tokenizer_from,
-                           args.force, args.threads, args.fsync, resume=args.resume,
+    options = _run_options(args, domain_weight=nan, align_weight=nan,
+                           out_dtype=config.out_dtype, tokenizer_from=config.tokenizer_from,
                            method=config.method)
     plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
     _print_result(execute(plan, show_progress=not args.quiet))
@@ -250,10 +248,6 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .inspect_vectors import inspect_checkpoints, summary, write_reports
-
     try:
         inspection = inspect_checkpoints(args.base, args.domain, args.aligned,
                                          domain_weight=args.domain_weight,
@@ -268,10 +262,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_verify(out: str) -> int:
-    from pathlib import Path
-
-    from .journal import verify_output
-
     problems = verify_output(Path(out))
     for line in problems:
         print(f"mergealign-fast: verify: {line}", file=sys.stderr)
@@ -281,11 +271,6 @@ def _run_verify(out: str) -> int:
 
 
 def _run_env() -> int:
-    import platform
-
-    from . import __version__
-    from .kernels import cpu, cuda, describe_backends
-
     print(f"mergealign-fast {__version__}, Python {platform.python_version()}, "
           f"{platform.machine()}")
     if cpu.unavailable_reason() is None:
@@ -301,10 +286,6 @@ def _run_env() -> int:
 def _interrupted_message(args: argparse.Namespace) -> str:
     text = "\nmergealign-fast: interrupted; the output folder was not created or changed"
     if args.command == "merge":
-        from pathlib import Path
-
-        from .journal import partial_dir_for
-
         partial = partial_dir_for(Path(args.out))
         if partial.exists():
             text += (f"; completed shards are kept in {partial}: rerun the same command with "
@@ -313,8 +294,6 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import signal
-
     # Past a file-size limit (ulimit -f) the kernel would kill us with SIGXFSZ mid-write; ignored,
     # the write fails with EFBIG instead and the user gets a message and a resumable merge.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -30,8 +30,14 @@ class DType(enum.IntEnum):
     def short_name(self) -> str:
         return _SHORT_NAMES[self]
 
+    @property
+    def torch_name(self) -> str:
+        """torch's name ("bfloat16"), as config.json's torch_dtype/dtype spells it too."""
+        return _TORCH_NAMES[self]
+
 
 _SHORT_NAMES = {DType.F32: "fp32", DType.F16: "fp16", DType.BF16: "bf16"}
+_TORCH_NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
 
 # Every dtype the safetensors format defines, with its size in bytes: a header naming one of these
 # is well formed even when the merge cannot compute in it (that is reported separately, by name).
@@ -85,7 +91,7 @@ def from_torch(dtype: Any) -> DType:
 def to_torch(dtype: DType) -> Any:
     import torch
 
-    return {DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16}[dtype]
+    return getattr(torch, dtype.torch_name)
 
 
 def storage_numpy_dtype(dtype: DType) -> Any:
@@ -93,3 +99,23 @@ def storage_numpy_dtype(dtype: DType) -> Any:
     import numpy as np
 
     return np.dtype({DType.F32: np.float32, DType.F16: np.float16, DType.BF16: np.uint16}[dtype])
+
+
+def bf16_bits_to_f32(bits: Any) -> Any:
+    """Exact widening of bf16 bit patterns (a uint16 numpy array) to float32."""
+    import numpy as np
+
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(values: Any) -> Any:
+    """float32 -> bf16 bit patterns (uint16 numpy array), round-to-nearest-even, NaN kept NaN:
+    the rounding of csrc/merge_math.h."""
+    import numpy as np
+
+    x = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((x + np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((x[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+    return rounded

@@ -13,17 +13,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .engine import WINDOW_BYTES, InputMaps, tensor_chunks
+from .io.checkpoint import layer_index
 from .kernels import cpu
-from .params import check_weights, default_threads
-from .plan import PlannedTensor, check_inputs
-
-LAYER_PATTERN = re.compile(r"layers\.(\d+)\.")
+from .kernels.cpu import default_threads
+from .methods import check_weights
+from .plan import ROLES, check_inputs
+from .stream import InputMaps, pass_chunks
 
 
 @dataclass
@@ -61,9 +60,9 @@ class Sums:
 
 
 def layer_of(name: str) -> str:
-    match = LAYER_PATTERN.search(name)
-    if match:
-        return f"layer {int(match.group(1)):03d}"
+    index = layer_index(name)
+    if index is not None:
+        return f"layer {index:03d}"
     if "embed" in name:
         return "embeddings"
     if "lm_head" in name:
@@ -101,23 +100,16 @@ def inspect_checkpoints(base, domain, aligned, *, domain_weight: float = 0.5,
     with InputMaps(models.values()) as maps:
         maps.check_unchanged()
         for name in models["base"].tensors:
-            locations = [models[r].tensors[name] for r in ("base", "domain", "aligned")]
+            locations = [models[r].tensors[name] for r in ROLES]
             result.tensors[name] = _tensor_sums(native, maps, locations, threads)
     return result
 
 
 def _tensor_sums(native, maps: InputMaps, locations, threads: int) -> Sums:
     """One pass over a tensor in the engine's windows (released as it goes)."""
-    from .dtypes import DType
-
-    # Nothing is written: the output dtype only sizes output offsets, unused here.
-    tensor = PlannedTensor(locations[0].entry.name, locations[0].entry.shape, DType.F32,
-                           tuple(locations))
     sums = Sums()
-    for chunk in tensor_chunks(tensor, maps, 0, WINDOW_BYTES // 4):
-        (b, d, a), codes = chunk.addresses(), chunk.dtype_codes()
-        values = native.vector_stats(b, codes[0], d, codes[1], a, codes[2], chunk.count,
-                                     threads)
+    for chunk in pass_chunks(locations, maps):
+        values = native.vector_stats(chunk.operands(), threads)
         sums.add(Sums(chunk.count, *values[:5]))  # the task-vector sums (not the models')
         chunk.release_inputs()
     return sums

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
-from .params import check_weights
+from .io.checkpoint import layer_index
 
 # RecipeKind, Sparsify (csrc/merge_operands.h)
 TASK_ARITHMETIC, VECTORS, MODELS = 0, 1, 2
@@ -49,6 +48,9 @@ KEEP_NONE_BITS = 0x80000000
 # last_tie_index that keeps every tie (INT64_MAX), and tie bits no |τ| has (skips a model).
 ALL_TIES = 2**63 - 1
 NO_TIE_BITS = 0xFFFFFFFF
+# magnitude_histogram's prefixes (csrc/reductions.h): count the top 16 bits of |τ|, or skip a
+# model; a prefix >= 0 counts the low 16 bits of the elements whose top bits equal it.
+HIGH_BITS, SKIP = -1, -2
 # Draws are 24-bit: keep_below = density · 2^24.
 DRAW_RANGE = 1 << 24
 # mergekit: norms below this leave a tensor unrescaled (rescaled_masked_tensor's eps) ...
@@ -89,6 +91,22 @@ METHODS: Dict[str, MethodInfo] = {
     "chipalign": MethodInfo(("t",)),
 }
 
+
+
+def check_weights(w_domain: float, w_align: float) -> None:
+    """ValueError unless both weights are finite real numbers."""
+    for label, value in (("domain weight", w_domain), ("align weight", w_align)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite real number (got {value!r})")
+
+
+def _is_plain_task_arithmetic(name: str, lambda_: float, normalize: Optional[bool]) -> bool:
+    """The MergeAlign formula itself (base + w_d τ_d + w_a τ_a), which every backend (GPU
+    included) runs without a recipe."""
+    return name == "task_arithmetic" and lambda_ == 1.0 and not normalize
+
+
 # A mergekit-style parameter value: a scalar, a layer gradient (tuple of numbers), or
 # filter rules ((substring or None, value), ...), the first matching rule winning.
 Setting = Union[float, int, bool, str, Tuple]
@@ -125,9 +143,9 @@ class Method:
 
     @property
     def is_plain_task_arithmetic(self) -> bool:
-        """The MergeAlign formula itself, which every backend (GPU included) runs."""
-        return (self.name == "task_arithmetic" and not self.rules and self.lambda_ == 1.0
-                and not self.normalize)
+        """The MergeAlign formula itself for every tensor (no rule can change a parameter)."""
+        return not self.rules and _is_plain_task_arithmetic(self.name, self.lambda_,
+                                                            self.normalize)
 
     def problems(self) -> List[str]:
         """Everything wrong with the parameters, one line each (checked before any tensor)."""
@@ -168,17 +186,18 @@ class TensorSettings:
     sparsify: int
     sign_election: bool
 
-
-LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+    @property
+    def is_plain_task_arithmetic(self) -> bool:
+        return _is_plain_task_arithmetic(self.name, self.lambda_, self.normalize)
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
     """mergekit's gradient coordinate: layer i of n is at i/(n-1); tensors outside the layers
     (embeddings, final norm, lm_head) are at 0."""
-    match = LAYER_INDEX.search(tensor_name)
-    if not match or num_layers <= 1:
-        return 1.0 if match else 0.0
-    return int(match.group(1)) / (num_layers - 1)
+    index = layer_index(tensor_name)
+    if index is None or num_layers <= 1:
+        return 0.0 if index is None else 1.0
+    return index / (num_layers - 1)
 
 
 def evaluate(setting: Setting, tensor_name: str, position: float):
@@ -303,9 +322,8 @@ def chipalign_coefficients(t: float, dd: float, aa: float, da: float) -> Tuple[f
 class TensorPasses:
     """Reductions over one tensor's three inputs, for the recipes that need them.
 
-    `windows()` yields the tensor in windows, each a tuple (base, domain, aligned addresses,
-    (dtype codes), count, first element index, release callback); each result is computed once
-    and cached, so the recipes of a sweep share the passes."""
+    `windows()` yields the tensor in windows, each a pair (native Operands, release callback);
+    each result is computed once and cached, so the recipes of a sweep share the passes."""
 
     def __init__(self, native, windows, threads: int):
         self.native = native
@@ -314,17 +332,17 @@ class TensorPasses:
         self._cache: Dict[tuple, object] = {}
 
     def _each(self, call) -> None:
-        for addresses, dtypes, count, first, release in self.windows():
-            call(addresses, dtypes, count, first)
+        for ops, release in self.windows():
+            call(ops)
             release()
 
     def _summed(self, size: int, call) -> List[float]:
-        """Element-wise sums over the windows of the `size`-tuples call(...) returns for each
+        """Element-wise sums over the windows of the `size`-tuples call(ops) returns for each
         (zeros for a tensor without elements, which has no windows)."""
         sums = [0.0] * size
 
-        def add(*window):
-            for i, value in enumerate(call(*window)):
+        def add(ops):
+            for i, value in enumerate(call(ops)):
                 sums[i] += value
 
         self._each(add)
@@ -335,9 +353,8 @@ class TensorPasses:
         (Σdomain², Σaligned², Σdomain·aligned) of the models themselves; fp64."""
         key = ("stats", models)
         if key not in self._cache:
-            sums = self._summed(8, lambda addresses, dtypes, count, first: self.native.vector_stats(
-                addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2], dtypes[2], count,
-                self.threads, models))
+            sums = self._summed(8, lambda ops: self.native.vector_stats(ops, self.threads,
+                                                                        models))
             self._cache[key] = tuple(sums[5:8] if models else sums[0:3])
         return self._cache[key]
 
@@ -349,17 +366,17 @@ class TensorPasses:
         key = ("threshold", k_domain, k_align)
         if key not in self._cache:
             ks = (k_domain, k_align)
-            high = self._histogram([-1 if k else -2 for k in ks])
+            high = self._histogram([HIGH_BITS if k else SKIP for k in ks])
             picks = [self.native.select_kth_largest(high, m, k) if k else (-1, 0)
                      for m, k in enumerate(ks)]
-            low = self._histogram([bin_ if bin_ >= 0 else -2 for bin_, _ in picks])
+            low = self._histogram([bin_ if bin_ >= 0 else SKIP for bin_, _ in picks])
             found = [(0, ALL_TIES), (0, ALL_TIES)]
             ties_wanted = [0, 0]
             for m, (k, (bin_, above)) in enumerate(zip(ks, picks)):
                 if not k or bin_ < 0:  # not needed, or fewer than k elements: keep all
                     continue
                 low_bin, above_low = self.native.select_kth_largest(low, m, k - above)
-                tied = int.from_bytes(low[(m * 65536 + low_bin) * 8:][:8], "little")
+                tied = self._bin_count(low, m, low_bin)
                 found[m] = ((bin_ << 16) | low_bin, ALL_TIES)
                 wanted = k - above - above_low
                 ties_wanted[m] = wanted if wanted < tied else 0
@@ -371,17 +388,13 @@ class TensorPasses:
         found = list(found)
         bits = [b if w else NO_TIE_BITS for (b, _), w in zip(found, wanted)]
         remaining = list(wanted)
-        for addresses, dtypes, count, first, release in self.windows():
+        for ops, release in self.windows():
             if not any(remaining):
                 break
-            counts = self.native.count_magnitude_ties(addresses[0], dtypes[0], addresses[1],
-                                                      dtypes[1], addresses[2], dtypes[2], count,
-                                                      bits[0], bits[1], self.threads)
+            counts = self.native.count_magnitude_ties(ops, bits[0], bits[1], self.threads)
             for m in (0, 1):
                 if remaining[m] and counts[m] >= remaining[m]:
-                    index = self.native.nth_magnitude_tie(
-                        addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2],
-                        dtypes[2], count, first, m, bits[m], remaining[m])
+                    index = self.native.nth_magnitude_tie(ops, m, bits[m], remaining[m])
                     found[m] = (found[m][0], index)
                     remaining[m] = 0
                 elif remaining[m]:
@@ -390,26 +403,24 @@ class TensorPasses:
         return tuple(found)
 
     def _histogram(self, prefixes) -> bytearray:
-        hist = bytearray(2 * 65536 * 8)
-        if all(p == -2 for p in prefixes):
+        """int64[2][HISTOGRAM_BINS] counts of |τ|'s bits (see magnitude_histogram)."""
+        hist = bytearray(2 * self.native.HISTOGRAM_BINS * 8)
+        if all(p == SKIP for p in prefixes):
             return hist
-
-        def add(addresses, dtypes, count, first):
-            self.native.magnitude_histogram(addresses[0], dtypes[0], addresses[1], dtypes[1],
-                                            addresses[2], dtypes[2], count, prefixes[0],
-                                            prefixes[1], hist, self.threads)
-
-        self._each(add)
+        self._each(lambda ops: self.native.magnitude_histogram(ops, prefixes[0], prefixes[1],
+                                                               hist, self.threads))
         return hist
+
+    def _bin_count(self, hist: bytearray, row: int, bin_: int) -> int:
+        start = (row * self.native.HISTOGRAM_BINS + bin_) * 8
+        return int.from_bytes(hist[start:start + 8], "little")
 
     def l1_norms(self, recipe) -> Tuple[float, float, float, float]:
         """(‖τ_d‖₁, ‖kept τ_d‖₁, ‖τ_a‖₁, ‖kept τ_a‖₁) under the recipe's masks."""
         key = ("l1",) + tuple(_term_key(t) for t in (recipe.domain, recipe.align))
         if key not in self._cache:
             self._cache[key] = tuple(self._summed(
-                4, lambda addresses, dtypes, count, first: self.native.sparsity_stats(
-                    addresses[0], dtypes[0], addresses[1], dtypes[1], addresses[2], dtypes[2],
-                    count, first, recipe, self.threads)))
+                4, lambda ops: self.native.sparsity_stats(ops, recipe, self.threads)))
         return self._cache[key]
 
 
@@ -421,7 +432,7 @@ def _term_key(term) -> tuple:
 def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: TensorPasses):
     """The native Recipe of one tensor under resolved settings (runs the passes it needs)."""
     recipe = native.Recipe()
-    if s.name == "task_arithmetic" and s.lambda_ == 1.0 and not s.normalize:
+    if s.is_plain_task_arithmetic:
         return _weights_recipe(recipe, TASK_ARITHMETIC, s.w_domain, s.w_align)
     if s.name == "linear":
         recipe = _weights_recipe(recipe, MODELS, s.w_domain, s.w_align)

@@ -20,11 +20,11 @@ from . import dtypes
 from .dtypes import DType
 from .errors import MergeError, PlanError
 from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
-                            group_by_size, open_checkpoint, shard_file_name)
+                            group_by_size, layer_index, open_checkpoint, shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
-from .methods import LAYER_INDEX, Method, TensorSettings, layer_position, resolve, \
+from .kernels import resolve_backend
+from .methods import Method, TensorSettings, check_weights, layer_position, resolve, \
     settings_problems
-from .params import check_weights
 
 ROLES = ("base", "domain", "aligned")
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
@@ -286,18 +286,15 @@ def _output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
         raise PlanError([f"{path}: cannot read: {exc}"]) from None
     if not isinstance(config, dict):
         raise PlanError([f"{path}: must hold a JSON object"])
-    torch_name = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}[dtype]
     # transformers 4.x reads "torch_dtype", 5.x "dtype": set whichever the source uses.
     keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
     for key in keys:
-        config[key] = torch_name
+        config[key] = dtype.torch_name
     return config
 
 
 def _device_problems(options: MergeOptions) -> List[str]:
     """The GPU path's backend must be able to run before anything is read."""
-    from .kernels import resolve_backend
-
     kind = options.device.split(":")[0]
     if kind == "cpu":
         if options.backend not in ("auto", "cpu"):
@@ -328,7 +325,7 @@ def _method_problems(options: MergeOptions) -> List[str]:
 def tensor_settings(options: MergeOptions, names: List[str]) -> Dict[str, TensorSettings]:
     """The method's parameters for each tensor (mergekit layer gradients run over the layers
     found in the names)."""
-    layers = [int(m.group(1)) for m in map(LAYER_INDEX.search, names) if m]
+    layers = [i for i in map(layer_index, names) if i is not None]
     num_layers = max(layers) + 1 if layers else 0
     return {name: resolve(options.method, name, layer_position(name, num_layers),
                           options.domain_weight, options.align_weight) for name in names}

@@ -1,7 +1,6 @@
 """The float64 oracle for every method, and the error bound a correct kernel must meet.
 
-Tests and benchmarks import these; nothing here is used on the fast path.  numpy has no bf16, so
-the exact bf16 <-> float conversions the oracle needs live here too.
+Tests and benchmarks import these; nothing here is used on the fast path.
 """
 
 from __future__ import annotations
@@ -9,22 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import methods
-from .dtypes import DType
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Exact widening of bf16 bit patterns (uint16) to float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns, round-to-nearest-even, NaN kept NaN."""
-    x = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = ((x + np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        rounded[nan] = ((x[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
-    return rounded
+from .dtypes import DType, bf16_bits_to_f32
 
 
 def decode_to_f64(raw: np.ndarray, dtype: DType) -> np.ndarray:

@@ -8,15 +8,12 @@ first, its own partial folder, journal, manifest, atomic rename).
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
-from .dtypes import DType
-from .engine import MergeResult, execute_many
+from .engine import MergeResult, PathLike, execute_many
 from .errors import PlanError
-from .methods import Method
 from .plan import MergeOptions, disk_problem, plan_merge
 
 
@@ -37,25 +34,22 @@ def parse_lambdas(text: str) -> List[float]:
     return values
 
 
-def sweep_checkpoints(base: Union[str, os.PathLike], domain: Union[str, os.PathLike],
-                      aligned: Union[str, os.PathLike], out_root: Union[str, os.PathLike],
-                      lambdas: Sequence[float], *, out_dtype: Optional[DType] = None,
-                      max_shard_size: int = MergeOptions.max_shard_size,
-                      tokenizer_from: str = "aligned", force: bool = False,
-                      resume: bool = False, threads: Optional[int] = None, fsync: bool = True,
-                      method: Method = Method(), progress: bool = False) -> List[MergeResult]:
+def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_root: PathLike,
+                      lambdas: Sequence[float], *, options: Optional[MergeOptions] = None,
+                      progress: bool = False, **changes) -> List[MergeResult]:
     """Write out_root/lambda-<λ> for each λ (w_d = λ, w_a = 1 - λ, and t = λ for the SLERP
-    family: every method's "how far toward the domain expert") in one pass."""
+    family: every method's "how far toward the domain expert") in one pass.  `options` and
+    `changes` are merge_checkpoints'; the weights (and t) are the sweep's."""
     out_root = Path(out_root)
     if not lambdas:
         raise PlanError(["give at least one λ"])
+    shared = replace(options or MergeOptions(), **changes)
     plans = []
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
-        options = MergeOptions(lam, round(1.0 - lam, 12), out_dtype, max_shard_size,
-                               tokenizer_from, force, threads, fsync, resume=resume,
-                               method=replace(method, t=lam))
-        plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), options))
+        one = replace(shared, domain_weight=lam, align_weight=round(1.0 - lam, 12),
+                      method=replace(shared.method, t=lam))
+        plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), one))
     needed = sum(p.output_bytes for p in plans)
     problem = disk_problem(lambda_folder(out_root, lambdas[0]), needed)
     if problem:

@@ -16,8 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .dtypes import DType
-from .reference import f32_to_bf16_bits
+from .dtypes import DType, f32_to_bf16_bits
 from .io.checkpoint import (CONFIG_FILE, INDEX_FILE, group_by_size, index_json,
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
@@ -70,8 +69,7 @@ class LlamaShape:
             "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
             "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
-            "eos_token_id": 2, "torch_dtype": {DType.BF16: "bfloat16", DType.F16: "float16",
-                                               DType.F32: "float32"}[dtype],
+            "eos_token_id": 2, "torch_dtype": dtype.torch_name,
         }
 
 

@@ -10,9 +10,9 @@ from . import dtypes
 from .dtypes import DType
 from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
-from .methods import Method, TensorPasses, layer_position, resolve, settings_problems, \
-    tensor_recipe
-from .params import check_weights, default_threads
+from .kernels.cpu import default_threads
+from .methods import Method, TensorPasses, check_weights, layer_position, resolve, \
+    settings_problems, tensor_recipe
 
 
 def _is_torch(x: Any) -> bool:
@@ -124,11 +124,9 @@ def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_d
     """One tensor through the method's reduction passes and the recipe kernel."""
     native = cpu.native()
     b, d, a = inputs["base"], inputs["domain"], inputs["aligned"]
-    addresses, codes = (b.address, d.address, a.address), (int(b.dtype), int(d.dtype),
-                                                          int(a.dtype))
 
     def windows():  # the whole tensor is one window: it is in memory already
-        yield addresses, codes, out.count, 0, lambda: None
+        yield cpu.operands(b, d, a, out), lambda: None
 
     settings = resolve(method, name, layer_position(name, 0), w_domain, w_align)
     problems = settings_problems(settings, f"tensor {name}" if name else method.name)

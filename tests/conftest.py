@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
-from mergealign_fast.reference import decode_to_f64, f32_to_bf16_bits
+from mergealign_fast.dtypes import f32_to_bf16_bits
+from mergealign_fast.reference import decode_to_f64
 from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 

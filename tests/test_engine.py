@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mergealign_fast import MergeError, PlanError, engine, merge_checkpoints, merge_tensors
+from mergealign_fast import MergeError, PlanError, merge_checkpoints, merge_tensors, stream
 from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.kernels import cpu
@@ -84,7 +84,7 @@ def test_sharded_inputs_and_outputs_give_the_same_tensors(tiny_trio, tiny_trio_s
 
 def test_bitwise_identical_for_any_threads_and_window(tiny_trio, tmp_path, monkeypatch):
     merge(tiny_trio, tmp_path / "a", threads=1)
-    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096 + 6)  # odd windows split tensors mid-way
+    monkeypatch.setattr(stream, "WINDOW_BYTES", 4096 + 6)  # odd windows split tensors mid-way
     merge(tiny_trio, tmp_path / "b", threads=3)
     assert all_tensors_bytes(tmp_path / "a") == all_tensors_bytes(tmp_path / "b")
 
@@ -113,7 +113,7 @@ def test_existing_output_needs_force_and_is_replaced_only_when_done(tiny_trio, t
 
 
 class FailingNative:
-    """The native module, except that the n-th merge_to_file call fails or raises."""
+    """The native module, except that the n-th merge_to_files call fails or raises."""
 
     def __init__(self, fail_at: int, failure):
         self.real, self.calls, self.fail_at, self.failure = cpu.native(), 0, fail_at, failure
@@ -121,13 +121,13 @@ class FailingNative:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def merge_to_file(self, *args):
+    def merge_to_files(self, *args):
         self.calls += 1
         if self.calls == self.fail_at:
             if isinstance(self.failure, int):
-                return self.failure, 0  # (errno, crc) as the native call returns them
+                return self.failure, []  # (errno, CRCs) as the native call returns them
             raise self.failure
-        return self.real.merge_to_file(*args)
+        return self.real.merge_to_files(*args)
 
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO, KeyboardInterrupt()],
@@ -180,7 +180,7 @@ def test_a_second_merge_into_the_same_output_fails_at_once(tiny_trio, tmp_path):
     import fcntl
     import os
 
-    from mergealign_fast.journal import LOCK, partial_dir_for
+    from mergealign_fast.output import LOCK, partial_dir_for
 
     out = tmp_path / "out"
     partial = partial_dir_for(out)

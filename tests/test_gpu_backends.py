@@ -114,7 +114,7 @@ def test_importing_the_package_loads_no_gpu_code():
 # ---- the streaming GPU writer, run on the CPU --------------------------------------------------
 
 def gpu_writer_merge(trio, out, budget, backend):
-    from mergealign_fast.gpu_stream import GpuWriter
+    from mergealign_fast.writers.gpu import GpuWriter
 
     plan = plan_merge(trio["base"], trio["domain"], trio["aligned"], out,
                       MergeOptions(domain_weight=0.3, align_weight=0.9, max_shard_size=100_000))
@@ -172,7 +172,7 @@ def test_the_device_check_script_runs_on_the_cpu():
 def test_streaming_writer_runs_methods_like_the_cpu_merge(tiny_trio, tmp_path, method):
     """Methods through the GPU writer (recipes from the CPU passes, chunked merge_recipe):
     run here with the cpu backend standing in for cuda, chunks splitting tensors."""
-    from mergealign_fast.gpu_stream import GpuWriter
+    from mergealign_fast.writers.gpu import GpuWriter
 
     merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                       tmp_path / "cpu", domain_weight=0.7, align_weight=0.6, method=method,
@@ -193,13 +193,18 @@ def test_methods_need_a_backend_with_the_recipe_kernel():
 
 
 @pytest.mark.skipif(not cuda_toolkit_present(), reason="no CUDA toolkit: _cuda is not built")
-def test_cuda_recipe_binding_takes_the_native_recipe_type():
-    """_cuda.merge_recipe receives _native.Recipe objects (pybind11 shares the type); an empty
-    launch returns cudaSuccess without touching a GPU."""
+def test_cuda_bindings_take_the_native_operand_and_recipe_types():
+    """_cuda's bindings receive _native.Operands and _native.Recipe objects (pybind11 shares the
+    types); an empty launch returns cudaSuccess without touching a GPU."""
     from mergealign_fast import _cuda
     from mergealign_fast.kernels import cpu
 
-    assert _cuda.merge_recipe(0, 2, 0, 2, 0, 2, 0, 2, 0, 0, cpu.native().Recipe(), 0) == 0
+    native = cpu.native()
+    empty = native.Operands(0, 2, 0, 2, 0, 2, 0, 2)
+    assert _cuda.merge_recipe(empty, 0, native.Recipe(), 0) == 0
+    assert _cuda.merge(empty, 0, 0.5, 0.5, 0) == 0
+    with pytest.raises(TypeError):
+        _cuda.merge(0, 2, 0, 2, 0, 2, 0, 2, 0, 0.5, 0.5, 0)  # the old spelled-out arguments
 
 
 def test_a_method_on_the_gpu_with_a_task_arithmetic_only_backend_is_refused(tiny_trio,

@@ -74,11 +74,11 @@ def test_cli_prints_a_summary_and_rejects_mismatched_models(tiny_trio, tmp_path)
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_statistics_do_not_depend_on_chunking(tiny_trio, monkeypatch, threads):
-    import mergealign_fast.inspect_vectors as inspect_module
+    from mergealign_fast import stream
 
     whole = inspect_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                                 threads=threads)
-    monkeypatch.setattr(inspect_module, "WINDOW_BYTES", 4 * 1000)  # 1000-element windows
+    monkeypatch.setattr(stream, "WINDOW_BYTES", 4 * 1000)  # 1000-element windows
     chunked = inspect_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                                   threads=threads)
     for name in whole.tensors:

@@ -15,7 +15,8 @@ import torch
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.methods import Method, keep_count, resolve, slerp_coefficients
-from mergealign_fast.reference import (f32_to_bf16_bits, method_error_bound, method_ref,
+from mergealign_fast.dtypes import f32_to_bf16_bits
+from mergealign_fast.reference import (method_error_bound, method_ref,
                                        random_draw24)
 
 from conftest import as_f64, random_values
@@ -212,11 +213,10 @@ def test_checkpoint_merge_equals_per_tensor_merges_across_windows_and_threads(
     """A chunked, threaded checkpoint merge draws the same masks and thresholds as one call on
     the whole tensor: DARE keys by element index, the selections sum exact counts, the ties
     kept are found across windows."""
-    from mergealign_fast import engine
-    from mergealign_fast.engine import merge_checkpoints
+    from mergealign_fast import merge_checkpoints, stream
     from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 
-    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096)  # many windows per tensor
+    monkeypatch.setattr(stream, "WINDOW_BYTES", 4096)  # many windows per tensor
     merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                       tmp_path / "out", domain_weight=0.7, align_weight=0.6, method=method,
                       threads=1, fsync=False)
@@ -274,24 +274,25 @@ def test_random_masks_of_tiles_straddling_2_to_the_32():
     """Tensors past 2^32 elements: a tile whose indices cross 2^32 takes the per-element path,
     every other tile the bulk one; both must draw the numpy reference's mask."""
     from mergealign_fast.kernels import cpu
-    from mergealign_fast.methods import stream_key
+    from mergealign_fast.kernels.buffer import Buffer
+    from mergealign_fast.methods import DRAW_RANGE, KEEP_RANDOM, VECTORS, stream_key
 
     native = cpu.native()
     count = 4096
     raws = trio(3, count, (DType.F32,) * 3)
+    half = DRAW_RANGE // 2  # density 0.5
     for first in (2**32 - 1000, 2**32, 3 * 2**32 - 128):
         recipe = native.Recipe()
-        recipe.kind = 1
+        recipe.kind = VECTORS
         recipe.domain.weight = 1.0
-        recipe.domain.sparsify = 2
-        recipe.domain.keep_below = 1 << 23  # density 0.5
+        recipe.domain.sparsify = KEEP_RANDOM
+        recipe.domain.keep_below = half
         recipe.domain.key_lo, recipe.domain.key_hi = stream_key(0, "t", "domain")
         out = np.empty(count, dtype=np.float32)
-        addresses = [x.ctypes.data for x in raws]
-        native.merge_recipe(addresses[0], 0, addresses[1], 0, addresses[2], 0, out.ctypes.data,
-                            0, count, first, recipe, 2)
+        b, d, a, o = (Buffer(x.ctypes.data, DType.F32, count) for x in (*raws, out))
+        cpu.merge_recipe(b, d, a, o, recipe, first, 2)
         draws = random_draw24(*stream_key(0, "t", "domain"), np.arange(first, first + count))
-        kept = (raws[1] - raws[0]) * (draws < (1 << 23))
+        kept = (raws[1] - raws[0]) * (draws < half)
         np.testing.assert_array_equal(out, raws[0] + kept)
 
 
@@ -299,7 +300,7 @@ def test_random_masks_of_tiles_straddling_2_to_the_32():
 def test_a_checkpoint_tensor_without_elements_merges(tmp_path, name):
     """A (0, 3) tensor has no windows: its passes sum nothing and its merge writes nothing."""
     from conftest import write_checkpoint
-    from mergealign_fast.engine import merge_checkpoints
+    from mergealign_fast import merge_checkpoints
     from mergealign_fast.io.checkpoint import open_checkpoint
 
     for i, role in enumerate(("base", "domain", "aligned")):

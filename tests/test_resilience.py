@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mergealign_fast import MergeError, merge_checkpoints
-from mergealign_fast.journal import MANIFEST, partial_dir_for, verify_output
+from mergealign_fast.manifest import MANIFEST, verify_output
+from mergealign_fast.output import partial_dir_for
 from mergealign_fast.kernels import cpu
 from mergealign_fast.methods import Method
 from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
@@ -166,16 +167,16 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(medium_trio, reference, tmp_pa
 # ---- inputs that change under a running merge -------------------------------------------------
 
 class ChangingInput(FailingNative):
-    """The native module, but before the n-th merge_to_file call an input file is changed."""
+    """The native module, but before the n-th merge_to_files call an input file is changed."""
 
     def __init__(self, fail_at: int, change):
         super().__init__(fail_at=0, failure=None)
         self.change_at, self.change = fail_at, change
 
-    def merge_to_file(self, *args):
+    def merge_to_files(self, *args):
         if self.calls + 1 == self.change_at:
             self.change()
-        return super().merge_to_file(*args)
+        return super().merge_to_files(*args)
 
 
 @pytest.mark.parametrize("how", ["truncated", "replaced", "rewritten"])

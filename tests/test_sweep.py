@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from mergealign_fast import MergeError, merge_checkpoints
-from mergealign_fast.journal import verify_output
+from mergealign_fast.manifest import verify_output
 from mergealign_fast.kernels import cpu
 from mergealign_fast.methods import Method
 from mergealign_fast.sweep import parse_lambdas, sweep_checkpoints
@@ -39,7 +39,7 @@ def test_the_inputs_are_read_once(tiny_trio, tmp_path, monkeypatch):
     original = counting.real.merge_to_files
 
     def merge_to_files(*args):
-        calls.append(len(args[9]))  # the targets
+        calls.append(len(args[1]))  # the targets
         return original(*args)
 
     counting.merge_to_files = merge_to_files

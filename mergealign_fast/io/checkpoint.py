@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
@@ -22,6 +23,16 @@ TOKENIZER_FILES = (
 CONFIG_FILE = "config.json"
 
 T = TypeVar("T")
+
+# The layer of a tensor named like transformers names them ("model.layers.12.mlp...",
+# "transformer.h" models have no layer index here: they are outside every layer gradient).
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> Optional[int]:
+    """12 for "model.layers.12.mlp.up_proj.weight"; None for a tensor outside the layers."""
+    match = _LAYER_INDEX.search(tensor_name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

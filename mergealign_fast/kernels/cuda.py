@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+from . import cpu
 from .buffer import Buffer
 
 
@@ -66,17 +67,14 @@ def _check(module, error: int) -> None:
 def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
           w_domain: float, w_align: float, threads: int, stream: Optional[int] = None) -> None:
     module = _module()
-    _check(module, module.merge(base.address, int(base.dtype), domain.address,
-                                int(domain.dtype), aligned.address, int(aligned.dtype),
-                                out.address, int(out.dtype), out.count, w_domain, w_align,
-                                current_stream() if stream is None else stream))
+    _check(module, module.merge(cpu.operands(base, domain, aligned, out), out.address, w_domain,
+                                w_align, current_stream() if stream is None else stream))
 
 
 def merge_recipe(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer, recipe,
                  first_index: int, threads: int, stream: Optional[int] = None) -> None:
     """Any merge method's per-element pass on the GPU (the recipe's passes ran on the CPU)."""
     module = _module()
-    _check(module, module.merge_recipe(base.address, int(base.dtype), domain.address,
-                                       int(domain.dtype), aligned.address, int(aligned.dtype),
-                                       out.address, int(out.dtype), out.count, first_index,
-                                       recipe, current_stream() if stream is None else stream))
+    _check(module, module.merge_recipe(cpu.operands(base, domain, aligned, out, first_index),
+                                       out.address, recipe,
+                                       current_stream() if stream is None else stream))

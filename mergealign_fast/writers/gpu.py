@@ -21,13 +21,15 @@ is how the CPU-only test suite exercises the chunking, slot reuse and file offse
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import List
+from typing import List, Sequence
 
-from .dtypes import DType, to_torch
-from .errors import MergeError
-from .kernels import cpu, get_kernel, get_recipe_kernel
-from .kernels.buffer import Buffer
+from ..dtypes import DType, to_torch
+from ..errors import MergeError
+from ..kernels import cpu, get_kernel, get_recipe_kernel
+from ..kernels.buffer import Buffer
+from ..output import write_fully
+from ..plan import PlannedTensor
+from ..stream import Chunk
 
 SLOTS = 2  # double buffering: one slot in flight on the GPU while the host fills the other
 # Sub-buffers start on 256-byte boundaries: the CUDA kernel's 16-byte vector path needs 16, and
@@ -92,7 +94,7 @@ class _Slot:
 
 
 class GpuWriter:
-    """Drop-in for engine.CpuWriter that computes on `device` within `budget` bytes."""
+    """Writer (writers/__init__.py) that computes on `device` within `budget` bytes."""
 
     def __init__(self, plan, budget: int, backend: str = "auto", device: str = "cuda"):
         import torch
@@ -121,7 +123,7 @@ class GpuWriter:
                       for _ in range(SLOTS)]
         self.turn = 0
 
-    def chunk_elements(self, tensor) -> int:
+    def chunk_elements(self, tensor: PlannedTensor) -> int:
         return self.chunk
 
     @property
@@ -144,26 +146,22 @@ class GpuWriter:
         fd, path, offset, nbytes, checksum = slot.pending
         slot.downloaded.synchronize()
         checksum.add(self.native.crc32c(slot.host_out.data_ptr(), nbytes), nbytes)
-        data = memoryview(slot.host_out.numpy())[:nbytes]
-        while data:
-            written = os.pwrite(fd, data, offset)
-            if written <= 0:
-                raise MergeError(f"{path}: writing failed: disk full?")
-            data, offset = data[written:], offset + written
+        write_fully(fd, memoryview(slot.host_out.numpy())[:nbytes], offset, path)
         slot.pending = None
 
-    def write(self, targets, chunk, recipes) -> None:
+    def write(self, targets: Sequence, tensor: PlannedTensor, chunk: Chunk,
+              recipes: Sequence) -> None:
         """`recipes` (one per target: a sweep's) come from the method's passes on the CPU; plain
         task arithmetic runs on any backend's kernel, other methods on merge_recipe."""
         if len(targets) != 1:
             raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
         fd, path, checksum = targets[0].fd, targets[0].path, targets[0].checksum
-        torch, lanes, t = self.torch, self.lanes, chunk.tensor
+        torch, lanes, t = self.torch, self.lanes, tensor
         slot = self.slots[self.turn]
         self.turn = (self.turn + 1) % SLOTS
         self._flush(slot)  # also proves the slot's previous download has finished
         slot.uploaded.synchronize()  # host_in is free once its last upload is done
-        in_dtypes = [t.source_dtype(i) for i in range(3)]
+        in_dtypes = list(chunk.dtypes)
         host_views, in_bytes = self._views(slot.host_in, in_dtypes, chunk.count)
         for view, (mapped, offset, length) in zip(host_views, chunk.inputs):
             view.view(torch.uint8).copy_(_host_bytes(torch, mapped.address + offset, length))
@@ -199,6 +197,15 @@ class GpuWriter:
         for _ in range(SLOTS):
             self._flush(self.slots[self.turn])
             self.turn = (self.turn + 1) % SLOTS
+
+    def close(self) -> None:
+        """Wait for every copy and kernel in flight (an error may have interrupted the pipeline
+        with transfers still reading or writing the buffers), then drop the results not written:
+        their shard is being discarded."""
+        for slot in self.slots:
+            for event in (slot.uploaded, slot.computed, slot.downloaded):
+                event.synchronize()
+            slot.pending = None
 
 
 def _host_bytes(torch, address: int, length: int):

@@ -1,0 +1,256 @@
+"""The output of a merge, from its hidden partial folder to OUT.
+
+A merge writes into a hidden folder beside OUT, `.OUT.mergealign-partial`, holding an exclusive
+lock on a file inside it for as long as it runs: a second merge aimed at the same OUT fails at
+once, merges into different folders run side by side.  Each shard is created at its final size
+(so a full disk is found before computing), filled by a writer (writers/), checksummed as it is
+written, and recorded in the journal (the manifest, manifest.py, replaced atomically) once
+complete: a merge that was killed, interrupted or ran out of disk is finished with `--resume`,
+keeping the shards whose checksum still matches.  When every shard is done the index, config
+and tokenizer files are added and the folder is renamed to OUT in one step, so OUT never holds
+a half-written model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ._version import __version__
+from .errors import MergeError
+from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
+from .kernels import cpu
+from .manifest import MANIFEST, crc_hex, file_crc32c, manifest_document, plan_fingerprint
+
+LOCK = ".lock"
+PARTIAL_SUFFIX = ".mergealign-partial"
+
+
+def partial_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}{PARTIAL_SUFFIX}"
+
+
+def write_fully(fd: int, data, offset: int, path: Path) -> None:
+    """pwrite all of `data` at `offset`; a write that makes no progress means the disk is full."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise MergeError(f"{path}: writing failed: disk full?")
+        view, offset = view[written:], offset + written
+
+
+def write_file(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PartialOutput:
+    """The locked hidden folder one merge writes into."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.out_dir = plan.out_dir
+        self.folder = partial_dir_for(plan.out_dir)
+        self.fingerprint = plan_fingerprint(plan)
+        self.lock_fd: Optional[int] = None
+        self.shards: Dict[str, dict] = {}
+
+    # -- opening: lock, then decide between fresh start, resume and refusal --------------------
+
+    def open(self, resume: bool, force: bool) -> "PartialOutput":
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(exist_ok=True)
+        self.lock_fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise MergeError(f"another merge into {self.out_dir} is running now (it holds "
+                             f"{self.folder}); wait for it or choose another output") from None
+        leftovers = [p for p in self.folder.iterdir() if p.name != LOCK]
+        if leftovers and not (resume or force):
+            self.close()
+            raise MergeError(f"{self.folder} holds an interrupted merge into {self.out_dir}: add "
+                             "--resume to finish it, or --force to start over")
+        if leftovers and resume:
+            self._load_journal()
+        else:
+            for path in leftovers:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return self
+
+    def _load_journal(self) -> None:
+        try:
+            journal = json.loads((self.folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return  # killed before the first shard completed: nothing to keep
+        if journal.get("fingerprint") != self.fingerprint:
+            self.close()
+            raise MergeError(f"the interrupted merge in {self.folder} was started with other "
+                             "inputs or options (or an input changed since): rerun it as it was, "
+                             "or use --force to start over")
+        self.shards = dict(journal.get("shards", {}))
+
+    def close(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the lock
+            self.lock_fd = None
+
+    # -- shards ---------------------------------------------------------------------------------
+
+    def shard_is_complete(self, name: str, size: int) -> bool:
+        """True for a shard the journal records and whose file still has that size and CRC."""
+        recorded = self.shards.get(name)
+        path = self.folder / name
+        if not recorded or recorded["size"] != size or not path.is_file() \
+                or path.stat().st_size != size:
+            return False
+        return crc_hex(file_crc32c(path)) == recorded["crc32c"]
+
+    def record_shard(self, name: str, size: int, crc: int, fsync: bool) -> None:
+        self.shards[name] = {"size": size, "crc32c": crc_hex(crc)}
+        self._write_manifest(fsync)
+
+    def _write_manifest(self, fsync: bool) -> None:
+        manifest = manifest_document(self.plan, __version__, self.fingerprint, self.shards)
+        staging = self.folder / (MANIFEST + ".new")
+        write_file(staging, (json.dumps(manifest, indent=2) + "\n").encode(), fsync)
+        os.replace(staging, self.folder / MANIFEST)
+
+    def discard_if_empty(self) -> bool:
+        """After a failure: remove the folder when no shard was completed (nothing to resume).
+        Returns True when it was removed."""
+        if self.shards:
+            return False
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return True
+
+    def release_lock_file(self) -> None:
+        """Remove the lock file before the folder becomes OUT (the lock itself stays held)."""
+        (self.folder / LOCK).unlink(missing_ok=True)
+
+
+# ---- shard files ----------------------------------------------------------------------------
+
+class ShardChecksum:
+    """CRC-32C of a shard file, built from the header and then each chunk in file order."""
+
+    def __init__(self, header: bytes):
+        self.native = cpu.native()
+        buffer = ctypes.create_string_buffer(header, len(header))
+        self.crc = self.native.crc32c(ctypes.addressof(buffer), len(header))
+
+    def add(self, crc: int, length: int) -> None:
+        self.crc = self.native.crc32c_combine(self.crc, crc, length)
+
+
+@dataclass
+class ShardFile:
+    """One open output file of a pass over a shard (a sweep writes several at once): what a
+    writer writes chunks into."""
+
+    fd: int
+    path: Path
+    checksum: ShardChecksum
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the shard's blocks now, so a full disk is found before computing, not midway."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise MergeError(f"{path}: disk full: cannot reserve {size:,} bytes") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate
+            raise
+        os.ftruncate(fd, size)
+
+
+def create_shard_file(path: Path, header: bytes, size: int) -> ShardFile:
+    """A new shard file of its final size with its header written (a resumed merge rewrites a
+    shard it had not finished)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _reserve(fd, size, path)
+        write_fully(fd, header, 0, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return ShardFile(fd, path, ShardChecksum(header))
+
+
+# ---- publishing -----------------------------------------------------------------------------
+
+def _write_side_files(folder: Path, plan) -> None:
+    fsync = plan.options.fsync
+    if len(plan.shards) > 1:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        write_file(folder / INDEX_FILE, index_json(weight_map, plan.tensor_bytes), fsync)
+    if plan.config is not None:
+        write_file(folder / CONFIG_FILE, json.dumps(plan.config, indent=2).encode() + b"\n", fsync)
+    for source in plan.tokenizer_files:
+        write_file(folder / source.name, source.read_bytes(), fsync)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
+    """Rename the finished folder to OUT.  A non-empty OUT (allowed by --force) is swapped with
+    the new folder in one atomic step, so at every instant OUT is either the old model or the new
+    one; the old one is deleted only afterwards."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and _exchange(tmp, out_dir):
+        if fsync:
+            fsync_dir(out_dir.parent)
+        shutil.rmtree(tmp)  # now holds the old model
+        return
+    old = None
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # no renameat2: two renames
+        old = out_dir.parent / f".{out_dir.name}.mergealign-replaced-{os.getpid()}"
+        os.rename(out_dir, old)
+    elif out_dir.is_dir():
+        out_dir.rmdir()
+    os.rename(tmp, out_dir)
+    if fsync:
+        fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish(partial: PartialOutput) -> None:
+    """Side files, then the partial folder becomes OUT."""
+    plan = partial.plan
+    _write_side_files(partial.folder, plan)
+    partial.release_lock_file()
+    if plan.options.fsync:
+        fsync_dir(partial.folder)
+    _move_into_place(partial.folder, plan.out_dir, plan.options.fsync)

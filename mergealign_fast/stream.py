@@ -1,0 +1,142 @@
+"""Input streaming: the memory-mapped input files, and any tensor's three inputs in windows.
+
+Every pass over input data goes through `tensor_chunks`: the merge's writers, the methods'
+statistics passes and `inspect`.  Each window asks the kernel to read the next one ahead, and its
+pages are released from this process once used (they stay in the page cache), so resident input
+memory stays at a few windows whatever the model size.  An input truncated or replaced while
+mapped is caught in the kernel (InputChanged) and by comparing file identities before a merge is
+published (`check_inputs_unchanged`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+from .dtypes import DType
+from .errors import MergeError
+from .io.checkpoint import Checkpoint, TensorLocation
+from .kernels import cpu
+
+# Output bytes per native call.  Between calls the window's input pages are released, so resident
+# input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
+# output a call lasts ~8 ms, so the Python loop and thread start-up (~0.1 ms) cost about 1%.
+WINDOW_BYTES = 32 << 20
+
+
+class InputChanged(MergeError):
+    """An input's pages vanished while the kernel read them (truncated while mapped)."""
+
+
+class InputMaps:
+    """Every file of the given checkpoints, memory-mapped once (a folder given twice shares
+    maps)."""
+
+    def __init__(self, checkpoints: Iterable[Checkpoint]):
+        self.checkpoints = list(checkpoints)
+        self.maps: Dict[Path, object] = {}
+        self._stack = ExitStack()
+        native = cpu.native()
+        for checkpoint in self.checkpoints:
+            for loc in checkpoint.tensors.values():
+                if loc.file not in self.maps:
+                    self.maps[loc.file] = self._open(native, loc.file)
+
+    def _open(self, native, path: Path):
+        try:
+            mapped = native.MappedFile(str(path))
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot map: {exc.strerror}") from None
+        self._stack.callback(mapped.close)
+        return mapped
+
+    def check_unchanged(self) -> None:
+        """Each input is still the file whose header was read (before any compute)."""
+        for checkpoint in self.checkpoints:
+            for loc in checkpoint.tensors.values():
+                if self.maps[loc.file].size < loc.entry.end:
+                    raise MergeError(f"{loc.file}: file shrank since its header was read "
+                                     f"(now {self.maps[loc.file].size} bytes)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [start, start+count) of one tensor: where its three inputs lie and, for a merge,
+    where its output goes."""
+
+    start: int
+    count: int
+    inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) x 3
+    dtypes: Tuple[DType, DType, DType]  # base, domain, aligned
+    file_offset: int  # of the chunk's first output byte in the shard (0 for read-only passes)
+
+    def addresses(self) -> Tuple[int, int, int]:
+        return tuple(mapped.address + offset for mapped, offset, _ in self.inputs)
+
+    def operands(self, out_dtype: Optional[DType] = None):
+        """The native Operands of this chunk (out_dtype: of a merge; None for statistics)."""
+        (b, d, a), (db, dd, da) = self.addresses(), self.dtypes
+        return cpu.native().Operands(b, int(db), d, int(dd), a, int(da), self.count,
+                                     int(out_dtype or DType.F32), self.start)
+
+    def release_inputs(self) -> None:
+        """Drop the chunk's input pages from this process (they stay in the page cache)."""
+        for mapped, offset, length in self.inputs:
+            mapped.release(offset, length)
+
+
+def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
+                  file_offset: int = 0, out_itemsize: int = 0) -> Iterator[Chunk]:
+    """The tensor whose inputs are `sources` (base, domain, aligned) in chunks of at most
+    max_elements; asks for read-ahead of each next chunk.  A merge gives where the tensor's
+    output starts in its shard and the output element size, to place each chunk's output."""
+    mapped = [maps.maps[loc.file] for loc in sources]
+    dtypes = tuple(DType[loc.entry.dtype] for loc in sources)
+    count = sources[0].entry.count
+    for start in range(0, count, max_elements):
+        n = min(max_elements, count - start)
+        inputs = tuple((m, loc.entry.begin + start * dtype.itemsize, n * dtype.itemsize)
+                       for m, loc, dtype in zip(mapped, sources, dtypes))
+        for m, offset, length in inputs:
+            m.prefetch(offset + length, length)
+        yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize)
+
+
+def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps) -> Iterator[Chunk]:
+    """The chunks of a read-only pass (statistics, inspect): windows of as many elements as a
+    window of fp32 output holds."""
+    return tensor_chunks(sources, maps, WINDOW_BYTES // 4)
+
+
+def input_identities(checkpoints: Iterable[Checkpoint]) -> Dict[Path, tuple]:
+    """(device, inode, size, mtime) of every input file: what 'unchanged' means."""
+    identities = {}
+    for checkpoint in checkpoints:
+        for path in checkpoint.files:
+            st = os.stat(path)
+            identities[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return identities
+
+
+def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:
+    """Refuse to publish a merge whose inputs were replaced, truncated or rewritten meanwhile:
+    its tensors could mix old and new data."""
+    for path, identity in before.items():
+        try:
+            now = os.stat(path)
+        except OSError:
+            raise MergeError(f"input {path} was removed during the merge") from None
+        if (now.st_dev, now.st_ino) != identity[:2]:
+            raise MergeError(f"input {path} was replaced during the merge")
+        if (now.st_size, now.st_mtime_ns) != identity[2:]:
+            raise MergeError(f"input {path} was modified during the merge "
+                             f"(size {identity[2]:,} -> {now.st_size:,} bytes)")

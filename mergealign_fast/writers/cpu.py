@@ -1,0 +1,49 @@
+"""The CPU writer: each chunk merged by the native kernel straight into the shard file(s)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Sequence
+
+from .. import stream
+from ..errors import MergeError
+from ..kernels import cpu
+from ..plan import PlannedTensor
+from ..stream import Chunk, InputChanged
+
+
+class CpuWriter:
+    """Writer (writers/__init__.py) computing in one native call per chunk: the kernel's threads
+    merge, checksum and pwrite the chunk and return when it is in the file(s)."""
+
+    def __init__(self, fsync: bool, threads: int):
+        self.fsync = fsync
+        self.threads = threads
+        self.native = cpu.native()
+
+    def chunk_elements(self, tensor: PlannedTensor) -> int:
+        return stream.WINDOW_BYTES // tensor.out_dtype.itemsize
+
+    def write(self, targets: Sequence, tensor: PlannedTensor, chunk: Chunk,
+              recipes: Sequence) -> None:
+        err, crcs = self.native.merge_to_files(
+            chunk.operands(tensor.out_dtype),
+            [(x.fd, chunk.file_offset, r) for x, r in zip(targets, recipes)], self.threads)
+        if err == errno.EFAULT:
+            raise InputChanged(f"an input of tensor {tensor.name} changed while it was being read")
+        if err:
+            paths = ", ".join(str(x.path) for x in targets)
+            raise MergeError(f"{paths}: writing tensor {tensor.name} failed: {os.strerror(err)}")
+        nbytes = chunk.count * tensor.out_dtype.itemsize
+        for target, crc in zip(targets, crcs):
+            target.checksum.add(crc, nbytes)
+            if self.fsync:  # flush as we go: the disk writes while the next window computes
+                self.native.start_writeback(target.fd, chunk.file_offset, nbytes)
+        chunk.release_inputs()
+
+    def drain(self) -> None:
+        """Nothing is pending on the CPU path: write() returns once the bytes are written."""
+
+    def close(self) -> None:
+        """The CPU writer holds nothing between calls."""
