@@ -8,11 +8,13 @@ float64 oracle, and prints time, throughput and peak memory.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from .engine import merge_checkpoints
+from .errors import MergeError
 from .oracle_check import check_against_oracle
 from .progress import human_bytes
 from .synthetic import LLAMA_DEMO, ensure_synthetic_trio
@@ -77,49 +79,16 @@ def run_demo(cache_dir: Optional[os.PathLike] = None, threads: Optional[int] = N
     return report.passed
 
 
-TRAINED_FOLDER = "miniature-v1"
-# Weights for the trained demo: MergeAlign's equal interpolation.
-TRAINED_WEIGHTS = (0.5, 0.5)
-
-
 def run_trained_demo(cache_dir: Optional[os.PathLike] = None, quiet: bool = False) -> bool:
-    """Train (once) the miniature base/expert/aligned trio, merge it, and show the expert's,
-    the aligned model's and the merged model's answers side by side."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        from .errors import MergeError
+    """`demo --trained`: the miniature MergeAlign experiment's demo (examples/miniature/demo.py).
+    It is research code, not installed with the package: it runs from a source checkout."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    if not (examples / "miniature" / "demo.py").is_file():
+        raise MergeError("demo --trained runs the miniature experiment of the source repository "
+                         "(examples/miniature), which is not installed with the package: clone "
+                         "the repository and install it with pip install -e '.[showcase]'")
+    if str(examples.parent) not in sys.path:
+        sys.path.insert(0, str(examples.parent))
+    from examples.miniature.demo import run
 
-        raise MergeError(f"demo --trained needs torch and transformers ({exc.name} is missing): "
-                         "pip install -e '.[showcase]'") from None
-    from .miniature.evaluate import evaluate, evaluation_sets, generate, load
-    from .miniature.train import train_trio
-    from .miniature.world import Clinic
-
-    root = Path(cache_dir or default_cache_dir()) / TRAINED_FOLDER
-    if not (root / "world.json").exists():
-        print(f"training the miniature trio in {root} (about 2 minutes, once) ...", flush=True)
-        train_trio(root, "default")
-    clinic = Clinic.load(root)
-    out = root / "merged"
-    result = merge_checkpoints(root / "base", root / "domain", root / "aligned", out, force=True,
-                               domain_weight=TRAINED_WEIGHTS[0], align_weight=TRAINED_WEIGHTS[1],
-                               progress=not quiet)
-    print(f"merged with w_d={TRAINED_WEIGHTS[0]}, w_a={TRAINED_WEIGHTS[1]} in "
-          f"{result.seconds:.2f} s -> {out}\n")
-    sets = evaluation_sets(clinic)
-    items = sets["domain"][:2] + sets["harmful"][:2] + sets["harmful"][-1:] + sets["benign"][:1]
-    prompts = [i.prompt for i in items]
-    answers = {role: generate(*load(folder), prompts) for role, folder in
-               (("expert", root / "domain"), ("aligned", root / "aligned"), ("merged", out))}
-    for n, item in enumerate(items):
-        print(item.prompt + (f"   (fact: {item.expected})" if item.expected else ""))
-        for role in answers:
-            print(f"    {role:8s} {answers[role][n].split('.')[0].strip()}")
-    print("\nheld-out scores: domain accuracy, refusal of harmful requests, over-refusal")
-    for role, folder in (("expert", root / "domain"), ("aligned", root / "aligned"),
-                         ("merged", out)):
-        print(f"    {role:8s} {evaluate(folder, clinic).row()}")
-    print("(the whole λ sweep and what it shows: benches/results/miniature.md)")
-    return True
+    return run(Path(cache_dir or default_cache_dir()), quiet)

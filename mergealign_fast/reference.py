@@ -151,15 +151,40 @@ def _combination(coefficients, arrays, divisor, exact=None, scale=None):
     return exact, scale
 
 
+def _slerp_ref(t: float, x: np.ndarray, y: np.ndarray):
+    """(c_x, c_y) with slerp from x (t = 0) to y (t = 1) = c_x·x + c_y·y, from the definition:
+    the angle between the normalised vectors, linear interpolation when they are (nearly)
+    collinear, a norm below the epsilon taken as 1 (mergekit's conventions)."""
+    norms = [float(np.sqrt(v @ v)) for v in (x, y)]
+    nx, ny = (n if n > methods.SLERP_NORM_EPS else 1.0 for n in norms)
+    cos = float(np.clip((x / nx) @ (y / ny), -1.0, 1.0))
+    if abs(cos) > methods.SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    angle = np.arccos(cos)
+    return np.sin((1.0 - t) * angle) / np.sin(angle), np.sin(t * angle) / np.sin(angle)
+
+
+def _chipalign_ref(t: float, d: np.ndarray, a: np.ndarray):
+    """(c_d, c_a) of ChipAlign from its definition: the geodesic between the unit-norm aligned
+    and domain tensors at t, rescaled by the geometric mean ‖aligned‖^(1-t)·‖domain‖^t; a tensor
+    without direction (zero norm) gives the linear blend."""
+    na, nd = float(np.sqrt(a @ a)), float(np.sqrt(d @ d))
+    if min(na, nd) <= methods.SLERP_NORM_EPS:
+        return t, 1.0 - t
+    c_unit_a, c_unit_d = _slerp_ref(t, a / na, d / nd)
+    magnitude = na ** (1.0 - t) * nd ** t
+    return magnitude * c_unit_d / nd, magnitude * c_unit_a / na
+
+
 def _geodesic_ref(s, b, d, a):
     if s.name == "slerp_vectors":
         td, ta = d - b, a - b
-        c_a, c_d = methods.slerp_coefficients(s.t, ta @ ta, td @ td, td @ ta)
+        c_a, c_d = _slerp_ref(s.t, ta, td)
         return b + c_d * td + c_a * ta, np.abs(b) + np.abs(c_d * td) + np.abs(c_a * ta)
     if s.name == "slerp":
-        c_a, c_d = methods.slerp_coefficients(s.t, a @ a, d @ d, d @ a)
+        c_a, c_d = _slerp_ref(s.t, a, d)
     else:
-        c_d, c_a = methods.chipalign_coefficients(s.t, d @ d, a @ a, d @ a)
+        c_d, c_a = _chipalign_ref(s.t, d, a)
     return _combination((0.0, c_d, c_a), (b, d, a), 1.0)
 
 

@@ -72,6 +72,7 @@ def test_env_lists_backends():
     assert "backend cpu    available" in proc.stdout and "code path" in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_merges_and_checks_the_built_in_example(tmp_path):
     proc = run_cli("demo", "--quiet", env={"MERGEALIGN_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -23,6 +23,7 @@ def chooser(draw):
     return choose
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_hostile_folders_end_in_a_clear_error_or_a_verified_merge(data):

@@ -154,6 +154,7 @@ def test_cli_without_a_gpu_fails_before_reading(tiny_trio, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_device_check_script_runs_on_the_cpu():
     """benches/gpu_check.py is what a lent GPU machine runs; its --smoke mode runs the same code
     on the CPU with tiny sizes, so a broken script is found here, not on the GPU's clock."""

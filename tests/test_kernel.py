@@ -189,8 +189,13 @@ def test_f32_to_bf16_bits_helper_matches_torch():
     assert np.all(np.isnan((got[nan].astype(np.uint32) << 16).view(np.float32)))
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "noncontig", "overlap"])
-def test_merge_tensors_rejects_bad_arguments(bad):
+@pytest.mark.parametrize("bad, error, message", [
+    ("shape", ValueError, r"shapes differ: .*\(4, 7\)"),
+    ("dtype", TypeError, r"torch tensors must be float32, float16 or bfloat16 \(got torch.int32\)"),
+    ("noncontig", ValueError, r"base must be contiguous"),
+    ("overlap", ValueError, r"out partially overlaps base"),
+])
+def test_merge_tensors_rejects_bad_arguments(bad, error, message):
     x = torch.zeros(4, 6)
     args = [x, x.clone(), x.clone()]
     kwargs = {}
@@ -203,7 +208,7 @@ def test_merge_tensors_rejects_bad_arguments(bad):
     else:
         storage = torch.zeros(30)
         args[0], kwargs["out"] = storage[:24].view(4, 6), storage[1:25].view(4, 6)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(error, match=message):
         merge_tensors(*args, **kwargs)
 
 

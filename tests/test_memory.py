@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mergealign_fast.dtypes import DType
 from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
@@ -30,6 +31,7 @@ for line in Path("/proc/self/status").read_text().splitlines():
 """
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_bounded(tmp_path):
     ensure_synthetic_trio(tmp_path, BIG_EMBEDDING, dtype=DType.BF16)
     input_bytes = 3 * BIG_EMBEDDING.parameters * 2

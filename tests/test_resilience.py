@@ -137,6 +137,7 @@ def kill_and_resume(trio, out: Path, reference: dict, kills: int, seed: int,
     return counts
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(medium_trio, reference, tmp_path):
     """The CI-sized run; benches/kill_harness.py runs the long one (counts in RESULTS.md)."""
     counts = kill_and_resume(medium_trio, tmp_path / "out", reference, kills=5, seed=1)

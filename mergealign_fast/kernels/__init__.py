@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 from ..errors import MergeError
-from . import cpu, cuda, torch_ref, triton_kernel
+from . import cpu, cuda, torch_ref, triton_backend
 from .buffer import Buffer
 
 KernelFn = Callable[[Buffer, Buffer, Buffer, Buffer, float, float, int], None]
@@ -22,7 +22,7 @@ KernelFn = Callable[[Buffer, Buffer, Buffer, Buffer, float, float, int], None]
 _BACKENDS = {
     "cpu": (cpu, "native C++ (threads, runtime SIMD dispatch)", ("cpu",)),
     "cuda": (cuda, "native CUDA C++ (static runtime)", ("cuda",)),
-    "triton": (triton_kernel, "Triton JIT (CPU tensors only under TRITON_INTERPRET=1)",
+    "triton": (triton_backend, "Triton JIT (CPU tensors only under TRITON_INTERPRET=1)",
                ("cuda", "cpu")),
     "torch": (torch_ref, "PyTorch fp32 reference (slow; for comparison)", ("cpu", "cuda")),
 }
@@ -47,7 +47,7 @@ def _reason(name: str, device: str):
     module, _, devices = _BACKENDS[name]
     if device not in devices:
         return f"it does not compute on {device} memory"
-    if name == "triton" and device == "cpu" and not triton_kernel.interpreting():
+    if name == "triton" and device == "cpu" and not triton_backend.interpreting():
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     reason = module.unavailable_reason()
     if reason is None and device == "cuda" and name != "cuda":

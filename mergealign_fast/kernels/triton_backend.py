@@ -48,7 +48,7 @@ def merge_tensors_triton(base, domain, aligned, out, w_domain: float, w_align: f
         return
     grid = (triton.cdiv(n, BLOCK),)
     options = {} if interpreting() else {"enable_fp_fusion": False}
-    from .triton_jit import _merge_kernel
+    from .triton_kernels import _merge_kernel
 
     _merge_kernel[grid](base.reshape(-1), domain.reshape(-1), aligned.reshape(-1), out.reshape(-1),
                     n, float(w_domain), float(w_align), BLOCK=BLOCK,

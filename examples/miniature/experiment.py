@@ -1,7 +1,7 @@
 """The MergeAlign experiment in miniature: train the trio, merge it across λ with
 mergealign-fast, evaluate every model the same way, and write a table and a trade-off plot.
 
-    python -m mergealign_fast.miniature.experiment RESULTS_DIR [--trio DIR] [--size default]
+    python -m examples.miniature.experiment RESULTS_DIR [--trio DIR] [--size default]
 
 Models evaluated: the base, the domain expert, the aligned model; MergeAlign with w_d = λ and
 w_a = 1 - λ for λ = 0, 0.1, ..., 1; expert + w_a * alignment vector (w_d = 1, weights summing
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List
 
-from ..engine import merge_checkpoints
-from ..methods import Method
+from mergealign_fast import merge_checkpoints
+from mergealign_fast import Method
 from .evaluate import Scores, evaluate
 from .world import Clinic
 

@@ -1,5 +1,6 @@
-"""The Triton JIT kernel itself.  Imported only on first use (triton.jit reads TRITON_INTERPRET
-when this module is imported); see triton_kernel.py for the launcher and the rules it mirrors."""
+"""The Triton kernels (@triton.jit).  Imported only on first launch (triton.jit reads
+TRITON_INTERPRET when this module is imported); triton_backend.py is the launcher and says which
+rules of csrc/merge_math.h they mirror."""
 
 import triton
 import triton.language as tl

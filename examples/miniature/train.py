@@ -1,7 +1,7 @@
 """Train the miniature trio: base, domain expert and aligned model, three real LlamaForCausalLM
 checkpoints with their own word-level tokenizer, on the CPU, with fixed seeds.
 
-    python -m mergealign_fast.miniature.train OUT [--size ci|default]
+    python -m examples.miniature.train OUT [--size ci|default]
 
 `default` (~0.85M parameters) takes about 1.5 minutes on 2 cores; `ci` takes seconds and exists so
 the tests can show the whole pipeline runs and produces models the engine merges.
