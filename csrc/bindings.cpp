@@ -156,7 +156,8 @@ PYBIND11_MODULE(_native, m) {
       py::arg("ops"), py::arg("prefix_domain"), py::arg("prefix_align"), py::arg("hist"),
       py::arg("threads"),
       "Adds the magnitude histograms of tau_d and tau_a to `hist` (a writable buffer of "
-      "2 x HISTOGRAM_BINS int64): prefix -1 counts the top 16 bits of |tau|, p >= 0 the low 16 bits of "
+      "2 x HISTOGRAM_BINS int64): prefix -1 counts the top 16 bits of |tau|, p >= 0 the low "
+      "16 bits of "
       "elements whose top bits are p, -2 skips that model.");
 
   m.def(
@@ -247,6 +248,8 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("divisor", &Recipe::divisor);
 
   m.attr("HISTOGRAM_BINS") = kHistogramBins;
+  m.attr("HISTOGRAM_HIGH_BITS") = kHighBits;
+  m.attr("HISTOGRAM_SKIP") = kSkip;
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 

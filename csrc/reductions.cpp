@@ -128,7 +128,9 @@ void histogram_range(const MergeOperands& ops, const int* prefix, int64_t begin,
     for (int m = 0; m < 2; ++m) {
       for (int w = 0; w < kWays; ++w) {
         uint32_t* from = &sub[(size_t(m) * kWays + w) * kHistogramBins];
-        for (int64_t bin = 0; bin < kHistogramBins; ++bin) hist[m * kHistogramBins + bin] += from[bin];
+        for (int64_t bin = 0; bin < kHistogramBins; ++bin) {
+          hist[m * kHistogramBins + bin] += from[bin];
+        }
         std::fill(from, from + kHistogramBins, 0u);
       }
     }

@@ -29,17 +29,18 @@ struct VectorStats {
 // last three): a pass computes only what its caller needs.
 int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorStats* out);
 
-// Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is int64[2][kHistogramBins],
-// row 0 for tau_d and row 1 for tau_a, and is added to (so windows of a tensor accumulate).
-// prefix[m] = kHighBits: count the top 16 bits of |tau|'s fp32 pattern; >= 0: count the low 16
-// bits of the elements whose top bits equal prefix[m]; kSkip: leave row m alone.
+// Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is
+// int64[2][kHistogramBins], row 0 for tau_d and row 1 for tau_a, and is added to (so windows of
+// a tensor accumulate).  prefix[m] = kHighBits: count the top 16 bits of |tau|'s fp32 pattern;
+// >= 0: count the low 16 bits of the elements whose top bits equal prefix[m]; kSkip: leave row m
+// alone.
 constexpr int kHighBits = -1;
 constexpr int kSkip = -2;
 int magnitude_histogram_cpu(const MergeOperands& ops, const int prefix[2], int64_t* hist,
                             int threads);
 
-// The bin holding the k-th largest value of a kHistogramBins-bin histogram, and how many values lie in
-// higher bins.  k >= 1; returns bin -1 when the histogram holds fewer than k values.
+// The bin holding the k-th largest value of a kHistogramBins-bin histogram, and how many values
+// lie in higher bins.  k >= 1; returns bin -1 when the histogram holds fewer than k values.
 struct Selection {
   int bin;
   int64_t above;

@@ -4,8 +4,8 @@
 
 `merge_tensors` merges in-memory arrays/tensors; `merge_checkpoints` merges Hugging Face model
 folders (its settings: `MergeOptions`); `sweep_checkpoints` writes one model per λ in one pass;
-`Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing this package loads neither
-numpy, torch nor any GPU runtime.
+`Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing
+this package loads neither numpy, torch nor any GPU runtime.
 """
 
 from ._version import __version__

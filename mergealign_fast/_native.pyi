@@ -1,6 +1,8 @@
 """Type stubs for the native extension built from csrc/ (see csrc/bindings.cpp)."""
 
 HISTOGRAM_BINS: int
+HISTOGRAM_HIGH_BITS: int
+HISTOGRAM_SKIP: int
 
 class Operands:
     def __init__(self, base: int, base_dtype: int, domain: int, domain_dtype: int, aligned: int,

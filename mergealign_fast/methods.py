@@ -48,9 +48,6 @@ KEEP_NONE_BITS = 0x80000000
 # last_tie_index that keeps every tie (INT64_MAX), and tie bits no |τ| has (skips a model).
 ALL_TIES = 2**63 - 1
 NO_TIE_BITS = 0xFFFFFFFF
-# magnitude_histogram's prefixes (csrc/reductions.h): count the top 16 bits of |τ|, or skip a
-# model; a prefix >= 0 counts the low 16 bits of the elements whose top bits equal it.
-HIGH_BITS, SKIP = -1, -2
 # Draws are 24-bit: keep_below = density · 2^24.
 DRAW_RANGE = 1 << 24
 # mergekit: norms below this leave a tensor unrescaled (rescaled_masked_tensor's eps) ...
@@ -366,10 +363,13 @@ class TensorPasses:
         key = ("threshold", k_domain, k_align)
         if key not in self._cache:
             ks = (k_domain, k_align)
-            high = self._histogram([HIGH_BITS if k else SKIP for k in ks])
+            # magnitude_histogram's prefixes: the top 16 bits of |τ|, then the low 16 bits of
+            # the elements in the selected top bin; SKIP leaves a model out.
+            high_bits, skip = self.native.HISTOGRAM_HIGH_BITS, self.native.HISTOGRAM_SKIP
+            high = self._histogram([high_bits if k else skip for k in ks])
             picks = [self.native.select_kth_largest(high, m, k) if k else (-1, 0)
                      for m, k in enumerate(ks)]
-            low = self._histogram([bin_ if bin_ >= 0 else SKIP for bin_, _ in picks])
+            low = self._histogram([bin_ if bin_ >= 0 else skip for bin_, _ in picks])
             found = [(0, ALL_TIES), (0, ALL_TIES)]
             ties_wanted = [0, 0]
             for m, (k, (bin_, above)) in enumerate(zip(ks, picks)):
@@ -405,7 +405,7 @@ class TensorPasses:
     def _histogram(self, prefixes) -> bytearray:
         """int64[2][HISTOGRAM_BINS] counts of |τ|'s bits (see magnitude_histogram)."""
         hist = bytearray(2 * self.native.HISTOGRAM_BINS * 8)
-        if all(p == SKIP for p in prefixes):
+        if all(p == self.native.HISTOGRAM_SKIP for p in prefixes):
             return hist
         self._each(lambda ops: self.native.magnitude_histogram(ops, prefixes[0], prefixes[1],
                                                                hist, self.threads))

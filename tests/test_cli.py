@@ -78,3 +78,14 @@ def test_demo_merges_and_checks_the_built_in_example(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "oracle   PASS" in proc.stdout and "peak RSS" in proc.stdout
     assert (tmp_path / "demo-llama-156m-v1" / "merged" / "model.safetensors").exists()
+
+
+def test_demo_trained_outside_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """The miniature experiment is research code in examples/, not installed with the package."""
+    from mergealign_fast import cli, demo
+
+    monkeypatch.setattr(demo, "__file__", str(tmp_path / "site-packages" / "pkg" / "demo.py"))
+    assert cli.main(["demo", "--trained", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "examples/miniature" in err[0] and "not installed" in err[0]
+    assert not (tmp_path / "cache").exists()

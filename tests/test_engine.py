@@ -210,3 +210,32 @@ def test_transformers_loads_the_merged_model(tiny_trio, tmp_path):
         assert param.view(torch.int16).numpy().view(np.uint16).ravel().tobytes() == raw.tobytes()
     logits = model(torch.tensor([[1, 5, 9]])).logits
     assert logits.shape == (1, 3, LLAMA_TINY.vocab) and torch.isfinite(logits).all()
+
+
+def test_options_by_keyword_or_as_one_object_give_the_same_model(tiny_trio, tmp_path):
+    from mergealign_fast import MergeOptions, Method
+
+    chosen = dict(domain_weight=0.7, align_weight=0.2, method=Method("ties", domain_density=0.5))
+    merge(tiny_trio, tmp_path / "keywords", **chosen)
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                      tmp_path / "object", options=MergeOptions(**chosen))
+    assert all_tensors_bytes(tmp_path / "keywords") == all_tensors_bytes(tmp_path / "object")
+    merge(tiny_trio, tmp_path / "default")
+    assert all_tensors_bytes(tmp_path / "default") != all_tensors_bytes(tmp_path / "object")
+
+
+def test_an_unknown_option_is_named_before_anything_is_read(tiny_trio, tmp_path):
+    with pytest.raises(TypeError, match="domain_wieght"):
+        merge(tiny_trio, tmp_path / "out", domain_wieght=0.7)
+    assert leftovers(tmp_path) == []
+
+
+def test_both_writers_follow_the_writer_protocol():
+    from mergealign_fast.writers import Writer
+    from mergealign_fast.writers.cpu import CpuWriter
+    from mergealign_fast.writers.gpu import GpuWriter
+
+    for writer in (CpuWriter, GpuWriter):
+        assert all(callable(getattr(writer, name, None))
+                   for name in ("chunk_elements", "write", "drain", "close"))
+    assert isinstance(CpuWriter(fsync=False, threads=1), Writer)

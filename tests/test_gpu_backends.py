@@ -201,11 +201,12 @@ def test_cuda_bindings_take_the_native_operand_and_recipe_types():
     from mergealign_fast.kernels import cpu
 
     native = cpu.native()
-    empty = native.Operands(0, 2, 0, 2, 0, 2, 0, 2)
+    bf16 = int(DType.BF16)
+    empty = native.Operands(0, bf16, 0, bf16, 0, bf16, 0, bf16)
     assert _cuda.merge_recipe(empty, 0, native.Recipe(), 0) == 0
     assert _cuda.merge(empty, 0, 0.5, 0.5, 0) == 0
     with pytest.raises(TypeError):
-        _cuda.merge(0, 2, 0, 2, 0, 2, 0, 2, 0, 0.5, 0.5, 0)  # the old spelled-out arguments
+        _cuda.merge(0, bf16, 0, bf16, 0, bf16, 0, bf16, 0, 0.5, 0.5, 0)  # no spelled-out args
 
 
 def test_a_method_on_the_gpu_with_a_task_arithmetic_only_backend_is_refused(tiny_trio,

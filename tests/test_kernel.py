@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from mergealign_fast import merge_tensors
-from mergealign_fast.dtypes import DType, storage_numpy_dtype
-from mergealign_fast.dtypes import f32_to_bf16_bits
+from mergealign_fast.dtypes import DType, f32_to_bf16_bits, storage_numpy_dtype
 from mergealign_fast.reference import merge_error_bound, merge_ref, spacing
 
 from conftest import as_f64, random_values
@@ -270,3 +269,25 @@ def test_f16c_and_portable_half_paths_give_identical_bits():
 
     with np.errstate(all="ignore"):
         assert digest({}) == digest({"MERGEALIGN_NO_F16C": "1"})
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 3, 0, 0, 0, 0, 4), "unknown dtype code 3"),
+    ((0, 0, 0, 0, 0, 0, 4, -1), "unknown dtype code -1"),
+    ((0, 0, 0, 0, 0, 0, -4), "negative element count"),
+    ((0, 0, 0, 0, 0, 0, 4, 0, -1), "negative first index"),
+])
+def test_native_operands_are_checked_where_python_builds_them(args, message):
+    """Every native pass takes one Operands object; its values are checked once, there."""
+    from mergealign_fast.kernels import cpu
+
+    with pytest.raises(ValueError, match=message):
+        cpu.native().Operands(*args)
+
+
+def test_native_operands_keep_what_they_were_given():
+    from mergealign_fast.kernels import cpu
+
+    ops = cpu.native().Operands(16, int(DType.BF16), 32, int(DType.F16), 48, int(DType.F32), 7,
+                                int(DType.F16), 2**40)
+    assert (ops.count, ops.out_dtype, ops.first_index) == (7, int(DType.F16), 2**40)

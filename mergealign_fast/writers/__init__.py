@@ -9,13 +9,14 @@ call; `GpuWriter` streams chunks through a GPU within a device-memory budget.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 from ..kernels.cpu import default_threads
 from ..plan import MergePlan, PlannedTensor
 from ..stream import Chunk
 
 
+@runtime_checkable
 class Writer(Protocol):
     def chunk_elements(self, tensor: PlannedTensor) -> int:
         """Most elements of `tensor` one chunk may hold."""
