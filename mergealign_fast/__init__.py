@@ -6,25 +6,34 @@
 folders (its settings: `MergeOptions`); `sweep_checkpoints` writes one model per λ in one pass;
 `Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing
 this package loads neither numpy, torch nor any GPU runtime.
+
+The names below are loaded on first use: the command line (entry.py) starts with nothing
+imported, so even a Ctrl-C or SIGTERM in its first moments ends with a message, not a traceback.
 """
 
+from importlib import import_module
+
 from ._version import __version__
-from .dtypes import DType
-from .engine import MergeResult, merge_checkpoints
-from .errors import MergeError, PlanError
-from .methods import Method
-from .plan import MergeOptions
-from .sweep import sweep_checkpoints
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "DType": "dtypes", "MergeError": "errors", "PlanError": "errors",
+    "MergeOptions": "plan", "MergeResult": "engine", "merge_checkpoints": "engine",
+    "Method": "methods", "sweep_checkpoints": "sweep",
+    "merge_tensors": "tensors",  # pulls in numpy; the merge command does not need it
+}
 
 
 def __getattr__(name):
-    # merge_tensors pulls in numpy; the merge command does not need it (see dtypes.py).
-    if name == "merge_tensors":
-        from .tensors import merge_tensors
-
-        return merge_tensors
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'mergealign_fast' has no attribute {name!r}")
 
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = ["DType", "MergeError", "MergeOptions", "MergeResult", "Method", "PlanError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import signal
 import sys
@@ -18,37 +19,46 @@ from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
-from .output import partial_dir_for
+from .entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge
 from .progress import human_bytes
 from .sweep import parse_lambdas, sweep_checkpoints
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+
+
+THREADS_HELP = "worker threads (default: every CPU this process may use)"
+QUIET_HELP = "no progress bar"
+
+
+def _add_writing_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that writes a model: merge, sweep, run."""
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder "
+                   "(only once the new model is complete); discard an interrupted merge's "
+                   "partial output")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted merge into the "
+                   "same output, keeping the shards it completed (checked by CRC-32C); on an "
+                   "output this merge already completed, verify it and exit 0")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="skip fsync of the output (faster; not durable across power loss)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """Options shared by merge and sweep."""
-
     p.add_argument("base", help="base model folder (Hugging Face layout)")
     p.add_argument("domain", help="domain-expert model folder, fine-tuned from base")
     p.add_argument("aligned", help="aligned/instruct model folder, fine-tuned from base")
     p.add_argument("--dtype", default=None, metavar="{bf16,fp16,fp32}",
                    help="output dtype (default: each tensor keeps the base model's dtype)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--tokenizer-from", default="aligned", choices=[*ROLES, "none"],
                    help="model whose tokenizer, generation and chat-template files (and "
                         "config.json) the output gets (default aligned)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder "
-                   "(only once the new model is complete); discard an interrupted merge's "
-                   "partial output")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted merge into the "
-                   "same output, keeping the shards it completed (checked by CRC-32C)")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
-    p.add_argument("--no-fsync", dest="fsync", action="store_false",
-                   help="skip fsync of the output (faster; not durable across power loss)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_writing_args(p)
     _add_method_args(p)
 
 
@@ -66,7 +76,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                        help="task_arithmetic/ties/dare: scale of the combined vector (default 1)")
     group.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                        help="divide by the summed weights (default: on for linear and ties)")
-    group.add_argument("--no-normalize", dest="normalize", action="store_false")
+    group.add_argument("--no-normalize", dest="normalize", action="store_false",
+                       help="do not divide by the summed weights")
     group.add_argument("--rescale", choices=RESCALES, default=None,
                        help="after dropping: l1 (default for dare, mergekit's), inverse_density "
                             "(1/p, default for resta) or none (default for ties)")
@@ -155,17 +166,12 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="mergekit YAML file; model paths are local folders, "
                      "relative to the current directory (as mergekit-yaml reads them)")
     run.add_argument("out", help="output folder (created; see --force)")
-    run.add_argument("--max-shard-size", default="5GB", metavar="SIZE")
-    run.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    run.add_argument("--resume", action="store_true", help="finish an interrupted run")
-    run.add_argument("--threads", type=int, default=None)
-    run.add_argument("--no-fsync", dest="fsync", action="store_false")
-    run.add_argument("--quiet", action="store_true")
+    _add_writing_args(run)
     demo = sub.add_parser("demo", help="build a ~156M-parameter Llama trio, merge it, check it")
     demo.add_argument("--cache-dir", default=None, help="where the demo models live "
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
-    demo.add_argument("--threads", type=int, default=None)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    demo.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     demo.add_argument("--trained", action="store_true", help="the miniature MergeAlign "
                       "experiment instead: train a tiny Llama base/expert/aligned trio (once, "
                       "~2 min), merge it and compare answers (needs the showcase extra)")
@@ -175,9 +181,12 @@ def _build_parser() -> argparse.ArgumentParser:
         inspect.add_argument(role, help=f"{role} model folder")
     inspect.add_argument("-o", "--out", default="mergealign-inspect",
                          help="folder for vectors.json, tensors.csv, layers.csv, layers.png")
-    inspect.add_argument("--domain-weight", type=float, default=0.5)
-    inspect.add_argument("--align-weight", type=float, default=0.5)
-    inspect.add_argument("--threads", type=int, default=None)
+    inspect.add_argument("--domain-weight", type=float, default=0.5,
+                         help="w_d of the merge whose distances to the parents are reported "
+                              "(default 0.5)")
+    inspect.add_argument("--align-weight", type=float, default=0.5,
+                         help="w_a of that merge (default 0.5)")
+    inspect.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     verify = sub.add_parser("verify", help="check a merged folder against its manifest")
     verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
@@ -197,6 +206,10 @@ def _out_dtype(args: argparse.Namespace) -> Optional[dtypes.DType]:
 
 
 def _print_result(result: MergeResult) -> None:
+    if result.already_complete:
+        print(f"{result.out_dir} is already complete: {result.tensors} tensors in "
+              f"{result.shards} shard(s), verified against its manifest; nothing to do")
+        return
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
           f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "
           f"({result.gb_per_s:.1f} GB/s read+write)")
@@ -256,8 +269,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise MergeError(str(exc)) from None
     for line in summary(inspection):
         print(line)
-    for path in write_reports(inspection, Path(args.out)):
+    written = write_reports(inspection, Path(args.out))
+    for path in written:
         print(f"wrote {path}")
+    if not any(path.suffix == ".png" for path in written):
+        print("mergealign-fast: note: layers.png not written: matplotlib is not installed "
+              "(pip install matplotlib)", file=sys.stderr)
     return 0
 
 
@@ -283,14 +300,29 @@ def _run_env() -> int:
     return 0
 
 
-def _interrupted_message(args: argparse.Namespace) -> str:
-    text = "\nmergealign-fast: interrupted; the output folder was not created or changed"
-    if args.command == "merge":
-        partial = partial_dir_for(Path(args.out))
-        if partial.exists():
-            text += (f"; completed shards are kept in {partial}: rerun the same command with "
-                     "--resume to finish")
+def _kept_partials(args: argparse.Namespace) -> List[Path]:
+    """The partial folders an interrupted merge, run or sweep left behind."""
+    if args.command in ("merge", "run"):
+        return [p for p in [partial_dir_for(args.out)] if p.exists()]
+    if args.command == "sweep":
+        return sorted(resolve_out_dir(args.out).glob(f".lambda-*{PARTIAL_SUFFIX}"))
+    return []
+
+
+def _interrupted_message(args: argparse.Namespace, how: str) -> str:
+    text = f"\nmergealign-fast: {how}; no output folder was created or changed"
+    kept = _kept_partials(args)
+    if kept:
+        text += (f"; completed shards are kept in {', '.join(map(str, kept))}: rerun the same "
+                 "command with --resume to finish")
     return text
+
+
+def _quiet_stdout() -> None:
+    """stdout went away (a closed pipe): the work is done, so the summary is simply dropped."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -320,9 +352,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for line in str(exc).splitlines():
             print(f"mergealign-fast: error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(_interrupted_message(args), file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(_interrupted_message(args, "terminated" if terminated else "interrupted"),
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mergealign-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)

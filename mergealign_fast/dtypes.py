@@ -68,6 +68,26 @@ def from_safetensors(name: str) -> DType | None:
     return DType[name] if name in DType.__members__ else None
 
 
+def as_dtype(value: Any) -> DType:
+    """A DType from what a user may pass: a DType, a name ('bf16', 'float16', ...), a torch dtype
+    or a numpy dtype; ValueError naming the choices otherwise."""
+    if isinstance(value, DType):
+        return value
+    if isinstance(value, str):
+        return parse_dtype(value)
+    module = type(value).__module__
+    try:
+        if module.startswith("torch"):
+            return from_torch(value)
+        if module.startswith("numpy") or hasattr(value, "dtype"):
+            import numpy as np
+
+            return from_numpy(np.dtype(value))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    raise ValueError(f"unknown dtype {value!r}: choose bf16, fp16 or fp32")
+
+
 def from_numpy(dtype: Any) -> DType:
     """float32, float16, and bf16 as either ml_dtypes' bfloat16 or raw uint16 bit patterns
     (numpy has no bf16 of its own; uint16 is never a weight dtype, so it is unambiguous)."""

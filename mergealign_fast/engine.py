@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Union
 
 from .errors import MergeError
 from .kernels import cpu
+from .manifest import verify_output
 from .methods import TensorPasses, tensor_recipe
 from .output import PartialOutput, ShardFile, create_shard_file, publish
 from .kernels.cpu import default_threads
@@ -42,6 +43,8 @@ class MergeResult:
     output_bytes: int
     tensors: int
     shards: int
+    # --resume found OUT complete from the same merge and verified it; nothing was computed.
+    already_complete: bool = False
 
     @property
     def gb_per_s(self) -> float:
@@ -155,7 +158,25 @@ def execute_many(plans: Sequence[MergePlan], show_progress: bool = False,
     """Run plans that differ only in their weights and output folders in one pass over the
     inputs: each chunk is read once and merged once per plan (a λ sweep).  One plan is a plain
     merge.  Each output keeps every guarantee of a single merge (its own partial folder, lock,
-    journal, manifest and atomic rename)."""
+    journal, manifest and atomic rename).  A plan whose OUT --resume found complete is verified
+    instead of merged again."""
+    todo = [plan for plan in plans if not plan.complete]
+    merged = iter(_execute(todo, show_progress, writer) if todo else [])
+    return [_verified_complete(plan) if plan.complete else next(merged) for plan in plans]
+
+
+def _verified_complete(plan: MergePlan) -> MergeResult:
+    started = time.perf_counter()
+    problems = verify_output(plan.out_dir)
+    if problems:
+        raise MergeError(f"{plan.out_dir} holds this merge but fails verification "
+                         f"({problems[0]}): rerun with --force to merge it again")
+    return MergeResult(plan.out_dir, time.perf_counter() - started, 0, plan.output_bytes,
+                       plan.tensor_count, len(plan.shards), already_complete=True)
+
+
+def _execute(plans: Sequence[MergePlan], show_progress: bool,
+             writer: Optional[Writer]) -> List[MergeResult]:
     started = time.perf_counter()
     _same_layout(plans)
     partials: List[PartialOutput] = []

@@ -40,7 +40,8 @@ class Sums:
         for name in ("count", "domain_sq", "align_sq", "dot", "conflicts", "both_nonzero"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def report(self, w_domain: float, w_align: float) -> Dict[str, float]:
+    def report(self, w_domain: float, w_align: float) -> Dict[str, Optional[float]]:
+        """The statistics; the cosine is None (undefined) when a task vector is zero."""
         norms = math.sqrt(self.domain_sq) * math.sqrt(self.align_sq)
         to_domain = ((w_domain - 1) ** 2 * self.domain_sq + w_align ** 2 * self.align_sq
                      + 2 * (w_domain - 1) * w_align * self.dot)
@@ -50,7 +51,7 @@ class Sums:
             "elements": self.count,
             "norm_domain": math.sqrt(self.domain_sq),
             "norm_align": math.sqrt(self.align_sq),
-            "cosine": self.dot / norms if norms > 0 else 0.0,
+            "cosine": self.dot / norms if norms > 0 else None,
             "sign_conflict_fraction": self.conflicts / self.count if self.count else 0.0,
             "conflicts_among_both_changed": (self.conflicts / self.both_nonzero
                                              if self.both_nonzero else 0.0),
@@ -155,7 +156,8 @@ def _plot_layers(layers: Dict[str, Dict[str, float]], path: Path) -> bool:
     top.plot(names, [layers[n]["norm_align"] for n in names], "s-", label="‖τ_aligned‖")
     top.set_ylabel("norm")
     top.legend(fontsize=8)
-    bottom.plot(names, [layers[n]["cosine"] for n in names], "o-", label="cos(τ_d, τ_a)")
+    cosines = [math.nan if layers[n]["cosine"] is None else layers[n]["cosine"] for n in names]
+    bottom.plot(names, cosines, "o-", label="cos(τ_d, τ_a)")
     bottom.plot(names, [layers[n]["sign_conflict_fraction"] for n in names], "s-",
                 label="sign-conflict fraction")
     bottom.set_ylabel("fraction / cosine")
@@ -176,7 +178,8 @@ def summary(inspection: Inspection) -> List[str]:
     return [
         f"{len(inspection.tensors)} tensors, {model['elements']:,} elements",
         f"‖τ_domain‖ = {model['norm_domain']:.4g}   ‖τ_aligned‖ = {model['norm_align']:.4g}   "
-        f"cos = {model['cosine']:.4f}",
+        "cos = " + ("undefined (a task vector is zero)" if model["cosine"] is None
+                    else f"{model['cosine']:.4f}"),
         f"signs conflict on {model['sign_conflict_fraction']:.1%} of elements "
         f"({model['conflicts_among_both_changed']:.1%} of those both fine-tunes changed)",
         f"merged (w_d={inspection.w_domain}, w_a={inspection.w_align}): "

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .errors import MergeError
 from .io.checkpoint import open_checkpoint
@@ -65,32 +65,71 @@ def method_parameters(method) -> dict:
     return described
 
 
+_IDENTITY_FIELDS = ("device", "inode", "size", "mtime_ns", "ctime_ns")
+# The options a manifest records, whose change makes another merge.
+_OPTION_FIELDS = ("method", "method_parameters", "domain_weight", "align_weight", "out_dtype",
+                  "max_shard_size")
+
+
 def describe_inputs(plan) -> Dict[str, dict]:
-    """What the manifest says about each input model: its folder and files with size and mtime."""
+    """What the manifest says about each input model: its folder, and each file's identity
+    (stream.file_identity: device, inode, size, mtime, ctime)."""
     described = {}
     for role, checkpoint in plan.inputs.items():
-        stats = {f: f.stat() for f in checkpoint.files}
-        files = {f.name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-                 for f, st in stats.items()}
+        identities = input_identities([checkpoint])
+        files = {f.name: dict(zip(_IDENTITY_FIELDS, identities[f])) for f in checkpoint.files}
         described[role] = {"folder": str(checkpoint.folder.resolve()), "files": files}
     return described
 
 
-def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, dict]) -> dict:
+def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, dict],
+                      side_files: Optional[Dict[str, dict]] = None) -> dict:
     o = plan.options
     return {
         "format": FORMAT, "tool": f"mergealign-fast {version}",
         "method": o.method.name, "method_parameters": method_parameters(o.method),
         "domain_weight": o.domain_weight, "align_weight": o.align_weight,
         "out_dtype": o.out_dtype.short_name if o.out_dtype is not None else "base",
+        "max_shard_size": o.max_shard_size,
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),
+        "files": dict(sorted((side_files or {}).items())),
     }
+
+
+def merge_differences(recorded: dict, plan) -> List[str]:
+    """How the merge a manifest (or journal) records differs from `plan`, one line each: which
+    input file changed and how, which option has another value."""
+    now = manifest_document(plan, "", "", {})
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa
+    lines = []
+    for role, then in recorded.get("inputs", {}).items():
+        current = now["inputs"].get(role, {})
+        if then.get("folder") != current.get("folder"):
+            lines.append(f"input {role}: was {then.get('folder')}, now {current.get('folder')}")
+            continue
+        files_then, files_now = then.get("files", {}), current.get("files", {})
+        for name in sorted(set(files_then) | set(files_now)):
+            a, b = files_then.get(name), files_now.get(name)
+            if a is None or b is None:
+                lines.append(f"input {role}: {name} was {'added' if a is None else 'removed'}")
+            elif not same(a, b):
+                changed = ", ".join(k for k in _IDENTITY_FIELDS if a.get(k) != b.get(k))
+                lines.append(f"input {role}: {current['folder']}/{name} changed since then "
+                             f"({changed})")
+    for key in _OPTION_FIELDS:
+        if not same(recorded.get(key), now[key]):
+            lines.append(f"option {key}: {recorded.get(key)!r} then, {now[key]!r} now")
+    return lines or ["the output layout differs (another dtype or shard size)"]
 
 
 def verify_output(out_dir: Path) -> List[str]:
     """Problems with a merged folder, checked against its manifest; [] when all is well."""
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return [f"{out_dir}: does not exist"]
+    if not out_dir.is_dir():
+        return [f"{out_dir}: not a directory (give the merged model's folder)"]
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except OSError:
@@ -108,12 +147,13 @@ def verify_output(out_dir: Path) -> List[str]:
                             f"records {sorted(manifest['shards'])}")
     except MergeError as exc:
         problems.append(str(exc))
-    for name, recorded in sorted(manifest.get("shards", {}).items()):
-        problems += _shard_problems(out_dir / name, recorded)
+    for name, recorded in sorted({**manifest.get("shards", {}),
+                                  **manifest.get("files", {})}.items()):
+        problems += _file_problems(out_dir / name, recorded)
     return problems
 
 
-def _shard_problems(path: Path, recorded: dict) -> List[str]:
+def _file_problems(path: Path, recorded: dict) -> List[str]:
     if not path.is_file():
         return [f"{path}: missing"]
     size = path.stat().st_size

@@ -21,6 +21,7 @@ Models map onto the engine's three roles (base, domain, aligned):
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,9 @@ class _Reader:
     def config(self) -> RunConfig:
         self._check_keys()
         name = self.raw.get("merge_method")
-        if name not in METHODS:
+        if name is None:
+            self.problem(f"merge_method is missing (one of: {', '.join(METHODS)})")
+        elif name not in METHODS:
             self.problem(f"merge_method {name!r} is not supported (supported: "
                          f"{', '.join(METHODS)})")
         models = self._models()
@@ -113,12 +116,21 @@ class _Reader:
                          Method(name, rules=tuple(rules)), out_dtype, tokenizer_from)
 
     def _check_keys(self) -> None:
-        for key in self.raw:
+        """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
+        that is absent is read as that key, so its other problems are still found and its
+        absence is not reported as well."""
+        for key in list(self.raw):
             if key in UNSUPPORTED_TOP_LEVEL:
                 self.problem(f"`{key}` ({UNSUPPORTED_TOP_LEVEL[key]}) is not supported")
             elif key not in TOP_LEVEL_KEYS:
-                self.problem(f"unknown key `{key}` (supported: "
-                             f"{', '.join(sorted(TOP_LEVEL_KEYS))})")
+                missing = [k for k in TOP_LEVEL_KEYS if k not in self.raw]
+                close = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.75)
+                if close:
+                    self.problem(f"unknown key `{key}`: did you mean `{close[0]}`?")
+                    self.raw[close[0]] = self.raw[key]
+                else:
+                    self.problem(f"unknown key `{key}` (supported: "
+                                 f"{', '.join(sorted(TOP_LEVEL_KEYS))})")
 
     def _reference(self, value, where: str) -> Optional[Path]:
         if not isinstance(value, str) or not value:

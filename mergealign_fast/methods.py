@@ -90,12 +90,23 @@ METHODS: Dict[str, MethodInfo] = {
 
 
 
+# The largest finite float32: the kernels compute in fp32, so a coefficient beyond it would be
+# infinite there (a weight of 1e39 made an all-inf model).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def is_fp32_finite(value) -> bool:
+    """A real number (not bool) that stays finite when rounded to float32."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+
+
 def check_weights(w_domain: float, w_align: float) -> None:
-    """ValueError unless both weights are finite real numbers."""
+    """ValueError unless both weights are finite real numbers, finite in float32 too."""
     for label, value in (("domain weight", w_domain), ("align weight", w_align)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value):
-            raise ValueError(f"{label} must be a finite real number (got {value!r})")
+        if not is_fp32_finite(value):
+            raise ValueError(f"{label} must be a finite real number, within float32's range "
+                             f"(|w| <= 3.4e38; got {value!r})")
 
 
 def _is_plain_task_arithmetic(name: str, lambda_: float, normalize: Optional[bool]) -> bool:
@@ -144,6 +155,19 @@ class Method:
         return not self.rules and _is_plain_task_arithmetic(self.name, self.lambda_,
                                                             self.normalize)
 
+    def _unused_parameter_problems(self) -> List[str]:
+        """A parameter set away from its default that the method does not take is a mistake
+        (the command line refuses its flag the same way)."""
+        defaults = Method(self.name)
+        accepted = self.info.parameters
+        problems = [f"{self.name}: {f} does not apply to {self.name} (it takes: "
+                    f"{', '.join(accepted) or 'nothing'})"
+                    for f, parameter in _FIELD_PARAMETERS.items()
+                    if getattr(self, f) != getattr(defaults, f) and parameter not in accepted]
+        if self.base_weight != 0.0 and self.name != "linear":
+            problems.append(f"{self.name}: base_weight applies to linear only")
+        return problems
+
     def problems(self) -> List[str]:
         """Everything wrong with the parameters, one line each (checked before any tensor)."""
         if self.name not in METHODS:
@@ -158,11 +182,19 @@ class Method:
                             f"{', '.join(RESCALES)}")
         for label, value in (("lambda", self.lambda_), ("t", self.t),
                              ("base weight", self.base_weight)):
-            if not math.isfinite(value):
-                problems.append(f"{self.name}: {label} must be finite (got {value})")
+            if not is_fp32_finite(value):
+                problems.append(f"{self.name}: {label} must be finite, within float32's range "
+                                f"(got {value!r})")
+        problems += self._unused_parameter_problems()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"{self.name}: seed must be a non-negative integer (got {self.seed})")
         return problems
+
+
+# Method field -> the parameter it sets (MethodInfo.parameters names what a method takes).
+_FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
+                     "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",
+                     "seed": "seed", "t": "t"}
 
 
 @dataclass(frozen=True)

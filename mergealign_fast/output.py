@@ -27,14 +27,44 @@ from ._version import __version__
 from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
 from .kernels import cpu
-from .manifest import MANIFEST, crc_hex, file_crc32c, manifest_document, plan_fingerprint
+from .manifest import (MANIFEST, crc_hex, file_crc32c, manifest_document, merge_differences,
+                       plan_fingerprint)
 
 LOCK = ".lock"
 PARTIAL_SUFFIX = ".mergealign-partial"
 
 
+def resolve_out_dir(out_dir) -> Path:
+    """OUT as the merge writes it: absolute, with '.', '..' and symbolic links resolved.  The
+    partial folder is made beside the folder the path names in the end (a link's target), on its
+    file system, so the final rename never crosses file systems."""
+    return Path(os.path.realpath(out_dir))
+
+
 def partial_dir_for(out_dir: Path) -> Path:
+    out_dir = resolve_out_dir(out_dir)
     return out_dir.parent / f".{out_dir.name}{PARTIAL_SUFFIX}"
+
+
+def out_dir_problems(given, out: Path) -> List[str]:
+    """Forms of OUT a merge cannot publish to, found before any compute.  `out` is
+    resolve_out_dir(given); messages name what the user typed."""
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        return [f"output {given} is the current directory or holds it: a merge replaces its "
+                "output folder as a whole once complete, which would pull it from under this "
+                "shell; name a new folder (e.g. -o merged) or run from elsewhere"]
+    if out.parent == out:
+        return [f"output {given} is the root of the file system: name a folder"]
+    if out.is_dir() and os.path.ismount(out):
+        return [f"output {given} is a mount point: a merge is written beside its output folder "
+                f"and renamed into place, which a mount point does not allow; write to a folder "
+                f"inside it (e.g. -o {Path(given) / 'merged'})"]
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return [f"output {given}: cannot create files in {parent} (permission denied); the "
+                "merge writes a hidden folder beside its output"]
+    return []
 
 
 def write_fully(fd: int, data, offset: int, path: Path) -> None:
@@ -73,6 +103,7 @@ class PartialOutput:
         self.fingerprint = plan_fingerprint(plan)
         self.lock_fd: Optional[int] = None
         self.shards: Dict[str, dict] = {}
+        self.side_files: Dict[str, dict] = {}  # recorded once every shard is complete
 
     # -- opening: lock, then decide between fresh start, resume and refusal --------------------
 
@@ -106,9 +137,10 @@ class PartialOutput:
             return  # killed before the first shard completed: nothing to keep
         if journal.get("fingerprint") != self.fingerprint:
             self.close()
+            changes = "; ".join(merge_differences(journal, self.plan))
             raise MergeError(f"the interrupted merge in {self.folder} was started with other "
-                             "inputs or options (or an input changed since): rerun it as it was, "
-                             "or use --force to start over")
+                             f"inputs or options ({changes}): rerun it as it was, or use --force "
+                             "to start over")
         self.shards = dict(journal.get("shards", {}))
 
     def close(self) -> None:
@@ -131,8 +163,13 @@ class PartialOutput:
         self.shards[name] = {"size": size, "crc32c": crc_hex(crc)}
         self._write_manifest(fsync)
 
+    def record_side_files(self, files: Dict[str, dict], fsync: bool) -> None:
+        self.side_files = files
+        self._write_manifest(fsync)
+
     def _write_manifest(self, fsync: bool) -> None:
-        manifest = manifest_document(self.plan, __version__, self.fingerprint, self.shards)
+        manifest = manifest_document(self.plan, __version__, self.fingerprint, self.shards,
+                                     self.side_files)
         staging = self.folder / (MANIFEST + ".new")
         write_file(staging, (json.dumps(manifest, indent=2) + "\n").encode(), fsync)
         os.replace(staging, self.folder / MANIFEST)
@@ -202,15 +239,30 @@ def create_shard_file(path: Path, header: bytes, size: int) -> ShardFile:
 
 # ---- publishing -----------------------------------------------------------------------------
 
-def _write_side_files(folder: Path, plan) -> None:
-    fsync = plan.options.fsync
+def _side_files(plan) -> Dict[str, bytes]:
+    """name -> content of every file of OUT besides the shards and the manifest."""
+    files = {}
     if len(plan.shards) > 1:
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-        write_file(folder / INDEX_FILE, index_json(weight_map, plan.tensor_bytes), fsync)
+        files[INDEX_FILE] = index_json(weight_map, plan.tensor_bytes)
     if plan.config is not None:
-        write_file(folder / CONFIG_FILE, json.dumps(plan.config, indent=2).encode() + b"\n", fsync)
-    for source in plan.tokenizer_files:
-        write_file(folder / source.name, source.read_bytes(), fsync)
+        files[CONFIG_FILE] = json.dumps(plan.config, indent=2).encode() + b"\n"
+    for source in plan.copied_files:
+        files[source.name] = source.read_bytes()
+    return files
+
+
+def _write_side_files(partial: "PartialOutput") -> None:
+    """The side files, each recorded in the manifest with its size and CRC-32C (verify checks
+    them like the shards)."""
+    native = cpu.native()
+    recorded = {}
+    for name, data in _side_files(partial.plan).items():
+        write_file(partial.folder / name, data, partial.plan.options.fsync)
+        buffer = ctypes.create_string_buffer(data, len(data))
+        recorded[name] = {"size": len(data),
+                          "crc32c": crc_hex(native.crc32c(ctypes.addressof(buffer), len(data)))}
+    partial.record_side_files(recorded, partial.plan.options.fsync)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -249,7 +301,7 @@ def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
 def publish(partial: PartialOutput) -> None:
     """Side files, then the partial folder becomes OUT."""
     plan = partial.plan
-    _write_side_files(partial.folder, plan)
+    _write_side_files(partial)
     partial.release_lock_file()
     if plan.options.fsync:
         fsync_dir(partial.folder)

@@ -23,8 +23,10 @@ from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLoca
                             group_by_size, layer_index, open_checkpoint, shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
 from .kernels import resolve_backend
+from .manifest import MANIFEST, merge_differences, plan_fingerprint
 from .methods import Method, TensorSettings, check_weights, layer_position, resolve, \
     settings_problems
+from .output import out_dir_problems, resolve_out_dir
 
 ROLES = ("base", "domain", "aligned")
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
@@ -50,6 +52,19 @@ class MergeOptions:
     backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
     resume: bool = False  # finish an interrupted merge into the same OUT
     method: Method = Method()  # methods.py; the weights above are its w_d and w_a
+
+    def __post_init__(self):
+        """Sizes may be given as text ("5GB", "2GiB") and the dtype by any of its names, as on
+        the command line; a value that cannot be read is a ValueError naming the option."""
+        for name in ("max_shard_size", "gpu_memory"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_size(value))
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a byte count or a size like '5GB' "
+                                 f"(got {value!r})")
+        if self.out_dtype is not None:
+            object.__setattr__(self, "out_dtype", dtypes.as_dtype(self.out_dtype))
 
 
 @dataclass(frozen=True)
@@ -90,8 +105,11 @@ class MergePlan:
     options: MergeOptions
     shards: List[PlannedShard]
     config: Optional[dict]  # config.json of the output, dtype already set
-    tokenizer_files: List[Path] = field(default_factory=list)
+    # Copied into OUT as they are: tokenizer, generation and chat files, remote code.
+    copied_files: List[Path] = field(default_factory=list)
     settings: Dict[str, TensorSettings] = field(default_factory=dict)  # method, per tensor
+    # --resume found OUT already complete from this very merge: nothing to compute.
+    complete: bool = False
 
     @property
     def output_bytes(self) -> int:
@@ -207,19 +225,43 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _output_problems(out_dir: Path, folders: Dict[str, Path], force: bool) -> List[str]:
-    out = out_dir.resolve()
-    problems = []
+def _output_problems(given, out: Path, folders: Dict[str, Path],
+                     options: MergeOptions) -> List[str]:
+    """Problems with OUT (`given` as typed, `out` resolved).  A non-empty OUT is left to
+    _completed_output when resuming: it may be this very merge, finished."""
+    problems = out_dir_problems(given, out)
     for role, folder in folders.items():
         src = folder.resolve()
         if _is_within(out, src) or _is_within(src, out):
-            problems.append(f"output {out_dir} overlaps the {role} model folder {folder}: "
+            problems.append(f"output {given} overlaps the {role} model folder {folder}: "
                             "choose another output folder")
     if out.exists() and not out.is_dir():
-        problems.append(f"output {out_dir} exists and is not a directory")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        problems.append(f"output {out_dir} exists and is not empty: use --force to replace it")
+        problems.append(f"output {given} exists and is not a directory")
+    elif _is_occupied(out) and not (options.force or options.resume):
+        problems.append(f"output {given} exists and is not empty: use --force to replace it")
     return problems
+
+
+def _is_occupied(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def _completed_output(plan: "MergePlan", given) -> bool:
+    """With --resume and without --force, a non-empty OUT must be this merge, complete (True);
+    PlanError otherwise."""
+    if plan.options.force or not _is_occupied(plan.out_dir):
+        return False
+    try:
+        recorded = json.loads((plan.out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise PlanError([f"output {given} exists and is not empty: use --force to replace it"])
+    if recorded.get("fingerprint") != plan_fingerprint(plan):
+        changes = "; ".join(merge_differences(recorded, plan))
+        raise PlanError([f"output {given} holds another merge ({changes}): use --force to "
+                         "replace it"])
+    return True
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -262,18 +304,50 @@ def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[Pla
 
 
 def _side_files(folders: Dict[str, Path], tokenizer_from: str):
-    """(config.json to copy or None, tokenizer/generation files to copy)."""
+    """(config.json to copy or None, files to copy as they are, problems)."""
     if tokenizer_from == "none":
         source = None
-        tokenizer = []
+        copied = []
     else:
         source = folders[tokenizer_from]
-        tokenizer = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
+        copied = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
     # config.json follows the tokenizer (an instruct model's config carries its chat eos ids),
     # falling back to the base model's.
     candidates = ([source] if source else []) + [folders["base"]]
     config = next((f / CONFIG_FILE for f in candidates if (f / CONFIG_FILE).is_file()), None)
-    return config, tokenizer
+    problems = []
+    for described in [config] + [f for f in copied if f.name == "tokenizer_config.json"]:
+        if described is not None:
+            code, missing = _remote_code(described)
+            copied += [f for f in code if f.name not in {c.name for c in copied}]
+            problems += missing
+    return config, copied, problems
+
+
+def _auto_map_modules(described: Path) -> List[str]:
+    """The local modules an `auto_map` in a config or tokenizer_config names ("modeling_x" of
+    "modeling_x.XModel"; a "repo--module.Class" reference lives in another repository)."""
+    try:
+        auto_map = json.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return []  # an unreadable config is reported where it is read
+    references = [r for value in auto_map.values()
+                  for r in (value if isinstance(value, list) else [value]) if isinstance(r, str)]
+    return sorted({r.rsplit(".", 1)[0] for r in references if "--" not in r and "." in r})
+
+
+def _remote_code(described: Path) -> Tuple[List[Path], List[str]]:
+    """(the folder's Python files, problems) for a config whose auto_map names remote code
+    (trust_remote_code=True): every .py file goes along, since the named modules import their
+    neighbours."""
+    modules = _auto_map_modules(described)
+    if not modules:
+        return [], []
+    folder = described.parent
+    missing = [f"{described}: auto_map names {m}.py, which is not in {folder}: transformers "
+               "could not load the merged model's code" for m in modules
+               if not (folder / f"{m}.py").is_file()]
+    return sorted(folder.glob("*.py")), missing
 
 
 def _output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
@@ -340,6 +414,10 @@ def _option_problems(options: MergeOptions) -> List[str]:
             problems.append(str(exc))
     if options.max_shard_size <= 0:
         problems.append(f"max shard size must be positive (got {options.max_shard_size})")
+    threads = options.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        problems.append(f"threads must be a whole number of at least 1 (got {threads!r})")
     problems += _device_problems(options)
     if options.tokenizer_from not in (*ROLES, "none"):
         problems.append(f"tokenizer source {options.tokenizer_from!r}: choose base, domain, "
@@ -350,8 +428,8 @@ def _option_problems(options: MergeOptions) -> List[str]:
 def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
     """Check everything and lay out the output; PlanError lists every problem found."""
     folders = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
-    out_dir = Path(out_dir)
-    problems = _option_problems(options) + _output_problems(out_dir, folders, options.force)
+    given, out_dir = out_dir, resolve_out_dir(out_dir)
+    problems = _option_problems(options) + _output_problems(given, out_dir, folders, options)
     models, input_problems = _checked_inputs(folders)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
@@ -366,10 +444,13 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)
-    config_path, tokenizer = _side_files(folders, options.tokenizer_from)
-    plan = MergePlan(models, out_dir, options, shards, None, tokenizer, settings)
+    config_path, copied, side_problems = _side_files(folders, options.tokenizer_from)
+    if side_problems:
+        raise PlanError(side_problems)
+    plan = MergePlan(models, out_dir, options, shards, None, copied, settings)
     plan.config = _output_config(config_path, plan.dominant_dtype)
-    disk = disk_problem(out_dir, plan.output_bytes)
+    plan.complete = options.resume and _completed_output(plan, given)
+    disk = None if plan.complete else disk_problem(out_dir, plan.output_bytes)
     if disk:
         raise PlanError([disk])
     return plan

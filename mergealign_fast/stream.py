@@ -117,14 +117,17 @@ def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps) -> Iterator[
     return tensor_chunks(sources, maps, WINDOW_BYTES // 4)
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """(device, inode, size, mtime, ctime) of a file: what 'unchanged' means.  The ctime is set
+    by the kernel on every write or metadata change and cannot be set back (touch -d sets only
+    atime and mtime), so a file rewritten in place with its mtime restored is still noticed."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def input_identities(checkpoints: Iterable[Checkpoint]) -> Dict[Path, tuple]:
-    """(device, inode, size, mtime) of every input file: what 'unchanged' means."""
-    identities = {}
-    for checkpoint in checkpoints:
-        for path in checkpoint.files:
-            st = os.stat(path)
-            identities[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    return identities
+    """file_identity of every input file."""
+    return {path: file_identity(os.stat(path)) for checkpoint in checkpoints
+            for path in checkpoint.files}
 
 
 def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:
@@ -137,6 +140,6 @@ def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:
             raise MergeError(f"input {path} was removed during the merge") from None
         if (now.st_dev, now.st_ino) != identity[:2]:
             raise MergeError(f"input {path} was replaced during the merge")
-        if (now.st_size, now.st_mtime_ns) != identity[2:]:
+        if file_identity(now) != identity:
             raise MergeError(f"input {path} was modified during the merge "
                              f"(size {identity[2]:,} -> {now.st_size:,} bytes)")

@@ -8,6 +8,7 @@ first, its own partial folder, journal, manifest, atomic rename).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -17,8 +18,15 @@ from .errors import PlanError
 from .plan import MergeOptions, disk_problem, plan_merge
 
 
+def lambda_label(lam: float) -> str:
+    """The shortest text that reads back as exactly λ ('0.5', '1', '0.1234561'): two different
+    λ never share a folder."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
+
+
 def lambda_folder(out_root: Path, lam: float) -> Path:
-    return out_root / f"lambda-{lam:g}"
+    return out_root / f"lambda-{lambda_label(lam)}"
 
 
 def parse_lambdas(text: str) -> List[float]:
@@ -31,6 +39,9 @@ def parse_lambdas(text: str) -> List[float]:
             raise ValueError(f"--lambdas: {item.strip()!r} is not a number") from None
     if len(set(values)) != len(values):
         raise ValueError("--lambdas: a value appears twice")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"--lambdas: {bad[0]} is not a finite number")
     return values
 
 
@@ -47,8 +58,11 @@ def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_r
     plans = []
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
+        method = shared.method
+        if "t" in method.info.parameters:  # the SLERP family: t is how far toward the domain
+            method = replace(method, t=lam)
         one = replace(shared, domain_weight=lam, align_weight=round(1.0 - lam, 12),
-                      method=replace(shared.method, t=lam))
+                      method=method)
         plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), one))
     needed = sum(p.output_bytes for p in plans)
     problem = disk_problem(lambda_folder(out_root, lambdas[0]), needed)

@@ -67,7 +67,7 @@ def _check_no_partial_overlap(out: Buffer, inputs: dict) -> None:
 
 def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float = 0.5,
                   align_weight: float = 0.5, out: Any = None,
-                  out_dtype: Union[DType, str, None] = None, backend: str = "auto",
+                  out_dtype: Any = None, backend: str = "auto",
                   threads: Optional[int] = None, method: Union[Method, str, None] = None,
                   name: str = "") -> Any:
     """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
@@ -89,8 +89,8 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                                                       ("aligned", aligned))}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shapes differ: {shapes}")
-    if isinstance(out_dtype, str):
-        out_dtype = dtypes.parse_dtype(out_dtype)
+    if out_dtype is not None:
+        out_dtype = dtypes.as_dtype(out_dtype)
     if out is None:
         out = _allocate_like(base, inputs["base"].dtype if out_dtype is None else out_dtype)
     out_buf = as_buffer(out, "out")

@@ -14,7 +14,7 @@ import torch
 
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
-from mergealign_fast.methods import Method, keep_count, resolve, slerp_coefficients
+from mergealign_fast.methods import METHODS, Method, keep_count, resolve, slerp_coefficients
 from mergealign_fast.dtypes import f32_to_bf16_bits
 from mergealign_fast.reference import (method_error_bound, method_ref,
                                        random_draw24)
@@ -306,6 +306,8 @@ def test_a_checkpoint_tensor_without_elements_merges(tmp_path, name):
     for i, role in enumerate(("base", "domain", "aligned")):
         write_checkpoint(tmp_path / role, {"w": np.full(4, float(i), dtype=np.float32),
                                            "empty": np.zeros((0, 3), dtype=np.float32)})
+    method = Method(name, domain_density=0.5) if "density" in METHODS[name].parameters \
+        else Method(name)
     merge_checkpoints(tmp_path / "base", tmp_path / "domain", tmp_path / "aligned",
-                      tmp_path / "out", method=Method(name, domain_density=0.5), fsync=False)
+                      tmp_path / "out", method=method, fsync=False)
     assert open_checkpoint(tmp_path / "out").tensors["empty"].entry.shape == (0, 3)

@@ -87,16 +87,18 @@ def test_not_enough_disk_is_refused_up_front(trio, monkeypatch):
 def test_index_naming_a_missing_shard(trio):
     index = {"metadata": {}, "weight_map": {"embed.weight": "model-00001-of-00002.safetensors"}}
     (trio / "domain" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (trio / "domain" / "model.safetensors").unlink()  # else transformers (and we) load that
     [line] = problems(trio)
     assert "domain" in line and "model-00001-of-00002.safetensors which does not exist" in line
 
 
 def test_index_naming_a_tensor_the_shard_lacks(trio):
-    index = {"metadata": {}, "weight_map": {"embed.weight": "model.safetensors",
-                                            "ghost.weight": "model.safetensors"}}
+    shard = "model-00001-of-00001.safetensors"
+    (trio / "domain" / "model.safetensors").rename(trio / "domain" / shard)
+    index = {"metadata": {}, "weight_map": {"embed.weight": shard, "ghost.weight": shard}}
     (trio / "domain" / "model.safetensors.index.json").write_text(json.dumps(index))
     found = problems(trio)
-    assert any("'ghost.weight' is listed in model.safetensors but that file does not contain it"
+    assert any(f"'ghost.weight' is listed in {shard} but that file does not contain it"
                in p for p in found)
 
 

@@ -98,5 +98,5 @@ def test_a_sweep_of_any_method_equals_its_single_merges(tiny_trio, tmp_path, met
         single = tmp_path / f"single-{lam}"
         merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], single,
                           domain_weight=lam, align_weight=1 - lam,
-                          method=replace(method, t=lam))
+                          method=replace(method, t=lam) if method.name == "slerp" else method)
         assert all_tensors_bytes(result.out_dir) == all_tensors_bytes(single), lam

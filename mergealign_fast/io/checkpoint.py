@@ -21,6 +21,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "chat_template.json",
 )
 CONFIG_FILE = "config.json"
+# What marks a folder as a PEFT (LoRA) adapter rather than a model.
+ADAPTER_CONFIG = "adapter_config.json"
 
 T = TypeVar("T")
 
@@ -130,13 +132,19 @@ def open_checkpoint(folder) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise MergeError(f"{folder}: not a directory")
-    if (folder / INDEX_FILE).is_file():
-        tensors = _locate_sharded(folder)
-        files = sorted({folder / shard for shard in _index_weight_map(folder).values()})
-    elif (folder / SINGLE_FILE).is_file():
+    # transformers loads model.safetensors when a folder has it, even beside an index: so do we,
+    # or the merge would combine other weights than the ones the user runs.
+    if (folder / SINGLE_FILE).is_file():
         header = read_header(folder / SINGLE_FILE)
         tensors = {n: TensorLocation(header.path, e) for n, e in header.tensors.items()}
         files = [folder / SINGLE_FILE]  # listed even when it holds no tensor
+    elif (folder / INDEX_FILE).is_file():
+        tensors = _locate_sharded(folder)
+        files = sorted({folder / shard for shard in _index_weight_map(folder).values()})
+    elif (folder / ADAPTER_CONFIG).is_file():
+        raise MergeError(f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a full model: merge "
+                         "it into its base model first (peft: merge_and_unload(), then "
+                         "save_pretrained) and give that folder")
     else:
         hint = ""
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):

@@ -1,0 +1,53 @@
+"""The `mergealign-fast` command's entry point: process set-up before anything heavy is imported.
+
+- Standard streams that were closed (`>&-`) are reopened on /dev/null, so that no file the merge
+  opens takes their descriptor and no summary print fails a finished merge.
+- SIGTERM ends the run like Ctrl-C: completed shards are kept for --resume and a message says so
+  (exit 143), instead of a silent death.
+- Ctrl-C while the program is still loading ends with one line, not a traceback.
+"""
+
+import os
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143   # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like an interrupt (KeyboardInterrupt's path keeps partial work)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _reopen_closed_std_streams() -> None:
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, mode)  # the lowest free descriptor: fd itself
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def main() -> int:
+    _reopen_closed_std_streams()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt as exc:
+        print("\nmergealign-fast: interrupted while starting; nothing was done", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
