@@ -13,7 +13,7 @@ from typing import List, Optional
 from . import dtypes
 from ._version import __version__
 from .engine import MergeResult, execute
-from .errors import MergeError
+from .errors import MergeError, PlanError
 from .inspect_vectors import inspect_checkpoints, summary, write_reports
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
@@ -255,7 +255,12 @@ def _run_config(args: argparse.Namespace) -> int:
     options = _run_options(args, domain_weight=nan, align_weight=nan,
                            out_dtype=config.out_dtype, tokenizer_from=config.tokenizer_from,
                            method=config.method)
-    plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
+    try:
+        plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
+    except PlanError as exc:
+        raise PlanError([*config.problems, *exc.problems]) from None
+    if config.problems:
+        raise PlanError(list(config.problems))
     _print_result(execute(plan, show_progress=not args.quiet))
     return 0
 

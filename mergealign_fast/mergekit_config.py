@@ -58,6 +58,9 @@ class RunConfig:
     method: Method
     out_dtype: Optional[DType]
     tokenizer_from: str  # base | domain | aligned | none
+    # Problems the reader could read past (a misspelled key taken as the key it is close to):
+    # reported together with the plan's own, so one run lists everything.
+    problems: Tuple[str, ...] = ()
 
 
 def load(path: Path) -> RunConfig:
@@ -88,6 +91,7 @@ class _Reader:
     def __init__(self, path: Path, raw: dict):
         self.path, self.raw = path, raw
         self.problems: List[str] = []
+        self.read_past: List[str] = []  # see RunConfig.problems
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.path}: {text}")
@@ -111,9 +115,10 @@ class _Reader:
         out_dtype = self._out_dtype()
         tokenizer_from = self._tokenizer(roles or {}, base)
         if self.problems:
-            raise PlanError(self.problems)
+            raise PlanError(self.read_past + self.problems)
         return RunConfig(roles["base"], roles["domain"], roles["aligned"],
-                         Method(name, rules=tuple(rules)), out_dtype, tokenizer_from)
+                         Method(name, rules=tuple(rules)), out_dtype, tokenizer_from,
+                         tuple(self.read_past))
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
@@ -126,7 +131,8 @@ class _Reader:
                 missing = [k for k in TOP_LEVEL_KEYS if k not in self.raw]
                 close = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.75)
                 if close:
-                    self.problem(f"unknown key `{key}`: did you mean `{close[0]}`?")
+                    self.read_past.append(f"{self.path}: unknown key `{key}`: did you mean "
+                                          f"`{close[0]}`?")
                     self.raw[close[0]] = self.raw[key]
                 else:
                     self.problem(f"unknown key `{key}` (supported: "

@@ -230,6 +230,8 @@ def _output_problems(given, out: Path, folders: Dict[str, Path],
     """Problems with OUT (`given` as typed, `out` resolved).  A non-empty OUT is left to
     _completed_output when resuming: it may be this very merge, finished."""
     problems = out_dir_problems(given, out)
+    if problems:  # OUT itself cannot be published to: what else is true of it does not matter
+        return problems
     for role, folder in folders.items():
         src = folder.resolve()
         if _is_within(out, src) or _is_within(src, out):

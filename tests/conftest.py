@@ -1,3 +1,6 @@
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -60,3 +63,16 @@ def small_model(seed: int, vocab: int = 32, dtype=np.float32) -> dict:
     return {"embed.weight": rng.standard_normal((vocab, 8)).astype(dtype),
             "layer.weight": rng.standard_normal((8, 8)).astype(dtype),
             "norm.weight": rng.standard_normal(8).astype(dtype)}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 128 MiB tmpfs mounted for the test (root only): room for the ~52 MB output plus the
+    64 MiB headroom the checks ask for, and little more."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -240,19 +240,6 @@ def test_input_truncated_during_a_method_pass_is_reported(tiny_trio, tmp_path, m
 
 # ---- full disks and file-size limits ----------------------------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 128 MiB tmpfs mounted for the test (root only): room for the ~52 MB output plus the
-    64 MiB headroom the checks ask for, and little more."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs",
-                                            str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_too_small_a_filesystem_is_refused_up_front(medium_trio, small_fs):
     filler = small_fs / "filler"
     subprocess.run(["fallocate", "-l", "100M", str(filler)], check=True)

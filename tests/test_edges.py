@@ -1,0 +1,356 @@
+"""The edges a new user hits: every form of OUT, resumes that must not mix inputs, files
+transformers needs, values at the limits, and the command line's own edges."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mergealign_fast import MergeError, Method, PlanError, merge_checkpoints, merge_tensors
+from mergealign_fast.kernels import cpu
+from mergealign_fast.manifest import MANIFEST, verify_output
+from mergealign_fast.output import partial_dir_for
+from mergealign_fast.sweep import sweep_checkpoints
+
+from conftest import small_model, write_checkpoint
+from test_engine import FailingNative, all_tensors_bytes, leftovers
+
+SHARDED = dict(max_shard_size=100_000)  # the tiny trio in 3 shards
+
+
+def cli(*args, cwd=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "mergealign_fast", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+def merge_args(trio, out, *extra):
+    return ("merge", trio["base"], trio["domain"], trio["aligned"], "-o", out, "--quiet", *extra)
+
+
+def one_error_line(proc, *fragments):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and all(f in lines[0] for f in fragments), lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_trio, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out)
+    return all_tensors_bytes(out)
+
+
+def copy_trio(trio, root):
+    copied = {r: root / r for r in trio}
+    for role, folder in trio.items():
+        shutil.copytree(folder, copied[role])
+    return copied
+
+
+# ---- OUT in every form ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_the_current_directory_or_above_is_refused_before_compute(tiny_trio, tmp_path, out):
+    here = tmp_path / "parent" / "here"
+    here.mkdir(parents=True)
+    proc = cli(*merge_args(tiny_trio, out), cwd=here)
+    one_error_line(proc, "current directory")
+    assert list(here.iterdir()) == [] and sorted(p.name for p in here.parent.iterdir()) == ["here"]
+
+
+@pytest.mark.parametrize("form", ["relative", "trailing slash", "dot segments"])
+def test_relative_forms_of_out_work(tiny_trio, tmp_path, reference, form):
+    (tmp_path / "work").mkdir()
+    out = {"relative": "merged", "trailing slash": "merged/",
+           "dot segments": "./sub/../merged"}[form]
+    (tmp_path / "work" / "sub").mkdir()
+    proc = cli(*merge_args(tiny_trio, out), cwd=tmp_path / "work")
+    assert proc.returncode == 0, proc.stderr
+    assert all_tensors_bytes(tmp_path / "work" / "merged") == reference
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["merged", "sub"]
+
+
+def test_out_as_a_link_to_a_folder_on_another_file_system(tiny_trio, small_fs, tmp_path,
+                                                          reference):
+    """The partial folder is made beside the link's target, on its file system: the final rename
+    works, and --resume after an interruption too."""
+    target = small_fs / "models" / "merged"
+    target.mkdir(parents=True)
+    link = tmp_path / "merged"
+    link.symlink_to(target)
+    proc = cli(*merge_args(tiny_trio, link))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and all_tensors_bytes(target) == reference
+    assert sorted(p.name for p in small_fs.iterdir()) == ["models"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["merged"]
+
+
+def test_out_as_a_link_to_a_model_replaced_twice_with_force(tiny_trio, tmp_path, reference):
+    target = tmp_path / "store" / "model"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("the previous model")
+    (tmp_path / "store" / "neighbour.txt").write_text("untouched")
+    link = tmp_path / "current"
+    link.symlink_to(target)
+    for _ in range(2):
+        proc = cli(*merge_args(tiny_trio, link, "--force"))
+        assert proc.returncode == 0, proc.stderr
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        assert all_tensors_bytes(target) == reference and not (target / "old.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["model", "neighbour.txt"]
+    assert (tmp_path / "store" / "neighbour.txt").read_text() == "untouched"
+
+
+def test_a_mount_point_as_out_is_refused_before_compute(tiny_trio, small_fs):
+    proc = cli(*merge_args(tiny_trio, small_fs))
+    one_error_line(proc, "mount point", "merged")
+    assert list(small_fs.iterdir()) == []
+
+
+# ---- resumes that cannot mix inputs -----------------------------------------------------------
+
+def interrupt_after_first_shard(trio, out, monkeypatch, **options):
+    failing = FailingNative(fail_at=12, failure=errno.EIO)  # after the first of 3 shards
+    monkeypatch.setattr(cpu, "native", lambda: failing)
+    with pytest.raises(MergeError, match="--resume"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, **SHARDED,
+                          **options)
+    monkeypatch.undo()
+    assert (partial_dir_for(out) / MANIFEST).exists()
+
+
+def test_an_input_rewritten_with_its_mtime_restored_is_not_resumed(tiny_trio, tmp_path,
+                                                                   monkeypatch, reference):
+    trio = copy_trio(tiny_trio, tmp_path)
+    out = tmp_path / "out"
+    interrupt_after_first_shard(trio, out, monkeypatch)
+    victim = trio["domain"] / "model.safetensors"
+    before = os.stat(victim)
+    with open(victim, "r+b") as f:  # same size, other values, times put back
+        f.seek(-64, os.SEEK_END)
+        f.write(bytes(64))
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(victim).st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(MergeError, match=r"input domain: .*model.safetensors changed.*ctime"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, **SHARDED,
+                          resume=True)
+    merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, **SHARDED, force=True)
+    assert verify_output(out) == [] and all_tensors_bytes(out) != reference
+
+
+def test_a_resume_with_another_option_names_it(tiny_trio, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    interrupt_after_first_shard(tiny_trio, out, monkeypatch)
+    with pytest.raises(MergeError, match=r"option domain_weight: 0\.5 then, 0\.31 now"):
+        merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out,
+                          **SHARDED, resume=True, domain_weight=0.31)
+
+
+def test_resume_on_a_complete_output_verifies_and_exits_0(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*merge_args(tiny_trio, out)).returncode == 0
+    again = cli(*merge_args(tiny_trio, out, "--resume"))
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+    other = cli(*merge_args(tiny_trio, out, "--resume", "--domain-weight", "0.3"))
+    one_error_line(other, "holds another merge", "option domain_weight")
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        f.write(b"\x7f\x7f")
+    damaged = cli(*merge_args(tiny_trio, out, "--resume"))
+    one_error_line(damaged, "fails verification", "--force")
+
+
+# ---- files transformers needs -----------------------------------------------------------------
+
+def remote_code_trio(root):
+    for seed, role in enumerate(("base", "domain", "aligned")):
+        write_checkpoint(root / role, small_model(seed), config={
+            "model_type": "tiny", "torch_dtype": "float32",
+            "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                         "AutoModelForCausalLM": "modeling_tiny.TinyModel",
+                         "AutoTokenizer": ["other/repo--tokenization_x.X", None]}})
+        (root / role / "configuration_tiny.py").write_text("# config code\n")
+        (root / role / "modeling_tiny.py").write_text("from .helpers import x\n")
+        (root / role / "helpers.py").write_text("x = 1\n")
+    return {r: root / r for r in ("base", "domain", "aligned")}
+
+
+def test_remote_code_files_travel_with_the_config(tmp_path):
+    trio = remote_code_trio(tmp_path)
+    out = tmp_path / "out"
+    merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out)
+    for name in ("configuration_tiny.py", "modeling_tiny.py", "helpers.py"):
+        assert (out / name).read_bytes() == (trio["aligned"] / name).read_bytes()
+    assert verify_output(out) == []
+    (trio["aligned"] / "modeling_tiny.py").unlink()
+    with pytest.raises(PlanError, match="auto_map names modeling_tiny.py, which is not in"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out2")
+
+
+def test_a_single_file_beside_an_index_is_what_is_merged_as_transformers_loads_it(
+        tiny_trio, tiny_trio_sharded, tmp_path, reference):
+    trio = copy_trio(tiny_trio, tmp_path)
+    for role, folder in trio.items():  # stale shards and index beside the single file
+        for f in tiny_trio_sharded[role].glob("model*"):
+            shutil.copy(f, folder / f.name)
+            if f.suffix == ".safetensors":  # other values, so a wrong choice shows
+                with open(folder / f.name, "r+b") as g:
+                    g.seek(-16, os.SEEK_END)
+                    g.write(bytes(16))
+    merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out")
+    assert all_tensors_bytes(tmp_path / "out") == reference
+
+
+def test_a_peft_adapter_given_as_a_model_is_named(tiny_trio, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(PlanError, match="domain: .*a PEFT adapter .*merge_and_unload"):
+        merge_checkpoints(tiny_trio["base"], adapter, tiny_trio["aligned"], tmp_path / "out")
+
+
+# ---- values at the limits ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight", [1e39, -1e39, float("inf"), float("nan")])
+def test_a_weight_beyond_float32_is_refused(tiny_trio, tmp_path, weight):
+    with pytest.raises(PlanError, match="domain weight must be a finite real number, within "
+                                        "float32's range"):
+        merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                          tmp_path / "out", domain_weight=weight)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("method, message", [
+    (Method("ties", t=0.3), "t does not apply to ties"),
+    (Method("slerp", domain_density=0.5), "domain_density does not apply to slerp"),
+    (Method("task_arithmetic", seed=4), "seed does not apply to task_arithmetic"),
+    (Method("ties", base_weight=0.2), "base_weight applies to linear only"),
+])
+def test_a_parameter_the_method_does_not_take_is_refused_as_on_the_command_line(
+        tiny_trio, tmp_path, method, message):
+    with pytest.raises(PlanError, match=message):
+        merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                          tmp_path / "out", method=method)
+
+
+def test_api_values_are_read_as_the_command_line_reads_them(tiny_trio, tmp_path):
+    torch = pytest.importorskip("torch")
+    x = torch.ones(8)
+    assert merge_tensors(x, x * 2, x * 3, out_dtype=torch.float16).dtype == torch.float16
+    assert merge_tensors(x, x, x, out_dtype=np.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="torch.int32"):
+        merge_tensors(x, x, x, out_dtype=torch.int32)
+    trio = (tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"])
+    merge_checkpoints(*trio, tmp_path / "text", max_shard_size="100KB", out_dtype="fp16")
+    merge_checkpoints(*trio, tmp_path / "int", max_shard_size=100_000, out_dtype=torch.float16)
+    assert all_tensors_bytes(tmp_path / "text") == all_tensors_bytes(tmp_path / "int")
+    with pytest.raises(ValueError, match="max_shard_size must be a byte count"):
+        merge_checkpoints(*trio, tmp_path / "bad", max_shard_size=[1])
+    with pytest.raises(PlanError, match="threads must be a whole number of at least 1"):
+        merge_checkpoints(*trio, tmp_path / "zero", threads=0)
+
+
+def test_lambdas_that_differ_past_six_digits_get_their_own_folders(tiny_trio, tmp_path):
+    results = sweep_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                                tmp_path / "sweep", [0.1234561, 0.1234562, 0.5])
+    names = [r.out_dir.name for r in results]
+    assert names == ["lambda-0.1234561", "lambda-0.1234562", "lambda-0.5"]
+    assert all(verify_output(r.out_dir) == [] for r in results)
+
+
+# ---- the command line's own edges -------------------------------------------------------------
+
+def test_sigterm_stops_cleanly_and_resume_finishes(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    partial = partial_dir_for(out)
+    args = [sys.executable, "-m", "mergealign_fast", *map(str, merge_args(
+        tiny_trio, out, "--max-shard-size", "20KB", "--threads", "1"))]
+    for _ in range(10):  # the merge may finish before the signal lands; try again
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not (partial / MANIFEST).exists():
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate()[1]
+        if proc.returncode == 143:
+            break
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("every merge finished before SIGTERM arrived")
+    assert "terminated" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    assert subprocess.run(args + ["--resume"]).returncode == 0 and verify_output(out) == []
+
+
+def test_ctrl_c_while_loading_is_one_line(monkeypatch, capsys):
+    from mergealign_fast import entry
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mergealign_fast.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "mergealign_fast.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
+    assert entry.main() == entry.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == ("mergealign-fast: interrupted while starting; "
+                                               "nothing was done")
+
+
+def test_a_closed_stdout_does_not_fail_a_finished_merge(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    command = " ".join(f"'{a}'" for a in [sys.executable, "-m", "mergealign_fast",
+                                          *map(str, merge_args(tiny_trio, out))])
+    proc = subprocess.run(["sh", "-c", command + " >&-"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert verify_output(out) == []
+    head = subprocess.run(["sh", "-c", command.replace(str(out), str(tmp_path / "o2"))
+                           + " | head -c 0"], capture_output=True, text=True)
+    assert head.returncode == 0 and "Traceback" not in head.stderr, head.stderr
+
+
+def test_verify_checks_the_side_files_and_names_a_missing_folder(tiny_trio, tmp_path):
+    out = tmp_path / "out"
+    merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out)
+    recorded = json.loads((out / MANIFEST).read_text())["files"]
+    assert "config.json" in recorded and "generation_config.json" in recorded
+    (out / "config.json").write_text("garbage")
+    [problem] = verify_output(out)
+    assert "config.json" in problem and "bytes" in problem
+    assert verify_output(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'}: does not exist"]
+
+
+def test_inspect_says_when_it_cannot_plot_and_when_cosine_is_undefined(tiny_trio, tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from mergealign_fast.cli import main;"
+            " sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "inspect", tiny_trio["base"],
+                           tiny_trio["base"], tiny_trio["aligned"], "-o", tmp_path / "report"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "layers.png not written: matplotlib is not installed" in proc.stderr
+    assert "cos = undefined" in proc.stdout
+    model = json.loads((tmp_path / "report" / "vectors.json").read_text())["model"]
+    assert model["cosine"] is None
+
+
+def test_a_misspelled_yaml_key_is_suggested_and_the_rest_still_checked(tiny_trio, tmp_path):
+    config = tmp_path / "merge.yml"
+    config.write_text(f"merge_mehtod: ties\nbase_model: {tiny_trio['base']}\n"
+                      f"models:\n  - model: {tiny_trio['domain']}\n    parameters: "
+                      f"{{weight: 0.5, density: 2}}\n  - model: {tiny_trio['aligned']}\n"
+                      "    parameters: {weight: 0.5, density: 0.5}\n")
+    proc = cli("run", config, tmp_path / "out")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert any("unknown key `merge_mehtod`: did you mean `merge_method`?" in l for l in lines)
+    assert not any("merge_method None" in l or "merge_method is missing" in l for l in lines)
+    assert any("density" in l for l in lines), lines  # the other problem is still found
