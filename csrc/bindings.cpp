@@ -84,18 +84,34 @@ PYBIND11_MODULE(_native, m) {
                                        t[2].cast<Recipe>()});
         }
         std::vector<uint32_t> crcs(parsed.size());
+        std::vector<int64_t> nonfinite(parsed.size());
         int err;
         {
           py::gil_scoped_release no_gil;
-          err = merge_cpu_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs.data());
+          err = merge_cpu_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs.data(),
+                                   nonfinite.data());
         }
-        py::list crc_list;
+        py::list crc_list, nonfinite_list;
         for (uint32_t c : crcs) crc_list.append(c);
-        return py::make_tuple(err, crc_list);
+        for (int64_t n : nonfinite) nonfinite_list.append(n);
+        return py::make_tuple(err, crc_list, nonfinite_list);
       },
       py::arg("ops"), py::arg("targets"), py::arg("threads"),
       "One pass over the inputs, one output per (fd, file_offset, recipe) target, written in "
-      "<= 1 MiB pwrite()s; returns (errno or 0, [CRC-32C per target]).");
+      "<= 1 MiB pwrite()s; returns (errno or 0, [CRC-32C per target], [NaN/inf values per "
+      "target]).");
+
+  m.def(
+      "count_nonfinite",
+      [](uintptr_t address, int64_t count, int dtype) {
+        if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
+          throw py::value_error("unknown dtype code " + std::to_string(dtype));
+        }
+        py::gil_scoped_release no_gil;
+        return count_nonfinite(reinterpret_cast<const unsigned char*>(address), count, dtype);
+      },
+      py::arg("address"), py::arg("count"), py::arg("dtype"),
+      "NaN and ±inf values among `count` stored values of `dtype` at `address`.");
 
   m.def(
       "crc32c",

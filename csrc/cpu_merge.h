@@ -26,11 +26,15 @@ struct WriteTarget {
 // The merge written straight to files, for k recipes at once: each thread computes at most
 // 1 MiB of each target's output into a buffer it reuses and pwrite()s it at
 // file_offset + its position.  The inputs are read once; each target gets its own merged output
-// (bit-identical to a single merge with its recipe) and crcs[j] its CRC-32C.  Returns 0, the
-// errno of the first failed write, or EFAULT when an input page vanished while being read (a
-// truncated memory-mapped file: SIGBUS, caught).
+// (bit-identical to a single merge with its recipe), crcs[j] its CRC-32C and nonfinite[j] how
+// many of its values are NaN or ±inf (NaN/inf in the inputs, or beyond the output dtype's
+// range).  Returns 0, the errno of the first failed write, or EFAULT when an input page vanished
+// while being read (a truncated memory-mapped file: SIGBUS, caught).
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
-                       uint32_t* crcs);
+                       uint32_t* crcs, int64_t* nonfinite);
+
+// Values of a stored output buffer that are NaN or ±inf (the GPU path counts its downloads).
+int64_t count_nonfinite(const unsigned char* data, int64_t count, int dtype);
 
 // Name of the instruction set the dispatcher picked on this CPU ("x86-64-v4", "x86-64-v3",
 // "baseline").

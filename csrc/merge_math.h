@@ -130,6 +130,16 @@ MA_HD void store_from_f32(unsigned char* p, int64_t i, int dtype, float v) {
   memcpy(p + 2 * i, &h, 2);
 }
 
+// The smallest magnitude that store_from_f32 turns into ±inf: an fp32 result v is stored as a
+// finite value exactly when |v| < overflow_threshold(dtype) (NaN compares false).  Round to
+// nearest even sends the halfway points to inf, because the largest finite bf16 (0x7f7f) and
+// fp16 (0x7bff) have odd mantissas: bf16 0x7f7f8000 = 3.3961776e38, fp16 65520.
+MA_HD float overflow_threshold(int dtype) {
+  if (dtype == kBF16) return bits_float(0x7f7f8000u);
+  if (dtype == kF16) return 65520.0f;
+  return bits_float(0x7f800000u);  // fp32: only inf itself
+}
+
 // ---- the merge formula ----------------------------------------------------------------------
 // theta = base + w_d * (domain - base) + w_a * (aligned - base), evaluated left to right.
 

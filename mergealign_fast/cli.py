@@ -205,7 +205,19 @@ def _out_dtype(args: argparse.Namespace) -> Optional[dtypes.DType]:
     return _user_value(dtypes.parse_dtype, args.dtype) if args.dtype else None
 
 
+def _warn_nonfinite(result: MergeResult) -> None:
+    if not result.nonfinite:
+        return
+    worst = sorted(result.nonfinite.items(), key=lambda item: -item[1])[:3]
+    print(f"mergealign-fast: warning: {sum(result.nonfinite.values()):,} values of "
+          f"{result.out_dir} are NaN or ±inf, in {len(result.nonfinite)} tensor(s) ("
+          + ", ".join(f"{name}: {count:,}" for name, count in worst)
+          + "): NaN/inf in the inputs, or results beyond the output dtype's range",
+          file=sys.stderr)
+
+
 def _print_result(result: MergeResult) -> None:
+    _warn_nonfinite(result)
     if result.already_complete:
         print(f"{result.out_dir} is already complete: {result.tensors} tensors in "
               f"{result.shards} shard(s), verified against its manifest; nothing to do")

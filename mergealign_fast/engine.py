@@ -11,16 +11,17 @@ the same loop: each chunk is read once and merged once per plan.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from .errors import MergeError
 from .kernels import cpu
-from .manifest import verify_output
+from .manifest import MANIFEST, nonfinite_counts, verify_output
 from .methods import TensorPasses, tensor_recipe
 from .output import PartialOutput, ShardFile, create_shard_file, publish
 from .kernels.cpu import default_threads
@@ -45,6 +46,9 @@ class MergeResult:
     shards: int
     # --resume found OUT complete from the same merge and verified it; nothing was computed.
     already_complete: bool = False
+    # Per tensor, values of the merged model that are NaN or ±inf (from NaN/inf in the inputs,
+    # or results beyond the output dtype's range): said, never silent.
+    nonfinite: Dict[str, int] = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -84,8 +88,8 @@ def tensor_recipes(plans: Sequence[MergePlan], tensor: PlannedTensor, maps: Inpu
 def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
                  plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
                  progress: Progress) -> List[int]:
-    """Write one shard completely into each partial folder (one per plan); returns the CRC-32C
-    of each file."""
+    """Write one shard completely into each partial folder (one per plan); returns its file in
+    each, closed, with its CRC-32C and NaN/inf counts."""
     options = plans[0].options
     threads = options.threads or default_threads()
     paths = [p.folder / shard.filename for p in partials]
@@ -105,7 +109,7 @@ def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
         if options.fsync:
             for target in targets:
                 os.fsync(target.fd)
-        return [target.checksum.crc for target in targets]
+        return targets
     except BaseException:
         for path in paths:  # an unfinished shard only takes space; --resume redoes it
             path.unlink(missing_ok=True)
@@ -147,9 +151,9 @@ def _merge_shards(plans: Sequence[MergePlan], partials: Sequence[PartialOutput],
             if all(p.shard_is_complete(shard.filename, shard.size) for p in partials):
                 progress.advance(sum(t.out_nbytes for t in shard.tensors) * len(plans))
                 continue
-            crcs = _write_shard(partials, shard, plans, maps, writer, progress)
-            for partial, crc in zip(partials, crcs):
-                partial.record_shard(shard.filename, shard.size, crc, first.options.fsync)
+            written = _write_shard(partials, shard, plans, maps, writer, progress)
+            for partial, shard_file in zip(partials, written):
+                partial.record_shard(shard_file, shard.size, first.options.fsync)
         progress.close()
 
 
@@ -171,8 +175,10 @@ def _verified_complete(plan: MergePlan) -> MergeResult:
     if problems:
         raise MergeError(f"{plan.out_dir} holds this merge but fails verification "
                          f"({problems[0]}): rerun with --force to merge it again")
+    shards = json.loads((plan.out_dir / MANIFEST).read_text()).get("shards", {})
     return MergeResult(plan.out_dir, time.perf_counter() - started, 0, plan.output_bytes,
-                       plan.tensor_count, len(plan.shards), already_complete=True)
+                       plan.tensor_count, len(plan.shards), already_complete=True,
+                       nonfinite=nonfinite_counts(shards))
 
 
 def _execute(plans: Sequence[MergePlan], show_progress: bool,
@@ -207,7 +213,8 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
             partial.close()
     seconds = time.perf_counter() - started
     return [MergeResult(p.out_dir, seconds, p.input_bytes, p.output_bytes, p.tensor_count,
-                        len(p.shards)) for p in plans]
+                        len(p.shards), nonfinite=nonfinite_counts(partial.shards))
+            for p, partial in zip(plans, partials)]
 
 
 PathLike = Union[str, os.PathLike]

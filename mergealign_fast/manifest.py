@@ -97,6 +97,12 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
     }
 
 
+def nonfinite_counts(shards: Dict[str, dict]) -> Dict[str, int]:
+    """Per tensor, the NaN/inf values the shards of a manifest record."""
+    return {tensor: count for shard in shards.values()
+            for tensor, count in shard.get("nonfinite", {}).items()}
+
+
 def merge_differences(recorded: dict, plan) -> List[str]:
     """How the merge a manifest (or journal) records differs from `plan`, one line each: which
     input file changed and how, which option has another value."""

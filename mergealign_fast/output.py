@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -159,8 +159,10 @@ class PartialOutput:
             return False
         return crc_hex(file_crc32c(path)) == recorded["crc32c"]
 
-    def record_shard(self, name: str, size: int, crc: int, fsync: bool) -> None:
-        self.shards[name] = {"size": size, "crc32c": crc_hex(crc)}
+    def record_shard(self, shard: ShardFile, size: int, fsync: bool) -> None:
+        self.shards[shard.path.name] = {"size": size, "crc32c": crc_hex(shard.checksum.crc)}
+        if shard.nonfinite:
+            self.shards[shard.path.name]["nonfinite"] = dict(sorted(shard.nonfinite.items()))
         self._write_manifest(fsync)
 
     def record_side_files(self, files: Dict[str, dict], fsync: bool) -> None:
@@ -209,6 +211,12 @@ class ShardFile:
     fd: int
     path: Path
     checksum: ShardChecksum
+    # Per tensor, how many written values are NaN or ±inf (the writers count them).
+    nonfinite: Dict[str, int] = field(default_factory=dict)
+
+    def add_nonfinite(self, tensor: str, count: int) -> None:
+        if count:
+            self.nonfinite[tensor] = self.nonfinite.get(tensor, 0) + count
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:

@@ -354,3 +354,49 @@ def test_a_misspelled_yaml_key_is_suggested_and_the_rest_still_checked(tiny_trio
     assert any("unknown key `merge_mehtod`: did you mean `merge_method`?" in l for l in lines)
     assert not any("merge_method None" in l or "merge_method is missing" in l for l in lines)
     assert any("density" in l for l in lines), lines  # the other problem is still found
+
+
+# ---- NaN and inf are counted and said ---------------------------------------------------------
+
+def nan_trio(root):
+    """fp32 models with NaN and inf in the domain model, and values beyond fp16's range."""
+    base = {"w": np.linspace(-1, 1, 4096, dtype=np.float32),
+            "big": np.full(100, 70000.0, dtype=np.float32)}
+    domain = {k: v.copy() for k, v in base.items()}
+    domain["w"][[3, 400, 4000]] = [np.nan, np.inf, -np.inf]
+    for role, tensors in (("base", base), ("domain", domain), ("aligned", base)):
+        write_checkpoint(root / role, tensors, config={"torch_dtype": "float32"})
+    return {r: root / r for r in ("base", "domain", "aligned")}
+
+
+@pytest.mark.parametrize("writer", ["cpu", "gpu writer on the cpu"])
+def test_nan_and_inf_in_the_output_are_counted(tmp_path, writer):
+    from mergealign_fast.engine import execute
+    from mergealign_fast.plan import MergeOptions, plan_merge
+    from mergealign_fast.writers.gpu import GpuWriter
+
+    trio = nan_trio(tmp_path)
+    plan = plan_merge(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
+                      MergeOptions(out_dtype="fp16"))
+    gpu = GpuWriter(plan, 1 << 20, backend="cpu", device="cpu") if writer != "cpu" else None
+    result = execute(plan, writer=gpu)
+    # NaN, inf and -inf stay non-finite; 70000 (and any mix of it) is beyond fp16's 65504
+    assert result.nonfinite == {"w": 3, "big": 100}
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["shards"]["model.safetensors"]["nonfinite"] == {"big": 100, "w": 3}
+
+
+def test_the_command_line_warns_of_nan_and_inf_also_on_resume(tmp_path):
+    trio = nan_trio(tmp_path)
+    proc = cli(*merge_args(trio, tmp_path / "out", "--dtype", "fp32"))
+    assert proc.returncode == 0
+    warning = [l for l in proc.stderr.splitlines() if "warning" in l]
+    assert len(warning) == 1 and "3 values" in warning[0] and "w: 3" in warning[0]
+    again = cli(*merge_args(trio, tmp_path / "out", "--dtype", "fp32", "--resume"))
+    assert again.returncode == 0 and "3 values" in again.stderr and "already complete" in \
+        again.stdout
+
+
+def test_a_clean_merge_warns_of_nothing(tiny_trio, tmp_path):
+    proc = cli(*merge_args(tiny_trio, tmp_path / "out"))
+    assert proc.returncode == 0 and proc.stderr == ""

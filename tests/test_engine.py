@@ -125,7 +125,7 @@ class FailingNative:
         self.calls += 1
         if self.calls == self.fail_at:
             if isinstance(self.failure, int):
-                return self.failure, []  # (errno, CRCs) as the native call returns them
+                return self.failure, [], []  # (errno, CRCs, NaN counts) as the native call
             raise self.failure
         return self.real.merge_to_files(*args)
 

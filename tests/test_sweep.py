@@ -56,7 +56,7 @@ def test_a_failed_sweep_keeps_every_output_resumable(tiny_trio, tmp_path, monkey
 
     def merge_to_files(*args):
         state["n"] += 1
-        return (errno.EIO, []) if state["n"] == 12 else real(*args)
+        return (errno.EIO, [], []) if state["n"] == 12 else real(*args)
 
     failing.merge_to_files = merge_to_files
     monkeypatch.setattr(cpu, "native", lambda: failing)

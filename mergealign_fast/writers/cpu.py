@@ -27,7 +27,7 @@ class CpuWriter:
 
     def write(self, targets: Sequence, tensor: PlannedTensor, chunk: Chunk,
               recipes: Sequence) -> None:
-        err, crcs = self.native.merge_to_files(
+        err, crcs, nonfinite = self.native.merge_to_files(
             chunk.operands(tensor.out_dtype),
             [(x.fd, chunk.file_offset, r) for x, r in zip(targets, recipes)], self.threads)
         if err == errno.EFAULT:
@@ -36,8 +36,9 @@ class CpuWriter:
             paths = ", ".join(str(x.path) for x in targets)
             raise MergeError(f"{paths}: writing tensor {tensor.name} failed: {os.strerror(err)}")
         nbytes = chunk.count * tensor.out_dtype.itemsize
-        for target, crc in zip(targets, crcs):
+        for target, crc, bad in zip(targets, crcs, nonfinite):
             target.checksum.add(crc, nbytes)
+            target.add_nonfinite(tensor.name, bad)
             if self.fsync:  # flush as we go: the disk writes while the next window computes
                 self.native.start_writeback(target.fd, chunk.file_offset, nbytes)
         chunk.release_inputs()

@@ -90,7 +90,8 @@ class _Slot:
         self.host_out = torch.empty(self.device_out.numel(), dtype=torch.uint8, pin_memory=pin)
         self.uploaded, self.computed, self.downloaded = (lanes.event(), lanes.event(),
                                                          lanes.event())
-        self.pending = None  # (fd, path, file offset, bytes, checksum) of a result not yet written
+        # (shard file, file offset, tensor, elements) of a result not yet written
+        self.pending = None
 
 
 class GpuWriter:
@@ -143,10 +144,13 @@ class GpuWriter:
     def _flush(self, slot: _Slot) -> None:
         if slot.pending is None:
             return
-        fd, path, offset, nbytes, checksum = slot.pending
+        target, offset, tensor, count = slot.pending
         slot.downloaded.synchronize()
-        checksum.add(self.native.crc32c(slot.host_out.data_ptr(), nbytes), nbytes)
-        write_fully(fd, memoryview(slot.host_out.numpy())[:nbytes], offset, path)
+        address, nbytes = slot.host_out.data_ptr(), count * tensor.out_dtype.itemsize
+        target.checksum.add(self.native.crc32c(address, nbytes), nbytes)
+        target.add_nonfinite(tensor.name,
+                             self.native.count_nonfinite(address, count, int(tensor.out_dtype)))
+        write_fully(target.fd, memoryview(slot.host_out.numpy())[:nbytes], offset, target.path)
         slot.pending = None
 
     def write(self, targets: Sequence, tensor: PlannedTensor, chunk: Chunk,
@@ -155,7 +159,6 @@ class GpuWriter:
         task arithmetic runs on any backend's kernel, other methods on merge_recipe."""
         if len(targets) != 1:
             raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
-        fd, path, checksum = targets[0].fd, targets[0].path, targets[0].checksum
         torch, lanes, t = self.torch, self.lanes, tensor
         slot = self.slots[self.turn]
         self.turn = (self.turn + 1) % SLOTS
@@ -190,7 +193,7 @@ class GpuWriter:
             lanes.wait(lanes.d2h, slot.computed)
             slot.host_out[:out_bytes].copy_(slot.device_out[:out_bytes], non_blocking=True)
             slot.downloaded.record()
-        slot.pending = (fd, path, chunk.file_offset, out_bytes, checksum)
+        slot.pending = (targets[0], chunk.file_offset, tensor, chunk.count)
 
     def drain(self) -> None:
         """Write every pending result; called before a shard file is closed."""
