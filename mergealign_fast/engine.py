@@ -23,7 +23,7 @@ from .errors import MergeError
 from .kernels import cpu
 from .manifest import MANIFEST, nonfinite_counts, verify_output
 from .methods import TensorPasses, tensor_recipe
-from .output import PartialOutput, ShardFile, create_shard_file, publish
+from .output import PartialOutput, ShardFile, copy_tensor, create_shard_file, publish
 from .kernels.cpu import default_threads
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
@@ -98,13 +98,18 @@ def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
         for path in paths:
             targets.append(create_shard_file(path, shard.header, shard.size))
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
+            file_offset = len(shard.header) + offset
+            if tensor.is_copied:
+                writer.drain()  # checksums are built in file order
+                copy_tensor(targets, tensor.sources[0], file_offset)
+                progress.advance(tensor.out_nbytes * len(targets))
+                continue
             recipes = tensor_recipes(plans, tensor, maps, threads)
             chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
-                                   file_offset=len(shard.header) + offset,
-                                   out_itemsize=tensor.out_dtype.itemsize)
+                                   file_offset=file_offset, out_itemsize=tensor.out_itemsize)
             for chunk in chunks:
                 writer.write(targets, tensor, chunk, recipes)
-                progress.advance(chunk.count * tensor.out_dtype.itemsize * len(targets))
+                progress.advance(chunk.count * tensor.out_itemsize * len(targets))
         writer.drain()
         if options.fsync:
             for target in targets:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .dtypes import from_safetensors
 from .io.checkpoint import layer_index
 from .kernels import cpu
 from .kernels.cpu import default_threads
@@ -102,6 +103,8 @@ def inspect_checkpoints(base, domain, aligned, *, domain_weight: float = 0.5,
         maps.check_unchanged()
         for name in models["base"].tensors:
             locations = [models[r].tensors[name] for r in ROLES]
+            if from_safetensors(locations[0].entry.dtype) is None:
+                continue  # an integer/bool buffer, the same in the three models: no vectors
             result.tensors[name] = _tensor_sums(native, maps, locations, threads)
     return result
 

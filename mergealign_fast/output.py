@@ -21,12 +21,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ._version import __version__
 from .errors import MergeError
-from .io.checkpoint import CONFIG_FILE, INDEX_FILE, index_json
+from .io.checkpoint import CONFIG_FILE, INDEX_FILE, TensorLocation, index_json
 from .kernels import cpu
+from .stream import WINDOW_BYTES, InputChanged
 from .manifest import (MANIFEST, crc_hex, file_crc32c, manifest_document, merge_differences,
                        plan_fingerprint)
 
@@ -243,6 +244,24 @@ def create_shard_file(path: Path, header: bytes, size: int) -> ShardFile:
         os.close(fd)
         raise
     return ShardFile(fd, path, ShardChecksum(header))
+
+
+def copy_tensor(targets: Sequence[ShardFile], source: TensorLocation, file_offset: int) -> None:
+    """A tensor copied as it is (plan.PlannedTensor.is_copied) from its base file into each
+    target at file_offset, checksummed in file order: the writer must have drained first."""
+    native = cpu.native()
+    size = source.entry.nbytes
+    with open(source.file, "rb") as f:
+        for start in range(0, size, WINDOW_BYTES):
+            data = bytearray(min(WINDOW_BYTES, size - start))
+            if os.preadv(f.fileno(), [data], source.entry.begin + start) != len(data):
+                raise InputChanged(f"{source.file}: tensor {source.entry.name} shrank while it "
+                                   "was being copied")
+            view = (ctypes.c_char * len(data)).from_buffer(data)
+            crc = native.crc32c(ctypes.addressof(view), len(data))
+            for target in targets:
+                write_fully(target.fd, data, file_offset + start, target.path)
+                target.checksum.add(crc, len(data))
 
 
 # ---- publishing -----------------------------------------------------------------------------

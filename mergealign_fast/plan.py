@@ -20,7 +20,8 @@ from . import dtypes
 from .dtypes import DType
 from .errors import MergeError, PlanError
 from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
-                            group_by_size, layer_index, open_checkpoint, shard_file_name)
+                            group_by_size, layer_index, open_checkpoint, same_bytes,
+                            shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
 from .kernels import resolve_backend
 from .manifest import MANIFEST, merge_differences, plan_fingerprint
@@ -71,16 +72,33 @@ class MergeOptions:
 class PlannedTensor:
     name: str
     shape: Tuple[int, ...]
-    out_dtype: DType
+    out_dtype: Optional[DType]  # None for a copied tensor
     sources: Tuple[TensorLocation, TensorLocation, TensorLocation]  # base, domain, aligned
+    # A tensor the kernels cannot merge (integer, bool, F64 buffers) but whose bytes are the
+    # same in the three models is copied through as it is: its safetensors dtype.
+    copied_dtype: Optional[str] = None
+
+    @property
+    def is_copied(self) -> bool:
+        return self.copied_dtype is not None
 
     @property
     def count(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def out_safetensors_dtype(self) -> str:
+        return self.copied_dtype or self.out_dtype.safetensors_name
+
+    @property
+    def out_itemsize(self) -> int:
+        if self.is_copied:
+            return dtypes.SAFETENSORS_ITEMSIZE[self.copied_dtype]
+        return self.out_dtype.itemsize
+
+    @property
     def out_nbytes(self) -> int:
-        return self.count * self.out_dtype.itemsize
+        return self.count * self.out_itemsize
 
     def source_dtype(self, role_index: int) -> DType:
         return DType[self.sources[role_index].entry.dtype]
@@ -133,7 +151,8 @@ class MergePlan:
         weight = Counter()
         for shard in self.shards:
             for t in shard.tensors:
-                weight[t.out_dtype] += t.out_nbytes
+                if not t.is_copied:
+                    weight[t.out_dtype] += t.out_nbytes
         return weight.most_common(1)[0][0] if weight else DType.BF16
 
 
@@ -180,16 +199,31 @@ def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
     common = [n for n in base.tensors if all(n in models[r].tensors for r in ROLES[1:])]
     for name in common:
         locations = {r: models[r].tensors[name] for r in ROLES}
-        for role, loc in locations.items():
-            if dtypes.from_safetensors(loc.entry.dtype) is None:
-                problems.append(f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be "
-                                f"merged (supported: BF16, F16, F32)")
+        problems += _unmergeable_dtype_problems(name, locations)
         base_shape = locations["base"].entry.shape
         for role in ROLES[1:]:
             if locations[role].entry.shape != base_shape:
                 problems.append(_describe_shape_difference(name, role, base_shape,
                                                            locations[role].entry.shape))
     return problems
+
+
+def _is_copied(locations) -> bool:
+    """A tensor the kernels cannot merge that is the same bytes in every model: copied."""
+    entries = [loc.entry for loc in locations]
+    return (dtypes.from_safetensors(entries[0].dtype) is None
+            and all((e.dtype, e.shape) == (entries[0].dtype, entries[0].shape) for e in entries)
+            and same_bytes(locations))
+
+
+def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
+    unmergeable = {r: loc for r, loc in locations.items()
+                   if dtypes.from_safetensors(loc.entry.dtype) is None}
+    if not unmergeable or _is_copied(list(locations.values())):
+        return []
+    return [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be merged "
+            "(supported: BF16, F16, F32; other dtypes are copied when the three models hold "
+            "the same bytes, and these differ)" for loc in unmergeable.values()]
 
 
 def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
@@ -290,7 +324,11 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
                                                 base.tensors[n].entry.begin))
     for name in names:
         sources = tuple(models[r].tensors[name] for r in ROLES)
-        dtype = DType[sources[0].entry.dtype] if out_dtype is None else out_dtype
+        stored = sources[0].entry.dtype
+        if dtypes.from_safetensors(stored) is None:  # checked: the same bytes in every model
+            yield PlannedTensor(name, sources[0].entry.shape, None, sources, copied_dtype=stored)
+            continue
+        dtype = DType[stored] if out_dtype is None else out_dtype
         yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
 
 
@@ -298,7 +336,7 @@ def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[Pla
     groups = group_by_size(tensors, lambda t: t.out_nbytes, max_shard_size)
     shards = []
     for i, group in enumerate(groups):
-        encoded = [EncodedTensor(t.name, t.out_dtype.safetensors_name, t.shape, t.out_nbytes)
+        encoded = [EncodedTensor(t.name, t.out_safetensors_dtype, t.shape, t.out_nbytes)
                    for t in group]
         header, offsets = encode_header(encoded, {"format": "pt"})
         shards.append(PlannedShard(shard_file_name(i, len(groups)), header, group, offsets))
@@ -436,7 +474,7 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     if problems or input_problems:
         raise PlanError(problems + input_problems)
     tensors = list(_planned_tensors(models, options.out_dtype))
-    settings = tensor_settings(options, [t.name for t in tensors])
+    settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied])
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
                     for p in settings_problems(s, f"tensor {name}")]

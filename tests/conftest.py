@@ -45,7 +45,8 @@ def write_checkpoint(folder, tensors: dict, config: dict = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     specs = []
     for name, value in tensors.items():
-        dtype_name = "I64" if value.dtype == np.int64 else from_numpy(value.dtype).safetensors_name
+        other = {"int64": "I64", "int32": "I32", "bool": "BOOL", "float64": "F64"}
+        dtype_name = other.get(value.dtype.name) or from_numpy(value.dtype).safetensors_name
         specs.append(EncodedTensor(name, dtype_name, value.shape, value.nbytes))
     header, _ = encode_header(specs, {"format": "pt"})
     with open(folder / "model.safetensors", "wb") as f:

@@ -400,3 +400,48 @@ def test_the_command_line_warns_of_nan_and_inf_also_on_resume(tmp_path):
 def test_a_clean_merge_warns_of_nothing(tiny_trio, tmp_path):
     proc = cli(*merge_args(tiny_trio, tmp_path / "out"))
     assert proc.returncode == 0 and proc.stderr == ""
+
+
+# ---- buffers the kernels cannot merge ---------------------------------------------------------
+
+def buffers_trio(root, differ: str = ""):
+    """fp32 weights plus integer, bool and float64 buffers (position ids, masks, rotary
+    frequencies) as transformers models carry them."""
+    buffers = {"position_ids": np.arange(12, dtype=np.int64).reshape(1, 12),
+               "mask": np.tril(np.ones((4, 4), dtype=bool)),
+               "inv_freq": 1.0 / 10000 ** (np.arange(0, 8, 2, dtype=np.float64) / 8)}
+    for seed, role in enumerate(("base", "domain", "aligned")):
+        tensors = {**small_model(seed), **{k: v.copy() for k, v in buffers.items()}}
+        if role == "domain" and differ:
+            flat = tensors[differ].reshape(-1)
+            flat[0] = not flat[0] if flat.dtype == bool else flat[0] + 1
+        write_checkpoint(root / role, tensors)
+    return {r: root / r for r in ("base", "domain", "aligned")}
+
+
+def test_identical_buffers_are_copied_through(tmp_path):
+    from safetensors.numpy import load_file
+
+    trio = buffers_trio(tmp_path)
+    out = tmp_path / "out"
+    result = merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out,
+                               max_shard_size=200)
+    assert result.shards > 1 and verify_output(out) == []
+    merged = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        merged.update(load_file(shard))
+    base = load_file(trio["base"] / "model.safetensors")
+    for name in ("position_ids", "mask", "inv_freq"):
+        assert merged[name].dtype == base[name].dtype
+        np.testing.assert_array_equal(merged[name], base[name])
+    assert merged["embed.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("name, dtype", [("position_ids", "I64"), ("mask", "BOOL"),
+                                         ("inv_freq", "F64")])
+def test_buffers_that_differ_are_refused_before_compute(tmp_path, name, dtype):
+    trio = buffers_trio(tmp_path, differ=name)
+    with pytest.raises(PlanError, match=f"tensor {name} in .*: dtype {dtype} cannot be merged "
+                                        ".*these differ"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
