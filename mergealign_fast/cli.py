@@ -19,7 +19,7 @@ from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
-from .entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+from .entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupted_while_starting
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge
 from .progress import human_bytes
@@ -346,7 +346,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Past a file-size limit (ulimit -f) the kernel would kill us with SIGXFSZ mid-write; ignored,
     # the write fails with EFBIG instead and the user gets a message and a resumable merge.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except KeyboardInterrupt as exc:
+        return interrupted_while_starting(exc)
     try:
         if args.command == "merge":
             return _run_merge(args)

@@ -38,15 +38,21 @@ def _reopen_closed_std_streams() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
-def main() -> int:
-    _reopen_closed_std_streams()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+def interrupted_while_starting(exc: KeyboardInterrupt) -> int:
+    """One line for a Ctrl-C or SIGTERM before any work began; the exit status."""
+    print("\nmergealign-fast: interrupted while starting; nothing was done", file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def main(argv=None) -> int:
+    try:  # cli.main handles interrupts once it runs; before that, this does
+        _reopen_closed_std_streams()
+        signal.signal(signal.SIGTERM, _on_sigterm)
         from .cli import main as cli_main
+
+        return cli_main(argv)
     except KeyboardInterrupt as exc:
-        print("\nmergealign-fast: interrupted while starting; nothing was done", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-    return cli_main()
+        return interrupted_while_starting(exc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,384 @@
+"""A stateful torture test of the command line: random sequences of what users do to a merge.
+
+A hypothesis state machine drives merges and sweeps (with --force, --resume or neither),
+SIGKILL/SIGINT/SIGTERM at random moments, inputs rewritten in place (their times put back or
+not) or replaced, OUT symlinked elsewhere or moved away, a second merge at the same time, a full
+disk, and `verify`, against a model of what must hold after every step:
+
+1. OUT is absent, or complete: it verifies and equals (bitwise) the merge of the inputs it was
+   made from;
+2. nothing outside OUT and the tool's hidden siblings is created, changed or removed, inputs
+   included (but by the machine's own input rules);
+3. every refusal is one line and exit 2;
+4. there is always a command that finishes the job (--resume, else --force).
+
+Commands run in children forked from this process (imports done once: a step takes tens of
+milliseconds), exactly as `mergealign-fast` runs them: entry.py's set-up, then cli.main.
+tests/test_torture.py runs a CI-sized budget; benches/torture.py runs thousands of sequences.
+"""
+
+import gc
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from mergealign_fast import merge_checkpoints
+from mergealign_fast import entry
+from mergealign_fast.manifest import verify_output
+from mergealign_fast.output import PARTIAL_SUFFIX, partial_dir_for
+from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+
+ROLES = ("base", "domain", "aligned")
+WEIGHTS = [(0.5, 0.5), (0.3, 0.9)]
+LAMBDAS = (0.25, 0.75)
+# ~12 shards of the tiny trio, one thread: a kill lands between or inside shards.
+FLAGS = ["--quiet", "--no-fsync", "--max-shard-size", "100KB", "--threads", "1"]
+STATS = {"sequences": 0, "steps": 0, "kills": 0, "refusals": 0}
+
+
+def tensors_digest(folder: Path) -> Optional[str]:
+    """Digest of a model folder's tensor files (None when it has none)."""
+    shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not shards:
+        return None
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(shard.name.encode() + shard.read_bytes())
+    return digest.hexdigest()
+
+
+def tree_snapshot(root: Path, excluded) -> Dict[str, Tuple[int, str]]:
+    """relative path -> (size, content digest) of every file under root not excluded(path)."""
+    snapshot = {}
+    for path in sorted(root.rglob("*")):
+        if excluded(path) or path.is_dir():
+            continue
+        if path.is_symlink():
+            snapshot[str(path.relative_to(root))] = (-1, os.readlink(path))
+        else:
+            data = path.read_bytes()
+            snapshot[str(path.relative_to(root))] = (len(data), hashlib.sha1(data).hexdigest())
+    return snapshot
+
+
+def run_forked(argv: List[str], kill: Optional[Tuple[int, float]] = None,
+               started: Optional[list] = None) -> Tuple[int, str, str]:
+    """(exit status or -signal, stdout, stderr) of `mergealign-fast argv` in a forked child;
+    with kill=(signal, seconds) the child gets that signal after that delay."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    # Signals wait until the child has set up what `mergealign-fast` sets up (entry.py): a
+    # signal that lands before that would be the harness's, not the tool's, to handle.
+    stoppers = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stoppers)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stoppers)
+    else:  # the child: what `mergealign-fast` does, then exit without cleanup handlers
+        code = 1
+        gc.callbacks.clear()  # the test runner's, inherited by the fork: not the tool's
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, entry._on_sigterm)
+            try:  # a signal pending since the fork lands here: as at the tool's start
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stoppers)
+                code = entry.main(argv)
+            except KeyboardInterrupt as exc:
+                code = entry.interrupted_while_starting(exc)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a crash is a finding: status 99 says so
+            import traceback
+
+            traceback.print_exc()
+            code = 99
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if started is not None:
+        started.append(pid)
+    if kill is not None:
+        time.sleep(kill[1])
+        try:
+            os.kill(pid, kill[0])
+        except ProcessLookupError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
+class MergeTorture(RuleBasedStateMachine):
+    """One workspace per sequence: the three inputs, OUT (`out`, maybe a link), a place
+    elsewhere on the same disk, and a sweep root."""
+
+    trio_cache: Optional[Dict[str, Path]] = None  # built once per process
+    small_fs: Optional[Path] = None  # a tmpfs mount for the full-disk rule (root only)
+
+    def __init__(self):
+        super().__init__()
+        STATS["sequences"] += 1
+        self.ws = Path(tempfile.mkdtemp(prefix="torture-", dir=self.small_fs))
+        trio = self._trio()
+        self.inputs = {r: self.ws / "inputs" / r for r in ROLES}
+        for role in ROLES:
+            shutil.copytree(trio[role], self.inputs[role])
+        (self.ws / "elsewhere").mkdir()
+        self.out = self.ws / "out"
+        # Preconditions read only this model, never the disk: where a kill lands changes the
+        # disk, and hypothesis replays a sequence expecting the same rules to be possible.
+        self.linked = False
+        self.weights = WEIGHTS[0]
+        self.expected_out: Optional[str] = None  # digest OUT holds (None: absent)
+        self.sweep_expected: Dict[float, Optional[str]] = {lam: None for lam in LAMBDAS}
+        self.references: Dict[tuple, Optional[str]] = {}
+        self.protected = self._snapshot()
+
+    @classmethod
+    def _trio(cls) -> Dict[str, Path]:
+        if cls.trio_cache is None:
+            root = Path(tempfile.mkdtemp(prefix="torture-trio-"))
+            cls.trio_cache = ensure_synthetic_trio(root, LLAMA_TINY, seed=11)
+        return cls.trio_cache
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def _inputs_key(self) -> str:
+        return "".join(tensors_digest(self.inputs[r]) or "-" for r in ROLES)
+
+    def reference(self, weights) -> str:
+        """Digest of a clean merge of the inputs as they are now (cached per content)."""
+        key = (self._inputs_key(), weights)
+        if key not in self.references:
+            scratch = Path(tempfile.mkdtemp(dir=self.ws.parent))
+            try:
+                merge_checkpoints(*(self.inputs[r] for r in ROLES), scratch / "m",
+                                  domain_weight=weights[0], align_weight=weights[1],
+                                  max_shard_size="100KB", fsync=False)
+                self.references[key] = tensors_digest(scratch / "m")
+            finally:
+                shutil.rmtree(scratch)
+        return self.references[key]
+
+    def _out_area(self, path: Path) -> bool:
+        """OUT, its link target and the tool's hidden siblings: where merges may write."""
+        rel = path.relative_to(self.ws).parts
+        return (rel[:1] in (("out",), ("sweep",)) or rel[:2] == ("elsewhere", "target")
+                or any(p.startswith((".out.", ".target.", ".lambda-")) for p in rel))
+
+    def _snapshot(self):
+        return tree_snapshot(self.ws, self._out_area)
+
+    def _merge_argv(self, weights, *extra) -> List[str]:
+        return ["merge", *map(str, (self.inputs[r] for r in ROLES)), "-o", str(self.out),
+                "--domain-weight", str(weights[0]), "--align-weight", str(weights[1]),
+                *FLAGS, *extra]
+
+    def _check_refusal(self, code: int, stderr: str) -> None:
+        if code == 2:
+            STATS["refusals"] += 1
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("mergealign-fast: error: "), stderr
+
+    def _after_command(self, code, stdout, stderr, weights, before: Optional[str],
+                       killed: bool = False) -> None:
+        """Update the model from a command's outcome, checking the outcome is allowed."""
+        STATS["steps"] += 1
+        assert "Traceback" not in stderr, stderr
+        now = tensors_digest(self.out)
+        if killed and code not in (0, 2):
+            STATS["kills"] += 1
+            assert code in (-signal.SIGKILL, 130, 143), (code, stderr)
+            assert now in (before, self.reference(weights)), "killed merge left a wrong OUT"
+        elif code == 0:
+            assert now == self.reference(weights), "OUT is not the merge of its inputs"
+        else:
+            assert code == 2, (code, stderr)
+            self._check_refusal(code, stderr)
+            assert now == before, "a refused command changed OUT"
+        self.expected_out = now
+        if now is not None:
+            self.weights = weights
+
+    # -- rules: commands ------------------------------------------------------------------------
+
+    @rule(weights=st.sampled_from(WEIGHTS), mode=st.sampled_from(["", "--force", "--resume"]))
+    def merge(self, weights, mode):
+        before = tensors_digest(self.out)
+        code, out, err = run_forked(self._merge_argv(weights, *filter(None, [mode])))
+        self._after_command(code, out, err, weights, before)
+
+    @rule(weights=st.sampled_from(WEIGHTS), mode=st.sampled_from(["", "--force", "--resume"]),
+          sig=st.sampled_from([signal.SIGKILL, signal.SIGINT, signal.SIGTERM]),
+          delay=st.floats(0.0, 0.15))
+    def killed_merge(self, weights, mode, sig, delay):
+        before = tensors_digest(self.out)
+        code, out, err = run_forked(self._merge_argv(weights, *filter(None, [mode])),
+                                    kill=(sig, delay))
+        self._after_command(code, out, err, weights, before, killed=True)
+
+    @rule(weights=st.sampled_from(WEIGHTS))
+    def two_merges_at_once(self, weights):
+        """A second merge into the same OUT while the first runs: it fails at once or runs
+        after; either way OUT ends as one complete merge."""
+        before = tensors_digest(self.out)
+        children = []
+        pid = os.fork()
+        if pid == 0:
+            code = run_forked(self._merge_argv(weights, "--force"))[0]
+            os._exit(code & 0xFF)
+        children.append(pid)
+        code, out, err = run_forked(self._merge_argv(weights, "--force"))
+        _, status = os.waitpid(pid, 0)
+        first = os.waitstatus_to_exitcode(status)
+        assert first in (0, 2) and code in (0, 2), (first, code, err)
+        if code == 2:
+            self._check_refusal(code, err)
+        now = tensors_digest(self.out)
+        assert now in (before, self.reference(weights))
+        STATS["steps"] += 1
+        self.expected_out = now
+        if now is not None:
+            self.weights = weights
+
+    @rule(mode=st.sampled_from(["", "--force", "--resume"]), kill=st.booleans(),
+          delay=st.floats(0.0, 0.2))
+    def sweep(self, mode, kill, delay):
+        root = self.ws / "sweep"
+        argv = ["sweep", *map(str, (self.inputs[r] for r in ROLES)), "-o", str(root),
+                "--lambdas", ",".join(map(str, LAMBDAS)), *FLAGS, *filter(None, [mode])]
+        before = {lam: tensors_digest(root / f"lambda-{lam}") for lam in LAMBDAS}
+        code, _, err = run_forked(argv, kill=(signal.SIGKILL, delay) if kill else None)
+        STATS["steps"] += 1
+        assert "Traceback" not in err, err
+        for lam in LAMBDAS:
+            now = tensors_digest(root / f"lambda-{lam}")
+            expected = self.reference((lam, round(1 - lam, 12)))
+            if code == 0:
+                assert now == expected, f"sweep output {lam} is not its merge"
+            elif code == 2:
+                self._check_refusal(code, err)
+                assert now == before[lam]
+            else:
+                assert kill and code == -signal.SIGKILL, (code, err)
+                assert now in (before[lam], expected)
+            if now is not None:
+                assert verify_output(root / f"lambda-{lam}") == []
+
+    @rule()
+    def verify(self):
+        code, _, err = run_forked(["verify", str(self.out)])
+        if self.expected_out is None:
+            assert code in (1, 2), "verify passed a missing model"
+        else:
+            assert code == 0, err
+
+    # -- rules: what users do to files ----------------------------------------------------------
+
+    @rule(role=st.sampled_from(ROLES), restore_times=st.booleans())
+    def rewrite_input(self, role, restore_times):
+        """The same size, other values, written in place (and maybe its times put back)."""
+        path = self.inputs[role] / "model.safetensors"
+        st_before = os.stat(path)
+        with open(path, "r+b") as f:
+            f.seek(-256, os.SEEK_END)
+            old = f.read(256)
+            f.seek(-256, os.SEEK_END)
+            f.write(bytes(b ^ 0x01 for b in old))
+        if restore_times:
+            os.utime(path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+        self.protected = self._snapshot()
+
+    @rule(role=st.sampled_from(ROLES))
+    def replace_input(self, role):
+        """A new file renamed over the old one (a new inode), as a download tool does."""
+        path = self.inputs[role] / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 0x04
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, path)
+        self.protected = self._snapshot()
+
+    @precondition(lambda self: not self.linked)
+    @rule()
+    def symlink_out(self):
+        """OUT becomes a link to a folder elsewhere (the model, if any, moves there)."""
+        target = self.ws / "elsewhere" / "target"
+        if self.out.exists():
+            os.rename(self.out, target)
+        else:
+            target.mkdir()
+        self.out.symlink_to(target)
+        self.linked = True
+
+    @rule()
+    def move_out_away(self):
+        """The user moves the model (or the folder OUT links to) somewhere and removes the
+        link: from now on it is theirs, and OUT is a plain path again."""
+        moved = self.ws / f"moved-{time.monotonic_ns()}"
+        if self.linked:
+            os.rename(self.ws / "elsewhere" / "target", moved)
+            self.out.unlink()
+            self.linked = False
+        elif self.out.exists():
+            os.rename(self.out, moved)
+        self.expected_out = None
+        self.protected = self._snapshot()
+
+    @precondition(lambda self: self.small_fs is not None)
+    @rule(weights=st.sampled_from(WEIGHTS), room=st.integers(0, 2_000_000))
+    def merge_on_a_full_disk(self, weights, room):
+        """Only `room` bytes left on the disk: a clear refusal or a complete merge."""
+        filler = self.ws / "filler"
+        size = max(0, shutil.disk_usage(self.ws).free - room)
+        subprocess.run(["fallocate", "-l", str(size), str(filler)], check=False,
+                       capture_output=True)
+        before = tensors_digest(self.out)
+        try:
+            code, out, err = run_forked(self._merge_argv(weights, "--force"))
+        finally:
+            filler.unlink(missing_ok=True)
+        self._after_command(code, out, err, weights, before)
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def out_is_absent_or_complete(self):
+        now = tensors_digest(self.out)
+        assert now == self.expected_out
+        if now is not None:
+            assert verify_output(self.out) == [], verify_output(self.out)
+
+    @invariant()
+    def nothing_else_changed(self):
+        assert self._snapshot() == self.protected, "a file outside OUT changed"
+
+    def teardown(self):
+        """There is always a way forward: --resume, else --force, finishes the job."""
+        try:
+            code, _, err = run_forked(self._merge_argv(self.weights, "--resume"))
+            if code == 2:
+                code, _, err = run_forked(self._merge_argv(self.weights, "--force"))
+            assert code == 0, err
+            assert tensors_digest(self.out) == self.reference(self.weights)
+            assert not partial_dir_for(self.out).exists()
+            assert not list(Path(os.path.realpath(self.out)).parent.glob(
+                f".*{PARTIAL_SUFFIX}")), "a partial folder was left after a finished merge"
+            assert self._snapshot() == self.protected
+        finally:
+            shutil.rmtree(self.ws, ignore_errors=True)
