@@ -221,6 +221,10 @@ def _print_result(result: MergeResult) -> None:
     if result.already_complete:
         print(f"{result.out_dir} is already complete: {result.tensors} tensors in "
               f"{result.shards} shard(s), verified against its manifest; nothing to do")
+        if result.kept_partial is not None:
+            print(f"mergealign-fast: note: {result.kept_partial} holds an interrupted merge of "
+                  "other inputs or options: rerun that merge with --resume, or any merge into "
+                  "this output with --force to discard it", file=sys.stderr)
         return
     print(f"merged {result.tensors} tensors into {result.shards} shard(s), "
           f"{human_bytes(result.output_bytes)} -> {result.out_dir} in {result.seconds:.2f} s "

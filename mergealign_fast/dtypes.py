@@ -39,14 +39,17 @@ class DType(enum.IntEnum):
 _SHORT_NAMES = {DType.F32: "fp32", DType.F16: "fp16", DType.BF16: "bf16"}
 _TORCH_NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
 
-# Every dtype the safetensors format defines, with its size in bytes: a header naming one of these
-# is well formed even when the merge cannot compute in it (that is reported separately, by name).
-SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+# Every dtype the safetensors format defines: its size in bytes, and the numpy dtype that holds
+# its stored bytes (float8 as raw bytes, bf16 as uint16 bits).  A header naming one of these is
+# well formed even when the merge cannot compute in it (that is reported separately, by name).
+_SAFETENSORS_DTYPES = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "F8_E5M2": (1, "uint8"),
+    "F8_E4M3": (1, "uint8"), "F8_E8M0": (1, "uint8"),
+    "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "uint16"),
+    "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
 }
+SAFETENSORS_ITEMSIZE = {name: size for name, (size, _) in _SAFETENSORS_DTYPES.items()}
 
 _ALIASES = {
     "fp32": DType.F32, "float32": DType.F32, "f32": DType.F32,
@@ -114,11 +117,16 @@ def to_torch(dtype: DType) -> Any:
     return getattr(torch, dtype.torch_name)
 
 
-def storage_numpy_dtype(dtype: DType) -> Any:
-    """The numpy dtype that holds this dtype's raw bits (uint16 for bf16)."""
+def stored_numpy_dtype(safetensors_name: str) -> Any:
+    """The numpy dtype that holds a safetensors dtype's stored bytes (little-endian)."""
     import numpy as np
 
-    return np.dtype({DType.F32: np.float32, DType.F16: np.float16, DType.BF16: np.uint16}[dtype])
+    return np.dtype(_SAFETENSORS_DTYPES[safetensors_name][1]).newbyteorder("<")
+
+
+def storage_numpy_dtype(dtype: DType) -> Any:
+    """The numpy dtype that holds this dtype's raw bits (uint16 for bf16)."""
+    return stored_numpy_dtype(dtype.safetensors_name)
 
 
 def bf16_bits_to_f32(bits: Any) -> Any:

@@ -23,13 +23,15 @@ from .errors import MergeError
 from .kernels import cpu
 from .manifest import MANIFEST, nonfinite_counts, verify_output
 from .methods import TensorPasses, tensor_recipe
-from .output import PartialOutput, ShardFile, copy_tensor, create_shard_file, publish
+from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, publish,
+                     settle_leftover_partial)
 from .kernels.cpu import default_threads
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
 from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                      pass_chunks, tensor_chunks)
 from .writers import Writer, make_writer
+from .writers.f64 import write_f64_tensor
 
 # Input bytes (all three models) of a tensor whose pages stay mapped between a merge method's
 # passes over it (see tensor_recipes).
@@ -49,6 +51,8 @@ class MergeResult:
     # Per tensor, values of the merged model that are NaN or ±inf (from NaN/inf in the inputs,
     # or results beyond the output dtype's range): said, never silent.
     nonfinite: Dict[str, int] = field(default_factory=dict)
+    # An interrupted merge of other inputs or options, left beside a complete OUT.
+    kept_partial: Optional[Path] = None
 
     @property
     def gb_per_s(self) -> float:
@@ -99,9 +103,13 @@ def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
             targets.append(create_shard_file(path, shard.header, shard.size))
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
             file_offset = len(shard.header) + offset
-            if tensor.is_copied:
+            if not tensor.on_native_kernel:
                 writer.drain()  # checksums are built in file order
-                copy_tensor(targets, tensor.sources[0], file_offset)
+                if tensor.is_copied:
+                    copy_tensor(targets, tensor.sources[0], file_offset)
+                else:
+                    write_f64_tensor(targets, tensor, [p.settings[tensor.name] for p in plans],
+                                     file_offset)
                 progress.advance(tensor.out_nbytes * len(targets))
                 continue
             recipes = tensor_recipes(plans, tensor, maps, threads)
@@ -183,7 +191,8 @@ def _verified_complete(plan: MergePlan) -> MergeResult:
     shards = json.loads((plan.out_dir / MANIFEST).read_text()).get("shards", {})
     return MergeResult(plan.out_dir, time.perf_counter() - started, 0, plan.output_bytes,
                        plan.tensor_count, len(plan.shards), already_complete=True,
-                       nonfinite=nonfinite_counts(shards))
+                       nonfinite=nonfinite_counts(shards),
+                       kept_partial=settle_leftover_partial(plan))
 
 
 def _execute(plans: Sequence[MergePlan], show_progress: bool,

@@ -190,6 +190,32 @@ class PartialOutput:
         (self.folder / LOCK).unlink(missing_ok=True)
 
 
+def settle_leftover_partial(plan) -> Optional[Path]:
+    """After --resume found OUT complete from this very merge: a partial folder beside it that
+    holds nothing, or this same merge (an interrupted rerun, or the old model of a --force swap
+    killed before it was deleted), is redundant and removed.  One of another merge is kept for
+    its own --resume (or --force) and returned, as is one a running merge holds."""
+    folder = partial_dir_for(plan.out_dir)
+    if not folder.is_dir():
+        return None
+    lock_fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return folder
+        try:
+            journal = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            journal = {}
+        if journal.get("shards") and journal.get("fingerprint") != plan_fingerprint(plan):
+            return folder
+        shutil.rmtree(folder)
+        return None
+    finally:
+        os.close(lock_fd)
+
+
 # ---- shard files ----------------------------------------------------------------------------
 
 class ShardChecksum:

@@ -34,6 +34,10 @@ ROLES = ("base", "domain", "aligned")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 # Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
 DEFAULT_GPU_MEMORY = 2 << 30
+F64 = "F64"
+# The methods an F64 tensor can be merged with: those whose recipe needs no statistics pass
+# (the passes run in the fp32 kernel); writers/f64.py computes them in float64.
+F64_METHODS = ("task_arithmetic", "linear")
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
 
@@ -77,10 +81,17 @@ class PlannedTensor:
     # A tensor the kernels cannot merge (integer, bool, F64 buffers) but whose bytes are the
     # same in the three models is copied through as it is: its safetensors dtype.
     copied_dtype: Optional[str] = None
+    # F64 in the three models and not the same: merged in float64 (writers/f64.py).
+    merged_in_f64: bool = False
 
     @property
     def is_copied(self) -> bool:
         return self.copied_dtype is not None
+
+    @property
+    def on_native_kernel(self) -> bool:
+        """Merged chunk by chunk by a writer's kernel (neither copied nor merged in float64)."""
+        return self.out_dtype is not None
 
     @property
     def count(self) -> int:
@@ -88,12 +99,14 @@ class PlannedTensor:
 
     @property
     def out_safetensors_dtype(self) -> str:
+        if self.merged_in_f64:
+            return F64
         return self.copied_dtype or self.out_dtype.safetensors_name
 
     @property
     def out_itemsize(self) -> int:
-        if self.is_copied:
-            return dtypes.SAFETENSORS_ITEMSIZE[self.copied_dtype]
+        if not self.on_native_kernel:
+            return dtypes.SAFETENSORS_ITEMSIZE[self.out_safetensors_dtype]
         return self.out_dtype.itemsize
 
     @property
@@ -151,7 +164,7 @@ class MergePlan:
         weight = Counter()
         for shard in self.shards:
             for t in shard.tensors:
-                if not t.is_copied:
+                if t.on_native_kernel:
                     weight[t.out_dtype] += t.out_nbytes
         return weight.most_common(1)[0][0] if weight else DType.BF16
 
@@ -216,14 +229,22 @@ def _is_copied(locations) -> bool:
             and same_bytes(locations))
 
 
+def _all_f64(locations) -> bool:
+    """F64 of one shape in the three models: merged in float64 (or copied when identical)."""
+    entries = [loc.entry for loc in locations]
+    return all((e.dtype, e.shape) == (F64, entries[0].shape) for e in entries)
+
+
 def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
     unmergeable = {r: loc for r, loc in locations.items()
                    if dtypes.from_safetensors(loc.entry.dtype) is None}
-    if not unmergeable or _is_copied(list(locations.values())):
+    found = list(locations.values())
+    if not unmergeable or _all_f64(found) or _is_copied(found):
         return []
     return [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be merged "
-            "(supported: BF16, F16, F32; other dtypes are copied when the three models hold "
-            "the same bytes, and these differ)" for loc in unmergeable.values()]
+            "(supported: BF16, F16, F32, and F64 in all three models; other dtypes are copied "
+            "when the three models hold the same bytes, and these differ)"
+            for loc in unmergeable.values()]
 
 
 def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
@@ -325,8 +346,13 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
     for name in names:
         sources = tuple(models[r].tensors[name] for r in ROLES)
         stored = sources[0].entry.dtype
-        if dtypes.from_safetensors(stored) is None:  # checked: the same bytes in every model
-            yield PlannedTensor(name, sources[0].entry.shape, None, sources, copied_dtype=stored)
+        if dtypes.from_safetensors(stored) is None:  # checked: F64, or the same bytes
+            if _is_copied(sources):
+                yield PlannedTensor(name, sources[0].entry.shape, None, sources,
+                                    copied_dtype=stored)
+            else:
+                yield PlannedTensor(name, sources[0].entry.shape, None, sources,
+                                    merged_in_f64=True)
             continue
         dtype = DType[stored] if out_dtype is None else out_dtype
         yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
@@ -481,6 +507,9 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     else:  # one set of values for every tensor: say it once
         problems = settings_problems(next(iter(settings.values())), options.method.name) \
             if settings else []
+    problems += [f"tensor {t.name} is F64 in the three models: it is merged in float64 by "
+                 f"{', '.join(F64_METHODS)} only, not {settings[t.name].name}"
+                 for t in tensors if t.merged_in_f64 and settings[t.name].name not in F64_METHODS]
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)

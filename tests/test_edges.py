@@ -437,11 +437,76 @@ def test_identical_buffers_are_copied_through(tmp_path):
     assert merged["embed.weight"].dtype == np.float32
 
 
-@pytest.mark.parametrize("name, dtype", [("position_ids", "I64"), ("mask", "BOOL"),
-                                         ("inv_freq", "F64")])
+@pytest.mark.parametrize("name, dtype", [("position_ids", "I64"), ("mask", "BOOL")])
 def test_buffers_that_differ_are_refused_before_compute(tmp_path, name, dtype):
     trio = buffers_trio(tmp_path, differ=name)
     with pytest.raises(PlanError, match=f"tensor {name} in .*: dtype {dtype} cannot be merged "
                                         ".*these differ"):
         merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out")
     assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+# ---- float64 tensors are merged in float64 ----------------------------------------------------
+
+def f64_trio(root):
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((33, 7))  # float64
+    for offset, role in enumerate(("base", "domain", "aligned")):
+        write_checkpoint(root / role, {**small_model(offset),
+                                       "scale": base + offset * rng.standard_normal((33, 7))})
+    return {r: root / r for r in ("base", "domain", "aligned")}
+
+
+@pytest.mark.parametrize("method, expected", [
+    (Method("task_arithmetic"), lambda b, d, a: b + (0.3 * (d - b) + 0.9 * (a - b))),
+    (Method("task_arithmetic", lambda_=0.5, normalize=True),
+     lambda b, d, a: b + 0.5 * ((0.3 * (d - b) + 0.9 * (a - b)) / 1.2)),
+    (Method("linear", base_weight=0.2),
+     lambda b, d, a: (0.2 * b + 0.3 * d + 0.9 * a) / 1.4),
+], ids=["task_arithmetic", "lambda-normalize", "linear"])
+def test_f64_tensors_that_differ_are_merged_in_float64(tmp_path, method, expected):
+    from safetensors.numpy import load_file
+
+    trio = f64_trio(tmp_path)
+    out = tmp_path / "out"
+    merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, method=method,
+                      domain_weight=0.3, align_weight=0.9)
+    b, d, a = (load_file(trio[r] / "model.safetensors")["scale"] for r in trio)
+    got = load_file(out / "model.safetensors")["scale"]
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected(b, d, a))  # float64 math, nothing rounded to fp32
+    assert verify_output(out) == []
+
+
+def test_f64_tensors_in_a_sweep_equal_their_single_merges(tmp_path):
+    trio = f64_trio(tmp_path)
+    results = sweep_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "sweep",
+                                [0.25, 0.75])
+    for lam, result in zip([0.25, 0.75], results):
+        single = tmp_path / f"single-{lam}"
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], single,
+                          domain_weight=lam, align_weight=1 - lam)
+        assert all_tensors_bytes(result.out_dir) == all_tensors_bytes(single)
+
+
+def test_f64_tensors_with_a_method_that_needs_passes_are_refused(tmp_path):
+    trio = f64_trio(tmp_path)
+    with pytest.raises(PlanError, match="tensor scale is F64 in the three models: it is merged "
+                                        "in float64 by task_arithmetic, linear only, not ties"):
+        merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
+                          method=Method("ties", domain_density=0.5))
+
+
+def test_resume_on_a_complete_output_clears_what_duplicates_it_and_keeps_other_work(
+        tiny_trio, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = partial_dir_for(out)
+    assert cli(*merge_args(tiny_trio, out)).returncode == 0
+    shutil.copytree(out, partial)  # a --force swap killed before the old copy was deleted
+    done = cli(*merge_args(tiny_trio, out, "--resume"))
+    assert done.returncode == 0 and "already complete" in done.stdout and not partial.exists()
+    interrupt_after_first_shard(tiny_trio, out.parent / "other", monkeypatch, domain_weight=0.3)
+    shutil.move(partial_dir_for(out.parent / "other"), partial)  # another merge's work
+    kept = cli(*merge_args(tiny_trio, out, "--resume"))
+    assert kept.returncode == 0 and partial.exists()
+    assert "holds an interrupted merge of other inputs or options" in kept.stderr

@@ -85,14 +85,14 @@ def read_elements(location: TensorLocation, start: int = 0, count: Optional[int]
     uint16 bits).  A plain read, for checks and tests; the merge itself maps the files."""
     import numpy as np
 
-    from ..dtypes import DType, storage_numpy_dtype
+    from ..dtypes import stored_numpy_dtype
 
-    dtype = DType[location.entry.dtype]
+    dtype = stored_numpy_dtype(location.entry.dtype)
     count = location.entry.count - start if count is None else count
     with open(location.file, "rb") as f:
         f.seek(location.entry.begin + start * dtype.itemsize)
         raw = f.read(count * dtype.itemsize)
-    return np.frombuffer(raw, dtype=storage_numpy_dtype(dtype)).copy()
+    return np.frombuffer(raw, dtype=dtype).copy()
 
 
 # Bytes compared per read when checking that tensors are identical: bounded memory.

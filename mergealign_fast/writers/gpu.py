@@ -45,7 +45,7 @@ def _align(n: int) -> int:
 
 def _bytes_per_element(plan):
     """(input bytes, output bytes) per element, each the worst case over the plan's tensors."""
-    tensors = [t for shard in plan.shards for t in shard.tensors if not t.is_copied]
+    tensors = [t for shard in plan.shards for t in shard.tensors if t.on_native_kernel]
     inputs = max((sum(t.source_dtype(i).itemsize for i in range(3)) for t in tensors), default=6)
     output = max((t.out_dtype.itemsize for t in tensors), default=2)
     return inputs, output
