@@ -21,11 +21,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from .errors import MergeError
 from .kernels import cpu
+from .kernels.cpu import default_threads
 from .manifest import MANIFEST, nonfinite_counts, verify_output
 from .methods import TensorPasses, tensor_recipe
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, publish,
                      settle_leftover_partial)
-from .kernels.cpu import default_threads
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
 from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
@@ -89,35 +89,43 @@ def tensor_recipes(plans: Sequence[MergePlan], tensor: PlannedTensor, maps: Inpu
         raise
 
 
+def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
+                  plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
+                  progress: Progress) -> None:
+    """One tensor into every target: merged chunk by chunk by the writer's kernel, or (a tensor
+    the kernels cannot merge) copied, or merged in float64."""
+    if not tensor.on_native_kernel:
+        writer.drain()  # checksums are built in file order
+        if tensor.is_copied:
+            copy_tensor(targets, tensor.sources[0], file_offset)
+        else:
+            write_f64_tensor(targets, tensor, [p.settings[tensor.name] for p in plans],
+                             file_offset)
+        progress.advance(tensor.out_nbytes * len(targets))
+        return
+    threads = plans[0].options.threads or default_threads()
+    recipes = tensor_recipes(plans, tensor, maps, threads)
+    chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
+                           file_offset=file_offset, out_itemsize=tensor.out_itemsize)
+    for chunk in chunks:
+        writer.write(targets, tensor, chunk, recipes)
+        progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+
+
 def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
                  plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
-                 progress: Progress) -> List[int]:
+                 progress: Progress) -> List[ShardFile]:
     """Write one shard completely into each partial folder (one per plan); returns its file in
     each, closed, with its CRC-32C and NaN/inf counts."""
     options = plans[0].options
-    threads = options.threads or default_threads()
     paths = [p.folder / shard.filename for p in partials]
     targets: List[ShardFile] = []
     try:
         for path in paths:
             targets.append(create_shard_file(path, shard.header, shard.size))
         for tensor, offset in zip(shard.tensors, shard.data_offsets):
-            file_offset = len(shard.header) + offset
-            if not tensor.on_native_kernel:
-                writer.drain()  # checksums are built in file order
-                if tensor.is_copied:
-                    copy_tensor(targets, tensor.sources[0], file_offset)
-                else:
-                    write_f64_tensor(targets, tensor, [p.settings[tensor.name] for p in plans],
-                                     file_offset)
-                progress.advance(tensor.out_nbytes * len(targets))
-                continue
-            recipes = tensor_recipes(plans, tensor, maps, threads)
-            chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
-                                   file_offset=file_offset, out_itemsize=tensor.out_itemsize)
-            for chunk in chunks:
-                writer.write(targets, tensor, chunk, recipes)
-                progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+            _write_tensor(targets, tensor, len(shard.header) + offset, plans, maps, writer,
+                          progress)
         writer.drain()
         if options.fsync:
             for target in targets:
