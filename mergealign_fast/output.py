@@ -27,9 +27,9 @@ from ._version import __version__
 from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, TensorLocation, index_json
 from .kernels import cpu
-from .stream import WINDOW_BYTES, InputChanged
 from .manifest import (MANIFEST, crc_hex, file_crc32c, manifest_document, merge_differences,
                        plan_fingerprint)
+from .stream import WINDOW_BYTES, InputChanged
 
 LOCK = ".lock"
 PARTIAL_SUFFIX = ".mergealign-partial"
