@@ -19,7 +19,8 @@ from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
-from .entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupted_while_starting
+from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
+                    interrupted_while_starting)
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge
 from .progress import human_bytes
@@ -352,7 +353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = _build_parser().parse_args(argv)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # SystemExit (--help, bad flags) passes through
         return interrupted_while_starting(exc)
     try:
         if args.command == "merge":
@@ -376,11 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         for line in str(exc).splitlines():
             print(f"mergealign-fast: error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print(_interrupted_message(args, "terminated" if terminated else "interrupted"),
-              file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         _quiet_stdout()
         return 0
@@ -388,3 +384,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mergealign-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:  # noqa: BLE001 - Ctrl-C and SIGTERM, maybe wrapped; not bugs
+        interrupt = interrupt_in(exc)
+        if interrupt is None:
+            raise
+        terminated = isinstance(interrupt, Terminated)
+        print(_interrupted_message(args, "terminated" if terminated else "interrupted"),
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED

@@ -38,6 +38,17 @@ def _reopen_closed_std_streams() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
+def interrupt_in(exc: BaseException):
+    """The Ctrl-C or SIGTERM behind an exception, or None.  An interrupt that lands while Python
+    creates a class (a dataclass field's __set_name__, during an import) reaches us wrapped in a
+    RuntimeError on Python 3.11: look along the cause chain."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def interrupted_while_starting(exc: KeyboardInterrupt) -> int:
     """One line for a Ctrl-C or SIGTERM before any work began; the exit status."""
     print("\nmergealign-fast: interrupted while starting; nothing was done", file=sys.stderr)
@@ -51,8 +62,11 @@ def main(argv=None) -> int:
         from .cli import main as cli_main
 
         return cli_main(argv)
-    except KeyboardInterrupt as exc:
-        return interrupted_while_starting(exc)
+    except BaseException as exc:  # noqa: BLE001 - only interrupts are handled here
+        interrupt = interrupt_in(exc)
+        if interrupt is None:
+            raise
+        return interrupted_while_starting(interrupt)
 
 
 if __name__ == "__main__":

@@ -510,3 +510,25 @@ def test_resume_on_a_complete_output_clears_what_duplicates_it_and_keeps_other_w
     kept = cli(*merge_args(tiny_trio, out, "--resume"))
     assert kept.returncode == 0 and partial.exists()
     assert "holds an interrupted merge of other inputs or options" in kept.stderr
+
+
+def test_an_interrupt_wrapped_by_class_creation_is_still_an_interrupt(monkeypatch, capsys):
+    """A SIGTERM that lands while an import creates a dataclass reaches us as a RuntimeError
+    whose cause is the interrupt (Python 3.11): still one line, exit 143 (found by the torture
+    test)."""
+    from mergealign_fast import entry
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mergealign_fast.cli":
+                try:
+                    raise entry.Terminated()
+                except entry.Terminated as exc:
+                    raise RuntimeError("Error calling __set_name__") from exc
+            return None
+
+    monkeypatch.delitem(sys.modules, "mergealign_fast.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert entry.main([]) == entry.EXIT_TERMINATED
+    assert "interrupted while starting" in capsys.readouterr().err
