@@ -31,8 +31,41 @@ from .manifest import (MANIFEST, crc_hex, file_crc32c, manifest_document, merge_
                        plan_fingerprint)
 from .stream import WINDOW_BYTES, InputChanged
 
-LOCK = ".lock"
 PARTIAL_SUFFIX = ".mergealign-partial"
+# A folder whose lock keeps changing hands (merges publishing and starting at once) is tried
+# this many times before giving up.
+LOCK_TRIES = 5
+
+
+def lock_folder(folder: Path, make: bool) -> Optional[int]:
+    """An exclusive flock on the folder itself (its directory inode), held through the returned
+    descriptor: the lock goes wherever the folder is renamed, and there is no lock file to
+    delete (deleting one would let another merge lock a new file in the same folder).  After
+    locking, the path must still name the locked folder, since a merge that was publishing may
+    have renamed it away meanwhile: then try again.  None when another process holds it
+    (or, with make=False, when there is no folder)."""
+    for _ in range(LOCK_TRIES):
+        if make:
+            folder.mkdir(exist_ok=True)
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not make:
+                return None
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(folder).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise MergeError(f"{folder} keeps changing while merges start and finish: try again")
 
 
 def resolve_out_dir(out_dir) -> Path:
@@ -110,16 +143,11 @@ class PartialOutput:
 
     def open(self, resume: bool, force: bool) -> "PartialOutput":
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.folder.mkdir(exist_ok=True)
-        self.lock_fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.lock_fd)
-            self.lock_fd = None
+        self.lock_fd = lock_folder(self.folder, make=True)
+        if self.lock_fd is None:
             raise MergeError(f"another merge into {self.out_dir} is running now (it holds "
-                             f"{self.folder}); wait for it or choose another output") from None
-        leftovers = [p for p in self.folder.iterdir() if p.name != LOCK]
+                             f"{self.folder}); wait for it or choose another output")
+        leftovers = list(self.folder.iterdir())
         if leftovers and not (resume or force):
             self.close()
             raise MergeError(f"{self.folder} holds an interrupted merge into {self.out_dir}: add "
@@ -185,9 +213,6 @@ class PartialOutput:
         shutil.rmtree(self.folder, ignore_errors=True)
         return True
 
-    def release_lock_file(self) -> None:
-        """Remove the lock file before the folder becomes OUT (the lock itself stays held)."""
-        (self.folder / LOCK).unlink(missing_ok=True)
 
 
 def settle_leftover_partial(plan) -> Optional[Path]:
@@ -198,12 +223,10 @@ def settle_leftover_partial(plan) -> Optional[Path]:
     folder = partial_dir_for(plan.out_dir)
     if not folder.is_dir():
         return None
-    lock_fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    lock_fd = lock_folder(folder, make=False)
+    if lock_fd is None:
+        return folder if folder.exists() else None
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return folder
         try:
             journal = json.loads((folder / MANIFEST).read_text())
         except (OSError, ValueError):
@@ -333,11 +356,18 @@ def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
     """Rename the finished folder to OUT.  A non-empty OUT (allowed by --force) is swapped with
     the new folder in one atomic step, so at every instant OUT is either the old model or the new
     one; the old one is deleted only afterwards."""
-    if out_dir.is_dir() and any(out_dir.iterdir()) and _exchange(tmp, out_dir):
-        if fsync:
-            fsync_dir(out_dir.parent)
-        shutil.rmtree(tmp)  # now holds the old model
-        return
+    old_lock = lock_folder(out_dir, make=False) if out_dir.is_dir() else None
+    try:
+        # The old model is locked before it is swapped to the partial folder's path, until it
+        # is deleted: a merge starting meanwhile finds that path locked, not free to clear.
+        if out_dir.is_dir() and any(out_dir.iterdir()) and _exchange(tmp, out_dir):
+            if fsync:
+                fsync_dir(out_dir.parent)
+            shutil.rmtree(tmp)  # now holds the old model
+            return
+    finally:
+        if old_lock is not None:
+            os.close(old_lock)
     old = None
     if out_dir.is_dir() and any(out_dir.iterdir()):  # no renameat2: two renames
         old = out_dir.parent / f".{out_dir.name}.mergealign-replaced-{os.getpid()}"
@@ -355,7 +385,6 @@ def publish(partial: PartialOutput) -> None:
     """Side files, then the partial folder becomes OUT."""
     plan = partial.plan
     _write_side_files(partial)
-    partial.release_lock_file()
     if plan.options.fsync:
         fsync_dir(partial.folder)
     _move_into_place(partial.folder, plan.out_dir, plan.options.fsync)

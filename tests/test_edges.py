@@ -532,3 +532,32 @@ def test_an_interrupt_wrapped_by_class_creation_is_still_an_interrupt(monkeypatc
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert entry.main([]) == entry.EXIT_TERMINATED
     assert "interrupted while starting" in capsys.readouterr().err
+
+
+def test_a_merge_starting_while_another_publishes_cannot_clear_its_folder(tiny_trio, tmp_path,
+                                                                         monkeypatch):
+    """Publishing renames the locked partial folder to OUT.  A merge that opened the folder just
+    before takes the lock once it is released, finds the path now names another folder, and
+    locks a new one instead of clearing the published model (found by the torture test)."""
+    import fcntl
+
+    from mergealign_fast import output
+
+    partial = partial_dir_for(tmp_path / "out")
+    partial.mkdir()
+    (partial / "model.safetensors").write_text("the model being published")
+    real_flock = fcntl.flock
+
+    def publish_in_between(fd, operation):  # the other merge renames its folder right here
+        if (tmp_path / "out").exists() is False and partial.exists():
+            os.rename(partial, tmp_path / "out")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(output.fcntl, "flock", publish_in_between)
+    fd = output.lock_folder(partial, make=True)
+    try:
+        assert os.fstat(fd).st_ino == os.stat(partial).st_ino  # a new, empty folder
+        assert list(partial.iterdir()) == []
+        assert (tmp_path / "out" / "model.safetensors").exists()  # the published one untouched
+    finally:
+        os.close(fd)

@@ -180,13 +180,13 @@ def test_a_second_merge_into_the_same_output_fails_at_once(tiny_trio, tmp_path):
     import fcntl
     import os
 
-    from mergealign_fast.output import LOCK, partial_dir_for
+    from mergealign_fast.output import partial_dir_for
 
     out = tmp_path / "out"
     partial = partial_dir_for(out)
     partial.mkdir()
-    fd = os.open(partial / LOCK, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running merge holds
+    fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running merge holds: the folder itself
     try:
         with pytest.raises(MergeError, match="another merge into .* is running now"):
             merge(tiny_trio, out)
