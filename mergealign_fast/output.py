@@ -1,7 +1,7 @@
 """The output of a merge, from its hidden partial folder to OUT.
 
 A merge writes into a hidden folder beside OUT, `.OUT.mergealign-partial`, holding an exclusive
-lock on a file inside it for as long as it runs: a second merge aimed at the same OUT fails at
+lock on the folder itself for as long as it runs: a second merge aimed at the same OUT fails at
 once, merges into different folders run side by side.  Each shard is created at its final size
 (so a full disk is found before computing), filled by a writer (writers/), checksummed as it is
 written, and recorded in the journal (the manifest, manifest.py, replaced atomically) once
