@@ -144,7 +144,12 @@ def test_sigkill_at_random_moments_then_resume(medium_trio, reference, tmp_path)
     assert counts["killed"] + counts["killed_after_publish"] == 5 and counts["resumed_ok"] == 1
 
 
-def test_ctrl_c_stops_cleanly_and_resume_finishes(medium_trio, reference, tmp_path):
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_resume_finishes(medium_trio, reference, tmp_path,
+                                                             sig, status, word):
+    """SIGTERM (a scheduler stopping the job) ends a merge as Ctrl-C does."""
     out = tmp_path / "out"
     partial = partial_dir_for(out)
     for attempt in range(5):  # the merge may finish before the signal lands; try again
@@ -152,14 +157,14 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(medium_trio, reference, tmp_pa
                                 stderr=subprocess.PIPE, text=True)
         while proc.poll() is None and not (partial / MANIFEST).exists():
             time.sleep(0.001)  # interrupt once at least one shard is complete
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stderr = proc.communicate()[1]
-        if proc.returncode == 130:
+        if proc.returncode == status:
             break
         shutil.rmtree(out, ignore_errors=True)
     else:
-        pytest.skip("every merge finished before Ctrl-C arrived")
-    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+        pytest.skip("every merge finished before the signal arrived")
+    assert word in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert not out.exists() and (partial / MANIFEST).exists()
     subprocess.run(merge_cmd(medium_trio, out, "--resume"), check=True)
     assert all_tensors_bytes(out) == reference and leftovers(tmp_path) == []
