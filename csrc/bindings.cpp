@@ -267,6 +267,16 @@ PYBIND11_MODULE(_native, m) {
   m.attr("HISTOGRAM_HIGH_BITS") = kHighBits;
   m.attr("HISTOGRAM_SKIP") = kSkip;
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
+  m.def("cpu_uses_f16c", &cpu_uses_f16c, "Whether fp16 converts with F16C instructions here.");
+  m.def(
+      "copy_threads",
+      [](uintptr_t dst, uintptr_t src, int64_t bytes, int threads) {
+        py::gil_scoped_release no_gil;
+        copy_threads(reinterpret_cast<unsigned char*>(dst),
+                     reinterpret_cast<const unsigned char*>(src), bytes, threads);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("threads"),
+      "memcpy split over `threads` threads (the floor the bench compares the kernel with).");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 
   py::class_<MappedFile>(m, "MappedFile")

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -185,6 +186,22 @@ int64_t count_nonfinite(const unsigned char* data, int64_t count, int dtype) {
   int64_t bad = 0;
   for (int64_t i = 0; i < count; ++i) bad += !std::isfinite(load_as_f32(data, i, dtype));
   return bad;
+}
+
+bool cpu_uses_f16c() {
+#ifdef MA_HAVE_F16C_PATH
+  return cpu_has_f16c();
+#else
+  return false;
+#endif
+}
+
+void copy_threads(unsigned char* dst, const unsigned char* src, int64_t bytes, int threads) {
+  if (bytes <= 0) return;
+  // 4 KiB granules: page-aligned slices, as the kernel's reads of mapped files are.
+  parallel_slices(bytes, std::max(1, threads), 4096, [&](int, int64_t begin, int64_t end) {
+    std::memcpy(dst + begin, src + begin, size_t(end - begin));
+  });
 }
 
 std::string cpu_isa() {

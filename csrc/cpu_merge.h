@@ -40,4 +40,11 @@ int64_t count_nonfinite(const unsigned char* data, int64_t count, int dtype);
 // "baseline").
 std::string cpu_isa();
 
+// Whether fp16 tiles convert with F16C instructions here (tiles.h; MERGEALIGN_NO_F16C=1: no).
+bool cpu_uses_f16c();
+
+// memcpy of `bytes` split over `threads` contiguous slices, as the merge splits its work: the
+// floor `mergealign-fast bench` compares the kernel with.
+void copy_threads(unsigned char* dst, const unsigned char* src, int64_t bytes, int threads);
+
 }  // namespace mergealign

@@ -191,6 +191,23 @@ def _build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check a merged folder against its manifest")
     verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
+    bench = sub.add_parser("bench", help="this machine's floors (memcpy, disk read and write) "
+                           "and our kernel and merge beside them (under a minute)")
+    bench.add_argument("--size", default="311MB", metavar="SIZE",
+                       help="size of each generated model of the merged trio (default 311MB, "
+                            "the demo's; keep it within the page cache for warm rows)")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny sizes and one round: seconds, for CI (numbers flattered by "
+                            "caches)")
+    bench.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    bench.add_argument("--dir", default=None, help="work folder for the generated trio and "
+                       "outputs (default: the system temp folder); its file system is measured")
+    bench.add_argument("--json", default=None, metavar="PATH",
+                       help="also write the results in pytest-benchmark's JSON format")
+    bench.add_argument("--vs-mergekit", action="store_true",
+                       help="measure mergekit-yaml on the same trio too (when installed)")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (default), or cuda to add the GPU rows")
     return parser
 
 
@@ -309,6 +326,21 @@ def _run_verify(out: str) -> int:
     return 1 if problems else 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if args.threads is not None and args.threads < 1:
+        raise MergeError(f"--threads must be at least 1 (got {args.threads})")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise MergeError(f"--device {args.device!r}: choose cpu or cuda")
+    lines = run_bench(_user_value(parse_size, args.size), args.quick, args.threads,
+                      Path(args.dir) if args.dir else None,
+                      Path(args.json) if args.json else None, args.vs_mergekit, args.device)
+    for line in lines:
+        print(line)
+    return 0
+
+
 def _run_env() -> int:
     print(f"mergealign-fast {__version__}, Python {platform.python_version()}, "
           f"{platform.machine()}")
@@ -366,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_inspect(args)
         if args.command == "verify":
             return _run_verify(args.out)
+        if args.command == "bench":
+            return _run_bench(args)
         if args.command == "demo":
             from .demo import run_demo, run_trained_demo
 
