@@ -1,4 +1,5 @@
-"""Command line: `mergealign-fast merge|sweep|inspect|verify|demo|env` (or `python -m`)."""
+"""Command line: `mergealign-fast merge|sweep|run|inspect|verify|demo|env|bench` (or
+`python -m mergealign_fast`; entry.py sets up the process first)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from typing import List, Optional
 from . import dtypes
 from ._version import __version__
 from .engine import MergeResult, execute
+from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
+                    interrupted_while_starting)
 from .errors import MergeError, PlanError
 from .inspect_vectors import inspect_checkpoints, summary, write_reports
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
-from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
-                    interrupted_while_starting)
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge
 from .progress import human_bytes
@@ -99,7 +100,6 @@ _METHOD_FLAGS = {"density": "density", "domain_density": "density",
 
 def _method_from_args(args: argparse.Namespace):
     """The Method the flags describe; MergeError for a flag the method does not take."""
-
     accepted = METHODS[args.method].parameters
     problems = [f"--{flag.rstrip('_').replace('_', '-')} does not apply to {args.method} (it "
                 f"takes: {', '.join(accepted) or 'nothing'})"
@@ -113,15 +113,15 @@ def _method_from_args(args: argparse.Namespace):
     if problems:
         raise MergeError("\n".join(dict.fromkeys(problems)))
 
-    def given(value, default):
-        return default if value is None else value
+    def first_given(*values):
+        return next((v for v in values if v is not None), None)
 
-    density = given(args.density, 1.0)
-    method = Method(args.method, domain_density=given(args.domain_density, density),
-                    align_density=given(args.align_density, density),
-                    lambda_=given(args.lambda_, 1.0), normalize=args.normalize,
-                    rescale=args.rescale, seed=given(args.seed, 0), t=given(args.t, 0.5),
-                    base_weight=given(args.base_weight, 0.0))
+    given = {"domain_density": first_given(args.domain_density, args.density),
+             "align_density": first_given(args.align_density, args.density),
+             "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
+             "seed": args.seed, "t": args.t, "base_weight": args.base_weight}
+    # Flags not given keep Method's own defaults (one home for them).
+    method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
     problems = method.problems()
     if problems:
         raise MergeError("\n".join(problems))
