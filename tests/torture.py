@@ -105,10 +105,13 @@ def run_forked(argv: List[str], kill: Optional[Tuple[int, float]] = None,
 
             traceback.print_exc()
             code = 99
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        finally:  # nothing may escape: this process is a copy of the test runner
+            try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, stoppers)  # a late signal: the end
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
     if started is not None:
         started.append(pid)
     if kill is not None:
