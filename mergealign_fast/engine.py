@@ -11,7 +11,6 @@ the same loop: each chunk is read once and merged once per plan.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from contextlib import ExitStack
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from .errors import MergeError
 from .kernels import cpu
 from .kernels.cpu import default_threads
-from .manifest import MANIFEST, nonfinite_counts, verify_output
+from .manifest import nonfinite_counts, read_manifest, verify_output
 from .methods import TensorPasses, tensor_recipe
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, publish,
                      settle_leftover_partial)
@@ -196,7 +195,7 @@ def _verified_complete(plan: MergePlan) -> MergeResult:
     if problems:
         raise MergeError(f"{plan.out_dir} holds this merge but fails verification "
                          f"({problems[0]}): rerun with --force to merge it again")
-    shards = json.loads((plan.out_dir / MANIFEST).read_text()).get("shards", {})
+    shards = read_manifest(plan.out_dir).get("shards", {})
     return MergeResult(plan.out_dir, time.perf_counter() - started, 0, plan.output_bytes,
                        plan.tensor_count, len(plan.shards), already_complete=True,
                        nonfinite=nonfinite_counts(shards),

@@ -44,6 +44,16 @@ def file_crc32c(path: Path) -> int:
         mapped.close()
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest (or journal) in `folder`; {} when there is none or it cannot be read (a
+    merge killed before its first shard completed leaves none)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def plan_fingerprint(plan) -> str:
     """Identity of a merge: its inputs (path, device, inode, size, mtime), options and layout.
     A partial merge is resumed only by a merge with the same fingerprint."""
@@ -103,11 +113,15 @@ def nonfinite_counts(shards: Dict[str, dict]) -> Dict[str, int]:
             for tensor, count in shard.get("nonfinite", {}).items()}
 
 
+def _same(a, b) -> bool:
+    """Equal as JSON (a NaN weight equals itself; tuples equal the lists JSON read back)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def merge_differences(recorded: dict, plan) -> List[str]:
     """How the merge a manifest (or journal) records differs from `plan`, one line each: which
     input file changed and how, which option has another value."""
     now = manifest_document(plan, "", "", {})
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa
     lines = []
     for role, then in recorded.get("inputs", {}).items():
         current = now["inputs"].get(role, {})
@@ -119,12 +133,12 @@ def merge_differences(recorded: dict, plan) -> List[str]:
             a, b = files_then.get(name), files_now.get(name)
             if a is None or b is None:
                 lines.append(f"input {role}: {name} was {'added' if a is None else 'removed'}")
-            elif not same(a, b):
+            elif not _same(a, b):
                 changed = ", ".join(k for k in _IDENTITY_FIELDS if a.get(k) != b.get(k))
                 lines.append(f"input {role}: {current['folder']}/{name} changed since then "
                              f"({changed})")
     for key in _OPTION_FIELDS:
-        if not same(recorded.get(key), now[key]):
+        if not _same(recorded.get(key), now[key]):
             lines.append(f"option {key}: {recorded.get(key)!r} then, {now[key]!r} now")
     return lines or ["the output layout differs (another dtype or shard size)"]
 

@@ -28,7 +28,7 @@ from .errors import MergeError
 from .io.checkpoint import CONFIG_FILE, INDEX_FILE, TensorLocation, index_json
 from .kernels import cpu
 from .manifest import (MANIFEST, crc_hex, file_crc32c, manifest_document, merge_differences,
-                       plan_fingerprint)
+                       plan_fingerprint, read_manifest)
 from .stream import WINDOW_BYTES, InputChanged
 
 PARTIAL_SUFFIX = ".mergealign-partial"
@@ -160,9 +160,8 @@ class PartialOutput:
         return self
 
     def _load_journal(self) -> None:
-        try:
-            journal = json.loads((self.folder / MANIFEST).read_text())
-        except (OSError, ValueError):
+        journal = read_manifest(self.folder)
+        if not journal:
             return  # killed before the first shard completed: nothing to keep
         if journal.get("fingerprint") != self.fingerprint:
             self.close()
@@ -227,10 +226,7 @@ def settle_leftover_partial(plan) -> Optional[Path]:
     if lock_fd is None:
         return folder if folder.exists() else None
     try:
-        try:
-            journal = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError):
-            journal = {}
+        journal = read_manifest(folder)
         if journal.get("shards") and journal.get("fingerprint") != plan_fingerprint(plan):
             return folder
         shutil.rmtree(folder)

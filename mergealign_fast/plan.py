@@ -24,7 +24,7 @@ from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLoca
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
 from .kernels import resolve_backend
-from .manifest import MANIFEST, merge_differences, plan_fingerprint
+from .manifest import merge_differences, plan_fingerprint, read_manifest
 from .methods import Method, TensorSettings, check_weights, layer_position, resolve, \
     settings_problems
 from .output import out_dir_problems, resolve_out_dir
@@ -308,11 +308,8 @@ def _completed_output(plan: "MergePlan", given) -> bool:
     PlanError otherwise."""
     if plan.options.force or not _is_occupied(plan.out_dir):
         return False
-    try:
-        recorded = json.loads((plan.out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        recorded = None
-    if not isinstance(recorded, dict):
+    recorded = read_manifest(plan.out_dir)
+    if not recorded:
         raise PlanError([f"output {given} exists and is not empty: use --force to replace it"])
     if recorded.get("fingerprint") != plan_fingerprint(plan):
         changes = "; ".join(merge_differences(recorded, plan))
@@ -346,8 +343,10 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
     for name in names:
         sources = tuple(models[r].tensors[name] for r in ROLES)
         stored = sources[0].entry.dtype
-        if dtypes.from_safetensors(stored) is None:  # checked: F64, or the same bytes
-            if _is_copied(sources):
+        if dtypes.from_safetensors(stored) is None:
+            # Checked already: F64 in all three, or the same bytes.  Only F64 needs its bytes
+            # compared here (identical: copied; else merged in float64).
+            if stored != F64 or same_bytes(sources):
                 yield PlannedTensor(name, sources[0].entry.shape, None, sources,
                                     copied_dtype=stored)
             else:
