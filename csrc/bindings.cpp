@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu_merge.h"
+#include "direct_path.h"
 #include "reductions.h"
 #include "crc32c.h"
 #include "mapped_file.h"
@@ -268,6 +269,8 @@ PYBIND11_MODULE(_native, m) {
   m.attr("HISTOGRAM_SKIP") = kSkip;
   m.def("cpu_isa", &cpu_isa, "Instruction set the kernel dispatcher selected on this CPU.");
   m.def("cpu_uses_f16c", &cpu_uses_f16c, "Whether fp16 converts with F16C instructions here.");
+  m.def("cpu_uses_direct_path", &direct_path_available,
+        "Whether same-dtype task arithmetic runs the AVX2 direct path here.");
   m.def(
       "copy_threads",
       [](uintptr_t dst, uintptr_t src, int64_t bytes, int threads) {

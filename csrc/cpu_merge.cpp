@@ -1,7 +1,8 @@
 // Fused one-pass merges on the CPU: into memory, or straight into output files.
 //
-// Both read the inputs through the tile layer (tiles.h) on contiguous per-thread slices
-// (parallel.h).  A sweep's K recipes share one read of each input tile.
+// Both run on contiguous per-thread slices (parallel.h), through the direct path (direct_path.h:
+// plain task arithmetic over one dtype) or else the tile layer (tiles.h).  A sweep's K recipes
+// share one read of each input.
 #include "cpu_merge.h"
 
 #include <errno.h>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "crc32c.h"
+#include "direct_path.h"
 #include "merge_math.h"
 #include "parallel.h"
 #include "tiles.h"
@@ -29,14 +31,26 @@ namespace {
 // in the fast regime, and the per-thread buffer stays L2-sized.
 constexpr int64_t kWritePieceBytes = 1 << 20;
 
+// Outputs to memory at least this large are written with streaming stores where the direct path
+// runs: 8 MiB outgrows a core's L2 (0.5-2 MiB) and most of its share of L3, so the result leaves
+// the caches before anyone reads it, and a normal store would first read each line from memory
+// (a fifth more traffic for 3 inputs and 1 output).
+constexpr int64_t kStreamingOutputBytes = 8 << 20;
+
 // Elements [begin, end) of the operands, merged with each of `k` recipes: output element i of
 // recipe j goes to outs[j][i - begin].  The input tiles are loaded once for all recipes, so a
 // sweep of K weightings reads the inputs once ((3 + K) N bytes instead of 4 K N).  With
 // `nonfinite`, nonfinite[j] is increased by the outputs of recipe j that are NaN or ±inf once
-// stored (a compare per element on the fp32 tile, which is in L1 anyway).
+// stored (a compare per element on the fp32 tile, which is in L1 anyway).  `stream`: the outputs
+// go to memory that will not be read soon (the direct path may use streaming stores).
 MA_CPU_CLONES
 void merge_range_multi(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
-                       int64_t end, unsigned char* const* outs, int64_t* nonfinite) {
+                       int64_t end, unsigned char* const* outs, int64_t* nonfinite,
+                       bool stream) {
+  if (direct_path_applies(ops, recipes, k)) {
+    merge_range_direct(ops, recipes, k, begin, end, outs, nonfinite, stream);
+    return;
+  }
   alignas(64) float merged[kTile];
   const float limit = overflow_threshold(ops.out_dtype);
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a,
@@ -67,9 +81,11 @@ struct WriteBuffers {
   std::mutex lock;  // held for a whole merge_cpu_to_file call
   std::vector<std::unique_ptr<unsigned char, decltype(&std::free)>> per_thread;
 
+  // Room for a piece plus the shift that aligns it with the inputs (direct_buffer_offset).
   unsigned char* get(int t) {
     while (int(per_thread.size()) <= t) {
-      auto* p = static_cast<unsigned char*>(std::aligned_alloc(64, kWritePieceBytes));
+      auto* p = static_cast<unsigned char*>(
+          std::aligned_alloc(64, kWritePieceBytes + kDirectAlignment));
       if (p == nullptr) throw std::bad_alloc();
       per_thread.emplace_back(p, &std::free);
     }
@@ -106,9 +122,10 @@ void merge_cpu_recipe(const MergeOperands& ops, const Recipe& recipe, unsigned c
   if (ops.count <= 0) return;
   const int n_threads = effective_threads(ops.count, threads);
   const int64_t out_size = dtype_size(ops.out_dtype);
+  const bool stream = ops.count * out_size >= kStreamingOutputBytes;
   parallel_slices(ops.count, n_threads, kTile, [&](int, int64_t begin, int64_t end) {
     unsigned char* slice_out = out + begin * out_size;
-    merge_range_multi(ops, &recipe, 1, begin, end, &slice_out, nullptr);
+    merge_range_multi(ops, &recipe, 1, begin, end, &slice_out, nullptr, stream);
   });
 }
 
@@ -147,13 +164,17 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
     first_error.compare_exchange_strong(expected, err);
   };
   parallel_slices(ops.count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
-    unsigned char* const* outs = &thread_buffers[size_t(t) * k];
+    std::vector<unsigned char*> outs(k);
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
+      // The piece sits as far from a 32-byte boundary as its first input element does, so the
+      // direct path's aligned loads meet aligned stores.
+      const int64_t shift = direct_buffer_offset(ops, start);
+      for (int j = 0; j < k; ++j) outs[j] = thread_buffers[size_t(t) * k + j] + shift;
       // Armed only while reading the mapped inputs.
       auto compute = [&]() __attribute__((noinline)) {
-        merge_range_multi(ops, recipes.data(), k, start, start + n, outs,
-                          &thread_nonfinite[size_t(t) * k]);
+        merge_range_multi(ops, recipes.data(), k, start, start + n, outs.data(),
+                          &thread_nonfinite[size_t(t) * k], false);
       };
       if (!run_guarded(compute)) {
         fail(EFAULT);

@@ -70,6 +70,21 @@ def timed(fn: Callable[[], None], rounds: int, setup: Callable[[], None] = lambd
     return times
 
 
+def timed_alternately(fns: List[Callable[[], None]], rounds: int) -> List[List[float]]:
+    """Each function's round times, the functions taking turns within every round: a ratio of
+    two rows measured this way compares the same moments of a machine whose speed drifts (a
+    shared VM's memory bandwidth moved by ±25% between blocks of rounds here)."""
+    for fn in fns:
+        fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, spent in zip(fns, times):
+            started = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - started)
+    return times
+
+
 # ---- the machine --------------------------------------------------------------------------------
 
 def _cpu_name() -> str:
@@ -99,6 +114,7 @@ def machine(work: Path) -> Dict[str, object]:
     native = cpu.native()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": _cpu_name(), "code_path": native.cpu_isa(), "f16c": native.cpu_uses_f16c(),
+            "direct_path": native.cpu_uses_direct_path(),
             "cpus": default_threads(), "memory_gib": round(memory / 2**30, 1),
             "file_system": _file_system(work), "kernel": platform.release(),
             "python": platform.python_version(), "mergealign_fast": __version__}
@@ -137,9 +153,10 @@ def kernel_rows(elements: int, threads_list: List[int], rounds: int) -> List[Row
         dst = np.ones_like(src)
         for threads in threads_list:
             tag = f"{dtype.short_name} {threads}t"
-            copy = timed(lambda: native.copy_threads(dst.ctypes.data, src.ctypes.data,
-                                                     src.nbytes, threads), rounds)
-            fused = timed(lambda: merge_tensors(*inputs, out=out, threads=threads), rounds)
+            copy, fused = timed_alternately([
+                lambda: native.copy_threads(dst.ctypes.data, src.ctypes.data, src.nbytes,
+                                            threads),
+                lambda: merge_tensors(*inputs, out=out, threads=threads)], rounds)
             rows.append(Row("floor", f"memcpy {tag}", 2 * src.nbytes, copy))
             rows.append(Row("ours", f"kernel {tag}", 4 * out.nbytes, fused, f"memcpy {tag}"))
     return rows

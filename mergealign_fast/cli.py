@@ -346,7 +346,8 @@ def _run_env() -> int:
           f"{platform.machine()}")
     if cpu.unavailable_reason() is None:
         native = cpu.native()
-        print(f"native CPU kernel: {native.cpu_isa()} code path, "
+        direct = "with" if native.cpu_uses_direct_path() else "without"
+        print(f"native CPU kernel: {native.cpu_isa()} code path {direct} the AVX2 direct path, "
               f"{native.hardware_threads()} hardware threads")
     print(f"CUDA extension: {cuda.build_info() or 'not built (no nvcc at install time)'}")
     for name, status in describe_backends().items():
