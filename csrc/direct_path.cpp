@@ -162,34 +162,60 @@ inline void prefetch_ahead(const unsigned char* p, int input) {
                _MM_HINT_T0);
 }
 
-template <class Codec, bool kStream>
+// One line (64 bytes) of each input per iteration, so each line is prefetched once: 32 elements
+// of a 2-byte dtype, 16 of fp32.  kSingle (one recipe, its weights kept in registers) and kCount
+// (NaN/inf counted) are template arguments so the common cases carry no per-element branch.
+template <class Codec, bool kStream, bool kSingle, bool kCount>
 void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
                           int64_t first, int64_t last, unsigned char* const* outs,
                           int64_t* nonfinite) {
+  constexpr int64_t kLine = 64 / Codec::kSize;
   const __m256 limit = _mm256_set1_ps(overflow_threshold(Codec::kDtype));
+  const __m256 single_wd = _mm256_set1_ps(recipes[0].domain.weight);
+  const __m256 single_wa = _mm256_set1_ps(recipes[0].align.weight);
+  const int count = kSingle ? 1 : k;
   const unsigned char* base = ops.base;
   const unsigned char* domain = ops.domain;
   const unsigned char* aligned = ops.aligned;
-  for (int64_t i = first; i < last; i += kStep) {
-    prefetch_ahead(base + i * Codec::kSize, 0);
-    prefetch_ahead(domain + i * Codec::kSize, 1);
-    prefetch_ahead(aligned + i * Codec::kSize, 2);
-    __m256 b0, b1, d0, d1, a0, a1;
-    Codec::load16(base, i, b0, b1);
-    Codec::load16(domain, i, d0, d1);
-    Codec::load16(aligned, i, a0, a1);
-    for (int j = 0; j < k; ++j) {
-      const __m256 wd = _mm256_set1_ps(recipes[j].domain.weight);
-      const __m256 wa = _mm256_set1_ps(recipes[j].align.weight);
-      const __m256 lo = merge8(b0, d0, a0, wd, wa);
-      const __m256 hi = merge8(b1, d1, a1, wd, wa);
-      Codec::template store16<kStream>(outs[j], i - begin, lo, hi);
-      if (nonfinite != nullptr) {
-        nonfinite[j] += count_nonfinite8(lo, limit) + count_nonfinite8(hi, limit);
+  for (int64_t line = first; line < last; line += kLine) {
+    prefetch_ahead(base + line * Codec::kSize, 0);
+    prefetch_ahead(domain + line * Codec::kSize, 1);
+    prefetch_ahead(aligned + line * Codec::kSize, 2);
+    for (int64_t i = line; i < line + kLine; i += kStep) {
+      __m256 b0, b1, d0, d1, a0, a1;
+      Codec::load16(base, i, b0, b1);
+      Codec::load16(domain, i, d0, d1);
+      Codec::load16(aligned, i, a0, a1);
+      for (int j = 0; j < count; ++j) {
+        const __m256 wd = kSingle ? single_wd : _mm256_set1_ps(recipes[j].domain.weight);
+        const __m256 wa = kSingle ? single_wa : _mm256_set1_ps(recipes[j].align.weight);
+        const __m256 lo = merge8(b0, d0, a0, wd, wa);
+        const __m256 hi = merge8(b1, d1, a1, wd, wa);
+        Codec::template store16<kStream>(outs[j], i - begin, lo, hi);
+        if (kCount) nonfinite[j] += count_nonfinite8(lo, limit) + count_nonfinite8(hi, limit);
       }
     }
   }
   if (kStream) _mm_sfence();  // streaming stores are weakly ordered: publish them before return
+}
+
+template <class Codec, bool kStream>
+void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
+                          int64_t first, int64_t last, unsigned char* const* outs,
+                          int64_t* nonfinite) {
+  if (k == 1 && nonfinite == nullptr) {
+    merge_vectors_direct<Codec, kStream, true, false>(ops, recipes, k, begin, first, last, outs,
+                                                       nonfinite);
+  } else if (k == 1) {
+    merge_vectors_direct<Codec, kStream, true, true>(ops, recipes, k, begin, first, last, outs,
+                                                      nonfinite);
+  } else if (nonfinite == nullptr) {
+    merge_vectors_direct<Codec, kStream, false, false>(ops, recipes, k, begin, first, last, outs,
+                                                        nonfinite);
+  } else {
+    merge_vectors_direct<Codec, kStream, false, true>(ops, recipes, k, begin, first, last, outs,
+                                                       nonfinite);
+  }
 }
 
 template <class Codec>
@@ -204,7 +230,8 @@ void merge_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_
                                                  : (kDirectAlignment - misaligned) %
                                                        kDirectAlignment / size);
   const int64_t first = begin + head;
-  const int64_t last = first + (end - first) / kStep * kStep;
+  const int64_t line = 64 / size;  // merge_vectors_direct's step
+  const int64_t last = first + (end - first) / line * line;
   merge_scalar(ops, recipes, k, begin, begin, first, outs, nonfinite);
   bool outputs_aligned = true;
   for (int j = 0; j < k; ++j) {

@@ -1,4 +1,5 @@
-// The tile layer of the CPU kernel: every pass over the inputs reads them through here.
+// The tile layer of the CPU kernel: every pass over the inputs reads them through here, except
+// same-dtype task arithmetic, which has its own loop (direct_path.h).
 //
 // Data moves in tiles of kTile elements: each input tile is widened to fp32 in a small stack
 // array (1 KiB per input, stays in L1), the formula runs on the fp32 tiles, and the result is
