@@ -15,6 +15,8 @@
 #include "reductions.h"
 #include "crc32c.h"
 #include "mapped_file.h"
+#include "read_ahead.h"
+#include "write_behind.h"
 #include "merge_math.h"
 #include "operands_from_python.h"
 
@@ -124,18 +126,6 @@ PYBIND11_MODULE(_native, m) {
       "CRC-32C of `length` bytes at `address`, continuing from `crc`.");
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("length_b"), "CRC-32C of A+B from crc(A), crc(B) and len(B).");
-
-  m.def(
-      "start_writeback",
-      [](int fd, int64_t offset, int64_t length) {
-        // Asynchronous: queues the dirty pages of the range for writing and returns, so the
-        // disk works while the kernel computes the next window; the final fsync then has only
-        // the tail left to wait for.
-        py::gil_scoped_release no_gil;
-        return ::sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : errno;
-      },
-      py::arg("fd"), py::arg("offset"), py::arg("length"),
-      "sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back; returns 0 or errno.");
 
   m.def(
       "vector_stats",
@@ -290,5 +280,24 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("closed", &MappedFile::closed)
       .def("prefetch", &MappedFile::prefetch, py::arg("offset"), py::arg("length"))
       .def("release", &MappedFile::release, py::arg("offset"), py::arg("length"))
-      .def("close", &MappedFile::close);
+      .def("close", &MappedFile::close)
+      .def_property_readonly("fd", &MappedFile::fd);
+
+  py::class_<WriteBehind>(m, "WriteBehind")
+      .def(py::init<>())
+      .def("submit", &WriteBehind::submit, py::arg("fd"), py::arg("offset"), py::arg("length"))
+      .def("drain", &WriteBehind::drain, py::call_guard<py::gil_scoped_release>())
+      .def("stop", &WriteBehind::stop, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<ReadAhead::Range>(m, "ReadAheadRange")
+      .def(py::init([](int file, int64_t offset, int64_t length, int64_t position) {
+             return ReadAhead::Range{file, offset, length, position};
+           }),
+           py::arg("file"), py::arg("offset"), py::arg("length"), py::arg("position"));
+  py::class_<ReadAhead>(m, "ReadAhead")
+      .def(py::init<const std::vector<int>&, std::vector<ReadAhead::Range>, int64_t, int>(),
+           py::arg("fds"), py::arg("ranges"), py::arg("depth"), py::arg("mode"))
+      .def("reached", &ReadAhead::reached, py::arg("position"))
+      .def_property_readonly("requested", &ReadAhead::requested)
+      .def("stop", &ReadAhead::stop, py::call_guard<py::gil_scoped_release>());
 }

@@ -29,6 +29,7 @@ class MappedFile {
   int64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   bool closed() const { return fd_ < 0; }
+  int fd() const { return fd_; }
 
   // Advise the kernel to start reading [offset, offset + length) now (asynchronous readahead).
   void prefetch(int64_t offset, int64_t length) const;

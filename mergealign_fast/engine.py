@@ -16,9 +16,10 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import MergeError
+from .io.checkpoint import TensorLocation
 from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
@@ -28,7 +29,7 @@ from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, p
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
 from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
-                     pass_chunks, tensor_chunks)
+                     pass_chunks, read_ahead_settings, tensor_chunks)
 from .writers import Writer, make_writer
 from .writers.f64 import write_f64_tensor
 
@@ -157,18 +158,30 @@ def _same_layout(plans: Sequence[MergePlan]) -> None:
                              "shard size)")
 
 
+def _read_sources(tensor: PlannedTensor) -> Sequence[TensorLocation]:
+    """The inputs the merge reads for `tensor`: a copied tensor's first source only."""
+    return tensor.sources[:1] if tensor.is_copied else tensor.sources
+
+
 def _merge_shards(plans: Sequence[MergePlan], partials: Sequence[PartialOutput],
-                  writer: Optional[Writer], show_progress: bool) -> None:
+                  writer: Optional[Writer], show_progress: bool,
+                  read_ahead: Optional[Tuple[int, int]]) -> None:
     """Every shard not already complete in every partial folder, written and recorded."""
     first = plans[0]
     with ExitStack() as stack:
         maps = stack.enter_context(InputMaps(first.inputs.values()))
         maps.check_unchanged()
+        pending = [shard for shard in first.shards
+                   if not all(p.shard_is_complete(shard.filename, shard.size) for p in partials)]
+        if read_ahead is not None:
+            maps.read_ahead([_read_sources(t) for shard in pending for t in shard.tensors],
+                            read_ahead)
+        pending_names = {shard.filename for shard in pending}
         writer = writer or make_writer(first)
         stack.callback(writer.close)
         progress = Progress(first.tensor_bytes * len(plans), "merging", enabled=show_progress)
         for shard in first.shards:
-            if all(p.shard_is_complete(shard.filename, shard.size) for p in partials):
+            if shard.filename not in pending_names:
                 progress.advance(sum(t.out_nbytes for t in shard.tensors) * len(plans))
                 continue
             written = _write_shard(partials, shard, plans, maps, writer, progress)
@@ -206,13 +219,14 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
              writer: Optional[Writer]) -> List[MergeResult]:
     started = time.perf_counter()
     _same_layout(plans)
+    read_ahead = read_ahead_settings()
     partials: List[PartialOutput] = []
     identities = input_identities(plans[0].inputs.values())
     try:
         for plan in plans:
             partials.append(PartialOutput(plan).open(resume=plan.options.resume,
                                                      force=plan.options.force))
-        _merge_shards(plans, partials, writer, show_progress)
+        _merge_shards(plans, partials, writer, show_progress, read_ahead)
         check_inputs_unchanged(identities)
         for partial in partials:
             publish(partial)

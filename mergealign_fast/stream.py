@@ -26,6 +26,36 @@ from .kernels import cpu
 # output a call lasts ~8 ms, so the Python loop and thread start-up (~0.1 ms) cost about 1%.
 WINDOW_BYTES = 32 << 20
 
+# The read-ahead thread (csrc/read_ahead.h) keeps this many input bytes requested beyond the
+# merge's position, asked for in pieces of READ_AHEAD_PIECE per input, interleaved as the merge
+# reads them.  Set from the cold 3B-trio measurements in benches/RESULTS.md.
+READ_AHEAD_BYTES = 512 << 20
+READ_AHEAD_PIECE = 8 << 20
+# MERGEALIGN_READ_AHEAD: how the thread asks (advise: posix_fadvise WILLNEED, read: pread into a
+# scratch buffer) or off (the kernel's own readahead only); MERGEALIGN_READ_AHEAD_BYTES: the
+# depth, for measuring others (benches/cold_trio.py).
+READ_AHEAD_MODES = {"advise": 0, "read": 1}
+
+
+def read_ahead_settings() -> Optional[Tuple[int, int]]:
+    """(mode code, depth in bytes) of the read-ahead thread from the environment, None when it
+    is off; a value it cannot use is a MergeError (checked before a merge creates anything)."""
+    mode = os.environ.get("MERGEALIGN_READ_AHEAD", "advise")
+    if mode == "off":
+        return None
+    if mode not in READ_AHEAD_MODES:
+        raise MergeError(f"MERGEALIGN_READ_AHEAD={mode}: expected one of "
+                         f"{', '.join([*READ_AHEAD_MODES, 'off'])}")
+    depth = READ_AHEAD_BYTES
+    if os.environ.get("MERGEALIGN_READ_AHEAD_BYTES"):
+        from .plan import parse_size  # plan imports this module
+
+        try:
+            depth = parse_size(os.environ["MERGEALIGN_READ_AHEAD_BYTES"])
+        except ValueError as exc:
+            raise MergeError(f"MERGEALIGN_READ_AHEAD_BYTES: {exc}") from None
+    return READ_AHEAD_MODES[mode], depth
+
 
 class InputChanged(MergeError):
     """An input's pages vanished while the kernel read them (truncated while mapped)."""
@@ -38,6 +68,8 @@ class InputMaps:
     def __init__(self, checkpoints: Iterable[Checkpoint]):
         self.checkpoints = list(checkpoints)
         self.maps: Dict[Path, object] = {}
+        self.reader = None  # the native ReadAhead, once read_ahead() started it
+        self._positions: Dict[tuple, Tuple[int, int]] = {}  # tensor -> (position, bytes/element)
         self._stack = ExitStack()
         native = cpu.native()
         for checkpoint in self.checkpoints:
@@ -60,6 +92,41 @@ class InputMaps:
                 if self.maps[loc.file].size < loc.entry.end:
                     raise MergeError(f"{loc.file}: file shrank since its header was read "
                                      f"(now {self.maps[loc.file].size} bytes)")
+
+    def read_ahead(self, tensors: Sequence[Sequence[TensorLocation]],
+                   settings: Tuple[int, int]) -> None:
+        """Start a native thread reading the inputs of `tensors` (each a tensor's sources, in the
+        order the merge will read them) ahead of the merge; settings: (mode, depth) from
+        read_ahead_settings().  The merge's chunks report where it is (tensor_chunks).  The
+        thread stops with the maps."""
+        mode, depth = settings
+        native = cpu.native()
+        files = {path: i for i, path in enumerate(self.maps)}
+        ranges, position = [], 0
+        for sources in tensors:
+            key = _tensor_key(sources)
+            count = sources[0].entry.count
+            if key in self._positions or count == 0:
+                continue
+            itemsizes = [loc.entry.nbytes // count for loc in sources]
+            self._positions[key] = (position, sum(itemsizes))
+            step = max(1, READ_AHEAD_PIECE // max(itemsizes))
+            for start in range(0, count, step):
+                n = min(step, count - start)
+                for loc, size in zip(sources, itemsizes):
+                    ranges.append(native.ReadAheadRange(
+                        files[loc.file], loc.entry.begin + start * size, n * size,
+                        position + start * sum(itemsizes)))
+            position += count * sum(itemsizes)
+        self.reader = native.ReadAhead([m.fd for m in self.maps.values()], ranges, depth, mode)
+        self._stack.callback(self.reader.stop)  # registered last: stops before the maps close
+
+    def reached(self, sources: Sequence[TensorLocation], element: int) -> None:
+        """The merge is reading `sources` from `element` on: the reader may run further."""
+        known = self._positions.get(_tensor_key(sources)) if self.reader is not None else None
+        if known is not None:
+            position, per_element = known
+            self.reader.reached(position + element * per_element)
 
     def __enter__(self):
         return self
@@ -94,11 +161,17 @@ class Chunk:
             mapped.release(offset, length)
 
 
+def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
+    return tuple((loc.file, loc.entry.begin) for loc in sources)
+
+
 def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
                   file_offset: int = 0, out_itemsize: int = 0) -> Iterator[Chunk]:
     """The tensor whose inputs are `sources` (base, domain, aligned) in chunks of at most
-    max_elements; asks for read-ahead of each next chunk.  A merge gives where the tensor's
-    output starts in its shard and the output element size, to place each chunk's output."""
+    max_elements.  Each chunk tells the maps' reader where the merge is; without a reader (a
+    pass outside a merge) it asks the kernel to read the next chunk ahead.  A merge gives where
+    the tensor's output starts in its shard and the output element size, to place each chunk's
+    output."""
     mapped = [maps.maps[loc.file] for loc in sources]
     dtypes = tuple(DType[loc.entry.dtype] for loc in sources)
     count = sources[0].entry.count
@@ -106,8 +179,11 @@ def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elemen
         n = min(max_elements, count - start)
         inputs = tuple((m, loc.entry.begin + start * dtype.itemsize, n * dtype.itemsize)
                        for m, loc, dtype in zip(mapped, sources, dtypes))
-        for m, offset, length in inputs:
-            m.prefetch(offset + length, length)
+        if maps.reader is not None:
+            maps.reached(sources, start)
+        else:
+            for m, offset, length in inputs:
+                m.prefetch(offset + length, length)
         yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize)
 
 

@@ -75,6 +75,10 @@ class LlamaShape:
 
 # A 1.1B-parameter Llama (TinyLlama's shape): 3 x 2.2 GB in bf16, the benchmark trio.
 LLAMA_1B = LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+# Llama-3.2-3B's shape (untied output layer): ~3.6B parameters, ~7.2 GB per model in bf16, so a
+# trio and its output (~29 GB) outgrow a 24 GiB machine's page cache: the cold benchmarks.
+LLAMA_3B = LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8,
+                      vocab=128256)
 # ~156M parameters, ~311 MB per model in bf16: the demo trio.
 LLAMA_DEMO = LlamaShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4,
                         vocab=32000)

@@ -21,6 +21,9 @@ class CpuWriter:
         self.fsync = fsync
         self.threads = threads
         self.native = cpu.native()
+        # With fsync, each written chunk is queued for write-back on a native thread, so the
+        # disk writes while the merge reads and computes and the shard's fsync has little left.
+        self.write_behind = self.native.WriteBehind() if fsync else None
 
     def chunk_elements(self, tensor: PlannedTensor) -> int:
         return stream.WINDOW_BYTES // tensor.out_dtype.itemsize
@@ -39,12 +42,16 @@ class CpuWriter:
         for target, crc, bad in zip(targets, crcs, nonfinite):
             target.checksum.add(crc, nbytes)
             target.add_nonfinite(tensor.name, bad)
-            if self.fsync:  # flush as we go: the disk writes while the next window computes
-                self.native.start_writeback(target.fd, chunk.file_offset, nbytes)
+            if self.write_behind is not None:
+                self.write_behind.submit(target.fd, chunk.file_offset, nbytes)
         chunk.release_inputs()
 
     def drain(self) -> None:
-        """Nothing is pending on the CPU path: write() returns once the bytes are written."""
+        """write() returns once the bytes are written; with fsync, wait until their write-back
+        has been started (the shard's fsync and close follow)."""
+        if self.write_behind is not None:
+            self.write_behind.drain()
 
     def close(self) -> None:
-        """The CPU writer holds nothing between calls."""
+        if self.write_behind is not None:
+            self.write_behind.stop()
