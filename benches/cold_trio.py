@@ -31,11 +31,11 @@ from mergealign_fast.synthetic import LLAMA_3B, ensure_synthetic_trio  # noqa: E
 MIB = 1 << 20
 
 
-def timed_child(argv, env=None) -> tuple:
+def timed_child(argv, env=None, stderr=None) -> tuple:
     """(seconds, peak RSS in MB, GB it read from the disk) of one child process (and the
     children it waited for)."""
     started = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     if status != 0:
@@ -105,8 +105,9 @@ def mergekit(trio, out) -> tuple:
         f"merge_method: task_arithmetic\nbase_model: {trio['base']}\nmodels:\n"
         f"  - model: {trio['domain']}\n    parameters: {{weight: 0.5}}\n"
         f"  - model: {trio['aligned']}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n")
+    # The synthetic trio has no tokenizer; mergekit's progress bars would flood the log.
     return timed_child([str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out),
-                        "--no-copy-tokenizer"])  # the synthetic trio has no tokenizer
+                        "--no-copy-tokenizer"], stderr=subprocess.DEVNULL)
 
 
 def rows_to_run(variants, vs_mergekit: bool) -> dict:

@@ -1,7 +1,9 @@
 """Input streaming: the memory-mapped input files, and any tensor's three inputs in windows.
 
-Every pass over input data goes through `tensor_chunks`: the merge's writers, the methods'
-statistics passes and `inspect`.  Each window asks the kernel to read the next one ahead, and its
+Every pass over input data goes through `tensor_chunks`: the merge's writers (CPU and GPU), the
+methods' statistics passes and `inspect`.  A merge hands its whole reading order to one native
+read-ahead thread (`InputMaps.read_ahead`), which keeps the storage busy a fixed depth ahead of
+the chunks; a pass outside a merge asks the kernel to read each next window ahead.  A window's
 pages are released from this process once used (they stay in the page cache), so resident input
 memory stays at a few windows whatever the model size.  An input truncated or replaced while
 mapped is caught in the kernel (InputChanged) and by comparing file identities before a merge is
