@@ -124,7 +124,7 @@ class InputMaps:
         self._stack.callback(self.reader.stop)  # registered last: stops before the maps close
 
     def reached(self, sources: Sequence[TensorLocation], element: int) -> None:
-        """The merge is reading `sources` from `element` on: the reader may run further."""
+        """The merge is reading `sources` up to `element`: the reader may run further."""
         known = self._positions.get(_tensor_key(sources)) if self.reader is not None else None
         if known is not None:
             position, per_element = known
@@ -182,7 +182,9 @@ def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elemen
         inputs = tuple((m, loc.entry.begin + start * dtype.itemsize, n * dtype.itemsize)
                        for m, loc, dtype in zip(mapped, sources, dtypes))
         if maps.reader is not None:
-            maps.reached(sources, start)
+            # The chunk's end: the merge needs all of it now, so the depth counts from there
+            # (a GPU chunk can be a whole tensor of hundreds of MB).
+            maps.reached(sources, start + n)
         else:
             for m, offset, length in inputs:
                 m.prefetch(offset + length, length)
