@@ -78,6 +78,15 @@ PYBIND11_MODULE(_native, m) {
       "Merge of the operands with a method's Recipe into `out`.");
 
   m.def(
+      "merge_elementwise",
+      [](const MergeOperands& ops, uintptr_t out, const Recipe& recipe) {
+        py::gil_scoped_release no_gil;
+        merge_cpu_elementwise(ops, recipe, reinterpret_cast<unsigned char*>(out));
+      },
+      py::arg("ops"), py::arg("out"), py::arg("recipe"),
+      "The merge one element at a time through the per-element path the CUDA kernels run.");
+
+  m.def(
       "merge_to_files",
       [](const MergeOperands& ops, py::list targets, int threads) {
         std::vector<WriteTarget> parsed;

@@ -203,6 +203,15 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
   return 0;
 }
 
+void merge_cpu_elementwise(const MergeOperands& ops, const Recipe& recipe, unsigned char* out) {
+  for (int64_t i = 0; i < ops.count; ++i) {
+    const float b = load_as_f32(ops.base, i, ops.base_dtype);
+    const float d = load_as_f32(ops.domain, i, ops.domain_dtype);
+    const float a = load_as_f32(ops.aligned, i, ops.aligned_dtype);
+    store_from_f32(out, i, ops.out_dtype, merge_element(recipe, b, d, a, ops.first_index + i));
+  }
+}
+
 int64_t count_nonfinite(const unsigned char* data, int64_t count, int dtype) {
   int64_t bad = 0;
   for (int64_t i = 0; i < count; ++i) bad += !std::isfinite(load_as_f32(data, i, dtype));

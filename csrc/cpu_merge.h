@@ -33,6 +33,10 @@ struct WriteTarget {
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
                        uint32_t* crcs, int64_t* nonfinite);
 
+// The merge one element at a time through merge_math.h's merge_element, on one thread: the
+// per-element path the CUDA kernels run, for tests to compare the CPU kernel with.
+void merge_cpu_elementwise(const MergeOperands& ops, const Recipe& recipe, unsigned char* out);
+
 // Values of a stored output buffer that are NaN or ±inf (the GPU path counts its downloads).
 int64_t count_nonfinite(const unsigned char* data, int64_t count, int dtype);
 

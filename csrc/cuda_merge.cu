@@ -82,15 +82,7 @@ merge_recipe_kernel(MergeOperands ops, Recipe r, unsigned char* out) {
     const float b = load_as_f32(ops.base, i, ops.base_dtype);
     const float d = load_as_f32(ops.domain, i, ops.domain_dtype);
     const float a = load_as_f32(ops.aligned, i, ops.aligned_dtype);
-    float merged;
-    if (r.kind == kTaskArithmetic) {
-      merged = merge_one(b, d, a, r.domain.weight, r.align.weight);
-    } else if (r.kind == kModels) {
-      merged = merge_models(r, b, d, a);
-    } else {
-      merged = merge_vectors(r, b, d, a, ops.first_index + i);
-    }
-    store_from_f32(out, i, ops.out_dtype, merged);
+    store_from_f32(out, i, ops.out_dtype, merge_element(r, b, d, a, ops.first_index + i));
   }
 }
 

@@ -261,4 +261,16 @@ MA_HD float merge_models(const Recipe& r, float base, float domain, float aligne
   return ma_div(sum, r.divisor);
 }
 
+// One element of any recipe: the per-element path the CUDA kernels run.  The CPU computes the
+// same values in bulk (tiles.h, direct_path.cpp); merge_cpu_elementwise runs this path on the
+// CPU so that tests compare the two bit for bit without a GPU.
+MA_HD float merge_element(const Recipe& r, float base, float domain, float aligned,
+                          int64_t index) {
+  if (r.kind == kTaskArithmetic) {
+    return merge_one(base, domain, aligned, r.domain.weight, r.align.weight);
+  }
+  if (r.kind == kModels) return merge_models(r, base, domain, aligned);
+  return merge_vectors(r, base, domain, aligned, index);
+}
+
 }  // namespace mergealign

@@ -372,3 +372,67 @@ def test_direct_path_and_tiles_give_identical_bits():
     direct = digest({})
     assert direct == digest({"MERGEALIGN_TILES_ONLY": "1"})
     assert direct == digest({"MERGEALIGN_TILES_ONLY": "1", "MERGEALIGN_NO_F16C": "1"})
+
+
+def _recipes():
+    """Recipes reaching every branch of merge_math.h's per-element functions: each kind, each
+    sparsification per term, sign election and normalisation on and off, a rescale, lambda."""
+    from mergealign_fast.kernels import cpu
+    from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, MODELS, VECTORS
+
+    native = cpu.native()
+    made = []
+    plain = native.Recipe()
+    plain.domain.weight, plain.align.weight = 0.3, 0.9
+    made.append(("task arithmetic", plain))
+    for divisor in (1.0, 0.7):
+        models = native.Recipe()
+        models.kind, models.base_weight, models.divisor = MODELS, 0.2, divisor
+        models.domain.weight, models.align.weight = 0.5, 0.3
+        made.append((f"models /{divisor}", models))
+    for sparsify in ((0, 0), (KEEP_LARGEST, KEEP_RANDOM), (KEEP_RANDOM, KEEP_LARGEST)):
+        for election in (0, 1):
+            for normalize in (0, 1):
+                r = native.Recipe()
+                r.kind, r.sign_election, r.normalize, r.lambda_ = VECTORS, election, normalize, 0.8
+                r.divisor = 1.3
+                for term, kind, weight in ((r.domain, sparsify[0], 0.6),
+                                           (r.align, sparsify[1], 0.7)):
+                    term.weight, term.scale, term.sparsify = weight, 2.5, kind
+                    term.min_magnitude_bits = int(np.float32(0.01).view(np.uint32))
+                    term.last_tie_index = 2**32 + 500
+                    term.keep_below, term.key_lo, term.key_hi = 1 << 23, 0x1234567, 0x89abcdef
+                made.append((f"vectors {sparsify} e{election} n{normalize}", r))
+    return made
+
+
+@pytest.mark.parametrize("name, recipe", _recipes(), ids=[n for n, _ in _recipes()])
+@pytest.mark.parametrize("dtypes", [("bf16",) * 4, ("fp16",) * 4, ("fp32",) * 4,
+                                    ("bf16", "fp16", "fp32", "bf16"),
+                                    ("fp32", "bf16", "fp16", "fp16")])
+def test_the_per_element_path_the_gpu_runs_matches_the_cpu_kernel(name, recipe, dtypes):
+    """The CUDA kernels evaluate merge_math.h element by element (merge_element); the CPU runs
+    its own bulk versions (tiles, direct path).  Run the per-element path on the CPU and
+    require the same bits, magnitude ties and random draws across 2^32 included."""
+    from mergealign_fast.dtypes import as_dtype
+    from mergealign_fast.kernels import cpu
+
+    native = cpu.native()
+    rng = np.random.default_rng(5)
+    count = 4099
+    arrays = []
+    for dtype in dtypes[:3]:
+        x = (rng.standard_normal(count) * 0.02).astype(np.float32)
+        x[:8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 0.01, -0.01, 1e-40]  # specials, ties
+        arrays.append(x.view(np.uint32).__rshift__(16).astype(np.uint16) if dtype == "bf16"
+                      else x.astype(np.float16 if dtype == "fp16" else np.float32))
+    out_dtype = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}[dtypes[3]]
+    codes = [int(as_dtype(d)) for d in dtypes]
+    for first in (0, 2**32 - 100):
+        ops = native.Operands(arrays[0].ctypes.data, codes[0], arrays[1].ctypes.data, codes[1],
+                              arrays[2].ctypes.data, codes[2], count, codes[3], first)
+        bulk, single = np.empty(count, out_dtype), np.empty(count, out_dtype)
+        with np.errstate(all="ignore"):
+            native.merge_recipe(ops, bulk.ctypes.data, recipe, 2)
+            native.merge_elementwise(ops, single.ctypes.data, recipe)
+        assert bulk.tobytes() == single.tobytes(), (name, dtypes, first)
