@@ -70,6 +70,7 @@ inline void store32(unsigned char* p, __m256i v) {
 struct Bf16 {
   static constexpr int kDtype = kBF16;
   static constexpr int64_t kSize = 2;
+  static constexpr int64_t kLine = 64 / kSize;  // elements per 64-byte line
   // 16 bf16 values into two registers of fp32, with one unpack each: a bf16 is the high half of
   // its fp32.  The unpacks work within 128-bit lanes, so `lo` holds elements 0-3 and 8-11 and
   // `hi` 4-7 and 12-15; every lane is computed alike, and store16's pack (also per 128-bit
@@ -102,6 +103,7 @@ struct Bf16 {
 struct F16 {
   static constexpr int kDtype = kF16;
   static constexpr int64_t kSize = 2;
+  static constexpr int64_t kLine = 64 / kSize;  // elements per 64-byte line
   static void load16(const unsigned char* p, int64_t i, __m256& lo, __m256& hi) {
     lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i)));
     hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i + 16)));
@@ -117,6 +119,7 @@ struct F16 {
 struct F32 {
   static constexpr int kDtype = kF32;
   static constexpr int64_t kSize = 4;
+  static constexpr int64_t kLine = 64 / kSize;
   static void load16(const unsigned char* p, int64_t i, __m256& lo, __m256& hi) {
     lo = _mm256_loadu_ps(reinterpret_cast<const float*>(p + 4 * i));
     hi = _mm256_loadu_ps(reinterpret_cast<const float*>(p + 4 * i + 32));
@@ -169,7 +172,6 @@ template <class Codec, bool kStream, bool kSingle, bool kCount>
 void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
                           int64_t first, int64_t last, unsigned char* const* outs,
                           int64_t* nonfinite) {
-  constexpr int64_t kLine = 64 / Codec::kSize;
   const __m256 limit = _mm256_set1_ps(overflow_threshold(Codec::kDtype));
   const __m256 single_wd = _mm256_set1_ps(recipes[0].domain.weight);
   const __m256 single_wa = _mm256_set1_ps(recipes[0].align.weight);
@@ -177,11 +179,11 @@ void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k
   const unsigned char* base = ops.base;
   const unsigned char* domain = ops.domain;
   const unsigned char* aligned = ops.aligned;
-  for (int64_t line = first; line < last; line += kLine) {
+  for (int64_t line = first; line < last; line += Codec::kLine) {
     prefetch_ahead(base + line * Codec::kSize, 0);
     prefetch_ahead(domain + line * Codec::kSize, 1);
     prefetch_ahead(aligned + line * Codec::kSize, 2);
-    for (int64_t i = line; i < line + kLine; i += kStep) {
+    for (int64_t i = line; i < line + Codec::kLine; i += kStep) {
       __m256 b0, b1, d0, d1, a0, a1;
       Codec::load16(base, i, b0, b1);
       Codec::load16(domain, i, d0, d1);
@@ -218,20 +220,20 @@ void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k
   }
 }
 
+// Elements from `begin` to the first 32-byte boundary of the base input; none when its address
+// is not a multiple of the element size (then no element of it is aligned).
+inline int64_t elements_to_alignment(const MergeOperands& ops, int64_t begin, int64_t size) {
+  const int64_t misaligned = direct_buffer_offset(ops, begin);
+  if (misaligned % size != 0) return 0;
+  return (kDirectAlignment - misaligned) % kDirectAlignment / size;
+}
+
 template <class Codec>
 void merge_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
                   int64_t end, unsigned char* const* outs, int64_t* nonfinite, bool stream) {
   constexpr int64_t size = Codec::kSize;
-  const int64_t misaligned = direct_buffer_offset(ops, begin);
-  // Elements to the first 32-byte boundary of the base (none when the address is not even a
-  // multiple of the element size: then no element of it is aligned).
-  const int64_t head = std::min(end - begin, misaligned % size != 0
-                                                 ? 0
-                                                 : (kDirectAlignment - misaligned) %
-                                                       kDirectAlignment / size);
-  const int64_t first = begin + head;
-  const int64_t line = 64 / size;  // merge_vectors_direct's step
-  const int64_t last = first + (end - first) / line * line;
+  const int64_t first = begin + std::min(end - begin, elements_to_alignment(ops, begin, size));
+  const int64_t last = first + (end - first) / Codec::kLine * Codec::kLine;
   merge_scalar(ops, recipes, k, begin, begin, first, outs, nonfinite);
   bool outputs_aligned = true;
   for (int j = 0; j < k; ++j) {

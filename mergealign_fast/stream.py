@@ -111,15 +111,16 @@ class InputMaps:
             if key in self._positions or count == 0:
                 continue
             itemsizes = [loc.entry.nbytes // count for loc in sources]
-            self._positions[key] = (position, sum(itemsizes))
+            per_element = sum(itemsizes)
+            self._positions[key] = (position, per_element)
             step = max(1, READ_AHEAD_PIECE // max(itemsizes))
             for start in range(0, count, step):
                 n = min(step, count - start)
                 for loc, size in zip(sources, itemsizes):
                     ranges.append(native.ReadAheadRange(
                         files[loc.file], loc.entry.begin + start * size, n * size,
-                        position + start * sum(itemsizes)))
-            position += count * sum(itemsizes)
+                        position + start * per_element))
+            position += count * per_element
         self.reader = native.ReadAhead([m.fd for m in self.maps.values()], ranges, depth, mode)
         self._stack.callback(self.reader.stop)  # registered last: stops before the maps close
 
