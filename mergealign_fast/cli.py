@@ -208,7 +208,51 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="measure mergekit-yaml on the same trio too (when installed)")
     bench.add_argument("--device", default="cpu",
                        help="cpu (default), or cuda to add the GPU rows")
+    _add_eval_args(sub.add_parser("eval", help="domain tasks (lm-evaluation-harness) and "
+                                  "safety (a judge) of one model folder"))
+    tune = sub.add_parser("tune", help="sweep λ, evaluate every merge and the parents, "
+                          "recommend a point")
+    for role in ("base", "domain", "aligned"):
+        tune.add_argument(role, help=f"{role} model folder")
+    tune.add_argument("-o", "--out", required=True, help="folder for the results (reruns "
+                      "resume in it)")
+    tune.add_argument("--lambdas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                      help="comma-separated λ (w_d = λ, w_a = 1 - λ; default 0,0.1,...,1)")
+    tune.add_argument("--keep", action="store_true", help="keep the merged models "
+                      "(default: each is deleted once evaluated)")
+    tune.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    tune.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_method_args(tune)
+    _add_eval_args(tune, model=False)
     return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    group = p.add_argument_group("evaluation (needs the eval extra)")
+    if model:
+        p.add_argument("model", help="model folder (Hugging Face layout)")
+        p.add_argument("-o", "--out", default=None, metavar="RESULTS.json",
+                       help="results file (default eval-<model folder name>.json); the "
+                            "answers and verdicts go beside it in RESULTS.answers.jsonl")
+    group.add_argument("--tasks", default="", help="comma-separated lm-evaluation-harness tasks "
+                       "(built-in names, or tasks of --include-path)")
+    group.add_argument("--include-path", default=None, metavar="DIR",
+                       help="folder of task YAMLs (local data: dataset_path: json)")
+    group.add_argument("--safety", default=None, metavar="HARMFUL.jsonl",
+                       help="harmful prompts, one {\"prompt\": ...} per line: the safe rate")
+    group.add_argument("--benign", default=None, metavar="BENIGN.jsonl",
+                       help="benign prompts, same format: the over-refusal rate")
+    group.add_argument("--judge", default="refusal", metavar="refusal|GUARD_FOLDER",
+                       help="refusal (a refusal-phrase list, default) or a Llama-Guard-style "
+                            "model folder answering safe/unsafe")
+    group.add_argument("--refusal-phrases", default=None, metavar="FILE",
+                       help="more refusal phrases, one per line")
+    group.add_argument("--limit", type=int, default=None, metavar="N",
+                       help="first N items of each task and prompt file (for quick looks)")
+    group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--max-new-tokens", type=int, default=64,
+                       help="answer length for safety prompts (default 64)")
 
 
 def _user_value(parse, text):
@@ -296,6 +340,52 @@ def _run_config(args: argparse.Namespace) -> int:
     if config.problems:
         raise PlanError(list(config.problems))
     _print_result(execute(plan, show_progress=not args.quiet))
+    return 0
+
+
+def _eval_settings(args: argparse.Namespace):
+    from .evaluation.evaluate import EvalSettings
+
+    return EvalSettings(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        include_path=Path(args.include_path) if args.include_path else None,
+        harmful=Path(args.safety) if args.safety else None,
+        benign=Path(args.benign) if args.benign else None, judge=args.judge,
+        refusal_phrases=Path(args.refusal_phrases) if args.refusal_phrases else None,
+        limit=args.limit, device=args.device, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import Evaluator, answers_path_for, write_json_atomic
+    from .evaluation.report import summary_lines
+
+    out = Path(args.out or f"eval-{Path(args.model).resolve().name}.json")
+    evaluator = Evaluator(_eval_settings(args))
+    result = evaluator.evaluate(Path(args.model), answers_path_for(out))
+    write_json_atomic(out, result)
+    for line in summary_lines(result):
+        print(line)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import Evaluator
+    from .evaluation.tune import tune
+
+    lambdas = _user_value(parse_lambdas, args.lambdas)
+    if args.threads is not None and args.threads < 1:
+        raise MergeError(f"--threads must be at least 1 (got {args.threads})")
+    evaluator = Evaluator(_eval_settings(args))
+    # Merges that live only until evaluated need no fsync; kept ones get it.
+    options = MergeOptions(threads=args.threads, method=_method_from_args(args), fsync=args.keep)
+    summary = tune(Path(args.base), Path(args.domain), Path(args.aligned), Path(args.out),
+                   lambdas, evaluator, options, keep=args.keep, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"wrote {args.out}/results.{{md,csv,json}}"
+          + (" and results.png" if summary["plot"] else
+             " (no results.png: matplotlib is not installed, or nothing had both scores)"))
     return 0
 
 
@@ -395,6 +485,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_sweep(args)
         if args.command == "run":
             return _run_config(args)
+        if args.command == "eval":
+            return _run_eval(args)
+        if args.command == "tune":
+            return _run_tune(args)
         if args.command == "inspect":
             return _run_inspect(args)
         if args.command == "verify":

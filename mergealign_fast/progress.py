@@ -19,14 +19,17 @@ class Progress:
     """Redraws at most 10 times a second on a terminal; elsewhere (logs, CI) a line every 10 s."""
 
     def __init__(self, total: int, label: str, stream: Optional[TextIO] = None,
-                 enabled: bool = True):
+                 enabled: bool = True, unit: Optional[str] = None):
+        """`unit` None counts bytes; a name ("cells") counts items of it."""
         self.total = max(total, 1)
         self.label = label
+        self.unit = unit
         self.done = 0
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.1 if self.tty else 10.0
+        # Items are slow (a tune cell takes seconds to minutes): each one is shown.
+        self.interval = 0.0 if unit else 0.1 if self.tty else 10.0
         self.started = time.perf_counter()
         self.last_draw = 0.0
 
@@ -44,8 +47,9 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
         width = 24
         bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
-        text = (f"{self.label} [{bar}] {fraction:6.1%} {human_bytes(self.done)}/"
-                f"{human_bytes(self.total)} {human_bytes(rate)}/s "
+        amount = (f"{self.done}/{self.total} {self.unit}" if self.unit else
+                  f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s")
+        text = (f"{self.label} [{bar}] {fraction:6.1%} {amount} "
                 + (f"{elapsed:.1f}s" if final else f"ETA {eta:.0f}s"))
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r" if self.tty else "") + text + end)

@@ -1,0 +1,118 @@
+"""`mergealign-fast tune`: which λ keeps the domain and the safety.
+
+The one-pass sweep makes the merges, in batches that fit the disk (planned before anything is
+written); each merge and the three parents are evaluated with one Evaluator; a merge is deleted
+once evaluated unless --keep.  Every finished cell is a file under OUT/cells, so a rerun after an
+interruption skips it; OUT/tune.json pins the settings a rerun must match.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..errors import MergeError, PlanError
+from ..plan import MergeOptions, plan_merge
+from ..progress import Progress, human_bytes
+from ..sweep import lambda_folder, sweep_checkpoints
+from .evaluate import Evaluator, write_json_atomic
+from .report import write_reports
+
+PARENTS = ("base", "domain", "aligned")
+# Free space the batches leave untouched: the evaluation's own files and the rest of the system.
+DISK_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str                 # "base", "domain", "aligned" or "lambda-<λ>"
+    lam: Optional[float]      # None for a parent
+
+
+def _cells(lambdas: Sequence[float]) -> List[Cell]:
+    return ([Cell(p, None) for p in PARENTS]
+            + [Cell(lambda_folder(Path(), lam).name, lam) for lam in lambdas])
+
+
+def _settings_record(evaluator: Evaluator, inputs: Dict[str, Path], options: MergeOptions
+                     ) -> dict:
+    s = evaluator.settings
+    return {"inputs": {role: str(Path(p).resolve()) for role, p in inputs.items()},
+            "method": repr(options.method), "out_dtype": repr(options.out_dtype),
+            "tasks": list(s.tasks), "include_path": str(s.include_path or ""),
+            "harmful": evaluator.harmful, "benign": evaluator.benign, "judge": s.judge,
+            "refusal_phrases": list(evaluator.refusal.phrases), "limit": s.limit,
+            "max_new_tokens": s.max_new_tokens}
+
+
+def _pin_settings(out_dir: Path, record: dict) -> None:
+    """The first run writes tune.json; a rerun must match it (finished cells are reused)."""
+    pinned = out_dir / "tune.json"
+    if pinned.exists():
+        if json.loads(pinned.read_text()) != record:
+            raise MergeError(f"{out_dir} holds a tune with other inputs or settings "
+                             f"({pinned}): give another -o folder, or delete it to start over")
+        return
+    write_json_atomic(pinned, record)
+
+
+def _batch_size(first_plan, out_dir: Path, count: int) -> int:
+    """How many merges fit on the disk at once (the sweep writes a batch in one pass)."""
+    free = shutil.disk_usage(out_dir).free * (1 - DISK_MARGIN)
+    per_merge = max(first_plan.output_bytes, 1)
+    fits = int(free // per_merge)
+    if fits < 1:
+        raise PlanError([f"{out_dir}: {human_bytes(free)} free, one merge needs "
+                         f"{human_bytes(per_merge)}"])
+    return min(fits, count)
+
+
+def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequence[float],
+         evaluator: Evaluator, options: Optional[MergeOptions] = None, keep: bool = False,
+         progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Evaluate the parents and the merge at every λ; write the reports; the results."""
+    out_dir = Path(out_dir)
+    inputs = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
+    options = replace(options or MergeOptions(), resume=True, force=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merges_dir = out_dir / "merges"
+    cells = _cells(lambdas)
+    # The whole plan before any evaluation: a shape mismatch is found now, not after the parents.
+    first = plan_merge(base, domain, aligned, lambda_folder(merges_dir, lambdas[0]), options)
+    _pin_settings(out_dir, _settings_record(evaluator, inputs, options))
+    done = {c.name for c in cells if (out_dir / "cells" / f"{c.name}.json").exists()}
+    if done:
+        log(f"resuming {out_dir}: {len(done)} of {len(cells)} cells already evaluated")
+    bar = Progress(len(cells), "tune", enabled=progress, unit="cells")
+    bar.advance(len(done))
+
+    def finish(cell: Cell, folder: Path) -> None:
+        result = evaluator.evaluate(folder, out_dir / "answers" / f"{cell.name}.jsonl")
+        result.update(cell=cell.name, lam=cell.lam)
+        write_json_atomic(out_dir / "cells" / f"{cell.name}.json", result)
+        bar.advance(1)
+
+    for cell in cells:
+        if cell.lam is None and cell.name not in done:
+            finish(cell, inputs[cell.name])
+    pending = [c for c in cells if c.lam is not None and c.name not in done]
+    if pending:
+        size = _batch_size(first, out_dir, len(pending))
+        for start in range(0, len(pending), size):
+            batch = pending[start:start + size]
+            sweep_checkpoints(base, domain, aligned, merges_dir, [c.lam for c in batch],
+                              options=options, progress=False)
+            for cell in batch:
+                folder = lambda_folder(merges_dir, cell.lam)
+                finish(cell, folder)
+                if not keep:
+                    shutil.rmtree(folder)
+    bar.close()
+    if merges_dir.is_dir() and not any(merges_dir.iterdir()):
+        merges_dir.rmdir()
+    results = [json.loads((out_dir / "cells" / f"{c.name}.json").read_text()) for c in cells]
+    return write_reports(out_dir, results)
+
