@@ -168,7 +168,16 @@ def test_eval_scores_tasks_through_the_harness_and_safety_through_the_refusal_ju
         assert safety["refusal_rate"]["count"] == sum(r["refused"] for r in harmful)
         assert safety["safe_rate"]["count"] == sum(r["verdict"] == "safe" for r in harmful)
         assert safety["over_refusal"]["count"] == sum(r["refused"] for r in benign)
-        assert all(r["refused"] == RefusalJudge().refused(r["answer"]) for r in records)
+        answers = harmful + benign
+        assert all(r["refused"] == RefusalJudge().refused(r["answer"]) for r in answers)
+        # every task item is kept: its document, its score, each choice's log-likelihood
+        items = [r for r in records if r["set"] == "task:clinic_mc"]
+        assert len(items) == 4 and len(answers) + len(items) == len(records)
+        for item in items:
+            scores = item["loglikelihoods"]
+            assert len(scores) == 4 and item["acc"] == float(scores.index(max(scores)) ==
+                                                             item["target"])
+        assert sum(i["acc"] for i in items) / 4 == task["value"]
     # what each fine-tune was taught shows, and only there
     assert results["domain"]["tasks"]["clinic_mc"]["value"] == 1.0
     assert results["base"]["tasks"]["clinic_mc"]["value"] < 1.0

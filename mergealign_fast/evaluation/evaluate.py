@@ -85,19 +85,22 @@ class Evaluator:
                       open_judge(settings.judge, settings.device, settings.batch_size, phrases))
 
     def evaluate(self, folder: Path, answers_path: Optional[Path] = None) -> dict:
-        """The results of one model; its answers and verdicts to `answers_path` (JSONL)."""
+        """The results of one model; to `answers_path` (JSONL), every scored task item and
+        every prompt with its answer and verdict."""
         started = time.perf_counter()
         model = harness.open_model(Path(folder), self.settings.device, self.settings.batch_size)
         result: dict = {"model": str(folder), "settings": self._settings_record(model)}
+        records = []
         if self.settings.tasks:
-            result["tasks"] = harness.task_scores(model, self.settings.tasks, self.manager,
-                                                  self.settings.limit)
+            result["tasks"], records = harness.task_scores(model, self.settings.tasks,
+                                                           self.manager, self.settings.limit)
             result["domain_score"] = domain_score(result["tasks"])
         if self.harmful or self.benign:
-            records, result["safety"] = self._safety(model)
-            if answers_path is not None:
-                _write_jsonl_atomic(answers_path, records)
-                result["answers"] = str(answers_path)
+            answers, result["safety"] = self._safety(model)
+            records += answers
+        if answers_path is not None:
+            _write_jsonl_atomic(answers_path, records)
+            result["answers"] = str(answers_path)
         result["seconds"] = round(time.perf_counter() - started, 3)
         return result
 

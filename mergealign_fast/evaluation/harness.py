@@ -79,29 +79,48 @@ def _headline(metrics: Dict[str, Dict[str, float]]) -> str:
     return next((m for m in PREFERRED_METRICS if m in metrics), next(iter(metrics)))
 
 
-def task_scores(model, tasks: Sequence[str], manager, limit: Optional[int]) -> Dict[str, dict]:
-    """{task: {"metric", "value", "stderr", "samples", "metrics": {name: {value, stderr}}}}."""
+def task_scores(model, tasks: Sequence[str], manager, limit: Optional[int]):
+    """({task: {"metric", "value", "stderr", "samples", "metrics": {name: {value, stderr}}}},
+    [one record per scored item: the task, the document, its metrics and, for multiple choice,
+    each choice's log-likelihood]) - the items let a reader see what was scored, and let
+    intervals be drawn over whatever the documents group (facts, topics)."""
     lm_eval = _harness()
     results = lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager,
-                                      limit=limit, log_samples=False, bootstrap_iters=1000)
-    scores = {}
+                                      limit=limit, log_samples=True, bootstrap_iters=1000)
+    scores, items = {}, []
     for task in tasks:
-        raw = results["results"][task]
-        metrics = {}
-        for key, value in raw.items():
-            name, comma, filter_name = key.partition(",")
-            if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            stderr = raw.get(f"{name}_stderr,{filter_name}")
-            metrics[name] = {"value": float(value),
-                             "stderr": float(stderr) if _is_number(stderr) else None}
+        metrics = _metrics(results["results"][task])
         if not metrics:
             raise MergeError(f"task {task}: the harness reported no metric")
         headline = _headline(metrics)
         scores[task] = {"metric": headline, **metrics[headline],
                         "samples": results.get("n-samples", {}).get(task, {}).get("effective"),
                         "metrics": metrics}
-    return scores
+        items += [_item(task, sample, list(metrics)) for sample in results["samples"][task]]
+    return scores, items
+
+
+def _metrics(raw: Dict[str, object]) -> Dict[str, Dict[str, Optional[float]]]:
+    """{"acc,none": .5, "acc_stderr,none": .1} -> {"acc": {"value": .5, "stderr": .1}}."""
+    metrics = {}
+    for key, value in raw.items():
+        name, comma, filter_name = key.partition(",")
+        if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        stderr = raw.get(f"{name}_stderr,{filter_name}")
+        metrics[name] = {"value": float(value),
+                         "stderr": float(stderr) if _is_number(stderr) else None}
+    return metrics
+
+
+def _item(task: str, sample: dict, metric_names: Sequence[str]) -> dict:
+    record = {"set": f"task:{task}", "doc_id": sample.get("doc_id"), "doc": sample.get("doc"),
+              "target": sample.get("target")}
+    record.update({m: sample[m] for m in metric_names if _is_number(sample.get(m))})
+    responses = sample.get("filtered_resps") or []
+    if responses and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in responses):
+        record["loglikelihoods"] = [float(r[0]) for r in responses]
+    return record
 
 
 def _is_number(value) -> bool:
