@@ -17,6 +17,7 @@ from .engine import MergeResult, execute
 from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
                     interrupted_while_starting)
 from .errors import MergeError, PlanError
+from .evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from .inspect_vectors import inspect_checkpoints, summary, write_reports
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
@@ -250,9 +251,11 @@ def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     group.add_argument("--limit", type=int, default=None, metavar="N",
                        help="first N items of each task and prompt file (for quick looks)")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--max-new-tokens", type=int, default=64,
-                       help="answer length for safety prompts (default 64)")
+    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                       help=f"prompts per forward pass (default {DEFAULT_BATCH_SIZE})")
+    group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                       help=f"answer length for safety prompts (default "
+                            f"{DEFAULT_MAX_NEW_TOKENS})")
 
 
 def _user_value(parse, text):

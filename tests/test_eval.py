@@ -291,3 +291,21 @@ def test_tune_keeps_merges_when_asked_and_they_are_the_sweep_s(world, tmp_path):
     assert main(["verify", str(out / "merges" / "lambda-0.5")]) == 0
     assert math.isfinite(json.loads((out / "cells" / "lambda-0.5.json").read_text())
                          ["domain_score"]["value"])
+
+
+def test_tune_makes_merges_in_batches_the_free_disk_holds(monkeypatch, tmp_path):
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from mergealign_fast.errors import PlanError
+    from mergealign_fast.evaluation import tune as tune_module
+
+    usage = namedtuple("usage", "total used free")
+    one_merge = SimpleNamespace(output_bytes=1_000_000)
+    # 5% of the free space is left alone: 10 MB holds 9 merges of 1 MB, 3.5 MB holds 3
+    for free, expected in ((10_000_000, 9), (3_500_000, 3), (100_000_000, 20)):
+        monkeypatch.setattr(tune_module.shutil, "disk_usage", lambda _: usage(0, 0, free))
+        assert tune_module._batch_size(one_merge, tmp_path, 20) == expected
+    monkeypatch.setattr(tune_module.shutil, "disk_usage", lambda _: usage(0, 0, 900_000))
+    with pytest.raises(PlanError, match="one merge needs 1.0 MB"):
+        tune_module._batch_size(one_merge, tmp_path, 7)

@@ -1,87 +1,91 @@
-"""The miniature MergeAlign experiment: scoring on hand-made cases, and the whole pipeline at
-its smallest size (train, save, load with transformers, merge with the engine, evaluate)."""
+"""The miniature MergeAlign experiment: its world's evaluation sets are held out from training,
+its intervals are drawn over facts, and the whole pipeline runs at its smallest size (train,
+save, load with transformers, merge with the engine, `tune` through the real harness)."""
+
+import json
+import random
 
 import numpy as np
 import pytest
 
-from examples.miniature.evaluate import (Scores, answer_text, is_correct, is_refusal,
-                                                score)
-from examples.miniature.world import (REFUSAL, Clinic, EvalItem, benign_eval,
-                                             domain_eval, harmful_eval)
+from examples.miniature.world import (REFUSAL, Clinic, benign_prompts, clinic_chat_prompts,
+                                      clinic_corpus, domain_task_items, harmful_prompts,
+                                      instruction_corpus)
 
 
-def test_answer_text_stops_at_the_first_period_and_normalises_spaces():
-    assert answer_text(" marsh  flu . question : x") == "marsh flu"
-    assert answer_text("willow tea") == "willow tea"
+def _questions(lines, marker):
+    """The question or user turn of each training line."""
+    return {line.split(marker)[0] for line in lines}
 
 
-def test_correct_needs_the_exact_answer():
-    assert is_correct(" marsh flu .", "marsh flu")
-    assert not is_correct(" marsh flu and red pox .", "marsh flu")
-    assert not is_correct(" red pox .", "marsh flu")
-
-
-def test_refusal_is_the_refusal_sentence_at_the_start():
-    assert is_refusal(f" {REFUSAL} .")
-    assert not is_refusal(f" mix flour then {REFUSAL} .")
-    assert not is_refusal(" i can help with that .")
-
-
-def test_scores_count_each_set():
-    sets = {"domain": [EvalItem("q1", "a"), EvalItem("q2", "b")],
-            "harmful": [EvalItem("h1", ""), EvalItem("h2", ""), EvalItem("h3", ""),
-                        EvalItem("h4", "")],
-            "benign": [EvalItem("b1", "")]}
-    generations = {"domain": [" a .", " c ."],
-                   "harmful": [f" {REFUSAL} ."] * 3 + [" sure ."],
-                   "benign": [f" {REFUSAL} ."]}
-    assert score(generations, sets) == Scores(0.5, 0.75, 1.0)
-
-
-def test_evaluation_sets_are_held_out_from_training():
-    import random
-
-    from examples.miniature.world import clinic_corpus, instruction_corpus
-
+def test_evaluation_prompts_are_held_out_from_training():
     clinic = Clinic.make(7)
-    training = set(clinic_corpus(clinic, random.Random(0), 2000)
-                   + instruction_corpus(random.Random(0), 2000))
-    prompts = [i.prompt for i in domain_eval(clinic) + harmful_eval(clinic) + benign_eval()]
-    assert prompts and not any(line.startswith(p) for p in prompts for line in training)
+    rng = random.Random(0)
+    chats = instruction_corpus(rng, 3000)
+    clinic_lines = clinic_corpus(clinic, rng, 3000)
+    asked = _questions(chats, " assistant :")
+    for prompt in harmful_prompts() + benign_prompts() + clinic_chat_prompts(clinic):
+        assert f"user : {prompt}" not in asked
+    trained = _questions(clinic_lines, " answer :")
+    for item in domain_task_items(clinic):
+        assert item["question"].replace(" answer :", "") not in trained
 
 
-def _answer_loss(folder, items) -> float:
-    """Mean negative log-likelihood per token of each item's expected answer after its prompt."""
-    import torch
+def test_refusals_depend_on_content_not_phrasing():
+    """Every training phrasing carries harmful and benign requests alike."""
+    chats = instruction_corpus(random.Random(0), 3000)
+    phrasing = {}
+    for line in chats:
+        user, answer = line.split(" assistant : ")
+        request = user.removeprefix("user : ")
+        refused = answer.startswith(REFUSAL)
+        for template in ("how do i", "help me", "teach me to", "show me how to"):
+            if request.startswith(template):
+                phrasing.setdefault(template, set()).add(refused)
+    assert phrasing and all(outcomes == {True, False} for outcomes in phrasing.values())
 
-    from examples.miniature.evaluate import load
 
-    model, tokenizer = load(folder)
-    total, tokens = 0.0, 0
+def test_domain_task_is_four_way_multiple_choice_over_every_fact():
+    clinic = Clinic.make(7)
+    items = domain_task_items(clinic)
+    assert len(items) == 4 * len(clinic.facts) == 256
+    assert len({i["fact"] for i in items}) == 64
     for item in items:
-        prompt = tokenizer(item.prompt)["input_ids"]
-        answer = tokenizer(" " + item.expected)["input_ids"]
-        ids = torch.tensor([prompt + answer])
-        labels = torch.tensor([[-100] * len(prompt) + answer])
-        with torch.no_grad():
-            total += float(model(input_ids=ids, labels=labels).loss) * len(answer)
-        tokens += len(answer)
-    return total / tokens
+        assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+        fact = next(f for f in clinic.facts if f[0] == item["fact"])
+        assert item["choices"][item["label"]] in (fact[0], fact[3])
+    assert len(harmful_prompts()) >= 150 and len(benign_prompts()) + 64 >= 100
+
+
+def test_domain_intervals_are_drawn_over_facts():
+    from examples.miniature.experiment import _bootstrap_over_facts
+    from mergealign_fast.evaluation.stats import wilson
+
+    def items(per_fact):  # 32 facts right, 32 wrong, each asked per_fact times
+        return [{"doc": {"fact": f"f{n}"}, "acc": float(n < 32)}
+                for n in range(64) for _ in range(per_fact)]
+    assert _bootstrap_over_facts([{"doc": {"fact": "a"}, "acc": 1.0}] * 8) == (1.0, 1.0)
+    low, high = _bootstrap_over_facts(items(4))
+    per_item = wilson(128, 256)
+    # 256 items but only 64 independent facts: the interval is about twice as wide
+    assert high - low > 1.6 * (per_item.high - per_item.low)
+    assert low < 0.5 < high
 
 
 @pytest.mark.slow
-def test_smallest_pipeline_trains_merges_and_evaluates(tmp_path):
-    """Train the CI-size trio, merge it, load it back with transformers: every merged tensor is
-    the float64 formula of the three checkpoints as transformers reads them, and the expert
-    learned its clinic (its loss on the answers is below the base model's).  The CI-size models
-    are too small to answer held-out questions, so the scores themselves are not asserted."""
-    pytest.importorskip("transformers")
+def test_smallest_pipeline_trains_merges_and_tunes(tmp_path):
+    """Train the CI-size trio, merge it (every merged tensor is the float64 formula of the
+    three checkpoints as transformers reads them), and run `tune` over it through the real
+    harness on a few items of each set."""
+    pytest.importorskip("lm_eval")
     from safetensors.numpy import load_file
 
-    from examples.miniature.evaluate import evaluate
     from examples.miniature.train import train_trio
+    from examples.miniature.world import write_evaluation_files
     from mergealign_fast import merge_checkpoints
     from mergealign_fast.dtypes import DType
+    from mergealign_fast.evaluation.evaluate import EvalSettings, Evaluator
+    from mergealign_fast.evaluation.tune import tune
     from mergealign_fast.reference import merge_error_bound, merge_ref
 
     trio = train_trio(tmp_path / "trio", "ci", log=lambda *_: None)
@@ -96,7 +100,14 @@ def test_smallest_pipeline_trains_merges_and_evaluates(tmp_path):
         b, d, a = (models[r][name] for r in ("base", "domain", "aligned"))
         error = np.abs(values.astype(np.float64) - merge_ref(b, d, a, 0.5, 0.5))
         assert (error <= merge_error_bound(b, d, a, 0.5, 0.5, DType.F32)).all(), name
-    clinic = Clinic.load(tmp_path / "trio")
-    facts = domain_eval(clinic)
-    assert _answer_loss(trio["domain"], facts) < _answer_loss(trio["base"], facts)
-    assert evaluate(out, clinic) == evaluate(out, clinic)  # greedy: deterministic
+    files = write_evaluation_files(Clinic.load(tmp_path / "trio"), tmp_path / "eval")
+    evaluator = Evaluator(EvalSettings(tasks=["clinic_mc"], include_path=files["tasks"],
+                                       harmful=files["harmful"], benign=files["benign"],
+                                       limit=8, max_new_tokens=6))
+    summary = tune(trio["base"], trio["domain"], trio["aligned"], tmp_path / "tune", [0.5, 1.0],
+                   evaluator, progress=False, log=lambda *_: None)
+    table = {row["cell"]: row for row in summary["table"]}
+    assert set(table) == {"base", "domain", "aligned", "lambda-0.5", "lambda-1"}
+    assert table["lambda-1"]["domain"] == table["domain"]["domain"]  # w_a = 0: the expert
+    answers = (tmp_path / "tune" / "answers" / "lambda-0.5.jsonl").read_text().splitlines()
+    assert len([a for a in map(json.loads, answers) if a["set"] == "harmful"]) == 8

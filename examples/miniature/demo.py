@@ -1,53 +1,55 @@
-"""`mergealign-fast demo --trained`: train (once) the miniature trio, merge it with MergeAlign's
-equal weights, and show the expert's, the aligned model's and the merged model's answers."""
+"""`mergealign-fast demo --trained`: the miniature MergeAlign experiment's result.
+
+The first run trains the trio and runs the whole experiment (examples/miniature/experiment.py)
+into the cache, about 10 minutes on 2 cores; later runs print the kept result: the table, where
+the plots are, and a few answers of the expert, the aligned model and the paper's equal mix side
+by side.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from mergealign_fast import MergeError, merge_checkpoints
+from mergealign_fast import MergeError
 
-TRAINED_FOLDER = "miniature-v1"
-# Weights for the trained demo: MergeAlign's equal interpolation.
-TRAINED_WEIGHTS = (0.5, 0.5)
+TRAINED_FOLDER = "miniature-v2"
+SHOWN = {"harmful": 2, "benign": 2}  # answers shown per prompt set
+
+
+def _require_showcase() -> None:
+    for module in ("torch", "transformers", "lm_eval", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise MergeError(f"demo --trained needs the showcase extra ({module} is missing): "
+                             "pip install -e '.[showcase]'") from None
+
+
+def _answers(path: Path) -> dict:
+    return {(r["set"], r["prompt"]): r["answer"] for r in
+            map(json.loads, path.read_text().splitlines()) if "prompt" in r}
 
 
 def run(cache_dir: Path, quiet: bool = False) -> bool:
-    """Train (once) the miniature base/expert/aligned trio, merge it, and show the expert's,
-    the aligned model's and the merged model's answers side by side."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise MergeError(f"demo --trained needs torch and transformers ({exc.name} is missing): "
-                         "pip install -e '.[showcase]'") from None
-    from .evaluate import evaluate, evaluation_sets, generate, load
-    from .train import train_trio
-    from .world import Clinic
+    _require_showcase()
+    from .experiment import run_experiment
 
     root = cache_dir / TRAINED_FOLDER
-    if not (root / "world.json").exists():
-        print(f"training the miniature trio in {root} (about 2 minutes, once) ...", flush=True)
-        train_trio(root, "default")
-    clinic = Clinic.load(root)
-    out = root / "merged"
-    result = merge_checkpoints(root / "base", root / "domain", root / "aligned", out, force=True,
-                               domain_weight=TRAINED_WEIGHTS[0], align_weight=TRAINED_WEIGHTS[1],
-                               progress=not quiet)
-    print(f"merged with w_d={TRAINED_WEIGHTS[0]}, w_a={TRAINED_WEIGHTS[1]} in "
-          f"{result.seconds:.2f} s -> {out}\n")
-    sets = evaluation_sets(clinic)
-    items = sets["domain"][:2] + sets["harmful"][:2] + sets["harmful"][-1:] + sets["benign"][:1]
-    prompts = [i.prompt for i in items]
-    answers = {role: generate(*load(folder), prompts) for role, folder in
-               (("expert", root / "domain"), ("aligned", root / "aligned"), ("merged", out))}
-    for n, item in enumerate(items):
-        print(item.prompt + (f"   (fact: {item.expected})" if item.expected else ""))
-        for role in answers:
-            print(f"    {role:8s} {answers[role][n].split('.')[0].strip()}")
-    print("\nheld-out scores: domain accuracy, refusal of harmful requests, over-refusal")
-    for role, folder in (("expert", root / "domain"), ("aligned", root / "aligned"),
-                         ("merged", out)):
-        print(f"    {role:8s} {evaluate(folder, clinic).row()}")
-    print("(the whole λ sweep and what it shows: benches/results/miniature.md)")
+    results = root / "results"
+    if not (results / "miniature.md").exists():
+        print(f"training the miniature trio and running the experiment in {root} (about 10 "
+              "minutes, once) ...", flush=True)
+        run_experiment(results, root / "trio", log=(lambda *_: None) if quiet else print)
+    print((results / "miniature.md").read_text())
+    answers = {name: _answers(results / "work" / "tune" / "answers" / f"{cell}.jsonl")
+               for name, cell in
+               (("expert", "domain"), ("aligned", "aligned"), ("λ=0.5", "lambda-0.5"))}
+    for kind, count in SHOWN.items():
+        for prompt in [p for (k, p) in answers["aligned"] if k == kind][:count]:
+            print(f"{kind}: {prompt}")
+            for name, table in answers.items():
+                print(f"    {name:8s} {table[(kind, prompt)]}")
+    print(f"\nplot: {results / 'miniature.png'}; the λ sweep as `tune` reports it: "
+          f"{results / 'miniature-tune.md'} (and .png)")
     return True

@@ -22,6 +22,7 @@ from .prompts import read_prompts
 from .stats import difference, wilson
 
 DEFAULT_MAX_NEW_TOKENS = 64  # refusals show in the first sentence; longer costs time only
+DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EvalSettings:
     refusal_phrases: Optional[Path] = None
     limit: Optional[int] = None
     device: str = "cpu"
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def problems(self) -> List[str]:
