@@ -86,6 +86,9 @@ def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequen
     done = {c.name for c in cells if (out_dir / "cells" / f"{c.name}.json").exists()}
     if done:
         log(f"resuming {out_dir}: {len(done)} of {len(cells)} cells already evaluated")
+    pending = [c for c in cells if c.lam is not None and c.name not in done]
+    # Disk for the merges is planned before the parents are evaluated (minutes on a real model).
+    size = _batch_size(first, out_dir, len(pending)) if pending else 0
     bar = Progress(len(cells), "tune", enabled=progress, unit="cells")
     bar.advance(len(done))
 
@@ -98,18 +101,15 @@ def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequen
     for cell in cells:
         if cell.lam is None and cell.name not in done:
             finish(cell, inputs[cell.name])
-    pending = [c for c in cells if c.lam is not None and c.name not in done]
-    if pending:
-        size = _batch_size(first, out_dir, len(pending))
-        for start in range(0, len(pending), size):
-            batch = pending[start:start + size]
-            sweep_checkpoints(base, domain, aligned, merges_dir, [c.lam for c in batch],
-                              options=options, progress=False)
-            for cell in batch:
-                folder = lambda_folder(merges_dir, cell.lam)
-                finish(cell, folder)
-                if not keep:
-                    shutil.rmtree(folder)
+    for start in range(0, len(pending), max(size, 1)):
+        batch = pending[start:start + size]
+        sweep_checkpoints(base, domain, aligned, merges_dir, [c.lam for c in batch],
+                          options=options, progress=False)
+        for cell in batch:
+            folder = lambda_folder(merges_dir, cell.lam)
+            finish(cell, folder)
+            if not keep:
+                shutil.rmtree(folder)
     bar.close()
     if merges_dir.is_dir() and not any(merges_dir.iterdir()):
         merges_dir.rmdir()
