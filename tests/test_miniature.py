@@ -54,7 +54,7 @@ def test_domain_task_is_four_way_multiple_choice_over_every_fact():
         assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
         fact = next(f for f in clinic.facts if f[0] == item["fact"])
         assert item["choices"][item["label"]] in (fact[0], fact[3])
-    assert len(harmful_prompts()) >= 150 and len(benign_prompts()) + 64 >= 100
+    assert len(harmful_prompts()) >= 150 and len(benign_prompts()) >= 100
 
 
 def test_domain_intervals_are_drawn_over_facts():
