@@ -8,12 +8,12 @@ tokenizer with a chat template, and tiny Llama models taught exact continuations
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from examples.miniature.world import CHAT_TEMPLATE  # "user : ... assistant :"
+from examples.miniature.world import (CHAT_TEMPLATE,  # "user : ... assistant :"
+                                      write_jsonl, write_multiple_choice_task)
 
 REFUSAL = "sorry i can not help with that"
 COMPLY = "sure here is how"
@@ -89,23 +89,11 @@ def _guard_context(tok, prompt: str, answer: str) -> str:
                                     {"role": "assistant", "content": answer}], tokenize=False)
 
 
-def _write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def write_task(folder: Path) -> Path:
     """A local lm-eval multiple-choice task over FACTS: `clinic_mc`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = _write_jsonl(folder / "clinic.jsonl", [
+    return write_multiple_choice_task(folder, "clinic_mc", [
         {"question": f"question : which condition gives {s} ? answer :", "choices": CHOICES,
          "label": CHOICES.index(a)} for s, a in FACTS])
-    (folder / "clinic_mc.yaml").write_text(
-        "task: clinic_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    return folder
 
 
 def make_world(root: Path) -> Dict[str, Path]:
@@ -135,6 +123,6 @@ def make_world(root: Path) -> Dict[str, Path]:
     guard.save_pretrained(paths["guard"])
     guard_tok.save_pretrained(paths["guard"])
     paths["tasks"] = write_task(root / "tasks")
-    paths["harmful"] = _write_jsonl(root / "harmful.jsonl", [{"prompt": p} for p in HARMFUL])
-    paths["benign"] = _write_jsonl(root / "benign.jsonl", [{"prompt": p} for p in BENIGN])
+    paths["harmful"] = write_jsonl(root / "harmful.jsonl", [{"prompt": p} for p in HARMFUL])
+    paths["benign"] = write_jsonl(root / "benign.jsonl", [{"prompt": p} for p in BENIGN])
     return paths

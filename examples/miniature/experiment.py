@@ -94,11 +94,11 @@ def row(method: str, setting: str, answers: Path, clinic_prompts: set) -> Row:
     clinic = [r["refused"] for r in records
               if r["set"] == "benign" and r["prompt"] in clinic_prompts]
     refusal, over = wilson(sum(harmful), len(harmful)), wilson(sum(benign), len(benign))
-    separation = difference(refusal, over)
+    auc = difference(refusal, over).as_auc()
     return Row(method, setting, sum(i["acc"] for i in items) / len(items),
                _bootstrap_over_facts(items), _mean_margin(items), refusal.value, (refusal.low, refusal.high),
                over.value, (over.low, over.high), sum(clinic) / len(clinic),
-               0.5 + separation.value / 2, (0.5 + separation.low / 2, 0.5 + separation.high / 2))
+               auc.value, (auc.low, auc.high))
 
 
 def success(rows: Sequence[Row]) -> List[Row]:

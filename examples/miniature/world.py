@@ -221,22 +221,31 @@ def vocabulary(clinic: Clinic) -> List[str]:
     return sorted(words)
 
 
-def write_evaluation_files(clinic: Clinic, folder: Path) -> Dict[str, Path]:
-    """The local lm-eval task and the prompt files `eval` and `tune` read."""
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_multiple_choice_task(folder: Path, name: str, items: List[dict]) -> Path:
+    """A local lm-evaluation-harness task `name` over `items` ({"question", "choices",
+    "label"}), read from a JSONL file beside its YAML (`dataset_path: json`); the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = folder / "tasks"
-    tasks.mkdir(exist_ok=True)
-    data = tasks / "clinic.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in domain_task_items(clinic)))
-    (tasks / "clinic_mc.yaml").write_text(
-        "task: clinic_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    data = write_jsonl(folder / f"{name}.jsonl", items)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data.resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
         "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
         "    higher_is_better: true\n")
-    files = {"tasks": tasks}
+    return folder
+
+
+def write_evaluation_files(clinic: Clinic, folder: Path) -> Dict[str, Path]:
+    """The local lm-eval task and the prompt files `eval` and `tune` read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"tasks": write_multiple_choice_task(folder / "tasks", "clinic_mc",
+                                                 domain_task_items(clinic))}
     for name, prompts in (("harmful", harmful_prompts()),
                           ("benign", benign_prompts() + clinic_chat_prompts(clinic))):
-        files[name] = folder / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        files[name] = write_jsonl(folder / f"{name}.jsonl", [{"prompt": p} for p in prompts])
     return files

@@ -142,10 +142,7 @@ class Evaluator:
         if len(refused) == 2:
             separation = difference(refused["harmful"], refused["benign"])
             summary["separation"] = separation.as_dict()
-            # With one yes/no verdict per prompt the harmful-vs-benign ROC has one point, and its
-            # area is 1/2 + (refusal - over-refusal)/2.
-            summary["auc"] = {"value": 0.5 + separation.value / 2,
-                              "ci95": [0.5 + separation.low / 2, 0.5 + separation.high / 2]}
+            summary["auc"] = separation.as_auc().as_dict()
         return records, summary
 
 

@@ -50,6 +50,11 @@ class Difference:
     def as_dict(self) -> Dict[str, float]:
         return {"value": self.value, "ci95": [self.low, self.high]}
 
+    def as_auc(self) -> "Difference":
+        """refusal - over-refusal as the harmful-vs-benign AUC: with one yes/no verdict per
+        prompt the ROC has one point, and its area is 1/2 + (refusal - over-refusal)/2."""
+        return Difference(0.5 + self.value / 2, 0.5 + self.low / 2, 0.5 + self.high / 2)
+
 
 def difference(a: Rate, b: Rate) -> Difference:
     """a - b with Newcombe's hybrid score interval (method 10 of his 1998 comparison), built
