@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from . import dtypes
 from ._version import __version__
-from .engine import MergeResult, execute
+from .engine import MergeResult, execute_on
 from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
                     interrupted_while_starting)
 from .errors import MergeError, PlanError
@@ -49,6 +49,14 @@ def _add_writing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync of the output (faster; not durable across power loss)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_ray_arg(p)
+
+
+def _add_ray_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray (needs the ray extra): alone, the Ray instance of this "
+                   "machine (started if none runs); with an address, that cluster.  Inputs and "
+                   "output must be on storage every node mounts at the same path")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -223,6 +231,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(default: each is deleted once evaluated)")
     tune.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     tune.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_ray_arg(tune)
     _add_method_args(tune)
     _add_eval_args(tune, model=False)
     return parser
@@ -302,7 +311,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     options = _run_options(args, out_dtype=_out_dtype(args), tokenizer_from=args.tokenizer_from,
                            method=_method_from_args(args))
     results = sweep_checkpoints(args.base, args.domain, args.aligned, args.out, lambdas,
-                                options=options, progress=not args.quiet)
+                                options=options, progress=not args.quiet, ray_address=args.ray)
     for result in results:
         _print_result(result)
     return 0
@@ -325,7 +334,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         gpu_memory=_user_value(parse_size, args.gpu_memory), backend=args.backend,
         method=_method_from_args(args))
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
-    _print_result(execute(plan, show_progress=not args.quiet))
+    _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
     return 0
 
 
@@ -342,7 +351,7 @@ def _run_config(args: argparse.Namespace) -> int:
         raise PlanError([*config.problems, *exc.problems]) from None
     if config.problems:
         raise PlanError(list(config.problems))
-    _print_result(execute(plan, show_progress=not args.quiet))
+    _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
     return 0
 
 
@@ -384,7 +393,8 @@ def _run_tune(args: argparse.Namespace) -> int:
     # Merges that live only until evaluated need no fsync; kept ones get it.
     options = MergeOptions(threads=args.threads, method=_method_from_args(args), fsync=args.keep)
     summary = tune(Path(args.base), Path(args.domain), Path(args.aligned), Path(args.out),
-                   lambdas, evaluator, options, keep=args.keep, progress=not args.quiet)
+                   lambdas, evaluator, options, keep=args.keep, progress=not args.quiet,
+                   ray_address=args.ray)
     print((Path(args.out) / "results.md").read_text(), end="")
     print(f"wrote {args.out}/results.{{md,csv,json}}"
           + (" and results.png" if summary["plot"] else

@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import MergeError
 from .io.checkpoint import TensorLocation
@@ -24,8 +24,8 @@ from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
 from .methods import TensorPasses, tensor_recipe
-from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, publish,
-                     settle_leftover_partial)
+from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
+                     publish, settle_leftover_partial)
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
 from .progress import Progress
 from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
@@ -112,13 +112,12 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
         progress.advance(chunk.count * tensor.out_itemsize * len(targets))
 
 
-def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
-                 plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
-                 progress: Progress) -> List[ShardFile]:
+def _write_shard(folders: Sequence[Path], shard: PlannedShard, plans: Sequence[MergePlan],
+                 maps: InputMaps, writer: Writer, progress: Progress) -> List[ShardFile]:
     """Write one shard completely into each partial folder (one per plan); returns its file in
     each, closed, with its CRC-32C and NaN/inf counts."""
     options = plans[0].options
-    paths = [p.folder / shard.filename for p in partials]
+    paths = [folder / shard.filename for folder in folders]
     targets: List[ShardFile] = []
     try:
         for path in paths:
@@ -140,14 +139,43 @@ def _write_shard(partials: Sequence[PartialOutput], shard: PlannedShard,
             os.close(target.fd)
 
 
+def _read_sources(tensor: PlannedTensor) -> Sequence[TensorLocation]:
+    """The inputs the merge reads for `tensor`: a copied tensor's first source only."""
+    return tensor.sources[:1] if tensor.is_copied else tensor.sources
+
+
+def write_shards(plans: Sequence[MergePlan], shards: Sequence[PlannedShard],
+                 progress: Optional[Progress] = None, writer: Optional[Writer] = None,
+                 folders: Optional[Sequence[Path]] = None
+                 ) -> Iterator[Tuple[PlannedShard, List[ShardFile]]]:
+    """Write `shards` of plans that share one layout into each plan's partial folder (or
+    `folders`), reading each chunk once; yields each shard with its file in every folder as it
+    completes.  The caller records them (PartialOutput.record_shard): this runs in the merging
+    process or, for a merge split across a cluster, in a worker (cluster.py)."""
+    folders = folders or [partial_dir_for(plan.out_dir) for plan in plans]
+    progress = progress or Progress(0, "", enabled=False)
+    read_ahead = read_ahead_settings()
+    with ExitStack() as stack:
+        maps = stack.enter_context(InputMaps(plans[0].inputs.values()))
+        maps.check_unchanged()
+        if read_ahead is not None:
+            maps.read_ahead([_read_sources(t) for shard in shards for t in shard.tensors],
+                            read_ahead)
+        writer = writer or make_writer(plans[0])
+        stack.callback(writer.close)
+        for shard in shards:
+            yield shard, _write_shard(folders, shard, plans, maps, writer, progress)
+
+
 def execute(plan: MergePlan, show_progress: bool = False,
-            writer: Optional[Writer] = None) -> MergeResult:
+            writer: Optional[Writer] = None,
+            merge_shards: Optional[ShardMerger] = None) -> MergeResult:
     """Run a checked plan in OUT's hidden partial folder, then rename it to OUT.
 
     `writer` (default: from the plan's options, writers.make_writer) computes and writes each
     chunk.  On failure or interrupt the partial folder stays, with every completed shard
     recorded in its journal: the same merge with resume=True finishes it."""
-    return execute_many([plan], show_progress, writer)[0]
+    return execute_many([plan], show_progress, writer, merge_shards)[0]
 
 
 def _same_layout(plans: Sequence[MergePlan]) -> None:
@@ -158,47 +186,48 @@ def _same_layout(plans: Sequence[MergePlan]) -> None:
                              "shard size)")
 
 
-def _read_sources(tensor: PlannedTensor) -> Sequence[TensorLocation]:
-    """The inputs the merge reads for `tensor`: a copied tensor's first source only."""
-    return tensor.sources[:1] if tensor.is_copied else tensor.sources
+def pending_shards(plans: Sequence[MergePlan], partials: Sequence[PartialOutput]
+                   ) -> List[PlannedShard]:
+    """The shards not already complete in every partial folder (all of them on a fresh start)."""
+    return [shard for shard in plans[0].shards
+            if not all(p.shard_is_complete(shard.filename, shard.size) for p in partials)]
 
 
-def _merge_shards(plans: Sequence[MergePlan], partials: Sequence[PartialOutput],
-                  writer: Optional[Writer], show_progress: bool,
-                  read_ahead: Optional[Tuple[int, int]]) -> None:
-    """Every shard not already complete in every partial folder, written and recorded."""
-    first = plans[0]
-    with ExitStack() as stack:
-        maps = stack.enter_context(InputMaps(first.inputs.values()))
-        maps.check_unchanged()
-        pending = [shard for shard in first.shards
-                   if not all(p.shard_is_complete(shard.filename, shard.size) for p in partials)]
-        if read_ahead is not None:
-            maps.read_ahead([_read_sources(t) for shard in pending for t in shard.tensors],
-                            read_ahead)
-        pending_names = {shard.filename for shard in pending}
-        writer = writer or make_writer(first)
-        stack.callback(writer.close)
+# Writes every pending shard of plans into their partial folders and records it; calls
+# finish(partial) for an output whose shards are all recorded, or leaves that to its caller.
+ShardMerger = Callable[[Sequence[MergePlan], Sequence[PartialOutput], bool,
+                        Callable[[PartialOutput], None]], None]
+
+
+def merge_here(writer: Optional[Writer] = None) -> ShardMerger:
+    """The shard merger of this process: one pass over the inputs for all plans."""
+    def merge(plans, partials, show_progress, finish) -> None:
+        first = plans[0]
         progress = Progress(first.tensor_bytes * len(plans), "merging", enabled=show_progress)
-        for shard in first.shards:
-            if shard.filename not in pending_names:
-                progress.advance(sum(t.out_nbytes for t in shard.tensors) * len(plans))
-                continue
-            written = _write_shard(partials, shard, plans, maps, writer, progress)
+        pending = pending_shards(plans, partials)
+        pending_names = {shard.filename for shard in pending}
+        progress.advance(sum(t.out_nbytes for shard in first.shards
+                             if shard.filename not in pending_names
+                             for t in shard.tensors) * len(plans))
+        for shard, written in write_shards(plans, pending, progress, writer):
             for partial, shard_file in zip(partials, written):
                 partial.record_shard(shard_file, shard.size, first.options.fsync)
         progress.close()
+    return merge
 
 
 def execute_many(plans: Sequence[MergePlan], show_progress: bool = False,
-                 writer: Optional[Writer] = None) -> List[MergeResult]:
+                 writer: Optional[Writer] = None,
+                 merge_shards: Optional[ShardMerger] = None) -> List[MergeResult]:
     """Run plans that differ only in their weights and output folders in one pass over the
     inputs: each chunk is read once and merged once per plan (a λ sweep).  One plan is a plain
     merge.  Each output keeps every guarantee of a single merge (its own partial folder, lock,
     journal, manifest and atomic rename).  A plan whose OUT --resume found complete is verified
-    instead of merged again."""
+    instead of merged again.  `merge_shards` (default: merge_here(writer)) is who writes the
+    shards: this process, or a cluster's workers (cluster.py)."""
     todo = [plan for plan in plans if not plan.complete]
-    merged = iter(_execute(todo, show_progress, writer) if todo else [])
+    merged = iter(_execute(todo, show_progress, merge_shards or merge_here(writer))
+                  if todo else [])
     return [_verified_complete(plan) if plan.complete else next(merged) for plan in plans]
 
 
@@ -216,20 +245,25 @@ def _verified_complete(plan: MergePlan) -> MergeResult:
 
 
 def _execute(plans: Sequence[MergePlan], show_progress: bool,
-             writer: Optional[Writer]) -> List[MergeResult]:
+             merge_shards: ShardMerger) -> List[MergeResult]:
     started = time.perf_counter()
     _same_layout(plans)
-    read_ahead = read_ahead_settings()
+    read_ahead_settings()  # a setting it cannot use is refused before anything is created
     partials: List[PartialOutput] = []
     identities = input_identities(plans[0].inputs.values())
+
+    def finish(partial: PartialOutput) -> None:
+        check_inputs_unchanged(identities)
+        publish(partial)
+
     try:
         for plan in plans:
             partials.append(PartialOutput(plan).open(resume=plan.options.resume,
                                                      force=plan.options.force))
-        _merge_shards(plans, partials, writer, show_progress, read_ahead)
-        check_inputs_unchanged(identities)
+        merge_shards(plans, partials, show_progress, finish)
         for partial in partials:
-            publish(partial)
+            if not partial.published:
+                finish(partial)
     except InputChanged as exc:
         for partial in partials:
             partial.discard_if_empty()
@@ -257,14 +291,27 @@ PathLike = Union[str, os.PathLike]
 
 def merge_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out: PathLike, *,
                       options: Optional[MergeOptions] = None, progress: bool = False,
-                      **changes) -> MergeResult:
+                      ray_address: Optional[str] = None, **changes) -> MergeResult:
     """Merge three Hugging Face model folders into `out` (see the README for the formula).
 
     The merge's settings are a MergeOptions (plan.py lists each with its default); give one as
     `options`, or change any of its fields by keyword: domain_weight=0.7, method=Method("ties"),
     device="cuda", resume=True, ...  Everything is checked first (PlanError lists every
     problem); then the merge streams through the native kernel in bounded memory and `out`
-    appears only when complete.  progress=True shows a progress bar on stderr.
+    appears only when complete.  progress=True shows a progress bar on stderr.  ray_address
+    ("" for this machine's Ray instance) splits the merge by shard across a Ray cluster
+    (cluster.py): the same files.
     """
     options = replace(options or MergeOptions(), **changes)
-    return execute(plan_merge(base, domain, aligned, out, options), show_progress=progress)
+    return execute_on(plan_merge(base, domain, aligned, out, options), ray_address, progress)
+
+
+def execute_on(plan: MergePlan, ray_address: Optional[str],
+               show_progress: bool = False) -> MergeResult:
+    """A checked plan run in this process (ray_address None), or split by shard across a Ray
+    cluster (cluster.py; "" for this machine's Ray instance)."""
+    if ray_address is not None:
+        from .cluster import merge_on_ray
+
+        return merge_on_ray(plan, ray_address, show_progress=show_progress)
+    return execute(plan, show_progress=show_progress)

@@ -138,6 +138,7 @@ class PartialOutput:
         self.lock_fd: Optional[int] = None
         self.shards: Dict[str, dict] = {}
         self.side_files: Dict[str, dict] = {}  # recorded once every shard is complete
+        self.published = False  # renamed to OUT
 
     # -- opening: lock, then decide between fresh start, resume and refusal --------------------
 
@@ -188,9 +189,14 @@ class PartialOutput:
         return crc_hex(file_crc32c(path)) == recorded["crc32c"]
 
     def record_shard(self, shard: ShardFile, size: int, fsync: bool) -> None:
-        self.shards[shard.path.name] = {"size": size, "crc32c": crc_hex(shard.checksum.crc)}
-        if shard.nonfinite:
-            self.shards[shard.path.name]["nonfinite"] = dict(sorted(shard.nonfinite.items()))
+        self.record_written(shard.path.name, size, shard.checksum.crc, shard.nonfinite, fsync)
+
+    def record_written(self, name: str, size: int, crc: int, nonfinite: Dict[str, int],
+                       fsync: bool) -> None:
+        """A shard file written completely (here, or by a cluster's worker) into the journal."""
+        self.shards[name] = {"size": size, "crc32c": crc_hex(crc)}
+        if nonfinite:
+            self.shards[name]["nonfinite"] = dict(sorted(nonfinite.items()))
         self._write_manifest(fsync)
 
     def record_side_files(self, files: Dict[str, dict], fsync: bool) -> None:
@@ -206,7 +212,9 @@ class PartialOutput:
 
     def discard_if_empty(self) -> bool:
         """After a failure: remove the folder when no shard was completed (nothing to resume).
-        Returns True when it was removed."""
+        Returns True when it was removed (or published: nothing is left there)."""
+        if self.published:
+            return True
         if self.shards:
             return False
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -384,3 +392,4 @@ def publish(partial: PartialOutput) -> None:
     if plan.options.fsync:
         fsync_dir(partial.folder)
     _move_into_place(partial.folder, plan.out_dir, plan.options.fsync)
+    partial.published = True

@@ -32,6 +32,7 @@ class Progress:
         self.interval = 0.0 if unit else 0.1 if self.tty else 10.0
         self.started = time.perf_counter()
         self.last_draw = 0.0
+        self.status = ""  # shown after the counts ("2 running, 1 failed")
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
@@ -49,7 +50,8 @@ class Progress:
         bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
         amount = (f"{self.done}/{self.total} {self.unit}" if self.unit else
                   f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s")
-        text = (f"{self.label} [{bar}] {fraction:6.1%} {amount} "
+        status = f"{self.status} " if self.status else ""
+        text = (f"{self.label} [{bar}] {fraction:6.1%} {amount} {status}"
                 + (f"{elapsed:.1f}s" if final else f"ETA {eta:.0f}s"))
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r" if self.tty else "") + text + end)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from .engine import MergeResult, PathLike, execute_many
 from .errors import PlanError
-from .plan import MergeOptions, disk_problem, plan_merge
+from .plan import MergeOptions, MergePlan, disk_problem, plan_merge
 
 
 def lambda_label(lam: float) -> str:
@@ -45,27 +45,40 @@ def parse_lambdas(text: str) -> List[float]:
     return values
 
 
-def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_root: PathLike,
-                      lambdas: Sequence[float], *, options: Optional[MergeOptions] = None,
-                      progress: bool = False, **changes) -> List[MergeResult]:
-    """Write out_root/lambda-<λ> for each λ (w_d = λ, w_a = 1 - λ, and t = λ for the SLERP
-    family: every method's "how far toward the domain expert") in one pass.  `options` and
-    `changes` are merge_checkpoints'; the weights (and t) are the sweep's."""
+def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: PathLike,
+               lambdas: Sequence[float], options: MergeOptions) -> List[MergePlan]:
+    """One checked plan per λ (w_d = λ, w_a = 1 - λ, and t = λ for the SLERP family: every
+    method's "how far toward the domain expert"), the disk checked for all of them."""
     out_root = Path(out_root)
     if not lambdas:
         raise PlanError(["give at least one λ"])
-    shared = replace(options or MergeOptions(), **changes)
     plans = []
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
-        method = shared.method
+        method = options.method
         if "t" in method.info.parameters:  # the SLERP family: t is how far toward the domain
             method = replace(method, t=lam)
-        one = replace(shared, domain_weight=lam, align_weight=round(1.0 - lam, 12),
+        one = replace(options, domain_weight=lam, align_weight=round(1.0 - lam, 12),
                       method=method)
         plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), one))
     needed = sum(p.output_bytes for p in plans)
     problem = disk_problem(lambda_folder(out_root, lambdas[0]), needed)
     if problem:
         raise PlanError([problem])
+    return plans
+
+
+def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_root: PathLike,
+                      lambdas: Sequence[float], *, options: Optional[MergeOptions] = None,
+                      progress: bool = False, ray_address: Optional[str] = None,
+                      **changes) -> List[MergeResult]:
+    """Write out_root/lambda-<λ> for each λ (plan_sweep) in one pass.  `options` and `changes`
+    are merge_checkpoints'; the weights (and t) are the sweep's.  With `ray_address` ("" for a
+    local Ray instance) each λ is a task on a Ray cluster instead (cluster.py)."""
+    shared = replace(options or MergeOptions(), **changes)
+    plans = plan_sweep(base, domain, aligned, out_root, lambdas, shared)
+    if ray_address is not None:
+        from .cluster import sweep_on_ray
+
+        return sweep_on_ray(plans, ray_address, show_progress=progress)
     return execute_many(plans, show_progress=progress)

@@ -89,3 +89,17 @@ def test_demo_trained_outside_a_source_checkout_is_one_clear_line(tmp_path, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "examples/miniature" in err[0] and "not installed" in err[0]
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "sweep"])
+def test_ray_flag_without_ray_installed_is_one_line_saying_what_to_install(
+        tiny_trio, tmp_path, command):
+    missing = tmp_path / "no-ray"  # a `ray` that fails to import, as an absent one does
+    (missing / "ray").mkdir(parents=True)
+    (missing / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")")
+    extra = ["--lambdas", "0,1"] if command == "sweep" else []
+    proc = run_cli(command, tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                   "-o", tmp_path / "out", *extra, "--ray", env={"PYTHONPATH": str(missing)})
+    assert_clean_error(proc, "pip install 'mergealign-fast[ray]'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import MergeError, PlanError
-from ..plan import MergeOptions, plan_merge
+from ..engine import execute
+from ..plan import MergeOptions, MergePlan, plan_merge
 from ..progress import Progress, human_bytes
-from ..sweep import lambda_folder, sweep_checkpoints
-from .evaluate import Evaluator, write_json_atomic
+from ..sweep import lambda_folder, plan_sweep, sweep_checkpoints
+from .evaluate import EvalSettings, Evaluator, write_json_atomic
 from .report import write_reports
 
 PARENTS = ("base", "domain", "aligned")
@@ -72,8 +73,10 @@ def _batch_size(first_plan, out_dir: Path, count: int) -> int:
 
 def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequence[float],
          evaluator: Evaluator, options: Optional[MergeOptions] = None, keep: bool = False,
-         progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Evaluate the parents and the merge at every λ; write the reports; the results."""
+         progress: bool = True, log: Callable[[str], None] = print,
+         ray_address: Optional[str] = None) -> dict:
+    """Evaluate the parents and the merge at every λ; write the reports; the results.  With
+    `ray_address` ("" for this machine's Ray instance) each cell is a task on a Ray cluster."""
     out_dir = Path(out_dir)
     inputs = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
     options = replace(options or MergeOptions(), resume=True, force=False)
@@ -86,33 +89,94 @@ def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequen
     done = {c.name for c in cells if (out_dir / "cells" / f"{c.name}.json").exists()}
     if done:
         log(f"resuming {out_dir}: {len(done)} of {len(cells)} cells already evaluated")
-    pending = [c for c in cells if c.lam is not None and c.name not in done]
+    pending = [c for c in cells if c.name not in done]
+    merges = [c for c in pending if c.lam is not None]
     # Disk for the merges is planned before the parents are evaluated (minutes on a real model).
-    size = _batch_size(first, out_dir, len(pending)) if pending else 0
-    bar = Progress(len(cells), "tune", enabled=progress, unit="cells")
-    bar.advance(len(done))
+    size = _batch_size(first, out_dir, len(merges)) if merges else 1
+    if ray_address is not None:
+        _tune_on_ray(ray_address, first, pending, inputs, out_dir, evaluator, keep, size,
+                     progress)
+    else:
+        _tune_here(pending, len(cells), inputs, out_dir, evaluator, options, keep, size,
+                   progress)
+    if merges_dir.is_dir() and not any(merges_dir.iterdir()):
+        merges_dir.rmdir()
+    results = [json.loads((out_dir / "cells" / f"{c.name}.json").read_text()) for c in cells]
+    return write_reports(out_dir, results)
+
+
+def _record_cell(out_dir: Path, cell: Cell, result: dict) -> None:
+    """A finished cell, as a file: a rerun skips it."""
+    result.update(cell=cell.name, lam=cell.lam)
+    write_json_atomic(out_dir / "cells" / f"{cell.name}.json", result)
+
+
+def _answers_path(out_dir: Path, cell: Cell) -> Path:
+    return out_dir / "answers" / f"{cell.name}.jsonl"
+
+
+def _tune_here(pending: List[Cell], total: int, inputs: Dict[str, Path], out_dir: Path,
+               evaluator: Evaluator, options: MergeOptions, keep: bool, size: int,
+               progress: bool) -> None:
+    """The parents, then the merges in one-pass sweeps of `size` λ each, in this process."""
+    bar = Progress(total, "tune", enabled=progress, unit="cells")
+    bar.advance(total - len(pending))
 
     def finish(cell: Cell, folder: Path) -> None:
-        result = evaluator.evaluate(folder, out_dir / "answers" / f"{cell.name}.jsonl")
-        result.update(cell=cell.name, lam=cell.lam)
-        write_json_atomic(out_dir / "cells" / f"{cell.name}.json", result)
+        _record_cell(out_dir, cell, evaluator.evaluate(folder, _answers_path(out_dir, cell)))
         bar.advance(1)
 
-    for cell in cells:
-        if cell.lam is None and cell.name not in done:
+    for cell in pending:
+        if cell.lam is None:
             finish(cell, inputs[cell.name])
-    for start in range(0, len(pending), max(size, 1)):
-        batch = pending[start:start + size]
-        sweep_checkpoints(base, domain, aligned, merges_dir, [c.lam for c in batch],
-                          options=options, progress=False)
+    merges = [c for c in pending if c.lam is not None]
+    merges_dir = out_dir / "merges"
+    for start in range(0, len(merges), size):
+        batch = merges[start:start + size]
+        sweep_checkpoints(inputs["base"], inputs["domain"], inputs["aligned"], merges_dir,
+                          [c.lam for c in batch], options=options, progress=False)
         for cell in batch:
             folder = lambda_folder(merges_dir, cell.lam)
             finish(cell, folder)
             if not keep:
                 shutil.rmtree(folder)
     bar.close()
-    if merges_dir.is_dir() and not any(merges_dir.iterdir()):
-        merges_dir.rmdir()
-    results = [json.loads((out_dir / "cells" / f"{c.name}.json").read_text()) for c in cells]
-    return write_reports(out_dir, results)
 
+
+def _ray_cell(settings: EvalSettings, folder: Path, answers: Path, plan: Optional[MergePlan],
+              keep: bool) -> dict:
+    """Run in a Ray worker: one cell, merged (when it is a merge) and evaluated on this node.
+    A retry after a dead worker starts the merge over (force): the journal of the attempt
+    before may come from a node that sees the inputs under another device number."""
+    if plan is not None:
+        execute(replace(plan, options=replace(plan.options, resume=False, force=True)))
+    result = Evaluator(settings).evaluate(folder, answers)
+    if plan is not None and not keep:
+        shutil.rmtree(folder)
+    return result
+
+
+def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Dict[str, Path],
+                 out_dir: Path, evaluator: Evaluator, keep: bool, size: int,
+                 progress: bool) -> None:
+    """Each cell a Ray task that merges on the node that evaluates it (a GPU task where the
+    evaluation is on a GPU); at most `size` cells at once, so the merges fit the disk."""
+    from ..cluster import Task, check_nodes, connect, input_files, run_tasks, task_resources
+
+    ray = connect(address)
+    check_nodes(ray, input_files(first), [first.out_dir.parent])
+    cpus, gpus = task_resources(evaluator.settings.device, first.options.threads)
+    settings = replace(evaluator.settings, device="cuda" if gpus else evaluator.settings.device)
+    tasks = []
+    for cell in pending:
+        if cell.lam is None:
+            folder, plan = inputs[cell.name], None
+        else:
+            folder = lambda_folder(first.out_dir.parent, cell.lam)
+            plan = plan_sweep(inputs["base"], inputs["domain"], inputs["aligned"],
+                              first.out_dir.parent, [cell.lam],
+                              replace(first.options, threads=cpus))[0]
+        tasks.append(Task(cell.name, _ray_cell, (settings, folder, _answers_path(out_dir, cell),
+                                                 plan, keep), cell, cpus, gpus))
+    run_tasks(ray, tasks, lambda task, result: _record_cell(out_dir, task.key, result),
+              label="tune", unit="cells", show_progress=progress, max_in_flight=size)
