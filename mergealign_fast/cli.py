@@ -340,6 +340,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> int:
     config = load_mergekit_config(args.config)
+    for warning in config.warnings:
+        print(f"mergealign-fast: warning: {warning}", file=sys.stderr)
     # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
     nan = float("nan")
     options = _run_options(args, domain_weight=nan, align_weight=nan,

@@ -310,9 +310,9 @@ def merge_on_ray(plan: MergePlan, address: str, show_progress: bool = False) -> 
     contiguous shards per task slot); bitwise the single-process merge."""
     if plan.complete:
         return execute(plan)  # verified, nothing to merge
+    cpus, gpus = task_resources(plan.options.device, plan.options.threads)
     ray = connect(address)
     _check_plans(ray, [plan])
-    cpus, gpus = task_resources(plan.options.device, plan.options.threads)
     resources = ray.cluster_resources()
     slots = int(resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1) // cpus)
 
@@ -328,6 +328,7 @@ def sweep_on_ray(plans: Sequence[MergePlan], address: str, show_progress: bool =
     the single-process sweep reads them once in all: the cluster trades bytes for nodes)."""
     if all(plan.complete for plan in plans):
         return execute_many(plans)  # each verified, nothing to merge
+    task_resources(plans[0].options.device, plans[0].options.threads)  # refused before work
     ray = connect(address)
     _check_plans(ray, plans)
     return execute_many(plans, show_progress,

@@ -276,6 +276,9 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
         hint = (f"completed shards are kept in {', '.join(map(str, kept))}: fix the cause and "
                 "rerun with --resume to finish" if kept
                 else f"nothing was kept; {plans[0].out_dir} is unchanged")
+        finished = [str(p.out_dir) for p in partials if p.published]
+        if finished:  # a sweep on a cluster publishes each output as soon as it is done
+            hint = f"{', '.join(finished)} finished; {hint}"
         raise MergeError(f"{exc}; {hint}") from exc
     finally:
         for partial in partials:

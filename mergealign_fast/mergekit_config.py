@@ -7,7 +7,8 @@ slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filte
 model or shared), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).  The
 whole config is checked, and every problem reported, before any tensor is read; anything else
 (`slices`, `modules`, `tokenizer`, `chat_template`, an unknown key or parameter, a hub name
-instead of a folder) is an error naming it.
+instead of a folder) is an error naming it.  A known parameter the method does not take
+(`weight` on slerp, `t` on linear) is ignored with a warning, as mergekit ignores it.
 
 Models map onto the engine's three roles (base, domain, aligned):
   task arithmetic family (task_arithmetic, ties, dare_*, resta, slerp_vectors): base_model is
@@ -61,6 +62,8 @@ class RunConfig:
     # Problems the reader could read past (a misspelled key taken as the key it is close to):
     # reported together with the plan's own, so one run lists everything.
     problems: Tuple[str, ...] = ()
+    # What mergekit would silently ignore (a parameter the method does not take), said once.
+    warnings: Tuple[str, ...] = ()
 
 
 def load(path: Path) -> RunConfig:
@@ -92,6 +95,7 @@ class _Reader:
         self.path, self.raw = path, raw
         self.problems: List[str] = []
         self.read_past: List[str] = []  # see RunConfig.problems
+        self.warnings: List[str] = []  # see RunConfig.warnings
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.path}: {text}")
@@ -112,13 +116,18 @@ class _Reader:
         if roles is not None:
             rules += self._model_rules(name, roles, models)
             self._check_weights(name, roles, models)
+            if roles["aligned"] == roles["base"] and name not in ("slerp", "chipalign"):
+                # With one other model the aligned role repeats the base and weighs nothing,
+                # before any rule (first match wins): a shared `weight` at the top level must
+                # not reach it, or linear would count the base twice.
+                rules.insert(0, Rule("weight", "aligned", 0.0))
         out_dtype = self._out_dtype()
         tokenizer_from = self._tokenizer(roles or {}, base)
         if self.problems:
             raise PlanError(self.read_past + self.problems)
         return RunConfig(roles["base"], roles["domain"], roles["aligned"],
                          Method(name, rules=tuple(rules)), out_dtype, tokenizer_from,
-                         tuple(self.read_past))
+                         tuple(self.read_past), tuple(dict.fromkeys(self.warnings)))
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
@@ -217,9 +226,6 @@ class _Reader:
                              "level `parameters`")
             rules += self._rules({k: v for k, v in parameters.items() if k not in shared},
                                  role, name)
-        # Models not merged as a vector (the aligned role repeating the base) weigh nothing.
-        if roles["aligned"] == roles["base"] and name not in ("slerp", "chipalign"):
-            rules.insert(0, Rule("weight", "aligned", 0.0))
         return rules
 
     @staticmethod
@@ -250,8 +256,9 @@ class _Reader:
             if ours is None:
                 continue
             if ours not in accepted and method_name in METHODS:
-                self.problem(f"parameter `{key}` does not apply to {method_name} (it takes: "
-                             f"{', '.join(accepted)})")
+                # mergekit ignores it; configs written for one method carry it to another
+                self.warnings.append(f"{self.path}: parameter `{key}` does not apply to "
+                                     f"{method_name}: ignored, as mergekit ignores it")
                 continue
             setting = self._setting(key, value)
             if setting is None:

@@ -23,6 +23,7 @@ from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLoca
                             group_by_size, layer_index, open_checkpoint, same_bytes,
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
+from .io.vocabulary import vocabulary_problems
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
 from .methods import Method, TensorSettings, check_weights, layer_position, resolve, \
@@ -252,6 +253,7 @@ def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], Li
     models, problems = _open_inputs(folders)
     if len(models) == len(ROLES):
         problems += _name_problems(models) + _tensor_problems(models)
+        problems += vocabulary_problems(folders)
     return models, problems
 
 

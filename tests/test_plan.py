@@ -127,3 +127,72 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_garbage():
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("five gigs")
+
+
+# ---- vocabularies numbered alike ---------------------------------------------------------------
+
+def _bpe(vocab: dict, added=()) -> str:
+    return json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []},
+                       "added_tokens": [{"id": i, "content": c, "special": True}
+                                        for i, c in added]})
+
+
+BASE_VOCAB = {"<s>": 0, "a": 1, "b": 2, "ab": 3}
+
+
+@pytest.mark.parametrize("domain_file, other, conflict", [
+    # the same numbering, written otherwise (key order, spacing): agreed
+    ("tokenizer.json", json.dumps({"model": {"vocab": dict(reversed(BASE_VOCAB.items()))}}),
+     None),
+    # a reserved slot renamed by the fine-tune keeps its id: agreed
+    ("tokenizer.json", _bpe(BASE_VOCAB, added=[(4, "<|im_start|>")]), None),
+    # two tokens swapped: refused, naming the token and both ids
+    ("tokenizer.json", _bpe({"<s>": 0, "a": 2, "b": 1, "ab": 3}), "'a' is id 2 there, 1 in"),
+    # an added token at another id than the base's
+    ("tokenizer.json", _bpe(BASE_VOCAB, added=[(3, "<pad>")]), "'<pad>' is id 3 there, 4 in"),
+    ("tokenizer.json", _bpe({"<s>": 0, "a": 1, "b": 2, "ab": 3}, added=[(0, "ab")]),
+     "'ab' is id 0 there, 3 in"),
+])
+def test_models_that_number_tokens_otherwise_are_refused(trio, domain_file, other, conflict):
+    (trio / "base" / "tokenizer.json").write_text(_bpe(BASE_VOCAB, added=[(4, "<pad>")]))
+    (trio / "aligned" / "tokenizer.json").write_text(_bpe(BASE_VOCAB, added=[(4, "<pad>")]))
+    (trio / "domain" / domain_file).write_text(other)
+    if conflict is None:
+        plan_merge(trio / "base", trio / "domain", trio / "aligned", trio / "out")
+        return
+    [line] = problems(trio)
+    assert line.startswith(f"domain: {trio / 'domain' / domain_file} numbers its tokens "
+                           "otherwise than the base model")
+    assert conflict in line and "merging across vocabularies is not supported yet" in line
+
+
+def test_unigram_and_gpt2_vocabularies_are_compared_too(trio):
+    unigram = [["<unk>", 0.0], ["▁a", -1.0], ["▁b", -2.0]]
+    (trio / "base" / "tokenizer.json").write_text(json.dumps({"model": {"vocab": unigram}}))
+    swapped = [unigram[0], unigram[2], unigram[1]]
+    (trio / "aligned" / "tokenizer.json").write_text(json.dumps({"model": {"vocab": swapped}}))
+    [line] = problems(trio)
+    assert line.startswith("aligned: ") and "'▁b' is id 1 there, 2 in" in line
+    for role, vocab in (("base", {"a": 0, "b": 1}), ("domain", {"a": 1, "b": 0}),
+                        ("aligned", {"a": 0, "b": 1})):
+        (trio / role / "tokenizer.json").unlink(missing_ok=True)
+        (trio / role / "vocab.json").write_text(json.dumps(vocab))
+    [line] = problems(trio)
+    assert line.startswith("domain: ") and "vocab.json" in line
+
+
+def test_real_tokenizers_saved_by_transformers_agree_and_a_permuted_one_does_not(trio):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+
+    words = {"[UNK]": 0, "hello": 1, "world": 2, "merge": 3}
+    tokenizers.Tokenizer(WordLevel(words, unk_token="[UNK]")).save(
+        str(trio / "base" / "tokenizer.json"))
+    tokenizers.Tokenizer(WordLevel(words, unk_token="[UNK]")).save(
+        str(trio / "aligned" / "tokenizer.json"))
+    permuted = {"[UNK]": 0, "hello": 3, "world": 2, "merge": 1}
+    tokenizers.Tokenizer(WordLevel(permuted, unk_token="[UNK]")).save(
+        str(trio / "domain" / "tokenizer.json"))
+    [line] = problems(trio)
+    assert line.startswith("domain: ")
+    assert "'hello' is id 3 there, 1 in" in line or "'merge' is id 1 there, 3 in" in line

@@ -79,6 +79,20 @@ def test_a_merge_split_by_shard_is_bitwise_the_single_process_merge(tiny_trio, t
     # a rerun with --resume finds it complete and verifies it
     done = _merge(tiny_trio, split, env, *options, "--resume", "--ray", address)
     assert done.returncode == 0 and "already complete" in done.stdout
+    # a mergekit config through `run`: the same split
+    config = tmp_path / "ties.yml"
+    config.write_text(f"""merge_method: ties
+base_model: {tiny_trio['base']}
+models:
+  - model: {tiny_trio['domain']}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - model: {tiny_trio['aligned']}
+    parameters: {{weight: 0.4, density: 0.5}}
+""")
+    for out, extra in ((tmp_path / "run-plain", []), (tmp_path / "run-ray", ["--ray", address])):
+        done = run_cli(["run", config, out, "--max-shard-size", "60KB", "--quiet", *extra], env)
+        assert done.returncode == 0, done.stderr
+    assert _files(tmp_path / "run-ray") == _files(tmp_path / "run-plain")
 
 
 @pytest.mark.slow  # starts a Ray instance (~5 s) and Ray workers

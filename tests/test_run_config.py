@@ -111,12 +111,41 @@ models:
         load(config)
     text = str(info.value)
     for needle in ("`slices`", "`chat_template`", "union", "`surprise`", "`lora`",
-                   "`gamma`", "`t` does not apply to ties"):
+                   "`gamma`"):
         assert needle in text, needle
+    assert "`t`" not in text  # mergekit ignores it for ties: a warning, not an error
     result = subprocess.run(cli("run", config, tmp_path / "out"), capture_output=True,
                             text=True)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_a_parameter_the_method_does_not_take_is_ignored_with_a_warning(tiny_trio, tmp_path):
+    """As mergekit ignores it: `weight` on slerp, `t` on linear come from configs written for
+    another method."""
+    config = write_config(tmp_path, tiny_trio, """
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.3}}
+parameters:
+  t: 0.25
+  weight: 0.7
+""")
+    result = subprocess.run(cli("run", config, tmp_path / "out", "--quiet"),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert warnings == [f"mergealign-fast: warning: {config}: parameter `weight` does not "
+                        "apply to slerp: ignored, as mergekit ignores it"]
+    (tmp_path / "plain").mkdir()
+    without = write_config(tmp_path / "plain", tiny_trio, "merge_method: slerp\nbase_model: "
+                           "{base}\nmodels:\n  - model: {domain}\nparameters:\n  t: 0.25\n")
+    subprocess.run(cli("run", without, tmp_path / "plain-out", "--quiet"), check=True)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert np.array_equal(read_elements(open_checkpoint(tmp_path / "out").tensors[name]),
+                          read_elements(open_checkpoint(tmp_path / "plain-out").tensors[name]))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -165,15 +194,8 @@ parameters:
     np.testing.assert_array_equal(read_elements(merged.tensors[name]), expected)
 
 
-def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path):
-    """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
-    within twice the oracle bound (both are fp32 evaluations of the same formula)."""
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions as MergekitOptions, run_merge
-    import yaml
-
-    text = """
+MERGEKIT_CONFIGS = {
+    "task arithmetic, gradients, filters": """
 merge_method: task_arithmetic
 base_model: {base}
 models:
@@ -186,22 +208,44 @@ models:
 parameters:
   lambda: 0.9
 dtype: float32
-"""
+""",
+    # a shared weight must not reach the base twice (it once gave (2 m0 + m1) / 3)
+    "linear, one shared weight, no base_model": """
+merge_method: linear
+models:
+  - model: {domain}
+  - model: {aligned}
+parameters:
+  weight: 0.5
+dtype: float32
+""",
+}
+
+
+@pytest.mark.parametrize("text", MERGEKIT_CONFIGS.values(), ids=list(MERGEKIT_CONFIGS))
+def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
+    """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
+    within twice the oracle bound (both are fp32 evaluations of the same formula)."""
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions as MergekitOptions, run_merge
+    import yaml
+
     config = write_config(tmp_path, tiny_trio, text)
     subprocess.run(cli("run", config, tmp_path / "ours", "--quiet"), check=True)
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(config.read_text())),
               str(tmp_path / "theirs"), MergekitOptions(copy_tokenizer=False, quiet=True,
                                                         write_model_card=False))
     ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "theirs")
-    method = load(config).method
-    models = {r: open_checkpoint(tiny_trio[r]) for r in ROLES}
+    run = load(config)
+    models = [open_checkpoint(folder) for folder in (run.base, run.domain, run.aligned)]
     assert set(ours.tensors) == set(theirs.tensors)
     for name, loc in ours.tensors.items():
         from mergealign_fast.methods import layer_position
 
-        settings = resolve(method, name, layer_position(name, 2), 0.0, 0.0)
-        inputs = [as_f64(read_elements(models[r].tensors[name]),
-                         DType[models[r].tensors[name].entry.dtype]).ravel() for r in ROLES]
+        settings = resolve(run.method, name, layer_position(name, 2), 0.0, 0.0)
+        inputs = [as_f64(read_elements(m.tensors[name]), DType[m.tensors[name].entry.dtype])
+                  .ravel() for m in models]
         exact, scale = method_ref(settings, name, *inputs)
         bound = method_error_bound(exact, scale, DType.F32)
         difference = np.abs(read_elements(loc).ravel().astype(np.float64)

@@ -156,6 +156,17 @@ def _ray_cell(settings: EvalSettings, folder: Path, answers: Path, plan: Optiona
     return result
 
 
+def _evaluation_files(settings: EvalSettings) -> List[Path]:
+    """The files every node's evaluations read besides the models: prompts, phrases, local
+    tasks and their data, a guard model."""
+    files = [p for p in (settings.harmful, settings.benign, settings.refusal_phrases) if p]
+    guard = Path(settings.judge) if settings.judge != "refusal" else None
+    for folder in (settings.include_path, guard):
+        if folder is not None and folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.is_file())
+    return files
+
+
 def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Dict[str, Path],
                  out_dir: Path, evaluator: Evaluator, keep: bool, size: int,
                  progress: bool) -> None:
@@ -163,9 +174,10 @@ def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Di
     evaluation is on a GPU); at most `size` cells at once, so the merges fit the disk."""
     from ..cluster import Task, check_nodes, connect, input_files, run_tasks, task_resources
 
-    ray = connect(address)
-    check_nodes(ray, input_files(first), [first.out_dir.parent])
     cpus, gpus = task_resources(evaluator.settings.device, first.options.threads)
+    ray = connect(address)
+    check_nodes(ray, input_files(first) + _evaluation_files(evaluator.settings),
+                [first.out_dir.parent, out_dir])
     settings = replace(evaluator.settings, device="cuda" if gpus else evaluator.settings.device)
     tasks = []
     for cell in pending:
@@ -178,5 +190,9 @@ def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Di
                               replace(first.options, threads=cpus))[0]
         tasks.append(Task(cell.name, _ray_cell, (settings, folder, _answers_path(out_dir, cell),
                                                  plan, keep), cell, cpus, gpus))
-    run_tasks(ray, tasks, lambda task, result: _record_cell(out_dir, task.key, result),
-              label="tune", unit="cells", show_progress=progress, max_in_flight=size)
+    try:
+        run_tasks(ray, tasks, lambda task, result: _record_cell(out_dir, task.key, result),
+                  label="tune", unit="cells", show_progress=progress, max_in_flight=size)
+    except MergeError as exc:
+        raise MergeError(f"{exc}; the finished cells are kept in {out_dir / 'cells'}: fix the "
+                         "cause and rerun the same command to finish") from None

@@ -1,0 +1,71 @@
+"""Whether the models number their tokens alike.
+
+The embedding and output matrices have one row per token id, and a merge adds rows of the same
+index.  That is right only when every model gives each token the same id; a model whose
+tokenizer orders its vocabulary differently (same size, other numbering) would have its rows
+added to other tokens' rows, a wrong model with nothing to show for it.  So the tokenizers are
+compared before any compute: a token that two models both have under different ids is refused,
+naming it.  Tokens only one model has (a reserved slot renamed by a fine-tune, "<|im_start|>"
+where the base had "<|reserved_special_token_3|>") keep their slot and are not a conflict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json")  # fast tokenizers; GPT-2 style vocabularies
+
+
+def _vocabulary_file(folder: Path) -> Optional[Path]:
+    return next((folder / name for name in VOCABULARY_FILES if (folder / name).is_file()), None)
+
+
+def token_ids(path: Path) -> Dict[str, int]:
+    """token -> id of a tokenizer.json (its model's vocabulary and the added tokens) or of a
+    vocab.json; ValueError when the file is not one."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if path.name == "vocab.json":
+        vocab, added = document, []
+    else:
+        vocab = (document.get("model") or {}).get("vocab") or {}
+        added = document.get("added_tokens") or []
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+        ids = {entry[0]: index for index, entry in enumerate(vocab)}
+    elif isinstance(vocab, dict):
+        ids = dict(vocab)
+    else:
+        raise ValueError("no vocabulary")
+    ids.update({token["content"]: token["id"] for token in added})
+    return ids
+
+
+def vocabulary_problems(folders: Dict[str, Path]) -> List[str]:
+    """One line per model that numbers a token otherwise than the first model (the base); []
+    when they agree or a model has no tokenizer file to compare."""
+    role, reference = next(iter(folders.items()))
+    reference_file = _vocabulary_file(reference)
+    if reference_file is None:
+        return []
+    reference_ids: Optional[Dict[str, int]] = None
+    problems = []
+    for other_role, folder in list(folders.items())[1:]:
+        other_file = _vocabulary_file(folder)
+        if other_file is None or other_file.name != reference_file.name \
+                or other_file.read_bytes() == reference_file.read_bytes():
+            continue
+        try:
+            reference_ids = reference_ids or token_ids(reference_file)
+            ids = token_ids(other_file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # not a tokenizer file we can read: nothing to compare
+        moved = next((token for token, index in ids.items()
+                      if reference_ids.get(token, index) != index), None)
+        if moved is not None:
+            problems.append(
+                f"{other_role}: {other_file} numbers its tokens otherwise than the {role} model "
+                f"({moved!r} is id {ids[moved]} there, {reference_ids[moved]} in {reference_file}):"
+                " its embedding rows would be merged with other tokens' rows; merging across "
+                "vocabularies is not supported yet")
+    return problems
