@@ -1,5 +1,5 @@
-"""Command line: `mergealign-fast merge|sweep|run|inspect|verify|demo|env|bench` (or
-`python -m mergealign_fast`; entry.py sets up the process first)."""
+"""Command line: `mergealign-fast merge|sweep|run|mergekit-yaml|eval|tune|inspect|verify|
+demo|env|bench` (or `python -m mergealign_fast`; entry.py sets up the process first)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
+from .model_card import card_files
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge
 from .progress import human_bytes
@@ -177,6 +178,12 @@ def _build_parser() -> argparse.ArgumentParser:
                      "relative to the current directory (as mergekit-yaml reads them)")
     run.add_argument("out", help="output folder (created; see --force)")
     _add_writing_args(run)
+    run.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                     help="write README.md (the model card: recipe, models, tool) and "
+                     "mergekit_config.yml into the output (default: yes, as mergekit does)")
+    _add_mergekit_yaml_args(sub.add_parser(
+        "mergekit-yaml", help="mergekit-yaml's command line (CONFIG OUT and its flags) on this "
+        "engine: alias mergekit-yaml='mergealign-fast mergekit-yaml'"))
     demo = sub.add_parser("demo", help="build a ~156M-parameter Llama trio, merge it, check it")
     demo.add_argument("--cache-dir", default=None, help="where the demo models live "
                       "(default $MERGEALIGN_CACHE or ~/.cache/mergealign-fast)")
@@ -235,6 +242,83 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_method_args(tune)
     _add_eval_args(tune, model=False)
     return parser
+
+
+# mergekit 0.1.5 flags that only tune mergekit's own memory, threads or storage: accepted, and
+# named in one line as doing nothing here (this engine streams in bounded memory).
+MERGEKIT_NO_OP_SWITCHES = ("lazy-unpickle", "low-cpu-memory", "read-to-gpu", "multi-gpu",
+                           "async-write", "clone-tensors", "trust-remote-code")
+MERGEKIT_NO_OP_VALUES = ("write-threads", "transformers-cache", "lora-merge-cache",
+                         "lora-merge-dtype")
+
+
+def _add_mergekit_yaml_args(p: argparse.ArgumentParser) -> None:
+    switch = argparse.BooleanOptionalAction
+    p.add_argument("config", help="mergekit YAML file")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--out-shard-size", default="5B", metavar="SIZE",
+                   help="largest output shard in bytes, mergekit's way: 5B, 500M, 1000K "
+                   "(decimal; default 5B)")
+    p.add_argument("--copy-tokenizer", action=switch, default=True,
+                   help="copy the tokenizer of tokenizer_source (default: yes)")
+    p.add_argument("--write-model-card", action=switch, default=True,
+                   help="README.md and mergekit_config.yml in the output (default: yes)")
+    p.add_argument("--cuda", action=switch, default=False, help="merge on the GPU")
+    p.add_argument("--gpu-rich", action="store_true", help="mergekit's alias for --cuda and "
+                   "memory settings: here, --cuda")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    p.add_argument("-j", "--num-threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="seed of DARE's drop masks where the config sets none")
+    p.add_argument("--allow-crimes", action=switch, default=False,
+                   help="allow models of different architectures (refused without it, as in "
+                   "mergekit)")
+    p.add_argument("--safe-serialization", action=switch, default=True,
+                   help="safetensors output (the only output this engine writes)")
+    p.add_argument("--unsafe-truncate-embeddings", action=switch, default=False,
+                   help="not supported: vocabularies of different sizes are refused")
+    p.add_argument("--quiet", action=switch, default=False, help=QUIET_HELP)
+    p.add_argument("-v", action="count", default=0, dest="verbosity",
+                   help="accepted (this engine's output is the same at every verbosity)")
+    for name in MERGEKIT_NO_OP_SWITCHES:
+        p.add_argument(f"--{name}", action=switch, default=None, help=argparse.SUPPRESS)
+    for name in MERGEKIT_NO_OP_VALUES:
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    group = p.add_argument_group("this engine's own")
+    group.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    group.add_argument("--resume", action="store_true", help="finish an interrupted merge")
+    group.add_argument("--no-fsync", dest="fsync", action="store_false",
+                       help="skip fsync of the output")
+    _add_ray_arg(group)
+
+
+def parse_mergekit_size(text: str) -> int:
+    """mergekit's sizes: a whole number with an optional K, M or B suffix, decimal (5B = 5e9
+    bytes: its writer compares them with bytes, whatever its help says about parameters)."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) <= 0:
+        raise ValueError(f"--out-shard-size {text!r}: expected a whole number with an optional "
+                         "K, M or B suffix (e.g. 5B)")
+    return int(digits) * scale
+
+
+def _run_mergekit_yaml(args: argparse.Namespace) -> int:
+    if not args.safe_serialization:
+        raise MergeError("--no-safe-serialization: this engine writes safetensors only")
+    if args.unsafe_truncate_embeddings:
+        raise MergeError("--unsafe-truncate-embeddings is not supported: models with "
+                         "vocabularies of different sizes are refused")
+    given = [f"--{n}" for n in MERGEKIT_NO_OP_SWITCHES + MERGEKIT_NO_OP_VALUES
+             if getattr(args, n.replace("-", "_")) is not None]
+    if given:
+        print(f"mergealign-fast: note: {', '.join(given)} only tune mergekit's own memory, "
+              "threads or storage: nothing to do here", file=sys.stderr)
+    args.max_shard_size = str(_user_value(parse_mergekit_size, args.out_shard_size))
+    args.threads = args.num_threads
+    device = args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu")
+    return _run_config(args, device=device, copy_tokenizer=args.copy_tokenizer,
+                       seed=args.random_seed, allow_crimes=args.allow_crimes)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -338,21 +422,27 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace) -> int:
-    config = load_mergekit_config(args.config)
+def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: bool = True,
+                seed: Optional[int] = None, allow_crimes: bool = True) -> int:
+    """`run`, and `mergekit-yaml` with its flags: a mergekit config through the engine."""
+    config = load_mergekit_config(args.config, seed=seed, allow_crimes=allow_crimes)
     for warning in config.warnings:
         print(f"mergealign-fast: warning: {warning}", file=sys.stderr)
     # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
     nan = float("nan")
     options = _run_options(args, domain_weight=nan, align_weight=nan,
-                           out_dtype=config.out_dtype, tokenizer_from=config.tokenizer_from,
-                           method=config.method)
+                           out_dtype=config.out_dtype, device=device, method=config.method,
+                           tokenizer_from=config.tokenizer_from if copy_tokenizer else "none")
     try:
         plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
     except PlanError as exc:
         raise PlanError([*config.problems, *exc.problems]) from None
     if config.problems:
         raise PlanError(list(config.problems))
+    if args.write_model_card:
+        plan.written_files = card_files(plan.out_dir, config.method.name, config.base_name,
+                                        config.model_names,
+                                        Path(args.config).read_text(encoding="utf-8"))
     _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
     return 0
 
@@ -462,7 +552,7 @@ def _run_env() -> int:
 
 def _kept_partials(args: argparse.Namespace) -> List[Path]:
     """The partial folders an interrupted merge, run or sweep left behind."""
-    if args.command in ("merge", "run"):
+    if args.command in ("merge", "run", "mergekit-yaml"):
         return [p for p in [partial_dir_for(args.out)] if p.exists()]
     if args.command == "sweep":
         return sorted(resolve_out_dir(args.out).glob(f".lambda-*{PARTIAL_SUFFIX}"))
@@ -500,6 +590,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_sweep(args)
         if args.command == "run":
             return _run_config(args)
+        if args.command == "mergekit-yaml":
+            return _run_mergekit_yaml(args)
         if args.command == "eval":
             return _run_eval(args)
         if args.command == "tune":

@@ -69,5 +69,11 @@ def main(argv=None) -> int:
         return interrupted_while_starting(interrupt)
 
 
+def mergekit_yaml() -> int:
+    """`mergealign-mergekit-yaml CONFIG OUT [mergekit's flags]`: what `alias mergekit-yaml=`
+    points at."""
+    return main(["mergekit-yaml", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

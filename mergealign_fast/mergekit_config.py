@@ -23,6 +23,7 @@ Models map onto the engine's three roles (base, domain, aligned):
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,16 @@ class RunConfig:
     problems: Tuple[str, ...] = ()
     # What mergekit would silently ignore (a parameter the method does not take), said once.
     warnings: Tuple[str, ...] = ()
+    # The models as the config names them (for the model card): base_model ("" if none), and
+    # every entry of `models` in order.
+    base_name: str = ""
+    model_names: Tuple[str, ...] = ()
 
 
-def load(path: Path) -> RunConfig:
-    """Read and check a mergekit YAML file; PlanError lists every problem, one per line."""
+def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> RunConfig:
+    """Read and check a mergekit YAML file; PlanError lists every problem, one per line.
+    mergekit-yaml's flags: `seed` (--random-seed) seeds DARE's masks where the config sets no
+    seed; allow_crimes=False refuses models of different architectures, as mergekit does."""
     import yaml
 
     try:
@@ -81,7 +88,7 @@ def load(path: Path) -> RunConfig:
             from None
     if not isinstance(raw, dict):
         raise PlanError([f"{path}: must be a YAML mapping (merge_method, models, ...)"])
-    return _Reader(Path(path), raw).config()
+    return _Reader(Path(path), raw, seed, allow_crimes).config()
 
 
 def _folder(value) -> Path:
@@ -91,8 +98,10 @@ def _folder(value) -> Path:
 
 
 class _Reader:
-    def __init__(self, path: Path, raw: dict):
+    def __init__(self, path: Path, raw: dict, seed: Optional[int] = None,
+                 allow_crimes: bool = True):
         self.path, self.raw = path, raw
+        self.seed, self.allow_crimes = seed, allow_crimes
         self.problems: List[str] = []
         self.read_past: List[str] = []  # see RunConfig.problems
         self.warnings: List[str] = []  # see RunConfig.warnings
@@ -121,13 +130,20 @@ class _Reader:
                 # before any rule (first match wins): a shared `weight` at the top level must
                 # not reach it, or linear would count the base twice.
                 rules.insert(0, Rule("weight", "aligned", 0.0))
+        if name in METHODS and self.seed is not None and "seed" in METHODS[name].parameters:
+            rules.append(Rule("seed", None, self.seed))  # after the config's own: it wins
+        if roles is not None and not self.allow_crimes:
+            self._check_architectures(roles)
         out_dtype = self._out_dtype()
         tokenizer_from = self._tokenizer(roles or {}, base)
         if self.problems:
             raise PlanError(self.read_past + self.problems)
         return RunConfig(roles["base"], roles["domain"], roles["aligned"],
                          Method(name, rules=tuple(rules)), out_dtype, tokenizer_from,
-                         tuple(self.read_past), tuple(dict.fromkeys(self.warnings)))
+                         tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
+                         str(self.raw.get("base_model") or ""),
+                         tuple(str(e["model"] if isinstance(e, dict) else e)
+                               for e in self.raw["models"]))
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
@@ -334,6 +350,21 @@ class _Reader:
             # mergekit's linear merges base_model too, so it needs a weight as well.
             self.problem(f"base_model {roles['base']}: linear merges it too: list it under "
                          "`models` with a `weight`, or leave base_model out")
+
+    def _check_architectures(self, roles: Dict[str, Path]) -> None:
+        """mergekit refuses to merge models of different architectures without --allow-crimes."""
+        found = {}
+        for role, folder in roles.items():
+            try:
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                found[folder] = tuple(config.get("architectures") or ())
+            except (OSError, ValueError, AttributeError):
+                continue  # no config to compare: the plan's own checks decide
+        if len(set(found.values())) > 1:
+            listed = "; ".join(f"{folder}: {', '.join(arch) or 'none'}"
+                               for folder, arch in found.items())
+            self.problem(f"the models have different architectures ({listed}): add "
+                         "--allow-crimes to merge them by tensor name anyway")
 
     def _out_dtype(self) -> Optional[DType]:
         chosen = self.raw.get("out_dtype") or self.raw.get("dtype")

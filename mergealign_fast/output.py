@@ -329,6 +329,7 @@ def _side_files(plan) -> Dict[str, bytes]:
         files[CONFIG_FILE] = json.dumps(plan.config, indent=2).encode() + b"\n"
     for source in plan.copied_files:
         files[source.name] = source.read_bytes()
+    files.update(plan.written_files)
     return files
 
 

@@ -140,6 +140,8 @@ class MergePlan:
     # Copied into OUT as they are: tokenizer, generation and chat files, remote code.
     copied_files: List[Path] = field(default_factory=list)
     settings: Dict[str, TensorSettings] = field(default_factory=dict)  # method, per tensor
+    # Made for OUT, not copied: the model card and recipe of a mergekit config (model_card.py).
+    written_files: Dict[str, bytes] = field(default_factory=dict)
     # --resume found OUT already complete from this very merge: nothing to compute.
     complete: bool = False
 

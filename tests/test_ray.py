@@ -89,10 +89,11 @@ models:
   - model: {tiny_trio['aligned']}
     parameters: {{weight: 0.4, density: 0.5}}
 """)
-    for out, extra in ((tmp_path / "run-plain", []), (tmp_path / "run-ray", ["--ray", address])):
-        done = run_cli(["run", config, out, "--max-shard-size", "60KB", "--quiet", *extra], env)
+    for where, extra in (("run-plain", []), ("run-ray", ["--ray", address])):
+        done = run_cli(["run", config, tmp_path / where / "out", "--max-shard-size", "60KB",
+                        "--quiet", *extra], env)  # one name: the model card carries it
         assert done.returncode == 0, done.stderr
-    assert _files(tmp_path / "run-ray") == _files(tmp_path / "run-plain")
+    assert _files(tmp_path / "run-ray" / "out") == _files(tmp_path / "run-plain" / "out")
 
 
 @pytest.mark.slow  # starts a Ray instance (~5 s) and Ray workers
