@@ -109,7 +109,7 @@ def test_a_sweep_on_ray_is_the_sweep_and_a_rerun_skips_finished_cells(tiny_trio,
         return done.stdout
 
     sweep(tmp_path / "plain")
-    sweep(tmp_path / "ray", "--ray", address)
+    sweep(tmp_path / "ray", "--ray")  # alone: joins the instance this machine runs
     cells = sorted(p.name for p in (tmp_path / "ray").iterdir())
     assert cells == ["lambda-0", "lambda-0.3", "lambda-1"]
     for cell in cells:
