@@ -431,7 +431,8 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
     # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
     nan = float("nan")
     options = _run_options(args, domain_weight=nan, align_weight=nan,
-                           out_dtype=config.out_dtype, device=device, method=config.method,
+                           out_dtype=config.out_dtype, promote_mixed=True, device=device,
+                           method=config.method,
                            tokenizer_from=config.tokenizer_from if copy_tokenizer else "none")
     try:
         plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)

@@ -99,7 +99,8 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
         "format": FORMAT, "tool": f"mergealign-fast {version}",
         "method": o.method.name, "method_parameters": method_parameters(o.method),
         "domain_weight": o.domain_weight, "align_weight": o.align_weight,
-        "out_dtype": o.out_dtype.short_name if o.out_dtype is not None else "base",
+        "out_dtype": o.out_dtype.short_name if o.out_dtype is not None
+        else "promoted" if o.promote_mixed else "base",
         "max_shard_size": o.max_shard_size,
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),

@@ -48,6 +48,9 @@ class MergeOptions:
     domain_weight: float = 0.5
     align_weight: float = 0.5
     out_dtype: Optional[DType] = None  # None: each tensor keeps the base model's dtype
+    # With out_dtype None, mergekit's rule instead: a tensor the models store in different
+    # dtypes is written in float32, the dtype torch promotes such a mix to (`run` sets it).
+    promote_mixed: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     tokenizer_from: str = "aligned"  # base | domain | aligned | none
     force: bool = False
@@ -339,7 +342,8 @@ def disk_problem(out_dir: Path, needed: int) -> Optional[str]:
 
 # ---- layout -----------------------------------------------------------------------------------
 
-def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
+def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],
+                     promote_mixed: bool = False):
     base = models["base"]
     # Base file order, then offset order: the merge reads the base front to back.
     names = sorted(base.tensors, key=lambda n: (str(base.tensors[n].file),
@@ -358,6 +362,8 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType]):
                                     merged_in_f64=True)
             continue
         dtype = DType[stored] if out_dtype is None else out_dtype
+        if out_dtype is None and promote_mixed and len({s.entry.dtype for s in sources}) > 1:
+            dtype = DType.F32  # any mix of bf16, fp16 and fp32 promotes to fp32 in torch
         yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
 
 
@@ -502,7 +508,7 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     models, input_problems = _checked_inputs(folders)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
-    tensors = list(_planned_tensors(models, options.out_dtype))
+    tensors = list(_planned_tensors(models, options.out_dtype, options.promote_mixed))
     settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied])
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()

@@ -226,12 +226,38 @@ dtype: float32
 def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
     """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
     within twice the oracle bound (both are fp32 evaluations of the same formula)."""
+    _assert_same_as_mergekit(write_config(tmp_path, tiny_trio, text), tmp_path)
+
+
+def test_models_stored_in_different_dtypes_merge_to_float32_as_in_mergekit(tmp_path):
+    """Without `dtype`, torch promotes bf16 + fp32 to fp32 in mergekit: so does `run` (the
+    `merge` command keeps the base model's dtype, its documented rule)."""
+    from mergealign_fast.synthetic import LLAMA_TINY, write_synthetic_model
+
+    trio = {}
+    for role, dtype in (("base", DType.BF16), ("domain", DType.F32), ("aligned", DType.BF16)):
+        trio[role] = tmp_path / role
+        write_synthetic_model(trio[role], LLAMA_TINY, role, seed=3, dtype=dtype)
+    config = write_config(tmp_path, trio, "merge_method: task_arithmetic\nbase_model: {base}\n"
+                          "models:\n  - model: {domain}\n    parameters: {{weight: 0.5}}\n"
+                          "  - model: {aligned}\n    parameters: {{weight: 0.5}}\n")
+    _assert_same_as_mergekit(config, tmp_path)
+    dtypes = {loc.entry.dtype for loc in open_checkpoint(tmp_path / "ours").tensors.values()}
+    assert dtypes == {"F32"}
+    subprocess.run(cli("merge", trio["base"], trio["domain"], trio["aligned"], "-o",
+                       tmp_path / "merge", "--quiet"), check=True)
+    dtypes = {loc.entry.dtype for loc in open_checkpoint(tmp_path / "merge").tensors.values()}
+    assert dtypes == {"BF16"}
+
+
+def _assert_same_as_mergekit(config, tmp_path):
+    """The config through `run` and through mergekit 0.1.5: the same tensors, dtypes and names,
+    values within twice the oracle bound of the output dtype."""
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions as MergekitOptions, run_merge
     import yaml
 
-    config = write_config(tmp_path, tiny_trio, text)
     subprocess.run(cli("run", config, tmp_path / "ours", "--quiet"), check=True)
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(config.read_text())),
               str(tmp_path / "theirs"), MergekitOptions(copy_tokenizer=False, quiet=True,
@@ -243,13 +269,15 @@ def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
     for name, loc in ours.tensors.items():
         from mergealign_fast.methods import layer_position
 
+        assert loc.entry.dtype == theirs.tensors[name].entry.dtype, name
         settings = resolve(run.method, name, layer_position(name, 2), 0.0, 0.0)
         inputs = [as_f64(read_elements(m.tensors[name]), DType[m.tensors[name].entry.dtype])
                   .ravel() for m in models]
         exact, scale = method_ref(settings, name, *inputs)
-        bound = method_error_bound(exact, scale, DType.F32)
-        difference = np.abs(read_elements(loc).ravel().astype(np.float64)
-                            - read_elements(theirs.tensors[name]).ravel().astype(np.float64))
+        bound = method_error_bound(exact, scale, DType[loc.entry.dtype])
+        out_dtype = DType[loc.entry.dtype]
+        difference = np.abs(as_f64(read_elements(loc), out_dtype).ravel()
+                            - as_f64(read_elements(theirs.tensors[name]), out_dtype).ravel())
         assert np.all(difference <= 2 * bound), name
 
 
