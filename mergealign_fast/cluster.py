@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import uuid
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ PROBE_TIMEOUT_S = 120.0
 # takes another group, and few enough that a task (milliseconds of Ray overhead) stays seconds
 # of merging.
 GROUPS_PER_SLOT = 2
+# A Ray head answers a TCP connection at once; a wrong host is given this long.
+CONNECT_TIMEOUT_S = 10.0
 PROBE_PREFIX = ".mergealign-node-check-"
 STAGING = ".tasks"  # in the partial folder: each task attempt writes in a folder of its own
 
@@ -58,6 +61,7 @@ def connect(address: Optional[str]):
     except ImportError:
         raise MergeError(RAY_MISSING) from None
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR)
@@ -65,6 +69,20 @@ def connect(address: Optional[str]):
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise MergeError(f"--ray: cannot connect to {where}: {exc}") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers on is one line within CONNECT_TIMEOUT_S: Ray itself
+    retries such an address without end (seen: over 10 minutes)."""
+    host, _, port = address.rpartition("//")[2].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "", "auto" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MergeError(f"--ray {address}: nothing answers there ({reason}): start the head "
+                         "with `ray start --head` and give its address") from None
 
 
 # ---- every node sees the same files ----------------------------------------------------------

@@ -103,3 +103,16 @@ def test_ray_flag_without_ray_installed_is_one_line_saying_what_to_install(
     assert_clean_error(proc, "pip install 'mergealign-fast[ray]'")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_nothing_answers_on_is_one_line_not_a_hang(tiny_trio, tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_cli("merge", tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                   "-o", tmp_path / "out", "--ray", f"127.0.0.1:{port}")
+    assert_clean_error(proc, f"--ray 127.0.0.1:{port}: nothing answers there")
+    assert not (tmp_path / "out").exists()
