@@ -5,8 +5,9 @@ for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties, slerp, and our
 slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per
 model or shared), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).  The
+`chat_template` (chat_template.py).  The
 whole config is checked, and every problem reported, before any tensor is read; anything else
-(`slices`, `modules`, `tokenizer`, `chat_template`, an unknown key or parameter, a hub name
+(`slices`, `modules`, `tokenizer`, an unknown key or parameter, a hub name
 instead of a folder) is an error naming it.  A known parameter the method does not take
 (`weight` on slerp, `t` on linear) is ignored with a warning, as mergekit ignores it.
 
@@ -34,9 +35,9 @@ from .errors import PlanError
 from .methods import METHODS, RESCALES, Method, Rule
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source"}
+                  "tokenizer_source", "chat_template"}
 UNSUPPORTED_TOP_LEVEL = {"slices": "layer slices", "modules": "modules",
-                         "tokenizer": "tokenizer merging", "chat_template": "chat templates"}
+                         "tokenizer": "tokenizer merging"}
 MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
@@ -69,6 +70,8 @@ class RunConfig:
     # every entry of `models` in order.
     base_name: str = ""
     model_names: Tuple[str, ...] = ()
+    # `chat_template` as given: a name, "auto" or a Jinja template (chat_template.py).
+    chat_template: Optional[str] = None
 
 
 def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> RunConfig:
@@ -136,6 +139,10 @@ class _Reader:
             self._check_architectures(roles)
         out_dtype = self._out_dtype()
         tokenizer_from = self._tokenizer(roles or {}, base)
+        template = self.raw.get("chat_template")
+        if template is not None and (not isinstance(template, str) or not template.strip()):
+            self.problem(f"chat_template: expected a name, auto or a Jinja template, got "
+                         f"{template!r}")
         if self.problems:
             raise PlanError(self.read_past + self.problems)
         return RunConfig(roles["base"], roles["domain"], roles["aligned"],
@@ -143,7 +150,7 @@ class _Reader:
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
                          str(self.raw.get("base_model") or ""),
                          tuple(str(e["model"] if isinstance(e, dict) else e)
-                               for e in self.raw["models"]))
+                               for e in self.raw["models"]), self.raw.get("chat_template"))
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
