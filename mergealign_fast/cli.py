@@ -8,6 +8,7 @@ import os
 import platform
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -435,7 +436,13 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
                            method=config.method,
                            tokenizer_from=config.tokenizer_from if copy_tokenizer else "none")
     try:
-        plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
+        if config.slices:
+            from .slices import plan_passthrough
+
+            plan = plan_passthrough(list(config.slices), config.base, args.out,
+                                    replace(options, domain_weight=0.0, align_weight=0.0))
+        else:
+            plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
     except PlanError as exc:
         raise PlanError([*config.problems, *exc.problems]) from None
     if config.problems:

@@ -5,9 +5,10 @@ for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (task_arithmetic, linear, ties, dare_linear, dare_ties, slerp, and our
 slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per
 model or shared), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).  The
-`chat_template` (chat_template.py).  The
+`chat_template` (chat_template.py), and `slices` with
+passthrough (a stack of layer ranges, one model each: slices.py).  The
 whole config is checked, and every problem reported, before any tensor is read; anything else
-(`slices`, `modules`, `tokenizer`, an unknown key or parameter, a hub name
+(slices merged per slice, `modules`, `tokenizer`, an unknown key or parameter, a hub name
 instead of a folder) is an error naming it.  A known parameter the method does not take
 (`weight` on slerp, `t` on linear) is ignored with a warning, as mergekit ignores it.
 
@@ -33,11 +34,11 @@ from typing import Dict, List, Optional, Tuple
 from .dtypes import DType, parse_dtype
 from .errors import PlanError
 from .methods import METHODS, RESCALES, Method, Rule
+from .slices import SliceSource
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "chat_template"}
-UNSUPPORTED_TOP_LEVEL = {"slices": "layer slices", "modules": "modules",
-                         "tokenizer": "tokenizer merging"}
+                  "tokenizer_source", "chat_template", "slices"}
+UNSUPPORTED_TOP_LEVEL = {"modules": "modules", "tokenizer": "tokenizer merging"}
 MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
@@ -72,6 +73,8 @@ class RunConfig:
     model_names: Tuple[str, ...] = ()
     # `chat_template` as given: a name, "auto" or a Jinja template (chat_template.py).
     chat_template: Optional[str] = None
+    # `slices` of a passthrough stack (slices.py); the three roles are then its donor model.
+    slices: Tuple[SliceSource, ...] = ()
 
 
 def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> RunConfig:
@@ -114,6 +117,10 @@ class _Reader:
 
     def config(self) -> RunConfig:
         self._check_keys()
+        if "slices" in self.raw and "models" not in self.raw:
+            return self._stack_config()
+        if "slices" in self.raw:
+            self.problem("give `slices` or `models`, not both")
         name = self.raw.get("merge_method")
         if name is None:
             self.problem(f"merge_method is missing (one of: {', '.join(METHODS)})")
@@ -151,6 +158,59 @@ class _Reader:
                          str(self.raw.get("base_model") or ""),
                          tuple(str(e["model"] if isinstance(e, dict) else e)
                                for e in self.raw["models"]), self.raw.get("chat_template"))
+
+    def _stack_config(self) -> RunConfig:
+        """`slices` with passthrough: a stack of layer ranges (slices.py)."""
+        name = self.raw.get("merge_method")
+        if name != "passthrough":
+            self.problem(f"slices with merge_method {name!r} (merges per slice) are not "
+                         "supported yet; passthrough slices, one model each, are")
+        stack = self._slices(self.raw.get("slices"))
+        base_name = self.raw.get("base_model")
+        donor = self._reference(base_name, "base_model") if base_name is not None \
+            else (stack[0].folder if stack else None)
+        if self.raw.get("tokenizer_source") not in (None, "base"):
+            self.problem("tokenizer_source with slices: the tokenizer is base_model's, else the "
+                         "first slice's model's (give base, or leave it out)")
+        if self.raw.get("parameters"):
+            self.problem("`parameters` with passthrough slices (e.g. scale) are not supported")
+        if not self.allow_crimes:
+            self._check_architectures({s.name: s.folder for s in stack})
+        out_dtype = self._out_dtype()
+        if self.problems:
+            raise PlanError(self.read_past + self.problems)
+        return RunConfig(donor, donor, donor, Method(), out_dtype, "base", tuple(self.read_past),
+                         tuple(dict.fromkeys(self.warnings)), str(base_name or ""),
+                         tuple(dict.fromkeys(s.name for s in stack)),
+                         self.raw.get("chat_template"), tuple(stack))
+
+    def _slices(self, raw) -> List[SliceSource]:
+        if not isinstance(raw, list) or not raw:
+            self.problem("`slices` must be a non-empty list")
+            return []
+        stack = []
+        for i, item in enumerate(raw):
+            sources = item.get("sources") if isinstance(item, dict) else None
+            if not isinstance(sources, list) or len(sources) != 1:
+                self.problem(f"slices[{i}]: exactly one entry under `sources` (several: a merge "
+                             "per slice, not supported yet)")
+                continue
+            source = sources[0]
+            if not isinstance(source, dict) or set(source) - {"model", "layer_range"}:
+                self.problem(f"slices[{i}]: a source takes `model` and `layer_range` (got "
+                             f"{source!r})")
+                continue
+            span = source.get("layer_range")
+            if not (isinstance(span, list) and len(span) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                    and 0 <= span[0] < span[1]):
+                self.problem(f"slices[{i}]: layer_range must be [first, end) with "
+                             f"0 <= first < end (got {span!r})")
+                continue
+            folder = self._reference(source.get("model"), f"slices[{i}]")
+            if folder is not None:
+                stack.append(SliceSource(str(source["model"]), folder, span[0], span[1]))
+        return stack
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one

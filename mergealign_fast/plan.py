@@ -380,15 +380,17 @@ def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[Pla
 
 def _side_files(folders: Dict[str, Path], tokenizer_from: str):
     """(config.json to copy or None, files to copy as they are, problems)."""
-    if tokenizer_from == "none":
-        source = None
-        copied = []
-    else:
-        source = folders[tokenizer_from]
-        copied = [source / n for n in TOKENIZER_FILES if (source / n).is_file()]
+    source = None if tokenizer_from == "none" else folders[tokenizer_from]
+    return side_files_of(source, folders["base"])
+
+
+def side_files_of(source: Optional[Path], fallback: Path):
+    """(config.json or None, files to copy, problems) with the tokenizer of `source` (None: no
+    tokenizer) and config.json from `source`, else from `fallback`."""
+    copied = [source / n for n in TOKENIZER_FILES if (source / n).is_file()] if source else []
     # config.json follows the tokenizer (an instruct model's config carries its chat eos ids),
     # falling back to the base model's.
-    candidates = ([source] if source else []) + [folders["base"]]
+    candidates = ([source] if source else []) + [fallback]
     config = next((f / CONFIG_FILE for f in candidates if (f / CONFIG_FILE).is_file()), None)
     problems = []
     for described in [config] + [f for f in copied if f.name == "tokenizer_config.json"]:
@@ -425,7 +427,7 @@ def _remote_code(described: Path) -> Tuple[List[Path], List[str]]:
     return sorted(folder.glob("*.py")), missing
 
 
-def _output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
+def output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
     """The source config.json with its dtype entry set to what the merge writes."""
     if path is None:
         return None
@@ -526,9 +528,20 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
     if side_problems:
         raise PlanError(side_problems)
     plan = MergePlan(models, out_dir, options, shards, None, copied, settings)
-    plan.config = _output_config(config_path, plan.dominant_dtype)
-    plan.complete = options.resume and _completed_output(plan, given)
-    disk = None if plan.complete else disk_problem(out_dir, plan.output_bytes)
+    plan.config = output_config(config_path, plan.dominant_dtype)
+    return checked_output(plan, given)
+
+
+def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None
+                   ) -> MergePlan:
+    """The last checks of a laid-out plan: OUT as `given` (with `folders`, the inputs, when
+    they were not checked yet), this very merge already complete (--resume), the disk."""
+    if folders is not None:
+        problems = _output_problems(given, plan.out_dir, folders, plan.options)
+        if problems:
+            raise PlanError(problems)
+    plan.complete = plan.options.resume and _completed_output(plan, given)
+    disk = None if plan.complete else disk_problem(plan.out_dir, plan.output_bytes)
     if disk:
         raise PlanError([disk])
     return plan

@@ -110,7 +110,7 @@ models:
     with pytest.raises(PlanError) as info:
         load(config)
     text = str(info.value)
-    for needle in ("`slices`", "union", "`surprise`", "`lora`",
+    for needle in ("`slices` or `models`, not both", "union", "`surprise`", "`lora`",
                    "`gamma`"):
         assert needle in text, needle
     assert "`t`" not in text  # mergekit ignores it for ties: a warning, not an error

@@ -1,0 +1,134 @@
+"""mergekit's `slices` with `merge_method: passthrough`: a model stacked from layer ranges of other
+models (a "frankenmerge"), planned for the same engine as every merge.
+
+Each output layer is a layer of one source model, its tensors renamed to the new index and
+copied as they are (or converted by the kernel, when `dtype` asks for another dtype).  As in
+mergekit, the tensors outside the layers come from the first slice's model (the embedding) and
+the last slice's (final norm and output head); config.json, the tokenizer and the rest follow
+base_model, else the first slice's model, with the layer count set to the stack's.  The result
+keeps every guarantee of a merge: checks first, partial folder, journal, manifest, publish.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .dtypes import DType
+from .errors import MergeError, PlanError
+from .io.checkpoint import Checkpoint, TensorLocation, open_checkpoint
+from .methods import Method
+from .output import resolve_out_dir
+from .plan import (MergeOptions, MergePlan, PlannedTensor, checked_output, layout_shards,
+                   output_config, side_files_of, tensor_settings)
+
+# The layer a tensor belongs to, as transformers names them: "model.layers.3.", GPT-2's
+# "transformer.h.3.", "blocks.3.".
+LAYER = re.compile(r"(?<![^.])(layers|h|blocks)\.(\d+)\.")
+# Keys of config.json that hold the number of layers (Llama and most; GPT-2; a few others).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Tensors outside the layers that belong before them (the rest belong after: norm, head).
+EMBEDDING = re.compile(r"embed|\bwte\b|\bwpe\b")
+# What the manifest records as the method (nothing is computed but dtype conversions).
+PASSTHROUGH = Method("passthrough")
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """Layers [start, end) of one model folder, as a config's slice names them."""
+    name: str      # as the config writes it
+    folder: Path
+    start: int
+    end: int
+
+
+def _layers(checkpoint: Checkpoint) -> Dict[int, List[str]]:
+    layers: Dict[int, List[str]] = {}
+    for name in checkpoint.tensors:
+        match = LAYER.search(name)
+        if match:
+            layers.setdefault(int(match.group(2)), []).append(name)
+    return layers
+
+
+def _renamed(name: str, index: int) -> str:
+    match = LAYER.search(name)
+    return f"{name[:match.start(2)]}{index}{name[match.end(2):]}"
+
+
+def _copied(name: str, location: TensorLocation, out_dtype: Optional[DType]) -> PlannedTensor:
+    """A tensor copied as it is, or converted by the kernel (an identity merge) to out_dtype."""
+    stored = location.entry.dtype
+    sources = (location, location, location)
+    if out_dtype is None or stored == out_dtype.safetensors_name or stored not in DType.__members__:
+        return PlannedTensor(name, location.entry.shape, None, sources, copied_dtype=stored)
+    return PlannedTensor(name, location.entry.shape, out_dtype, sources)
+
+
+def planned_stack(slices: List[SliceSource], models: Dict[Path, Checkpoint],
+                  out_dtype: Optional[DType]) -> Tuple[List[PlannedTensor], int, List[str]]:
+    """(the output's tensors, its layer count, problems)."""
+    problems, layer_tensors = [], []
+    out_index = 0
+    for source in slices:
+        layers = _layers(models[source.folder])
+        count = max(layers) + 1 if layers else 0
+        if not 0 <= source.start < source.end <= count:
+            problems.append(f"slice of {source.name}: layer_range [{source.start}, {source.end}] "
+                            f"is not within its {count} layers")
+            continue
+        for index in range(source.start, source.end):
+            for name in layers.get(index, []):
+                location = models[source.folder].tensors[name]
+                layer_tensors.append(_copied(_renamed(name, out_index), location, out_dtype))
+            out_index += 1
+    first, last = models[slices[0].folder], models[slices[-1].folder]
+    outside = [n for n in first.tensors if not LAYER.search(n) and EMBEDDING.search(n)]
+    outside += [n for n in last.tensors if not LAYER.search(n) and not EMBEDDING.search(n)]
+    ends = [_copied(n, (first if EMBEDDING.search(n) else last).tensors[n], out_dtype)
+            for n in outside]
+    return ends + layer_tensors, out_index, problems
+
+
+def plan_passthrough(slices: List[SliceSource], donor: Path, out_dir,
+                     options: MergeOptions) -> MergePlan:
+    """The checked plan of a passthrough stack into out_dir; PlanError lists every problem.
+    `donor` gives config.json and (options.tokenizer_from != "none") the tokenizer files."""
+    models: Dict[Path, Checkpoint] = {}
+    problems = []
+    for source in slices:
+        if source.folder not in models:
+            try:
+                models[source.folder] = open_checkpoint(source.folder)
+            except MergeError as exc:
+                problems.append(f"slice of {source.name}: {exc}")
+    if problems:
+        raise PlanError(problems)
+    tensors, layer_count, problems = planned_stack(slices, models, options.out_dtype)
+    if problems:
+        raise PlanError(problems)
+    converted = [t.name for t in tensors if t.on_native_kernel]
+    identity = replace(options, domain_weight=0.0, align_weight=0.0)  # out = the source itself
+    inputs = {f"slice source {i}: {s.name}": models[s.folder] for i, s in
+              enumerate(dict((s.folder, s) for s in slices).values())}
+    config_path, copied, problems = side_files_of(
+        donor if options.tokenizer_from != "none" else None, donor)
+    if problems:
+        raise PlanError(problems)
+    plan = MergePlan(inputs, resolve_out_dir(out_dir), replace(options, method=PASSTHROUGH),
+                     layout_shards(tensors, options.max_shard_size), None, copied,
+                     tensor_settings(identity, converted))
+    plan.config = _stack_config(config_path, plan, layer_count)
+    return checked_output(plan, out_dir, {name: m.folder for name, m in inputs.items()})
+
+
+def _stack_config(config_path: Optional[Path], plan: MergePlan, layer_count: int
+                  ) -> Optional[dict]:
+    config = output_config(config_path, plan.dominant_dtype)
+    if config is not None:
+        keys = [k for k in LAYER_COUNT_KEYS if k in config] or [LAYER_COUNT_KEYS[0]]
+        for key in keys:
+            config[key] = layer_count
+    return config
