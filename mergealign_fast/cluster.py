@@ -275,13 +275,13 @@ def _groups(shards: Sequence[PlannedShard], count: int) -> List[List[PlannedShar
 
 
 def _ray_merger(ray, groups_of: Callable[[List[PlannedShard]], List[List[PlannedShard]]],
-                unit: str) -> ShardMerger:
+                unit: str, resources: Tuple[int, int]) -> ShardMerger:
     """A ShardMerger (engine.py) whose shards are written by Ray tasks, `groups_of` a plan's
     pending shards to a task each; an output is published as soon as its last shard is
     recorded."""
     def merge(plans, partials, show_progress, finish) -> None:
         tasks = []
-        cpus, gpus = task_resources(plans[0].options.device, plans[0].options.threads)
+        cpus, gpus = resources
         for index, (plan, partial) in enumerate(zip(plans, partials)):
             # What attempts of an earlier, killed run left (this process holds the lock now).
             shutil.rmtree(_staging(plan), ignore_errors=True)
@@ -337,7 +337,8 @@ def merge_on_ray(plan: MergePlan, address: str, show_progress: bool = False) -> 
     def groups_of(pending):
         return _groups(pending, GROUPS_PER_SLOT * max(slots, 1))
 
-    return execute(plan, show_progress, merge_shards=_ray_merger(ray, groups_of, "shard groups"))
+    return execute(plan, show_progress,
+                   merge_shards=_ray_merger(ray, groups_of, "shard groups", (cpus, gpus)))
 
 
 def sweep_on_ray(plans: Sequence[MergePlan], address: str, show_progress: bool = False
@@ -346,8 +347,8 @@ def sweep_on_ray(plans: Sequence[MergePlan], address: str, show_progress: bool =
     the single-process sweep reads them once in all: the cluster trades bytes for nodes)."""
     if all(plan.complete for plan in plans):
         return execute_many(plans)  # each verified, nothing to merge
-    task_resources(plans[0].options.device, plans[0].options.threads)  # refused before work
+    resources = task_resources(plans[0].options.device, plans[0].options.threads)
     ray = connect(address)
     _check_plans(ray, plans)
-    return execute_many(plans, show_progress,
-                        merge_shards=_ray_merger(ray, lambda pending: [pending], "cells"))
+    return execute_many(plans, show_progress, merge_shards=_ray_merger(
+        ray, lambda pending: [pending], "cells", resources))

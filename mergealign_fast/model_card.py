@@ -9,6 +9,7 @@ written beside it as mergekit_config.yml, the name mergekit gives it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -18,17 +19,13 @@ CARD_FILE = "README.md"
 RECIPE_FILE = "mergekit_config.yml"
 
 
-def _quoted(text: str) -> str:
-    """A YAML scalar that reads back as `text` whatever it holds (paths with colons, #)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def model_card(name: str, method: str, base: str, models: Sequence[str],
                config_text: str) -> str:
     """The card of a merge named `name` (OUT's folder name): `models` are the merged models
-    as the config names them, `base` its base model ("" when it has none)."""
+    as the config names them, `base` its base model ("" when it has none).  Each name is
+    written as a JSON string, which YAML reads back as it is (paths with colons, #)."""
     listed = [base] + [m for m in models if m != base] if base else list(models)
-    front = "\n".join(["---", "base_model:", *(f"- {_quoted(m)}" for m in listed),
+    front = "\n".join(["---", "base_model:", *(f"- {json.dumps(m)}" for m in listed),
                        "library_name: transformers", "tags:", "- merge", "- mergekit",
                        "- mergealign-fast", "---"])
     merged = "\n".join(f"- `{m}`" for m in models if m != base)

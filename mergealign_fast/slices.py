@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from . import dtypes
 from .dtypes import DType
 from .errors import MergeError, PlanError
 from .io.checkpoint import Checkpoint, TensorLocation, open_checkpoint
@@ -62,7 +63,8 @@ def _copied(name: str, location: TensorLocation, out_dtype: Optional[DType]) -> 
     """A tensor copied as it is, or converted by the kernel (an identity merge) to out_dtype."""
     stored = location.entry.dtype
     sources = (location, location, location)
-    if out_dtype is None or stored == out_dtype.safetensors_name or stored not in DType.__members__:
+    if out_dtype is None or stored == out_dtype.safetensors_name \
+            or dtypes.from_safetensors(stored) is None:
         return PlannedTensor(name, location.entry.shape, None, sources, copied_dtype=stored)
     return PlannedTensor(name, location.entry.shape, out_dtype, sources)
 
@@ -85,10 +87,11 @@ def planned_stack(slices: List[SliceSource], models: Dict[Path, Checkpoint],
                 layer_tensors.append(_copied(_renamed(name, out_index), location, out_dtype))
             out_index += 1
     first, last = models[slices[0].folder], models[slices[-1].folder]
-    outside = [n for n in first.tensors if not LAYER.search(n) and EMBEDDING.search(n)]
-    outside += [n for n in last.tensors if not LAYER.search(n) and not EMBEDDING.search(n)]
-    ends = [_copied(n, (first if EMBEDDING.search(n) else last).tensors[n], out_dtype)
-            for n in outside]
+    # the embedding from the first slice's model, the rest (final norm, head) from the last's
+    ends = [_copied(n, first.tensors[n], out_dtype) for n in first.tensors
+            if not LAYER.search(n) and EMBEDDING.search(n)]
+    ends += [_copied(n, last.tensors[n], out_dtype) for n in last.tensors
+             if not LAYER.search(n) and not EMBEDDING.search(n)]
     return ends + layer_tensors, out_index, problems
 
 

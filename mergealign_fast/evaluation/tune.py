@@ -178,7 +178,6 @@ def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Di
     ray = connect(address)
     check_nodes(ray, input_files(first) + _evaluation_files(evaluator.settings),
                 [first.out_dir.parent, out_dir])
-    settings = replace(evaluator.settings, device="cuda" if gpus else evaluator.settings.device)
     tasks = []
     for cell in pending:
         if cell.lam is None:
@@ -188,8 +187,9 @@ def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Di
             plan = plan_sweep(inputs["base"], inputs["domain"], inputs["aligned"],
                               first.out_dir.parent, [cell.lam],
                               replace(first.options, threads=cpus))[0]
-        tasks.append(Task(cell.name, _ray_cell, (settings, folder, _answers_path(out_dir, cell),
-                                                 plan, keep), cell, cpus, gpus))
+        tasks.append(Task(cell.name, _ray_cell, (evaluator.settings, folder,
+                                                 _answers_path(out_dir, cell), plan, keep),
+                          cell, cpus, gpus))
     try:
         run_tasks(ray, tasks, lambda task, result: _record_cell(out_dir, task.key, result),
                   label="tune", unit="cells", show_progress=progress, max_in_flight=size)

@@ -48,12 +48,14 @@ def vocabulary_problems(folders: Dict[str, Path]) -> List[str]:
     reference_file = _vocabulary_file(reference)
     if reference_file is None:
         return []
+    reference_bytes = reference_file.read_bytes()
     reference_ids: Optional[Dict[str, int]] = None
     problems = []
     for other_role, folder in list(folders.items())[1:]:
         other_file = _vocabulary_file(folder)
         if other_file is None or other_file.name != reference_file.name \
-                or other_file.read_bytes() == reference_file.read_bytes():
+                or other_file.resolve() == reference_file.resolve() \
+                or other_file.read_bytes() == reference_bytes:
             continue
         try:
             reference_ids = reference_ids or token_ids(reference_file)
