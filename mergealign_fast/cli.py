@@ -450,7 +450,7 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
     if config.chat_template is not None:
         _set_chat_template(plan, config)
     if args.write_model_card:
-        plan.written_files.update(card_files(plan.out_dir, config.method.name,
+        plan.written_files.update(card_files(plan.out_dir, plan.options.method.name,
                                              config.base_name, config.model_names,
                                              Path(args.config).read_text(encoding="utf-8")))
     _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
@@ -461,8 +461,8 @@ def _set_chat_template(plan, config) -> None:
     """The config's chat_template into OUT's tokenizer files (checked before any compute)."""
     from .chat_template import resolve_template, template_files
 
-    models = list(dict.fromkeys(p.resolve() for p in (config.base, config.domain,
-                                                       config.aligned)))
+    merged = [s.folder for s in config.slices] or [config.base, config.domain, config.aligned]
+    models = list(dict.fromkeys(p.resolve() for p in merged))
     template = resolve_template(config.chat_template, models)
     if template is None:
         print("mergealign-fast: note: chat_template auto: none of the models carries a "

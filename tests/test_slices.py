@@ -72,6 +72,9 @@ def test_a_stack_loads_with_every_key_and_copies_each_source_layer(llamas, tmp_p
     assert np.array_equal(out["lm_head.weight"], second["lm_head.weight"])
     assert np.array_equal(out["model.norm.weight"], second["model.norm.weight"])
     assert run_cli("verify", tmp_path / "out").returncode == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Method: `passthrough`" in card
+    assert f"- `{llamas['first']}`" in card and f"- `{llamas['second']}`" in card
 
 
 @pytest.mark.slow  # mergekit runs the same stack
