@@ -110,7 +110,12 @@ def template_files(template: str, copied: Sequence[Path]) -> Dict[str, bytes]:
     if TOKENIZER_CONFIG not in names:
         raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry it "
                          "(set tokenizer_source to a model with a tokenizer, and copy it)"])
-    config = json.loads(names[TOKENIZER_CONFIG].read_text(encoding="utf-8"))
+    try:
+        config = json.loads(names[TOKENIZER_CONFIG].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError([f"{names[TOKENIZER_CONFIG]}: cannot read: {exc}"]) from None
+    if not isinstance(config, dict):
+        raise PlanError([f"{names[TOKENIZER_CONFIG]}: must hold a JSON object"])
     config["chat_template"] = template
     return {TOKENIZER_CONFIG: (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),
             TEMPLATE_FILE: template.encode("utf-8")}

@@ -130,3 +130,13 @@ def test_a_template_without_a_tokenizer_to_carry_it_is_refused(tiny_trio, tmp_pa
     done = run_cli("run", _config(tmp_path, tiny_trio, "chatml"), tmp_path / "out")
     assert_clean_error(done, "chat_template: the output gets no tokenizer_config.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_config_that_is_no_json_is_one_line(trio, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(trio["base"], broken)
+    (broken / "tokenizer_config.json").write_text("{not json")
+    done = run_cli("run", _config(tmp_path, {**trio, "base": broken}, "chatml"),
+                   tmp_path / "out", env=OFFLINE)
+    assert_clean_error(done, f"{broken / 'tokenizer_config.json'}: cannot read")
+    assert not (tmp_path / "out").exists()
