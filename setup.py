@@ -36,7 +36,7 @@ OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/tiles.h", "csrc/direct_path.h", "csrc/parallel.h",
            "csrc/cpu_merge.h", "csrc/reductions.h", "csrc/crc32c.h", "csrc/mapped_file.h",
            "csrc/cuda_merge.h", "csrc/operands_from_python.h", "csrc/read_ahead.h",
-           "csrc/write_behind.h"]
+           "csrc/write_behind.h", "csrc/model_set.h"]
 
 
 def find_cuda_home():
@@ -110,7 +110,8 @@ def cuda_extension():
 
 native = Pybind11Extension(
     "mergealign_fast._native",
-    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/direct_path.cpp", "csrc/reductions.cpp", "csrc/parallel.cpp",
+    ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/direct_path.cpp", "csrc/model_set.cpp",
+     "csrc/reductions.cpp", "csrc/parallel.cpp",
      "csrc/crc32c.cpp", "csrc/mapped_file.cpp", "csrc/read_ahead.cpp",
      "csrc/write_behind.cpp"],
     include_dirs=["csrc"],

@@ -18,6 +18,7 @@
 #include "read_ahead.h"
 #include "write_behind.h"
 #include "merge_math.h"
+#include "model_set.h"
 #include "operands_from_python.h"
 
 namespace py = pybind11;
@@ -38,6 +39,74 @@ int64_t* histogram_rows(py::buffer hist) {
     throw py::value_error("histogram buffer must hold 2 x HISTOGRAM_BINS int64");
   }
   return static_cast<int64_t*>(info.ptr);
+}
+
+void check_dtype(int dtype) {
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
+    throw py::value_error("unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+ModelSetOperands make_set_operands(uintptr_t base, int base_dtype,
+                                   const std::vector<uintptr_t>& models,
+                                   const std::vector<int>& model_dtypes, int64_t count,
+                                   int out_dtype, int64_t first_index) {
+  if (models.empty() || models.size() > size_t(kMaxModels)) {
+    throw py::value_error("a model set holds 1 to " + std::to_string(kMaxModels) +
+                          " models besides the base (got " + std::to_string(models.size()) + ")");
+  }
+  if (models.size() != model_dtypes.size()) {
+    throw py::value_error("one dtype per model");
+  }
+  if (count < 0) throw py::value_error("negative element count");
+  if (first_index < 0) throw py::value_error("negative first index");
+  ModelSetOperands ops;
+  ops.base = reinterpret_cast<const unsigned char*>(base);
+  check_dtype(base_dtype);
+  check_dtype(out_dtype);
+  ops.base_dtype = base_dtype;
+  ops.model_count = int(models.size());
+  for (size_t m = 0; m < models.size(); ++m) {
+    check_dtype(model_dtypes[m]);
+    ops.models[m] = reinterpret_cast<const unsigned char*>(models[m]);
+    ops.model_dtypes[m] = model_dtypes[m];
+  }
+  ops.out_dtype = out_dtype;
+  ops.count = count;
+  ops.first_index = first_index;
+  return ops;
+}
+
+VectorTerm& set_term(ModelSetRecipe& r, int m) {
+  if (m < 0 || m >= kMaxModels) throw py::index_error("model index out of range");
+  return r.terms[m];
+}
+
+// [(fd, file_offset, recipe), ...] from Python.
+template <typename Target, typename RecipeType>
+std::vector<Target> parse_targets(py::list targets) {
+  std::vector<Target> parsed;
+  for (py::handle item : targets) {
+    auto t = item.cast<py::tuple>();
+    parsed.push_back(Target{t[0].cast<int>(), t[1].cast<int64_t>(), t[2].cast<RecipeType>()});
+  }
+  return parsed;
+}
+
+// (errno or 0, [CRC-32C per target], [NaN/inf values per target]) of a write to files.
+template <typename Write>
+py::tuple write_to_files(size_t k, Write write) {
+  std::vector<uint32_t> crcs(k);
+  std::vector<int64_t> nonfinite(k);
+  int err;
+  {
+    py::gil_scoped_release no_gil;
+    err = write(crcs.data(), nonfinite.data());
+  }
+  py::list crc_list, nonfinite_list;
+  for (uint32_t c : crcs) crc_list.append(c);
+  for (int64_t n : nonfinite) nonfinite_list.append(n);
+  return py::make_tuple(err, crc_list, nonfinite_list);
 }
 
 }  // namespace
@@ -89,29 +158,68 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "merge_to_files",
       [](const MergeOperands& ops, py::list targets, int threads) {
-        std::vector<WriteTarget> parsed;
-        for (py::handle item : targets) {
-          auto t = item.cast<py::tuple>();
-          parsed.push_back(WriteTarget{t[0].cast<int>(), t[1].cast<int64_t>(),
-                                       t[2].cast<Recipe>()});
-        }
-        std::vector<uint32_t> crcs(parsed.size());
-        std::vector<int64_t> nonfinite(parsed.size());
-        int err;
-        {
-          py::gil_scoped_release no_gil;
-          err = merge_cpu_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs.data(),
-                                   nonfinite.data());
-        }
-        py::list crc_list, nonfinite_list;
-        for (uint32_t c : crcs) crc_list.append(c);
-        for (int64_t n : nonfinite) nonfinite_list.append(n);
-        return py::make_tuple(err, crc_list, nonfinite_list);
+        auto parsed = parse_targets<WriteTarget, Recipe>(targets);
+        return write_to_files(parsed.size(), [&](uint32_t* crcs, int64_t* nonfinite) {
+          return merge_cpu_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs,
+                                    nonfinite);
+        });
       },
       py::arg("ops"), py::arg("targets"), py::arg("threads"),
       "One pass over the inputs, one output per (fd, file_offset, recipe) target, written in "
       "<= 1 MiB pwrite()s; returns (errno or 0, [CRC-32C per target], [NaN/inf values per "
       "target]).");
+
+  py::class_<ModelSetOperands>(m, "SetOperands")
+      .def(py::init(&make_set_operands), py::arg("base"), py::arg("base_dtype"),
+           py::arg("models"), py::arg("model_dtypes"), py::arg("count"),
+           py::arg("out_dtype") = int(kF32), py::arg("first_index") = 0,
+           "A base and 1 to MAX_MODELS models of `count` elements at raw addresses.")
+      .def_readonly("count", &ModelSetOperands::count)
+      .def_readonly("model_count", &ModelSetOperands::model_count)
+      .def_readonly("first_index", &ModelSetOperands::first_index)
+      .def_readonly("out_dtype", &ModelSetOperands::out_dtype);
+
+  py::class_<ModelSetRecipe>(m, "SetRecipe")
+      .def(py::init<>())
+      .def_readwrite("kind", &ModelSetRecipe::kind)
+      .def("term", &set_term, py::arg("model"), py::return_value_policy::reference_internal,
+           "Model `model`'s VectorTerm, changed in place.")
+      .def_readwrite("sign_election", &ModelSetRecipe::sign_election)
+      .def_readwrite("normalize", &ModelSetRecipe::normalize)
+      .def_readwrite("lambda_", &ModelSetRecipe::lambda)
+      .def_readwrite("base_weight", &ModelSetRecipe::base_weight)
+      .def_readwrite("divisor", &ModelSetRecipe::divisor);
+  m.attr("MAX_MODELS") = kMaxModels;
+
+  m.def(
+      "merge_set",
+      [](const ModelSetOperands& ops, uintptr_t out, const ModelSetRecipe& recipe, int threads) {
+        py::gil_scoped_release no_gil;
+        merge_set_cpu(ops, recipe, reinterpret_cast<unsigned char*>(out), threads);
+      },
+      py::arg("ops"), py::arg("out"), py::arg("recipe"), py::arg("threads"),
+      "Merge of a base and a set of models with a SetRecipe into `out`.");
+
+  m.def(
+      "merge_set_elementwise",
+      [](const ModelSetOperands& ops, uintptr_t out, const ModelSetRecipe& recipe) {
+        py::gil_scoped_release no_gil;
+        merge_set_elementwise(ops, recipe, reinterpret_cast<unsigned char*>(out));
+      },
+      py::arg("ops"), py::arg("out"), py::arg("recipe"),
+      "merge_set one element at a time through the per-element definition.");
+
+  m.def(
+      "merge_set_to_files",
+      [](const ModelSetOperands& ops, py::list targets, int threads) {
+        auto parsed = parse_targets<SetWriteTarget, ModelSetRecipe>(targets);
+        return write_to_files(parsed.size(), [&](uint32_t* crcs, int64_t* nonfinite) {
+          return merge_set_to_files(ops, parsed.data(), int(parsed.size()), threads, crcs,
+                                    nonfinite);
+        });
+      },
+      py::arg("ops"), py::arg("targets"), py::arg("threads"),
+      "merge_to_files for a base and a set of models (SetOperands, SetRecipe targets).");
 
   m.def(
       "count_nonfinite",

@@ -20,6 +20,7 @@
 #include "crc32c.h"
 #include "direct_path.h"
 #include "merge_math.h"
+#include "model_set.h"
 #include "parallel.h"
 #include "tiles.h"
 
@@ -133,24 +134,29 @@ void merge_cpu(const MergeOperands& ops, unsigned char* out, int threads) {
   merge_cpu_recipe(ops, task_arithmetic(ops.w_domain, ops.w_align), out, threads);
 }
 
-int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
-                       uint32_t* crcs, int64_t* nonfinite) {
+namespace {
+
+// The pieces of a merge of `count` elements written to k files: compute(t, start, n, outs,
+// nonfinite_row) fills outs[j] with elements [start, start + n) of target j; shift(start) is
+// where in its buffer a piece starts.  The one writer behind merge_cpu_to_files and
+// merge_set_to_files; see merge_cpu_to_files in cpu_merge.h for what it returns.
+template <typename Shift, typename Compute>
+int write_merged(int64_t count, int out_dtype, const int* fds, const int64_t* offsets, int k,
+                 int threads, uint32_t* crcs, int64_t* nonfinite, Shift shift, Compute compute) {
   std::fill(crcs, crcs + k, 0u);
   std::fill(nonfinite, nonfinite + k, int64_t(0));
-  if (ops.count <= 0 || k <= 0) return 0;
-  const int n_threads = effective_threads(ops.count, threads);
-  const int64_t out_size = dtype_size(ops.out_dtype);
+  if (count <= 0 || k <= 0) return 0;
+  const int n_threads = effective_threads(count, threads);
+  const int64_t out_size = dtype_size(out_dtype);
   const int64_t piece = kWritePieceBytes / out_size;
   WriteBuffers& buffers = write_buffers();
   std::lock_guard<std::mutex> hold(buffers.lock);
   std::vector<unsigned char*> thread_buffers(size_t(n_threads) * k);  // [thread][target]
   for (size_t i = 0; i < thread_buffers.size(); ++i) thread_buffers[i] = buffers.get(int(i));
-  std::vector<Recipe> recipes(k);
-  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
 
   // Each piece is checksummed while it is still in cache, and the pieces' CRCs are joined in file
   // order afterwards: the shard checksum costs no second pass over the output.
-  const int64_t pieces = (ops.count + piece - 1) / piece;
+  const int64_t pieces = (count + piece - 1) / piece;
   std::vector<uint32_t> piece_crc(size_t(pieces) * k);  // [piece][target]
   std::vector<int64_t> thread_nonfinite(size_t(n_threads) * k, 0);  // [thread][target]
   std::atomic<int> first_error{0};
@@ -163,28 +169,24 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
     int expected = 0;
     first_error.compare_exchange_strong(expected, err);
   };
-  parallel_slices(ops.count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
+  parallel_slices(count, n_threads, piece, [&](int t, int64_t begin, int64_t end) {
     std::vector<unsigned char*> outs(k);
     for (int64_t start = begin; start < end && first_error.load() == 0; start += piece) {
       const int64_t n = std::min(piece, end - start);
-      // The piece sits as far from a 32-byte boundary as its first input element does, so the
-      // direct path's aligned loads meet aligned stores.
-      const int64_t shift = direct_buffer_offset(ops, start);
-      for (int j = 0; j < k; ++j) outs[j] = thread_buffers[size_t(t) * k + j] + shift;
+      const int64_t offset = shift(start);
+      for (int j = 0; j < k; ++j) outs[j] = thread_buffers[size_t(t) * k + j] + offset;
       // Armed only while reading the mapped inputs.
-      auto compute = [&]() __attribute__((noinline)) {
-        merge_range_multi(ops, recipes.data(), k, start, start + n, outs.data(),
-                          &thread_nonfinite[size_t(t) * k], false);
+      auto guarded = [&]() __attribute__((noinline)) {
+        compute(start, n, outs.data(), &thread_nonfinite[size_t(t) * k]);
       };
-      if (!run_guarded(compute)) {
+      if (!run_guarded(guarded)) {
         fail(EFAULT);
         return;
       }
       for (int j = 0; j < k; ++j) {
         piece_crc[size_t(start / piece) * k + j] = crc32c_update(0, outs[j], size_t(n * out_size));
         std::lock_guard<std::mutex> turn(write_turn[j]);
-        const int err = write_all(targets[j].fd, outs[j], n * out_size,
-                                  targets[j].file_offset + start * out_size);
+        const int err = write_all(fds[j], outs[j], n * out_size, offsets[j] + start * out_size);
         if (err != 0) fail(err);
       }
     }
@@ -194,13 +196,56 @@ int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int
     for (int j = 0; j < k; ++j) nonfinite[j] += thread_nonfinite[size_t(t) * k + j];
   }
   for (int64_t i = 0; i < pieces; ++i) {
-    const int64_t bytes = std::min<int64_t>(piece, ops.count - i * piece) * out_size;
+    const int64_t bytes = std::min<int64_t>(piece, count - i * piece) * out_size;
     for (int j = 0; j < k; ++j) {
       const uint32_t c = piece_crc[size_t(i) * k + j];
       crcs[j] = i == 0 ? c : crc32c_combine(crcs[j], c, uint64_t(bytes));
     }
   }
   return 0;
+}
+
+template <typename Target>
+void split_targets(const Target* targets, int k, std::vector<int>& fds,
+                   std::vector<int64_t>& offsets) {
+  for (int j = 0; j < k; ++j) {
+    fds.push_back(targets[j].fd);
+    offsets.push_back(targets[j].file_offset);
+  }
+}
+
+}  // namespace
+
+int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
+                       uint32_t* crcs, int64_t* nonfinite) {
+  std::vector<int> fds;
+  std::vector<int64_t> offsets;
+  split_targets(targets, k, fds, offsets);
+  std::vector<Recipe> recipes(size_t(std::max(k, 0)));
+  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
+  return write_merged(
+      ops.count, ops.out_dtype, fds.data(), offsets.data(), k, threads, crcs, nonfinite,
+      // The piece sits as far from a 32-byte boundary as its first input element does, so the
+      // direct path's aligned loads meet aligned stores.
+      [&](int64_t start) { return direct_buffer_offset(ops, start); },
+      [&](int64_t start, int64_t n, unsigned char* const* outs, int64_t* bad) {
+        merge_range_multi(ops, recipes.data(), k, start, start + n, outs, bad, false);
+      });
+}
+
+int merge_set_to_files(const ModelSetOperands& ops, const SetWriteTarget* targets, int k,
+                       int threads, uint32_t* crcs, int64_t* nonfinite) {
+  std::vector<int> fds;
+  std::vector<int64_t> offsets;
+  split_targets(targets, k, fds, offsets);
+  std::vector<ModelSetRecipe> recipes(size_t(std::max(k, 0)));
+  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
+  return write_merged(
+      ops.count, ops.out_dtype, fds.data(), offsets.data(), k, threads, crcs, nonfinite,
+      [](int64_t) { return int64_t(0); },
+      [&](int64_t start, int64_t n, unsigned char* const* outs, int64_t* bad) {
+        merge_set_range(ops, recipes.data(), k, start, start + n, outs, bad);
+      });
 }
 
 void merge_cpu_elementwise(const MergeOperands& ops, const Recipe& recipe, unsigned char* out) {

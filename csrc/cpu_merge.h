@@ -33,6 +33,16 @@ struct WriteTarget {
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
                        uint32_t* crcs, int64_t* nonfinite);
 
+// A merge of a base and any number of models written to files: merge_cpu_to_files for
+// ModelSetOperands (model_set.h), with the same pieces, checksums and return values.
+struct SetWriteTarget {
+  int fd;
+  int64_t file_offset;
+  ModelSetRecipe recipe;
+};
+int merge_set_to_files(const ModelSetOperands& ops, const SetWriteTarget* targets, int k,
+                       int threads, uint32_t* crcs, int64_t* nonfinite);
+
 // The merge one element at a time through merge_math.h's merge_element, on one thread: the
 // per-element path the CUDA kernels run, for tests to compare the CPU kernel with.
 void merge_cpu_elementwise(const MergeOperands& ops, const Recipe& recipe, unsigned char* out);

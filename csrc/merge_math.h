@@ -273,4 +273,50 @@ MA_HD float merge_element(const Recipe& r, float base, float domain, float align
   return merge_vectors(r, base, domain, aligned, index);
 }
 
+// ---- a base and any number of models (ModelSetRecipe) ------------------------------------------
+// x[m] is model m's element.  Sums run in model order starting from the first model's value, as
+// the two-model formulas above do, so two models give their bits.
+
+MA_HD float merge_set_models(const ModelSetRecipe& r, float base, const float* x, int count) {
+  float sum = ma_mul(r.base_weight, base);
+  for (int m = 0; m < count; ++m) sum = ma_add(sum, ma_mul(r.terms[m].weight, x[m]));
+  return ma_div(sum, r.divisor);
+}
+
+MA_HD bool counts_in_election(float term, bool up) {
+  return ((term > 0.0f) & up) | ((term < 0.0f) & !up);
+}
+
+// kVectors over terms t[m] (already sparsified and weighted): combine_terms for any count.
+MA_HD float combine_set_terms(const ModelSetRecipe& r, float base, const float* t, int count) {
+  float mixed = t[0];
+  for (int m = 1; m < count; ++m) mixed = ma_add(mixed, t[m]);
+  float divisor = r.divisor;
+  if (r.sign_election) {
+    const bool up = mixed >= 0.0f;
+    mixed = counts_in_election(t[0], up) ? t[0] : 0.0f;
+    divisor = counts_in_election(t[0], up) ? r.terms[0].weight : 0.0f;
+    for (int m = 1; m < count; ++m) {
+      const bool counted = counts_in_election(t[m], up);
+      mixed = ma_add(mixed, counted ? t[m] : 0.0f);
+      divisor = ma_add(divisor, counted ? r.terms[m].weight : 0.0f);
+    }
+    divisor = divisor == 0.0f ? 1.0f : divisor;
+  }
+  divisor = r.normalize ? divisor : 1.0f;
+  return ma_add(base, ma_mul(ma_div(mixed, divisor), r.lambda));
+}
+
+// One element of a ModelSetRecipe: the definition the CPU tiles (model_set.cpp) compute in bulk.
+MA_HD float merge_set_element(const ModelSetRecipe& r, float base, const float* x, int count,
+                              int64_t index) {
+  if (r.kind == kModels) return merge_set_models(r, base, x, count);
+  float t[kMaxModels] = {};
+  for (int m = 0; m < count; ++m) {
+    const float tau = ma_sub(x[m], base);
+    t[m] = vector_term(r.terms[m], tau, term_keeps(r.terms[m], tau, index));
+  }
+  return combine_set_terms(r, base, t, count);
+}
+
 }  // namespace mergealign

@@ -66,4 +66,35 @@ struct Recipe {
   float divisor = 1.0f;      // kModels, and kVectors without sign election
 };
 
+
+// ---- a base and any number of models (mergekit configs of 3+ models) --------------------------
+// The same element rules as a Recipe, for model_count task vectors instead of two: the terms are
+// summed in model order, so with two models the result is the bits of the Recipe with the same
+// kind (tests compare the two).
+
+// 32 models: beyond every public merge recipe we know of (the largest mix 8-12 experts), and the
+// terms of a tile (32 x 256 fp32 = 32 KiB) stay on a worker thread's stack.
+constexpr int kMaxModels = 32;
+
+struct ModelSetOperands {
+  const unsigned char* base = nullptr;
+  int base_dtype = 0;
+  int model_count = 0;
+  const unsigned char* models[kMaxModels] = {};
+  int model_dtypes[kMaxModels] = {};
+  int out_dtype = 0;
+  int64_t count = 0;
+  int64_t first_index = 0;  // as MergeOperands::first_index
+};
+
+struct ModelSetRecipe {
+  int kind = kVectors;  // kVectors (task arithmetic, TIES, DARE) or kModels (linear)
+  VectorTerm terms[kMaxModels];  // one per model: kModels reads only the weights
+  int sign_election = 0;
+  int normalize = 0;
+  float lambda = 1.0f;
+  float base_weight = 0.0f;  // kModels
+  float divisor = 1.0f;      // kModels, and kVectors without sign election
+};
+
 }  // namespace mergealign

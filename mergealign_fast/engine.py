@@ -23,7 +23,7 @@ from .io.checkpoint import TensorLocation
 from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
-from .methods import TensorPasses, tensor_recipe
+from .methods import SetPasses, TensorPasses, set_recipe, tensor_recipe
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
                      publish, settle_leftover_partial)
 from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
@@ -66,20 +66,28 @@ def _keep() -> None:
 
 def tensor_recipes(plans: Sequence[MergePlan], tensor: PlannedTensor, maps: InputMaps,
                    threads: int) -> list:
-    """Each plan's native Recipe for `tensor`, after the reduction passes its method needs
-    (none for task arithmetic; shared between the plans of a sweep)."""
+    """Each plan's native Recipe (SetRecipe for a model set) for `tensor`, after the reduction
+    passes its method needs (none for task arithmetic; shared between the plans of a sweep)."""
     native = cpu.native()
     # A method's passes read a tensor several times: a small tensor's pages stay mapped until
     # the merge pass releases them (re-faulting them cost ~1 s of 6 on a 1.1B TIES merge); a
     # large one is released window by window, keeping memory bounded.
     keep_mapped = sum(loc.entry.nbytes for loc in tensor.sources) <= PASS_RESIDENT_BYTES
 
-    def windows():
-        for chunk in pass_chunks(tensor.sources, maps):
+    def windows(sources):
+        for chunk in pass_chunks(sources, maps):
             yield chunk.operands(), _keep if keep_mapped else chunk.release_inputs
 
-    passes = TensorPasses(native, windows, threads)
+    def pair_windows(i, j):
+        base, models = tensor.sources[0], tensor.sources[1:]
+        return windows((base, models[i], models[j]))
+
     try:
+        if plans[0].is_set:
+            passes = SetPasses(native, pair_windows, len(tensor.sources) - 1, threads)
+            return [set_recipe(native, plan.settings[tensor.name], tensor.name, tensor.count,
+                               passes) for plan in plans]
+        passes = TensorPasses(native, lambda: windows(tensor.sources), threads)
         return [tensor_recipe(native, plan.settings[tensor.name], tensor.name, tensor.count,
                               passes) for plan in plans]
     except OSError as exc:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .io.checkpoint import layer_index
 
@@ -197,16 +197,22 @@ _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "seed": "seed", "t": "t"}
 
 
+# The trio's model roles, in the order of the native operands (base first, then these).
+TRIO_MODELS = ("domain", "aligned")
+# The methods defined for any number of models; the others take exactly two (the trio).
+SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties")
+
+
 @dataclass(frozen=True)
 class TensorSettings:
-    """A method's parameters resolved for one tensor."""
+    """A method's parameters resolved for one tensor.  `weights` and `densities` are per model,
+    in the order of `roles` (the trio's domain, aligned; or a model set's models)."""
 
     name: str
-    w_domain: float
-    w_align: float
+    roles: Tuple[str, ...]
+    weights: Tuple[float, ...]
     w_base: float
-    domain_density: float
-    align_density: float
+    densities: Tuple[float, ...]
     lambda_: float
     normalize: bool
     rescale: str
@@ -216,8 +222,25 @@ class TensorSettings:
     sign_election: bool
 
     @property
+    def w_domain(self) -> float:
+        return self.weights[0]
+
+    @property
+    def w_align(self) -> float:
+        return self.weights[1]
+
+    @property
+    def domain_density(self) -> float:
+        return self.densities[0]
+
+    @property
+    def align_density(self) -> float:
+        return self.densities[1]
+
+    @property
     def is_plain_task_arithmetic(self) -> bool:
-        return _is_plain_task_arithmetic(self.name, self.lambda_, self.normalize)
+        return self.roles == TRIO_MODELS and _is_plain_task_arithmetic(self.name, self.lambda_,
+                                                                       self.normalize)
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
@@ -249,10 +272,11 @@ def evaluate(setting: Setting, tensor_name: str, position: float):
     return setting
 
 
-def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
-            w_align: float) -> TensorSettings:
+def resolve(method: Method, tensor_name: str, position: float, weights: Sequence[float],
+            roles: Tuple[str, ...] = TRIO_MODELS) -> TensorSettings:
     """The parameters of one tensor: the first rule (model-specific before shared) whose
-    setting applies to the tensor, else the method's value."""
+    setting applies to the tensor, else the method's value.  `weights`: each model's weight
+    where no rule sets it; a model set's densities default to 1 (its rules set them)."""
 
     def value(parameter: str, role: Optional[str], default):
         for scope in ((role, None) if role else (None,)):
@@ -264,13 +288,14 @@ def resolve(method: Method, tensor_name: str, position: float, w_domain: float,
         return default
 
     info = method.info
+    densities = (method.domain_density, method.align_density) if roles == TRIO_MODELS \
+        else (1.0,) * len(roles)
     return TensorSettings(
         name=method.name,
-        w_domain=float(value("weight", "domain", w_domain)),
-        w_align=float(value("weight", "aligned", w_align)),
+        roles=roles,
+        weights=tuple(float(value("weight", r, w)) for r, w in zip(roles, weights)),
         w_base=float(value("weight", "base", method.base_weight)),
-        domain_density=float(value("density", "domain", method.domain_density)),
-        align_density=float(value("density", "aligned", method.align_density)),
+        densities=tuple(float(value("density", r, d)) for r, d in zip(roles, densities)),
         lambda_=float(value("lambda", None, method.lambda_)),
         normalize=bool(value("normalize", None, info.normalize if method.normalize is None
                              else method.normalize)),
@@ -286,24 +311,23 @@ def settings_problems(s: TensorSettings, where: str) -> List[str]:
     """Values out of range (a rule may push one tensor's); each line starts with `where`."""
     problems = []
     weighted = "weight" in METHODS[s.name].parameters  # SLERP's family ignores the weights
-    unset = [role for role, w in (("domain", s.w_domain), ("aligned", s.w_align))
-             if weighted and w != w]
+    unset = [role for role, w in zip(s.roles, s.weights) if weighted and w != w]
     if unset:  # NaN is "no value" (mergekit configs: no rule matched the tensor)
-        problems.append(f"{where}: no weight for the {' and '.join(unset)} "
-                        "model: no `weight` setting matches this tensor")
+        named = [f"the {r} model" if r in TRIO_MODELS else r for r in unset]
+        problems.append(f"{where}: no weight for {' and '.join(named)}: no `weight` setting "
+                        "matches this tensor")
     elif weighted:
-        try:
-            check_weights(s.w_domain, s.w_align)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-    for label, density in (("domain", s.domain_density), ("aligned", s.align_density)):
+        problems += [f"{where}: {role} weight must be a finite real number, within float32's "
+                     f"range (|w| <= 3.4e38; got {w!r})"
+                     for role, w in zip(s.roles, s.weights) if not is_fp32_finite(w)]
+    for role, density in zip(s.roles, s.densities):
         if not 0.0 <= density <= 1.0:
-            problems.append(f"{where}: {label} density must be between 0 and 1 "
+            problems.append(f"{where}: {role} density must be between 0 and 1 "
                             f"(got {density})")
     if s.rescale not in RESCALES:
         problems.append(f"{where}: rescale {s.rescale!r}: choose one of "
                         f"{', '.join(RESCALES)}")
-    if s.name == "linear" and s.normalize and s.w_base + s.w_domain + s.w_align == 0:
+    if s.name == "linear" and s.normalize and s.w_base + sum(s.weights) == 0:
         problems.append(f"{where}: the weights sum to 0, so linear cannot normalize them: "
                         "set normalize false (--no-normalize) or change the weights")
     return problems
@@ -415,6 +439,17 @@ class TensorPasses:
             self._cache[key] = self._last_ties(found, ties_wanted)
         return self._cache[key]
 
+    def thresholds(self, wanted: Sequence[Optional[int]]) -> Tuple[Tuple[int, int], ...]:
+        """magnitude_thresholds of each model's wanted count (None: not needed)."""
+        return self.magnitude_thresholds(*wanted)
+
+    def l1(self, terms) -> List[Tuple[float, float]]:
+        """Per model, (‖τ‖₁, ‖kept τ‖₁) under its term's mask."""
+        recipe = self.native.Recipe()
+        recipe.domain, recipe.align = terms
+        norms = self.l1_norms(recipe)
+        return [(norms[0], norms[1]), (norms[2], norms[3])]
+
     def _last_ties(self, found, wanted) -> Tuple[Tuple[int, int], ...]:
         """`found` with the index of the wanted[m]-th tie (index order) where wanted[m] > 0."""
         found = list(found)
@@ -456,6 +491,35 @@ class TensorPasses:
         return self._cache[key]
 
 
+class SetPasses:
+    """The reductions of a base and any number of models, through the trio's passes: models
+    2p and 2p+1 are the domain and aligned of pair p's TensorPasses (an odd last model is
+    paired with itself).  `pair_windows(i, j)` yields the windows of base, model i, model j."""
+
+    def __init__(self, native, pair_windows, model_count: int, threads: int):
+        self.model_count = model_count
+        self.pairs = [TensorPasses(native, lambda i=i: pair_windows(i, min(i + 1,
+                                                                          model_count - 1)),
+                                   threads) for i in range(0, model_count, 2)]
+
+    @staticmethod
+    def _by_pair(values: Sequence, pad) -> List[Tuple]:
+        """values two by two; an odd last one paired with `pad` (what the self-pair's second
+        model asks for)."""
+        padded = list(values) + [pad] * (len(values) % 2)
+        return [tuple(padded[i:i + 2]) for i in range(0, len(padded), 2)]
+
+    def thresholds(self, wanted: Sequence[Optional[int]]) -> Tuple[Tuple[int, int], ...]:
+        found = [t for passes, pair in zip(self.pairs, self._by_pair(wanted, None))
+                 for t in passes.thresholds(pair)]
+        return tuple(found[:self.model_count])
+
+    def l1(self, terms) -> List[Tuple[float, float]]:
+        found = [n for passes, pair in zip(self.pairs, self._by_pair(terms, terms[-1]))
+                 for n in passes.l1(pair)]
+        return found[:self.model_count]
+
+
 def _term_key(term) -> tuple:
     return (term.sparsify, term.min_magnitude_bits, term.last_tie_index, term.keep_below,
             term.key_lo, term.key_hi)
@@ -468,13 +532,29 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
         return _weights_recipe(recipe, TASK_ARITHMETIC, s.w_domain, s.w_align)
     if s.name == "linear":
         recipe = _weights_recipe(recipe, MODELS, s.w_domain, s.w_align)
-        recipe.base_weight = s.w_base
-        total = s.w_base + s.w_domain + s.w_align
-        recipe.divisor = total if s.normalize else 1.0
-        return recipe
+        return _linear_divisor(recipe, s)
     if s.name in ("slerp", "slerp_vectors", "chipalign"):
         return _geodesic_recipe(recipe, s, passes)
-    return _vectors_recipe(recipe, s, tensor_name, count, passes)
+    return _vectors_recipe(recipe, [recipe.domain, recipe.align], s, tensor_name, count, passes)
+
+
+def set_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: SetPasses):
+    """The native SetRecipe of one tensor of a base and a set of models (SET_METHODS): plain
+    task arithmetic is mergekit's base + λ·Σ w_m τ_m (sum first, then added to the base)."""
+    recipe = native.SetRecipe()
+    terms = [recipe.term(m) for m in range(len(s.roles))]
+    if s.name == "linear":
+        recipe.kind = MODELS
+        for term, weight in zip(terms, s.weights):
+            term.weight = weight
+        return _linear_divisor(recipe, s)
+    return _vectors_recipe(recipe, terms, s, tensor_name, count, passes)
+
+
+def _linear_divisor(recipe, s: TensorSettings):
+    recipe.base_weight = s.w_base
+    recipe.divisor = s.w_base + sum(s.weights) if s.normalize else 1.0
+    return recipe
 
 
 def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
@@ -497,28 +577,30 @@ def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
     return _weights_recipe(recipe, MODELS, c_d, c_a)
 
 
-def _vectors_recipe(recipe, s: TensorSettings, tensor_name: str, count: int,
-                    passes: TensorPasses):
+def _vectors_recipe(recipe, terms, s: TensorSettings, tensor_name: str, count: int, passes):
+    """TIES / DARE / RESTA / task arithmetic over the models' terms (a Recipe's domain and
+    align, or a SetRecipe's terms); `passes` gives thresholds(wanted) and l1(terms)."""
     recipe.kind = VECTORS
     recipe.sign_election = int(s.sign_election)
     recipe.normalize = int(s.normalize)
     recipe.lambda_ = s.lambda_
-    w_domain = 1.0 if s.name == "resta" else s.w_domain  # RESTA keeps the whole expert
-    densities = (s.domain_density, 1.0 if s.name == "resta" else s.align_density)
-    terms = (recipe.domain, recipe.align)
-    for term, weight in zip(terms, (w_domain, s.w_align)):
+    weights, densities = list(s.weights), list(s.densities)
+    if s.name == "resta":  # RESTA keeps the whole expert and its alignment vector
+        weights[0], densities[1] = 1.0, 1.0
+    for term, weight in zip(terms, weights):
         term.weight = weight
-    total = w_domain + s.w_align
+    total = 0.0
+    for weight in weights:
+        total += weight
     recipe.divisor = total if abs(total) >= DIVISOR_EPS else 1.0
     if s.sparsify == KEEP_LARGEST:
         wanted = [keep_count(d, count) if 0.0 < d < 1.0 else None for d in densities]
-        thresholds = passes.magnitude_thresholds(*wanted)
-        for term, density, threshold in zip(terms, densities, thresholds):
+        for term, density, threshold in zip(terms, densities, passes.thresholds(wanted)):
             _trim(term, density, threshold)
     elif s.sparsify == KEEP_RANDOM:
-        for term, density, role in zip(terms, densities, ("domain", "aligned")):
+        for term, density, role in zip(terms, densities, s.roles):
             _drop(term, density, stream_key(s.seed, tensor_name, role))
-    _rescale(terms, densities, s.rescale, passes, recipe)
+    _rescale(terms, densities, s.rescale, passes)
     return recipe
 
 
@@ -538,7 +620,7 @@ def _drop(term, density: float, key: Tuple[int, int]) -> None:
     term.key_lo, term.key_hi = key
 
 
-def _rescale(terms, densities, rescale: str, passes: TensorPasses, recipe) -> None:
+def _rescale(terms, densities, rescale: str, passes) -> None:
     active = [t.sparsify != KEEP_ALL for t in terms]
     if rescale == "none" or not any(active):
         return
@@ -547,8 +629,6 @@ def _rescale(terms, densities, rescale: str, passes: TensorPasses, recipe) -> No
             if on and density > 0.0:
                 term.scale = 1.0 / density
         return
-    norms = passes.l1_norms(recipe)
-    for m, (term, on) in enumerate(zip(terms, active)):
-        before, after = norms[2 * m], norms[2 * m + 1]
+    for term, on, (before, after) in zip(terms, active, passes.l1(terms)):
         if on and before >= RESCALE_EPS and after >= RESCALE_EPS:
             term.scale = before / after

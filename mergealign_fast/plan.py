@@ -14,7 +14,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes
 from .dtypes import DType
@@ -26,11 +26,13 @@ from .io.safetensors_format import EncodedTensor, encode_header
 from .io.vocabulary import vocabulary_problems
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
-from .methods import Method, TensorSettings, check_weights, layer_position, resolve, \
-    settings_problems
+from .methods import SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights, \
+    layer_position, resolve, settings_problems
 from .output import out_dir_problems, resolve_out_dir
 
 ROLES = ("base", "domain", "aligned")
+# A model set's roles: base, then "model 1", "model 2", ... in the order they were given.
+SET_ROLE = "model {}"
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 # Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
@@ -39,6 +41,8 @@ F64 = "F64"
 # The methods an F64 tensor can be merged with: those whose recipe needs no statistics pass
 # (the passes run in the fp32 kernel); writers/f64.py computes them in float64.
 F64_METHODS = ("task_arithmetic", "linear")
+# The native kernel's model count (csrc/merge_operands.h kMaxModels).
+MAX_SET_MODELS = 32
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
 
@@ -81,7 +85,7 @@ class PlannedTensor:
     name: str
     shape: Tuple[int, ...]
     out_dtype: Optional[DType]  # None for a copied tensor
-    sources: Tuple[TensorLocation, TensorLocation, TensorLocation]  # base, domain, aligned
+    sources: Tuple[TensorLocation, ...]  # base, then each model (the trio: domain, aligned)
     # A tensor the kernels cannot merge (integer, bool, F64 buffers) but whose bytes are the
     # same in the three models is copied through as it is: its safetensors dtype.
     copied_dtype: Optional[str] = None
@@ -149,6 +153,11 @@ class MergePlan:
     complete: bool = False
 
     @property
+    def is_set(self) -> bool:
+        """A base and a set of models (plan_set) rather than the trio."""
+        return tuple(self.inputs)[1:] != TRIO_MODELS
+
+    @property
     def output_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
@@ -190,7 +199,7 @@ def parse_size(text: str) -> int:
 def _name_problems(models: Dict[str, Checkpoint]) -> List[str]:
     base = models["base"]
     problems = []
-    for role in ROLES[1:]:
+    for role in list(models)[1:]:
         other = models[role]
         for name in sorted(set(base.tensors) - set(other.tensors)):
             problems.append(f"tensor {name}: in base ({base.folder}) but missing from {role} "
@@ -215,12 +224,13 @@ def _describe_shape_difference(name: str, role: str, base_shape, other_shape) ->
 def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
     problems = []
     base = models["base"]
-    common = [n for n in base.tensors if all(n in models[r].tensors for r in ROLES[1:])]
+    others = list(models)[1:]
+    common = [n for n in base.tensors if all(n in models[r].tensors for r in others)]
     for name in common:
-        locations = {r: models[r].tensors[name] for r in ROLES}
+        locations = {r: models[r].tensors[name] for r in models}
         problems += _unmergeable_dtype_problems(name, locations)
         base_shape = locations["base"].entry.shape
-        for role in ROLES[1:]:
+        for role in others:
             if locations[role].entry.shape != base_shape:
                 problems.append(_describe_shape_difference(name, role, base_shape,
                                                            locations[role].entry.shape))
@@ -236,7 +246,7 @@ def _is_copied(locations) -> bool:
 
 
 def _all_f64(locations) -> bool:
-    """F64 of one shape in the three models: merged in float64 (or copied when identical)."""
+    """F64 of one shape in every model: merged in float64 (or copied when identical)."""
     entries = [loc.entry for loc in locations]
     return all((e.dtype, e.shape) == (F64, entries[0].shape) for e in entries)
 
@@ -248,15 +258,15 @@ def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation])
     if not unmergeable or _all_f64(found) or _is_copied(found):
         return []
     return [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be merged "
-            "(supported: BF16, F16, F32, and F64 in all three models; other dtypes are copied "
-            "when the three models hold the same bytes, and these differ)"
+            "(supported: BF16, F16, F32, and F64 in every model; other dtypes are copied "
+            "when the models hold the same bytes, and these differ)"
             for loc in unmergeable.values()]
 
 
 def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
-    """The three checkpoints, and every problem with them as a trio (names, shapes, dtypes)."""
+    """The checkpoints, and every problem with them together (names, shapes, dtypes)."""
     models, problems = _open_inputs(folders)
-    if len(models) == len(ROLES):
+    if len(models) == len(folders):
         problems += _name_problems(models) + _tensor_problems(models)
         problems += vocabulary_problems(folders)
     return models, problems
@@ -349,10 +359,10 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],
     names = sorted(base.tensors, key=lambda n: (str(base.tensors[n].file),
                                                 base.tensors[n].entry.begin))
     for name in names:
-        sources = tuple(models[r].tensors[name] for r in ROLES)
+        sources = tuple(m.tensors[name] for m in models.values())
         stored = sources[0].entry.dtype
         if dtypes.from_safetensors(stored) is None:
-            # Checked already: F64 in all three, or the same bytes.  Only F64 needs its bytes
+            # Checked already: F64 in every model, or the same bytes.  Only F64 needs its bytes
             # compared here (identical: copied; else merged in float64).
             if stored != F64 or same_bytes(sources):
                 yield PlannedTensor(name, sources[0].entry.shape, None, sources,
@@ -473,22 +483,28 @@ def _method_problems(options: MergeOptions) -> List[str]:
     return problems
 
 
-def tensor_settings(options: MergeOptions, names: List[str]) -> Dict[str, TensorSettings]:
+def tensor_settings(options: MergeOptions, names: List[str],
+                    roles: Tuple[str, ...] = TRIO_MODELS) -> Dict[str, TensorSettings]:
     """The method's parameters for each tensor (mergekit layer gradients run over the layers
-    found in the names)."""
+    found in the names).  A model set's weights come from the method's rules only."""
     layers = [i for i in map(layer_index, names) if i is not None]
     num_layers = max(layers) + 1 if layers else 0
-    return {name: resolve(options.method, name, layer_position(name, num_layers),
-                          options.domain_weight, options.align_weight) for name in names}
+    weights = (options.domain_weight, options.align_weight) if roles == TRIO_MODELS \
+        else (math.nan,) * len(roles)
+    return {name: resolve(options.method, name, layer_position(name, num_layers), weights, roles)
+            for name in names}
 
 
-def _option_problems(options: MergeOptions) -> List[str]:
+def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
     problems = _method_problems(options)
-    if not options.method.rules:  # with rules, each tensor's weights are checked (plan_merge)
+    is_set = roles[1:] != TRIO_MODELS
+    if not options.method.rules and not is_set:  # else each tensor's weights are checked
         try:
             check_weights(options.domain_weight, options.align_weight)
         except ValueError as exc:
             problems.append(str(exc))
+    if is_set:
+        problems += _set_problems(options, len(roles) - 1)
     if options.max_shard_size <= 0:
         problems.append(f"max shard size must be positive (got {options.max_shard_size})")
     threads = options.threads
@@ -496,29 +512,59 @@ def _option_problems(options: MergeOptions) -> List[str]:
                                 or threads < 1):
         problems.append(f"threads must be a whole number of at least 1 (got {threads!r})")
     problems += _device_problems(options)
-    if options.tokenizer_from not in (*ROLES, "none"):
-        problems.append(f"tokenizer source {options.tokenizer_from!r}: choose base, domain, "
-                        "aligned or none")
+    if options.tokenizer_from not in (*roles, "none"):
+        problems.append(f"tokenizer source {options.tokenizer_from!r}: choose "
+                        f"{', '.join(roles)} or none")
+    return problems
+
+
+def _set_problems(options: MergeOptions, model_count: int) -> List[str]:
+    """What a merge of a base and a set of models cannot do."""
+    name = options.method.name
+    problems = []
+    if name not in SET_METHODS:
+        problems.append(f"{name} merges two models (the trio); of {model_count} models: "
+                        f"{', '.join(SET_METHODS)}")
+    if model_count > MAX_SET_MODELS:
+        problems.append(f"{model_count} models besides the base: at most {MAX_SET_MODELS} "
+                        "in one merge")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"merges of {model_count} models run on the CPU: leave out "
+                        f"--device {options.device}")
     return problems
 
 
 def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
     """Check everything and lay out the output; PlanError lists every problem found."""
-    folders = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
+    return _plan({"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)},
+                 out_dir, options)
+
+
+def plan_set(base, models: Sequence, out_dir, options: MergeOptions) -> MergePlan:
+    """plan_merge for a base and any number of models (roles "model 1", "model 2", ...): the
+    method (SET_METHODS) takes each model's weight and density from its rules."""
+    folders = {"base": Path(base)}
+    folders.update((SET_ROLE.format(i + 1), Path(m)) for i, m in enumerate(models))
+    return _plan(folders, out_dir, options)
+
+
+def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan:
+    roles = tuple(folders)
     given, out_dir = out_dir, resolve_out_dir(out_dir)
-    problems = _option_problems(options) + _output_problems(given, out_dir, folders, options)
+    problems = _option_problems(options, roles) + _output_problems(given, out_dir, folders,
+                                                                   options)
     models, input_problems = _checked_inputs(folders)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
     tensors = list(_planned_tensors(models, options.out_dtype, options.promote_mixed))
-    settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied])
+    settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
                     for p in settings_problems(s, f"tensor {name}")]
     else:  # one set of values for every tensor: say it once
         problems = settings_problems(next(iter(settings.values())), options.method.name) \
             if settings else []
-    problems += [f"tensor {t.name} is F64 in the three models: it is merged in float64 by "
+    problems += [f"tensor {t.name} is F64 in every model: it is merged in float64 by "
                  f"{', '.join(F64_METHODS)} only, not {settings[t.name].name}"
                  for t in tensors if t.merged_in_f64 and settings[t.name].name not in F64_METHODS]
     if problems:

@@ -140,23 +140,31 @@ class InputMaps:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Elements [start, start+count) of one tensor: where its three inputs lie and, for a merge,
+    """Elements [start, start+count) of one tensor: where its inputs lie and, for a merge,
     where its output goes."""
 
     start: int
     count: int
-    inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) x 3
-    dtypes: Tuple[DType, DType, DType]  # base, domain, aligned
+    inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) each
+    dtypes: Tuple[DType, ...]  # base, then the models (the trio: domain, aligned)
     file_offset: int  # of the chunk's first output byte in the shard (0 for read-only passes)
 
-    def addresses(self) -> Tuple[int, int, int]:
+    def addresses(self) -> Tuple[int, ...]:
         return tuple(mapped.address + offset for mapped, offset, _ in self.inputs)
 
     def operands(self, out_dtype: Optional[DType] = None):
-        """The native Operands of this chunk (out_dtype: of a merge; None for statistics)."""
+        """The native Operands of this chunk, a trio (out_dtype: of a merge; None for
+        statistics)."""
         (b, d, a), (db, dd, da) = self.addresses(), self.dtypes
         return cpu.native().Operands(b, int(db), d, int(dd), a, int(da), self.count,
                                      int(out_dtype or DType.F32), self.start)
+
+    def set_operands(self, out_dtype: DType):
+        """The native SetOperands of this chunk: a base and any number of models."""
+        addresses = self.addresses()
+        return cpu.native().SetOperands(addresses[0], int(self.dtypes[0]), list(addresses[1:]),
+                                        [int(d) for d in self.dtypes[1:]], self.count,
+                                        int(out_dtype), self.start)
 
     def release_inputs(self) -> None:
         """Drop the chunk's input pages from this process (they stay in the page cache)."""

@@ -128,7 +128,7 @@ def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_d
     def windows():  # the whole tensor is one window: it is in memory already
         yield cpu.operands(b, d, a, out), lambda: None
 
-    settings = resolve(method, name, layer_position(name, 0), w_domain, w_align)
+    settings = resolve(method, name, layer_position(name, 0), (w_domain, w_align))
     problems = settings_problems(settings, f"tensor {name}" if name else method.name)
     if problems:
         raise ValueError("; ".join(problems))

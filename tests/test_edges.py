@@ -469,7 +469,7 @@ def test_f64_tensors_in_a_sweep_equal_their_single_merges(tmp_path):
 
 def test_f64_tensors_with_a_method_that_needs_passes_are_refused(tmp_path):
     trio = f64_trio(tmp_path)
-    with pytest.raises(PlanError, match="tensor scale is F64 in the three models: it is merged "
+    with pytest.raises(PlanError, match="tensor scale is F64 in every model: it is merged "
                                         "in float64 by task_arithmetic, linear only, not ties"):
         merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
                           method=Method("ties", domain_density=0.5))

@@ -77,7 +77,7 @@ def run_method(raws, dtypes, out_dtype, method, w_domain, w_align, name="t", thr
 
 
 def oracle(raws, dtypes, method, w_domain, w_align, name="t"):
-    settings = resolve(method, name, 0.0, w_domain, w_align)
+    settings = resolve(method, name, 0.0, (w_domain, w_align))
     return method_ref(settings, name, *(as_f64(r, d) for r, d in zip(raws, dtypes)))
 
 

@@ -270,7 +270,7 @@ def _assert_same_as_mergekit(config, tmp_path):
         from mergealign_fast.methods import layer_position
 
         assert loc.entry.dtype == theirs.tensors[name].entry.dtype, name
-        settings = resolve(run.method, name, layer_position(name, 2), 0.0, 0.0)
+        settings = resolve(run.method, name, layer_position(name, 2), (0.0, 0.0))
         inputs = [as_f64(read_elements(m.tensors[name]), DType[m.tensors[name].entry.dtype])
                   .ravel() for m in models]
         exact, scale = method_ref(settings, name, *inputs)

@@ -65,7 +65,7 @@ def test_same_tensors_as_mergekit(case):
     ours = merge_tensors(b, d, a, domain_weight=w_d, align_weight=w_a, method=method, name="w")
     inputs = {"b": b, "d": d, "a": a}
     reference = theirs(name, [inputs[k] for k in order], 0, parameters)
-    exact, scale = method_ref(resolve(method, "w", 0.0, w_d, w_a), "w",
+    exact, scale = method_ref(resolve(method, "w", 0.0, (w_d, w_a)), "w",
                               *(x.double().numpy() for x in (b, d, a)))
     bound = method_error_bound(exact, scale, DType.F32)
     assert np.all(np.abs(ours.double().numpy() - exact) <= bound)

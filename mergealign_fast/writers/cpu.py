@@ -26,13 +26,21 @@ class CpuWriter:
         self.write_behind = self.native.WriteBehind() if fsync else None
 
     def chunk_elements(self, tensor: PlannedTensor) -> int:
-        return stream.WINDOW_BYTES // tensor.out_dtype.itemsize
+        """A window of output; for more than three inputs a proportionally smaller one, so the
+        input pages resident at once stay what they are for the trio."""
+        trio_inputs = 3
+        return (stream.WINDOW_BYTES // tensor.out_dtype.itemsize
+                * trio_inputs // max(trio_inputs, len(tensor.sources)))
 
     def write(self, targets: Sequence, tensor: PlannedTensor, chunk: Chunk,
               recipes: Sequence) -> None:
-        err, crcs, nonfinite = self.native.merge_to_files(
-            chunk.operands(tensor.out_dtype),
-            [(x.fd, chunk.file_offset, r) for x, r in zip(targets, recipes)], self.threads)
+        placed = [(x.fd, chunk.file_offset, r) for x, r in zip(targets, recipes)]
+        if isinstance(recipes[0], self.native.SetRecipe):  # a base and a set of models
+            err, crcs, nonfinite = self.native.merge_set_to_files(
+                chunk.set_operands(tensor.out_dtype), placed, self.threads)
+        else:
+            err, crcs, nonfinite = self.native.merge_to_files(
+                chunk.operands(tensor.out_dtype), placed, self.threads)
         if err == errno.EFAULT:
             raise InputChanged(f"an input of tensor {tensor.name} changed while it was being read")
         if err:

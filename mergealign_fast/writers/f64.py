@@ -1,4 +1,4 @@
-"""Tensors stored as F64 in the three models, merged in float64.
+"""Tensors stored as F64 in every model, merged in float64.
 
 The native kernels compute in fp32; a float64 tensor that differs between the models (rare:
 some research checkpoints, some buffers) is merged here instead, with numpy, in float64 and
@@ -21,18 +21,25 @@ from ..stream import InputChanged
 F64_ITEMSIZE = 8
 
 
-def merge_f64(settings: TensorSettings, b, d, a):
-    """The method's value in float64 (numpy arrays): task arithmetic
-    base + λ·(w_d τ_d + w_a τ_a) [/ (w_d + w_a) when normalized], or linear
-    (w_b base + w_d domain + w_a aligned) [/ Σw when normalized]."""
+def merge_f64(settings: TensorSettings, b, *models):
+    """The method's value in float64 (numpy arrays; the models in the order of
+    settings.weights): task arithmetic base + λ·Σ w_m τ_m [/ Σw when normalized], or linear
+    (w_b base + Σ w_m model_m) [/ (w_b + Σw) when normalized]."""
     s = settings
+    # Summed left to right in model order, as the kernels sum.
     if s.name == "linear":
-        total = s.w_base + s.w_domain + s.w_align
-        merged = s.w_base * b + s.w_domain * d + s.w_align * a
+        merged, total = s.w_base * b, s.w_base
+        for w, m in zip(s.weights, models):
+            merged, total = merged + w * m, total + w
         return merged / total if s.normalize else merged
-    combined = s.w_domain * (d - b) + s.w_align * (a - b)
-    if s.normalize and s.w_domain + s.w_align != 0:
-        combined = combined / (s.w_domain + s.w_align)
+    combined = s.weights[0] * (models[0] - b)
+    for w, m in zip(s.weights[1:], models[1:]):
+        combined = combined + w * (m - b)
+    weights = s.weights[0]
+    for w in s.weights[1:]:
+        weights += w
+    if s.normalize and weights != 0:
+        combined = combined / weights
     return b + s.lambda_ * combined
 
 
@@ -62,9 +69,9 @@ def write_f64_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor,
     try:
         for start in range(0, tensor.count, step):
             count = min(step, tensor.count - start)
-            b, d, a = _read_window(files, tensor, start, count)
+            inputs = _read_window(files, tensor, start, count)
             for target, s in zip(targets, settings):
-                merged = np.ascontiguousarray(merge_f64(s, b, d, a), dtype="<f8")
+                merged = np.ascontiguousarray(merge_f64(s, *inputs), dtype="<f8")
                 nbytes = merged.nbytes
                 crc = native.crc32c(merged.ctypes.data, nbytes)
                 write_fully(target.fd, memoryview(merged).cast("B"),
