@@ -3,7 +3,8 @@
     theta = base + domain_weight * (domain - base) + align_weight * (aligned - base)
 
 `merge_tensors` merges in-memory arrays/tensors; `merge_checkpoints` merges Hugging Face model
-folders (its settings: `MergeOptions`); `sweep_checkpoints` writes one model per λ in one pass;
+folders (its settings: `MergeOptions`); `merge_models` merges any number of models into a base
+(task arithmetic, linear, TIES, DARE, as mergekit configs do); `sweep_checkpoints` writes one model per λ in one pass;
 `Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing
 this package loads neither numpy, torch nor any GPU runtime.
 
@@ -19,6 +20,7 @@ from ._version import __version__
 _EXPORTS = {
     "DType": "dtypes", "MergeError": "errors", "PlanError": "errors",
     "MergeOptions": "plan", "MergeResult": "engine", "merge_checkpoints": "engine",
+    "merge_models": "engine",
     "Method": "methods", "sweep_checkpoints": "sweep",
     "merge_tensors": "tensors",  # pulls in numpy; the merge command does not need it
 }
@@ -37,4 +39,4 @@ def __dir__():
 
 
 __all__ = ["DType", "MergeError", "MergeOptions", "MergeResult", "Method", "PlanError",
-           "merge_checkpoints", "merge_tensors", "sweep_checkpoints", "__version__"]
+           "merge_checkpoints", "merge_models", "merge_tensors", "sweep_checkpoints", "__version__"]

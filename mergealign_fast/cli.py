@@ -26,7 +26,7 @@ from .mergekit_config import load as load_mergekit_config
 from .methods import METHODS, RESCALES, Method
 from .model_card import card_files
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
-from .plan import ROLES, MergeOptions, parse_size, plan_merge
+from .plan import ROLES, MergeOptions, parse_size, plan_merge, plan_set
 from .progress import human_bytes
 from .sweep import parse_lambdas, sweep_checkpoints
 
@@ -441,6 +441,8 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
 
             plan = plan_passthrough(list(config.slices), config.base, args.out,
                                     replace(options, domain_weight=0.0, align_weight=0.0))
+        elif config.models:
+            plan = plan_set(config.base, config.models, args.out, options)
         else:
             plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
     except PlanError as exc:
@@ -461,7 +463,7 @@ def _set_chat_template(plan, config) -> None:
     """The config's chat_template into OUT's tokenizer files (checked before any compute)."""
     from .chat_template import resolve_template, template_files
 
-    merged = [s.folder for s in config.slices] or [config.base, config.domain, config.aligned]
+    merged = config.merged_folders
     models = list(dict.fromkeys(p.resolve() for p in merged))
     template = resolve_template(config.chat_template, models)
     if template is None:

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import MergeError
+from .errors import MergeError, PlanError
 from .io.checkpoint import TensorLocation
 from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
-from .methods import SetPasses, TensorPasses, set_recipe, tensor_recipe
+from .methods import SetPasses, TensorPasses, set_method, set_recipe, tensor_recipe
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
                      publish, settle_leftover_partial)
-from .plan import MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge
+from .plan import SET_ROLE, MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge, \
+    plan_set
 from .progress import Progress
 from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                      pass_chunks, read_ahead_settings, tensor_chunks)
@@ -315,6 +316,44 @@ def merge_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out: 
     """
     options = replace(options or MergeOptions(), **changes)
     return execute_on(plan_merge(base, domain, aligned, out, options), ray_address, progress)
+
+
+ModelEntry = Union[PathLike, Tuple[PathLike, Dict[str, object]]]
+
+
+def merge_models(base: ModelEntry, models: Sequence[ModelEntry], out: PathLike, *,
+                 method: str = "task_arithmetic", parameters: Optional[Dict[str, object]] = None,
+                 options: Optional[MergeOptions] = None, progress: bool = False,
+                 ray_address: Optional[str] = None, **changes) -> MergeResult:
+    """Merge any number of model folders into `base`, as a mergekit config does: `method` is
+    task_arithmetic, linear, ties, dare_linear or dare_ties (methods.SET_METHODS).
+
+    Each of `models` is a folder or (folder, {"weight": 0.4, "density": 0.5}); a value may be
+    a list, a gradient over the layers.  `parameters` are the shared ones (lambda, normalize,
+    rescale, seed; a weight or density there applies to every model); linear weighs the base
+    too: give it as (folder, {"weight": w}).  One pass reads each input once, in bounded memory,
+    bitwise the same on any thread count.  `options`, **changes, progress and ray_address as
+    for merge_checkpoints (the trio's weights there are not used; the tokenizer is the base's
+    unless tokenizer_from names "model N" or "none")."""
+    entries = [_model_entry(e) for e in [base, *models]]
+    per_model = {SET_ROLE.format(i): params for i, (_, params) in enumerate(entries) if i}
+    per_model["base"] = entries[0][1]
+    try:
+        chosen = set_method(method, parameters, per_model)
+    except ValueError as exc:
+        raise PlanError([str(exc)]) from None
+    if options is None:  # the tokenizer and config of the base, as in mergekit
+        changes.setdefault("tokenizer_from", "base")
+    options = replace(options or MergeOptions(), method=chosen, **changes)
+    plan = plan_set(entries[0][0], [folder for folder, _ in entries[1:]], out, options)
+    return execute_on(plan, ray_address, progress)
+
+
+def _model_entry(entry: ModelEntry) -> Tuple[PathLike, Dict[str, object]]:
+    if isinstance(entry, tuple):
+        folder, parameters = entry
+        return folder, dict(parameters or {})
+    return entry, {}
 
 
 def execute_on(plan: MergePlan, ray_address: Optional[str],

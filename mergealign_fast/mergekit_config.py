@@ -29,11 +29,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .dtypes import DType, parse_dtype
 from .errors import PlanError
-from .methods import METHODS, RESCALES, Method, Rule
+from .methods import METHODS, RESCALES, SET_METHODS, Method, Rule
+from .plan import SET_ROLE
 from .slices import SliceSource
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
@@ -75,6 +76,17 @@ class RunConfig:
     chat_template: Optional[str] = None
     # `slices` of a passthrough stack (slices.py); the three roles are then its donor model.
     slices: Tuple[SliceSource, ...] = ()
+    # More than two models besides the base: the model set merged into `base` (plan_set),
+    # in the order listed; domain and aligned are then its first two.
+    models: Tuple[Path, ...] = ()
+
+    @property
+    def merged_folders(self) -> List[Path]:
+        """Every model folder the merge reads."""
+        if self.slices:
+            return [s.folder for s in self.slices]
+        return [self.base, *self.models] if self.models else [self.base, self.domain,
+                                                               self.aligned]
 
 
 def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> RunConfig:
@@ -130,16 +142,20 @@ class _Reader:
         models = self._models()
         base = self._reference(self.raw.get("base_model"), "base_model") \
             if self.raw.get("base_model") is not None else None
-        rules = self._rules(self.raw.get("parameters"), None, name)
         roles = self._roles(name, base, models) if name in METHODS else None
+        model_roles = [r for r in roles if r != "base"] + ["base"] if roles else []
+        rules = self._rules(self.raw.get("parameters"), None, name, model_roles)
         if roles is not None:
             rules += self._model_rules(name, roles, models)
             self._check_weights(name, roles, models)
-            if roles["aligned"] == roles["base"] and name not in ("slerp", "chipalign"):
+            if roles.get("aligned") == roles["base"] and name not in ("slerp", "chipalign"):
                 # With one other model the aligned role repeats the base and weighs nothing,
                 # before any rule (first match wins): a shared `weight` at the top level must
-                # not reach it, or linear would count the base twice.
-                rules.insert(0, Rule("weight", "aligned", 0.0))
+                # not reach it, or linear would count the base twice.  Linear over one model
+                # repeats it in the domain role as well.
+                repeated = ("domain", "aligned") if roles["domain"] == roles["base"] \
+                    else ("aligned",)
+                rules[:0] = [Rule("weight", role, 0.0) for role in repeated]
         if name in METHODS and self.seed is not None and "seed" in METHODS[name].parameters:
             rules.append(Rule("seed", None, self.seed))  # after the config's own: it wins
         if roles is not None and not self.allow_crimes:
@@ -152,12 +168,16 @@ class _Reader:
                          f"{template!r}")
         if self.problems:
             raise PlanError(self.read_past + self.problems)
-        return RunConfig(roles["base"], roles["domain"], roles["aligned"],
+        in_set = tuple(f for r, f in roles.items() if r != "base") if "domain" not in roles \
+            else ()
+        domain, aligned = in_set[:2] if in_set else (roles["domain"], roles["aligned"])
+        return RunConfig(roles["base"], domain, aligned,
                          Method(name, rules=tuple(rules)), out_dtype, tokenizer_from,
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
                          str(self.raw.get("base_model") or ""),
                          tuple(str(e["model"] if isinstance(e, dict) else e)
-                               for e in self.raw["models"]), self.raw.get("chat_template"))
+                               for e in self.raw["models"]), self.raw.get("chat_template"),
+                         models=in_set)
 
     def _stack_config(self) -> RunConfig:
         """`slices` with passthrough: a stack of layer ranges (slices.py)."""
@@ -266,7 +286,8 @@ class _Reader:
         return models
 
     def _roles(self, name: str, base: Optional[Path], models) -> Optional[Dict[str, Path]]:
-        """{role: folder}: which model takes which of the engine's three roles."""
+        """{role: folder}: which model takes which of the trio's roles, or (more than two
+        models besides the base, for the methods defined for any number) of a model set's."""
         folders = [f for f, _ in models]
         if name in NEEDS_BASE and base is None:
             self.problem(f"{name} needs `base_model`")
@@ -276,6 +297,8 @@ class _Reader:
             first = base if base is not None else (folders[0] if folders else None)
             others = [f for f in folders if first is None or f.resolve() != first.resolve()]
             limit, base = 2, first
+            if first is not None and not others:  # one model: (w·model) / w, as mergekit
+                return {"base": first, "domain": first, "aligned": first}
         elif name == "slerp":
             if len(others) != 1:
                 self.problem(f"slerp takes base_model and exactly one other model "
@@ -290,6 +313,8 @@ class _Reader:
             return {"base": folders[1], "domain": folders[0], "aligned": folders[1]}
         else:
             limit = 2
+        if base is not None and len(others) > limit and name in SET_METHODS:
+            return {"base": base, **{SET_ROLE.format(i + 1): f for i, f in enumerate(others)}}
         if base is None or not 1 <= len(others) <= limit:
             self.problem(f"{name}: the engine merges a base and one or two other models "
                          f"(got {len(others)} besides the base)")
@@ -316,13 +341,21 @@ class _Reader:
         """The role whose parameters a model's `parameters` set.  A folder can fill two roles:
         the aligned role repeats the base when there is one other model (then it is the base),
         and slerp/chipalign only fill the base role with their aligned model (then aligned)."""
+        if "domain" not in roles:  # a model set: a model's own role before the base's
+            order = [r for r in roles if r != "base"] + ["base"]
+            return next(role for role in order if roles[role].resolve() == folder.resolve())
+        if roles["domain"] == roles["base"]:  # linear over one model: it is the base
+            return "base"
         placeholder_base = name in ("slerp", "chipalign")
         repeat = roles["aligned"].resolve() == roles["base"].resolve()
         order = ("domain", "base", "aligned") if repeat and not placeholder_base \
             else ("domain", "aligned", "base")
         return next(role for role in order if roles[role].resolve() == folder.resolve())
 
-    def _rules(self, parameters, role: Optional[str], method_name: str) -> List[Rule]:
+    def _rules(self, parameters, role: Optional[str], method_name: str,
+               every_role: Sequence[str] = ()) -> List[Rule]:
+        """Rules of a `parameters` mapping for `role` (None: shared; a per-model parameter
+        given there applies to each of `every_role`)."""
         if parameters is None:
             return []
         if not isinstance(parameters, dict):
@@ -347,7 +380,7 @@ class _Reader:
             if setting is None:
                 continue
             if ours in PER_MODEL and role is None:
-                rules += [Rule(ours, r, setting) for r in ("domain", "aligned", "base")]
+                rules += [Rule(ours, r, setting) for r in every_role]
             else:
                 rules.append(Rule(ours, role, setting))
         return rules
@@ -456,8 +489,8 @@ class _Reader:
                          "choose base or one of the models")
             return "none"
         folder = _folder(source)
-        for role in ("domain", "aligned", "base"):
-            if role in roles and roles[role].resolve() == folder.resolve():
+        for role in [r for r in roles if r != "base"] + ["base"]:
+            if roles[role].resolve() == folder.resolve():
                 return role
         self.problem(f"tokenizer_source: {source} is not one of the merged models")
         return "none"

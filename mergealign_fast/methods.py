@@ -191,6 +191,26 @@ class Method:
         return problems
 
 
+def set_method(name: str, shared: Optional[Dict[str, object]],
+               per_model: Dict[str, Dict[str, object]]) -> Method:
+    """A Method for a base and a set of models from mergekit-style parameters: `shared` (the
+    top level: lambda, normalize, rescale, seed, and weight/density for every model) and
+    per role ("model 1", ..., "base") its own weight/density.  A value is a number, or a list
+    (a layer gradient).  ValueError names a parameter the method does not take."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}: choose one of {', '.join(METHODS)}")
+    accepted = METHODS[name].parameters
+    rules = []
+    for role, parameters in [(r, p) for r, p in per_model.items()] + [(None, shared or {})]:
+        for key, value in parameters.items():
+            if key not in accepted:
+                raise ValueError(f"{name}: parameter {key!r} does not apply (it takes: "
+                                 f"{', '.join(accepted)})")
+            setting = tuple(value) if isinstance(value, list) else value
+            rules.append(Rule(key, role, setting))
+    return Method(name, rules=tuple(rules))
+
+
 # Method field -> the parameter it sets (MethodInfo.parameters names what a method takes).
 _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",

@@ -121,27 +121,28 @@ def _rescale_factor(tau32: np.ndarray, kept: np.ndarray, density: float, rescale
     return before / after
 
 
-def method_ref(settings, tensor_name: str, base, domain, aligned):
-    """(float64 result, float64 error scale S) of a merge method on flat arrays.
+def method_ref(settings, tensor_name: str, base, *models):
+    """(float64 result, float64 error scale S) of a merge method on flat arrays: the base and
+    each model of settings.roles (the trio: domain, aligned).
 
-    S bounds the magnitude of every fp32 intermediate: a correct kernel is within 8u·S, plus
-    half an output spacing (method_error_bound)."""
+    S bounds the magnitude of every fp32 intermediate: a correct kernel is within (6 + n)u·S
+    for n models, plus half an output spacing (method_error_bound)."""
     b = np.asarray(base, dtype=np.float64).ravel()
-    d = np.asarray(domain, dtype=np.float64).ravel()
-    a = np.asarray(aligned, dtype=np.float64).ravel()
+    xs = [np.asarray(x, dtype=np.float64).ravel() for x in models]
     s = settings
     if s.name == "linear":
-        coefficients = (s.w_base, s.w_domain, s.w_align)
+        coefficients = (s.w_base, *s.weights)
         divisor = sum(coefficients) if s.normalize else 1.0
-        return _combination(coefficients, (b, d, a), divisor)
+        return _combination(coefficients, (b, *xs), divisor)
     if s.name in ("slerp", "chipalign", "slerp_vectors"):
-        return _geodesic_ref(s, b, d, a)
-    if s.name == "task_arithmetic" and s.lambda_ == 1.0 and not s.normalize:
+        return _geodesic_ref(s, b, *xs)
+    if s.is_plain_task_arithmetic:
+        d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
                             1.0, exact=b + s.w_domain * (d - b) + s.w_align * (a - b),
                             scale=np.abs(b) + np.abs(s.w_domain * (d - b))
                             + np.abs(s.w_align * (a - b)))
-    return _vectors_ref(s, tensor_name, b, d, a)
+    return _vectors_ref(s, tensor_name, b, xs)
 
 
 def _combination(coefficients, arrays, divisor, exact=None, scale=None):
@@ -188,13 +189,13 @@ def _geodesic_ref(s, b, d, a):
     return _combination((0.0, c_d, c_a), (b, d, a), 1.0)
 
 
-def _vectors_ref(s, tensor_name, b, d, a):
-    resta = s.name == "resta"
-    weights = (1.0 if resta else s.w_domain, s.w_align)
-    densities = (s.domain_density, 1.0 if resta else s.align_density)
+def _vectors_ref(s, tensor_name, b, xs):
+    weights, densities = list(s.weights), list(s.densities)
+    if s.name == "resta":
+        weights[0], densities[1] = 1.0, 1.0
     b32 = b.astype(np.float32)
     terms32, terms64, scales = [], [], []
-    for x, weight, density, role in zip((d, a), weights, densities, ("domain", "aligned")):
+    for x, weight, density, role in zip(xs, weights, densities, s.roles):
         tau32 = x.astype(np.float32) - b32
         key = methods.stream_key(s.seed, tensor_name, role)
         kept = _kept(tau32, density, s.sparsify, key)
@@ -204,25 +205,33 @@ def _vectors_ref(s, tensor_name, b, d, a):
         terms64.append(np.where(kept, tau32.astype(np.float64) * factor * weight, 0.0))
         scales.append(np.abs(terms64[-1]))
     if s.sign_election:
-        up = (terms32[0] + terms32[1]) >= 0
+        total32 = terms32[0]
+        for t in terms32[1:]:  # the fp32 sum in model order elects the sign, as in the kernel
+            total32 = total32 + t
+        up = total32 >= 0
         agree = [np.where(up, t > 0, t < 0) for t in terms32]
         mixed = sum(np.where(k, t, 0.0) for k, t in zip(agree, terms64))
         divisor = sum(np.where(k, w, 0.0) for k, w in zip(agree, weights))
         divisor = np.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = terms64[0] + terms64[1]
-        total = weights[0] + weights[1]
+        mixed = sum(terms64)
+        total = sum(weights)
         divisor = total if abs(total) >= methods.DIVISOR_EPS else 1.0
     if not s.normalize:
         divisor = 1.0
     exact = b + s.lambda_ * mixed / divisor
     # τ in fp32 is itself rounded: its error (u|x - b|) is part of what the kernel may show.
-    tau_error = sum(np.abs(x - b) * abs(w) for x, w in zip((d, a), weights))
-    scale = np.abs(b) + abs(s.lambda_) * (scales[0] + scales[1] + tau_error) / np.abs(divisor)
+    tau_error = sum(np.abs(x - b) * abs(w) for x, w in zip(xs, weights))
+    scale = np.abs(b) + abs(s.lambda_) * (sum(scales) + tau_error) / np.abs(divisor)
     return exact, scale
 
 
-def method_error_bound(exact: np.ndarray, scale: np.ndarray, out_dtype: DType) -> np.ndarray:
-    """8u·S of fp32 evaluation plus half the output spacing (see merge_error_bound)."""
-    fp32_error = 8 * FP32_UNIT_ROUNDOFF * scale
+def method_error_bound(exact: np.ndarray, scale: np.ndarray, out_dtype: DType,
+                       model_count: int = 2) -> np.ndarray:
+    """(6 + n)u·S of fp32 evaluation for n models, plus half the output spacing (see
+    merge_error_bound).  Per term its roundings (τ·scale, ·weight, the two coefficients' fp32
+    roundings) stay within 4u of the term, |terms| summing to at most S; the n - 1 additions,
+    the division, the λ product and the base's addition each add at most u·S.  (τ's own
+    rounding is in S.)  Two models: 8u·S."""
+    fp32_error = (6 + model_count) * FP32_UNIT_ROUNDOFF * scale
     return fp32_error + 0.5 * spacing(np.abs(exact) + fp32_error, out_dtype)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,6 +23,12 @@ from .io.checkpoint import (CONFIG_FILE, INDEX_FILE, group_by_size, index_json,
 from .io.safetensors_format import EncodedTensor, encode_header
 
 ROLE_SEEDS = {"base": 0, "domain": 1, "aligned": 2}
+
+
+def _role_seed(role: str) -> int:
+    """The trio's seeds; any other fine-tune (the experts of a model set) its name's CRC."""
+    return ROLE_SEEDS[role] if role in ROLE_SEEDS else zlib.crc32(role.encode())
+
 # Elements generated per step: 4 Mi float32 = 16 MiB of scratch, whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 22
 BASE_SCALE = 0.02  # typical std of Llama linear weights
@@ -95,7 +102,7 @@ def _chunk_values(seed: int, role: str, tensor_index: int, chunk: int, n: int,
     if is_norm:
         values += np.float32(1.0)  # RMSNorm gains sit around 1
     if role != "base":
-        delta_rng = np.random.default_rng([seed, tensor_index, chunk, ROLE_SEEDS[role]])
+        delta_rng = np.random.default_rng([seed, tensor_index, chunk, _role_seed(role)])
         delta = delta_rng.random(n, dtype=np.float32) - np.float32(0.5)
         values += delta * np.float32(2 * DELTA_SCALE)
     return values
@@ -148,13 +155,15 @@ def write_synthetic_model(folder: os.PathLike, shape: LlamaShape, role: str, *, 
 
 
 def ensure_synthetic_trio(root: os.PathLike, shape: LlamaShape, *, seed: int = 0,
-                          dtype: DType = DType.BF16,
-                          max_shard_size: Optional[int] = None) -> dict:
+                          dtype: DType = DType.BF16, max_shard_size: Optional[int] = None,
+                          roles: Sequence[str] = tuple(ROLE_SEEDS)) -> dict:
     """{role: folder} under root, built once; a marker file records a finished build, so a build
-    interrupted halfway is redone rather than used."""
+    interrupted halfway is redone rather than used.  `roles` beyond the trio's are more
+    fine-tunes of the same base (a model set)."""
     root = Path(root)
-    marker = root / "COMPLETE"
-    folders = {role: root / role for role in ROLE_SEEDS}
+    extra = [r for r in roles if r not in ROLE_SEEDS]
+    marker = root / ("COMPLETE" + "".join(f"+{r.replace(' ', '-')}" for r in extra))
+    folders = {role: root / role.replace(" ", "-") for role in roles}
     if not marker.exists():
         for role, folder in folders.items():
             write_synthetic_model(folder, shape, role, seed=seed, dtype=dtype,

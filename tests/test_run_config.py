@@ -11,12 +11,15 @@ from mergealign_fast.dtypes import DType
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit_config import load
-from mergealign_fast.methods import Method, resolve
+from mergealign_fast.methods import TRIO_MODELS, Method, resolve
+from mergealign_fast.plan import SET_ROLE
 from mergealign_fast.reference import method_error_bound, method_ref
 
 from conftest import as_f64
 
 ROLES = ("base", "domain", "aligned")
+# A base and four fine-tunes: the trio and two more experts.
+SET = (*ROLES, "expert 3", "expert 4")
 
 
 def cli(*args):
@@ -25,8 +28,19 @@ def cli(*args):
 
 def write_config(folder, trio, text: str):
     path = folder / "config.yml"
-    path.write_text(text.format(**{r: trio[r] for r in ROLES}))
+    path.write_text(text.format(**{r.replace(" ", "_"): trio[r] for r in trio}))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """The tiny trio's shape with two more fine-tunes of its base, in fp32: TIES then finds no
+    ties at its thresholds (in bf16 they are common, and mergekit keeps an arbitrary subset of
+    them where we keep the first in index order)."""
+    from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+
+    return ensure_synthetic_trio(tmp_path_factory.mktemp("tiny_set"), LLAMA_TINY, seed=3,
+                                 roles=SET, dtype=DType.F32)
 
 
 TIES = """
@@ -222,11 +236,82 @@ dtype: float32
 }
 
 
+# Four models besides the base (a model set), as public model cards merge them.
+SET_CONFIGS = {
+    "ties of four experts, per-model densities, a shared gradient": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.4, density: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3, density: 0.7}}
+  - model: {expert_3}
+    parameters: {{weight: [0.1, 0.5], density: 0.3}}
+  - model: {expert_4}
+    parameters: {{weight: 0.2, density: 0.9}}
+parameters:
+  normalize: true
+dtype: float32
+""",
+    "linear of five, no base_model": """
+merge_method: linear
+models:
+  - model: {base}
+    parameters: {{weight: 0.2}}
+  - model: {domain}
+    parameters: {{weight: 0.2}}
+  - model: {aligned}
+    parameters: {{weight: [{{filter: mlp, value: 0.1}}, {{value: 0.3}}]}}
+  - model: {expert_3}
+    parameters: {{weight: 0.2}}
+  - model: {expert_4}
+    parameters: {{weight: 0.2}}
+dtype: float32
+""",
+    "task arithmetic of four, lambda": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {expert_3}
+  - model: {expert_4}
+parameters:
+  weight: 0.3
+  lambda: 0.8
+dtype: float32
+""",
+}
+
+
 @pytest.mark.parametrize("text", MERGEKIT_CONFIGS.values(), ids=list(MERGEKIT_CONFIGS))
 def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
     """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
     within twice the oracle bound (both are fp32 evaluations of the same formula)."""
     _assert_same_as_mergekit(write_config(tmp_path, tiny_trio, text), tmp_path)
+
+
+@pytest.mark.parametrize("text", SET_CONFIGS.values(), ids=list(SET_CONFIGS))
+def test_four_models_same_model_as_mergekit_yaml(tiny_set, tmp_path, text):
+    _assert_same_as_mergekit(write_config(tmp_path, tiny_set, text), tmp_path)
+
+
+def test_linear_over_one_model_is_that_model_as_in_mergekit(tiny_trio, tmp_path):
+    _assert_same_as_mergekit(write_config(tmp_path, tiny_trio, """
+merge_method: linear
+models:
+  - model: {domain}
+    parameters: {{weight: 0.7}}
+dtype: float32
+"""), tmp_path)
+
+
+def test_two_model_methods_name_the_model_count(tiny_set, tmp_path):
+    with pytest.raises(PlanError, match="slerp takes base_model and exactly one other model"):
+        load(write_config(tmp_path, tiny_set, "merge_method: slerp\nbase_model: {base}\n"
+                          "models:\n  - model: {domain}\n  - model: {aligned}\n"
+                          "  - model: {expert_3}\nparameters: {{t: 0.5}}\n"))
 
 
 def test_models_stored_in_different_dtypes_merge_to_float32_as_in_mergekit(tmp_path):
@@ -264,17 +349,19 @@ def _assert_same_as_mergekit(config, tmp_path):
                                                         write_model_card=False))
     ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "theirs")
     run = load(config)
-    models = [open_checkpoint(folder) for folder in (run.base, run.domain, run.aligned)]
+    models = [open_checkpoint(folder) for folder in run.merged_folders]
+    roles = tuple(SET_ROLE.format(i + 1) for i in range(len(run.models))) or TRIO_MODELS
     assert set(ours.tensors) == set(theirs.tensors)
     for name, loc in ours.tensors.items():
         from mergealign_fast.methods import layer_position
 
         assert loc.entry.dtype == theirs.tensors[name].entry.dtype, name
-        settings = resolve(run.method, name, layer_position(name, 2), (0.0, 0.0))
+        settings = resolve(run.method, name, layer_position(name, 2), (0.0,) * len(roles),
+                           roles)
         inputs = [as_f64(read_elements(m.tensors[name]), DType[m.tensors[name].entry.dtype])
                   .ravel() for m in models]
         exact, scale = method_ref(settings, name, *inputs)
-        bound = method_error_bound(exact, scale, DType[loc.entry.dtype])
+        bound = method_error_bound(exact, scale, DType[loc.entry.dtype], len(roles))
         out_dtype = DType[loc.entry.dtype]
         difference = np.abs(as_f64(read_elements(loc), out_dtype).ravel()
                             - as_f64(read_elements(theirs.tensors[name]), out_dtype).ravel())

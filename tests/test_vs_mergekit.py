@@ -15,6 +15,7 @@ import torch
 
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType
+from mergealign_fast.io.checkpoint import open_checkpoint
 from mergealign_fast.methods import Method, keep_count, resolve
 from mergealign_fast.reference import method_error_bound, method_ref
 
@@ -90,3 +91,53 @@ def test_dare_statistically_the_same_as_mergekit(name):
     l1_ours = (ours - b).abs().sum().item()
     l1_theirs = (reference - b).abs().sum().item()
     assert abs(l1_ours / l1_theirs - 1) < 0.02
+
+
+# Four models besides the base (a model set): (method, shared parameters, per-model weights,
+# per-model densities or None).
+SET_CASES = {
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.8}, [0.6, 0.9, -0.3, 0.4], None),
+    "linear": ("linear", {}, [0.3, 0.9, 0.2, 0.5], None),
+    "ties": ("ties", {}, [0.6, 0.9, 0.5, 0.7], [0.4, 0.7, 0.5, 0.3]),
+}
+
+
+@pytest.mark.parametrize("case", SET_CASES)
+def test_four_models_the_same_as_mergekit(case, tmp_path):
+    from mergealign_fast import merge_models
+    from mergealign_fast.methods import set_method
+    from mergealign_fast.plan import SET_ROLE
+
+    from conftest import write_checkpoint
+
+    name, shared, weights, densities = SET_CASES[case]
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    base = torch.randn(COUNT, generator=g)
+    models = [base + 0.02 * torch.randn(COUNT, generator=g) for _ in weights]
+    per_model = [{"weight": w, **({"density": densities[i]} if densities else {})}
+                 for i, w in enumerate(weights)]
+    folders = []
+    for i, x in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"w": x.numpy()})
+        folders.append(tmp_path / f"m{i}")
+    # mergekit's linear merges every listed model: the base is one of them (weight 0.1).
+    base_entry = (folders[0], {"weight": 0.1}) if name == "linear" else folders[0]
+    merge_models(base_entry, list(zip(folders[1:], per_model)), tmp_path / "out", method=name,
+                 parameters=shared)
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+    linear = name == "linear"
+    parameters = {**shared, "weight": ([0.1] if linear else []) + weights}
+    if densities:
+        parameters["density"] = densities
+    reference = theirs(name, [base, *models], 0, parameters)
+    roles = tuple(SET_ROLE.format(i + 1) for i in range(len(weights)))
+    rules = {r: p for r, p in zip(roles, per_model)}
+    if linear:
+        rules["base"] = {"weight": 0.1}
+    settings = resolve(set_method(name, shared, rules), "w", 0.0, (float("nan"),) * 4, roles)
+    exact, scale = method_ref(settings, "w", *(x.double().numpy() for x in (base, *models)))
+    bound = method_error_bound(exact, scale, DType.F32, model_count=4)
+    assert np.all(np.abs(ours - exact) <= bound)
+    difference = np.abs(ours - reference.double().numpy())
+    assert np.all(difference <= 2 * bound), f"worst {np.max(difference / bound):.1f} x bound"

@@ -1,0 +1,212 @@
+"""Merges of a base and any number of models (mergekit configs of 3+ models): the native set
+kernel against the float64 oracle, against the trio kernel bit for bit, and through
+`merge_models` and `run`."""
+
+import json
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from mergealign_fast import merge_models
+from mergealign_fast.dtypes import DType, storage_numpy_dtype
+from mergealign_fast.errors import PlanError
+from mergealign_fast.io.checkpoint import open_checkpoint
+from mergealign_fast.kernels import cpu
+from mergealign_fast.methods import (KEEP_LARGEST, KEEP_RANDOM, SET_METHODS, TRIO_MODELS,
+                                     Method, resolve, set_method)
+from mergealign_fast.plan import MAX_SET_MODELS, SET_ROLE
+from mergealign_fast.reference import decode_to_f64, method_error_bound, method_ref
+
+from conftest import random_values, write_checkpoint
+
+native = cpu.native()
+
+FIELDS = ("weight", "scale", "sparsify", "min_magnitude_bits", "last_tie_index", "keep_below",
+          "key_lo", "key_hi")
+
+
+def _as_set_recipe(recipe):
+    """The SetRecipe of two models that a trio Recipe describes."""
+    out = native.SetRecipe()
+    for name in ("kind", "sign_election", "normalize", "lambda_", "base_weight", "divisor"):
+        setattr(out, name, getattr(recipe, name))
+    for m, term in enumerate((recipe.domain, recipe.align)):
+        for name in FIELDS:
+            setattr(out.term(m), name, getattr(term, name))
+    return out
+
+
+def _trio_recipes():
+    """Recipes of every kind the set kernel has, with every sparsification."""
+    recipes = []
+    for kind, election, normalize in [(1, 1, 1), (1, 1, 0), (1, 0, 1), (1, 0, 0), (2, 0, 0)]:
+        r = native.Recipe()
+        r.kind, r.sign_election, r.normalize = kind, election, normalize
+        r.lambda_, r.divisor, r.base_weight = 0.7, 1.3, 0.2
+        r.domain.weight, r.align.weight = 0.6, -0.45
+        r.domain.sparsify, r.domain.keep_below = KEEP_RANDOM, 1 << 23
+        r.domain.key_lo, r.domain.key_hi, r.domain.scale = 5, 9, 2.0
+        r.align.sparsify, r.align.min_magnitude_bits = KEEP_LARGEST, 0x3C000000
+        recipes.append(r)
+    return recipes
+
+
+@pytest.mark.parametrize("dtype", [DType.BF16, DType.F16, DType.F32])
+def test_two_models_give_the_trio_kernels_bits(dtype):
+    rng = np.random.default_rng(int(dtype))
+    count = 5003  # odd: tiles and thread slices end mid-vector
+    b, d, a = (random_values(rng, count, dtype) for _ in range(3))
+    out_trio = np.zeros(count, storage_numpy_dtype(dtype))
+    out_set = np.zeros_like(out_trio)
+    ops = native.Operands(b.ctypes.data, int(dtype), d.ctypes.data, int(dtype), a.ctypes.data,
+                          int(dtype), count, int(dtype), 1 << 33)
+    set_ops = native.SetOperands(b.ctypes.data, int(dtype), [d.ctypes.data, a.ctypes.data],
+                                 [int(dtype)] * 2, count, int(dtype), 1 << 33)
+    for recipe in _trio_recipes():
+        native.merge_recipe(ops, out_trio.ctypes.data, recipe, 2)
+        native.merge_set(set_ops, out_set.ctypes.data, _as_set_recipe(recipe), 2)
+        assert out_set.tobytes() == out_trio.tobytes()
+
+
+def _set_inputs(rng, count, dtypes):
+    """A base and models near it (task vectors ~ 2% of the weights, as fine-tunes are)."""
+    base = random_values(rng, count, dtypes[0])
+    models = []
+    for dtype in dtypes[1:]:
+        near = decode_to_f64(base, dtypes[0]) + 0.02 * rng.standard_normal(count)
+        models.append(near.astype(np.float32).astype(storage_numpy_dtype(dtype))
+                      if dtype is not DType.BF16 else
+                      random_values(rng, count, dtype))
+    return base, models
+
+
+CASES = {
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.9}, [0.5, -0.25, 0.75, 0.3]),
+    "linear": ("linear", {}, [0.1, 0.2, 0.3, 0.4]),
+    "ties": ("ties", {"density": 0.4}, [0.5, 0.8, 0.3, 0.6]),
+    "ties-unnormalized": ("ties", {"density": 0.7, "normalize": False, "lambda": 1.3},
+                          [1.0, 0.5, 0.5, 0.25]),
+    "dare_linear": ("dare_linear", {"density": 0.6, "seed": 4}, [0.5, 0.5, 0.5, 0.5]),
+    "dare_ties": ("dare_ties", {"density": 0.5, "rescale": "inverse_density"},
+                  [0.4, 0.3, 0.2, 0.1]),
+}
+
+
+def _set_settings(name, shared, weights, models):
+    per_model = {SET_ROLE.format(m + 1): {"weight": w} for m, w in enumerate(weights)}
+    method = set_method(name, shared, per_model)
+    roles = tuple(per_model)
+    return resolve(method, "t", 0.0, (float("nan"),) * models, roles)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtypes", [(DType.BF16,) * 5, (DType.F32, DType.BF16, DType.F16,
+                                                        DType.F32, DType.BF16)])
+def test_four_models_within_the_oracle_bound(case, dtypes, tmp_path):
+    """Through the engine (plan, statistics passes by pairs, set kernel, files) against the
+    float64 oracle, element by element."""
+    name, shared, weights = CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    count = 3001
+    base, models = _set_inputs(rng, count, dtypes)
+    folders = []
+    for i, values in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"t": values.reshape(1, count)})
+        folders.append(tmp_path / f"m{i}")
+    entries = [(f, {"weight": w}) for f, w in zip(folders[1:], weights)]
+    base_entry = (folders[0], {"weight": 0.25}) if name == "linear" else folders[0]
+    merge_models(base_entry, entries, tmp_path / "out", method=name, parameters=shared,
+                 out_dtype=DType.F32, threads=2)
+    got = _read(tmp_path / "out")
+    settings = _set_settings(name, shared, weights, 4)
+    if name == "linear":
+        settings = resolve(set_method(name, shared, {
+            **{SET_ROLE.format(m + 1): {"weight": w} for m, w in enumerate(weights)},
+            "base": {"weight": 0.25}}), "t", 0.0, (float("nan"),) * 4, settings.roles)
+    exact, scale = method_ref(settings, "t", decode_to_f64(base, dtypes[0]),
+                              *[decode_to_f64(m, dt) for m, dt in zip(models, dtypes[1:])])
+    bound = method_error_bound(exact, scale, DType.F32, model_count=4)
+    assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) - bound)
+
+
+def _read(folder):
+    checkpoint = open_checkpoint(folder)
+    loc = checkpoint.tensors["t"]
+    raw = np.fromfile(loc.file, dtype=np.float32, count=loc.entry.count,
+                      offset=loc.entry.begin)
+    return raw.astype(np.float64)
+
+
+def test_the_same_bits_on_any_thread_count_and_chunking(tmp_path, monkeypatch):
+    rng = np.random.default_rng(11)
+    count = 40_000
+    base, models = _set_inputs(rng, count, (DType.BF16,) * 6)
+    folders = []
+    for i, values in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"t": values.reshape(200, 200)})
+        folders.append(tmp_path / f"m{i}")
+    entries = [(f, {"weight": 0.3, "density": 0.5}) for f in folders[1:]]
+    outputs = []
+    for threads, window in [(1, 1 << 25), (2, 4096)]:
+        from mergealign_fast import stream
+        monkeypatch.setattr(stream, "WINDOW_BYTES", window)
+        out = tmp_path / f"out{threads}"
+        merge_models(folders[0], entries, out, method="dare_ties", threads=threads)
+        outputs.append((out / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_set_limits_and_methods_are_checked_before_anything(tmp_path):
+    values = np.ones((2, 2), np.float32)
+    folders = []
+    for i in range(4):
+        write_checkpoint(tmp_path / f"m{i}", {"t": values * i})
+        folders.append(tmp_path / f"m{i}")
+    with pytest.raises(PlanError) as caught:
+        merge_models(folders[0], folders[1:], tmp_path / "out", method="slerp")
+    assert "slerp merges two models" in str(caught.value)
+    with pytest.raises(PlanError, match="no weight for model 2"):
+        merge_models(folders[0], [(folders[1], {"weight": 1.0}), folders[2]], tmp_path / "out")
+    with pytest.raises(PlanError, match="parameter 't' does not apply"):
+        merge_models(folders[0], folders[1:], tmp_path / "out", method="ties",
+                     parameters={"t": 0.5})
+    assert not (tmp_path / "out").exists()
+    assert MAX_SET_MODELS == native.MAX_MODELS
+    assert set(SET_METHODS) >= {"ties", "dare_ties", "linear"}
+    assert TRIO_MODELS == ("domain", "aligned")
+    with pytest.raises(ValueError, match="1 to 32 models"):
+        native.SetOperands(0, 0, [0] * 33, [0] * 33, 1)
+    # A method's own parameter validation still applies to a set.
+    assert Method("ties").problems() == []
+
+
+def test_run_merges_a_mergekit_config_of_four_models(tmp_path):
+    """`run` with four models besides the base: a model set, each model's parameters its own,
+    the same bits as merge_models."""
+    rng = np.random.default_rng(5)
+    folders = []
+    tensors = {"model.layers.0.w": None, "model.layers.1.w": None}
+    base = {n: rng.standard_normal((16, 16)).astype(np.float32) for n in tensors}
+    for i in range(5):
+        values = {n: (v + 0.05 * i * rng.standard_normal(v.shape)).astype(np.float32)
+                  for n, v in base.items()}
+        write_checkpoint(tmp_path / f"m{i}", values, {"architectures": ["LlamaForCausalLM"]})
+        folders.append(tmp_path / f"m{i}")
+    config = {"merge_method": "ties", "base_model": str(folders[0]),
+              "parameters": {"normalize": True},
+              "models": [{"model": str(f), "parameters": {"weight": [0.2, 0.6], "density": 0.5}}
+                         for f in folders[1:]]}
+    (tmp_path / "c.yml").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "mergealign_fast", "run",
+                             str(tmp_path / "c.yml"), str(tmp_path / "out"), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    merge_models(folders[0], [(f, {"weight": [0.2, 0.6], "density": 0.5}) for f in folders[1:]],
+                 tmp_path / "api", method="ties", parameters={"normalize": True})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "api" / "model.safetensors").read_bytes()
+    manifest = json.loads((tmp_path / "out" / "mergealign-manifest.json").read_text())
+    assert list(manifest["inputs"]) == ["base", *(SET_ROLE.format(i) for i in range(1, 5))]
