@@ -12,7 +12,7 @@ whole config is checked, and every problem reported, before any tensor is read; 
 instead of a folder) is an error naming it.  A known parameter the method does not take
 (`weight` on slerp, `t` on linear) is ignored with a warning, as mergekit ignores it.
 
-Models map onto the engine's three roles (base, domain, aligned):
+One or two models besides the base map onto the engine's trio (base, domain, aligned):
   task arithmetic family (task_arithmetic, ties, dare_*, resta, slerp_vectors): base_model is
     the base, the other models are domain then aligned (one other model: no aligned term);
   linear: base_model (or the first model) in the base role with its own weight, the others
@@ -20,6 +20,9 @@ Models map onto the engine's three roles (base, domain, aligned):
   slerp: mergekit's t runs from base_model (t = 0) to the other model (t = 1), so base_model
     takes the aligned role and the other the domain role (our t is "toward domain");
   chipalign: the first model is the domain expert, the second the aligned model.
+More than two besides the base (linear: besides the first) make a model set (plan.plan_set):
+the base, then "model 1", "model 2", ... in the order listed, for the methods defined for any
+number of models (methods.SET_METHODS).  Linear over one model is that model: (w·m)/w.
 """
 
 from __future__ import annotations
@@ -49,8 +52,14 @@ PER_MODEL = {"weight", "density"}
 NUMERIC = {"weight", "density", "lambda", "t"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
+              "model_stock",
               "slerp"}
-NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear"}
+NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp"}
+# Methods whose base role may only stand in for an absent base_model (its weight never counts).
+PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp")
+# mergekit options choosing what a method works on, and the value we support (None: any): whole
+# tensors, as both methods do by default.  Rows or filters one by one are refused.
+SHAPE_OPTIONS = {"nuslerp_flatten": True, "nuslerp_row_wise": None, "filter_wise": False}
 
 
 @dataclass
@@ -144,11 +153,12 @@ class _Reader:
             if self.raw.get("base_model") is not None else None
         roles = self._roles(name, base, models) if name in METHODS else None
         model_roles = [r for r in roles if r != "base"] + ["base"] if roles else []
+        ours = "nuslerp_models" if name == "nuslerp" and base is None else name
         rules = self._rules(self.raw.get("parameters"), None, name, model_roles)
         if roles is not None:
             rules += self._model_rules(name, roles, models)
             self._check_weights(name, roles, models)
-            if roles.get("aligned") == roles["base"] and name not in ("slerp", "chipalign"):
+            if roles.get("aligned") == roles["base"] and name not in PLACEHOLDER_BASE:
                 # With one other model the aligned role repeats the base and weighs nothing,
                 # before any rule (first match wins): a shared `weight` at the top level must
                 # not reach it, or linear would count the base twice.  Linear over one model
@@ -172,7 +182,7 @@ class _Reader:
             else ()
         domain, aligned = in_set[:2] if in_set else (roles["domain"], roles["aligned"])
         return RunConfig(roles["base"], domain, aligned,
-                         Method(name, rules=tuple(rules)), out_dtype, tokenizer_from,
+                         Method(ours, rules=tuple(rules)), out_dtype, tokenizer_from,
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
                          str(self.raw.get("base_model") or ""),
                          tuple(str(e["model"] if isinstance(e, dict) else e)
@@ -305,6 +315,17 @@ class _Reader:
                              f"(got {len(others)} others)")
                 return None
             return {"base": base, "domain": others[0], "aligned": base}
+        elif name == "nuslerp":
+            if len(others) != 2:
+                self.problem(f"nuslerp takes exactly two models besides an optional "
+                             f"base_model (got {len(others)})")
+                return None
+            # t runs from the first model to the second: our aligned to our domain.
+            return {"base": base or others[0], "domain": others[1], "aligned": others[0]}
+        elif name == "model_stock" and len(others) < 2:
+            self.problem(f"model_stock takes base_model and at least two other models "
+                         f"(got {len(others)})")
+            return None
         elif name == "chipalign":
             if len(folders) != 2:
                 self.problem(f"chipalign takes two models, domain then aligned "
@@ -346,7 +367,7 @@ class _Reader:
             return next(role for role in order if roles[role].resolve() == folder.resolve())
         if roles["domain"] == roles["base"]:  # linear over one model: it is the base
             return "base"
-        placeholder_base = name in ("slerp", "chipalign")
+        placeholder_base = name in PLACEHOLDER_BASE
         repeat = roles["aligned"].resolve() == roles["base"].resolve()
         order = ("domain", "base", "aligned") if repeat and not placeholder_base \
             else ("domain", "aligned", "base")
@@ -364,6 +385,9 @@ class _Reader:
         accepted = METHODS[method_name].parameters if method_name in METHODS else ()
         rules = []
         for key, value in parameters.items():
+            if key in SHAPE_OPTIONS:
+                self._shape_option(key, value)
+                continue
             if key not in PARAMETERS:
                 self.problem(f"unknown parameter `{key}` (supported: "
                              f"{', '.join(p for p in PARAMETERS)})")
@@ -384,6 +408,15 @@ class _Reader:
             else:
                 rules.append(Rule(ours, role, setting))
         return rules
+
+    def _shape_option(self, key: str, value) -> None:
+        supported = SHAPE_OPTIONS[key]
+        if not isinstance(value, bool):
+            self.problem(f"parameter `{key}`: {value!r} is not true or false")
+        elif supported is not None and value != supported:
+            self.problem(f"parameter `{key}`: {str(value).lower()} (row by row or filter by "
+                         f"filter) is not supported; whole tensors ({str(supported).lower()}, "
+                         "mergekit's default) are")
 
     def _setting(self, key: str, value):
         """mergekit's value forms as the immutable Setting of methods.py."""
@@ -442,7 +475,9 @@ class _Reader:
             return
         shared = "weight" in (self.raw.get("parameters") or {})
         for folder, parameters in models:
-            weighted = name == "linear" or folder.resolve() != roles["base"].resolve()
+            # Without base_model every model is weighted (the base role only stands in).
+            weighted = name == "linear" or self.raw.get("base_model") is None \
+                or folder.resolve() != roles["base"].resolve()
             if weighted and not shared and "weight" not in parameters:
                 self.problem(f"{folder}: {name} needs a `weight` for this model")
         listed = {folder.resolve() for folder, _ in models}

@@ -17,6 +17,11 @@ reference for the semantics of the methods it has.
     slerp_vectors    base + slerp(τ_a, τ_d, t)
     resta            domain + β·τ_a, β = w_a; optional DARE on τ_d (its density)
     chipalign        ‖aligned‖^(1-t)·‖domain‖^t · slerp(aligned/‖aligned‖, domain/‖domain‖, t)
+    nuslerp          base + slerp(τ_a, τ_d, t), t = w_d / (w_d + w_a)  (mergekit's nuslerp with
+                     a base_model; its own epsilons, whole tensors)
+    nuslerp_models   slerp(aligned, domain, t), t as nuslerp   (mergekit's nuslerp without one)
+    model_stock      (1 - t)·base + t·mean(models), t = n·c / (1 + (n - 1)·c) from the mean
+                     cosine c of the task vectors' pairs (Model Stock; mergekit's, whole tensors)
 
 τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
 (t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.
@@ -57,6 +62,13 @@ DIVISOR_EPS = 1e-8
 # ... and SLERP treats norms below this as 1 and |cos| above this as collinear (linear blend).
 SLERP_NORM_EPS = 1e-8
 SLERP_DOT_THRESHOLD = 0.9995
+# nuslerp's own: norms clamped up to this, collinear when 1 - cos² <= NUSLERP_EPS², and t = 1/2
+# when the two weights sum to less than NUSLERP_WEIGHT_EPS in magnitude.
+NUSLERP_NORM_EPS = 1e-7
+NUSLERP_EPS = 1e-8
+NUSLERP_WEIGHT_EPS = 1e-6
+# Model Stock: norm products clamped up to this; a denominator below it keeps the base.
+MODEL_STOCK_EPS = 1e-6
 
 RESCALES = ("l1", "inverse_density", "none")
 
@@ -86,6 +98,9 @@ METHODS: Dict[str, MethodInfo] = {
     "resta": MethodInfo(("weight", "density", "rescale", "seed"), rescale="inverse_density",
                         sparsify=KEEP_RANDOM),
     "chipalign": MethodInfo(("t",)),
+    "nuslerp": MethodInfo(("weight",)),
+    "nuslerp_models": MethodInfo(("weight",)),
+    "model_stock": MethodInfo(()),
 }
 
 
@@ -220,7 +235,7 @@ _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
 # The trio's model roles, in the order of the native operands (base first, then these).
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
-SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties")
+SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock")
 
 
 @dataclass(frozen=True)
@@ -392,6 +407,36 @@ def chipalign_coefficients(t: float, dd: float, aa: float, da: float) -> Tuple[f
     return scale * c_d / nd, scale * c_a / na
 
 
+def nuslerp_coefficients(t: float, xx: float, yy: float, xy: float) -> Tuple[float, float]:
+    """(c_x, c_y) with nuslerp(x, y, t) = c_x·x + c_y·y from Σx², Σy², Σxy: slerp_coefficients
+    with mergekit nuslerp's epsilons (norms clamped, collinear only when 1 - cos² <= eps²)."""
+    nx = max(math.sqrt(xx), NUSLERP_NORM_EPS)
+    ny = max(math.sqrt(yy), NUSLERP_NORM_EPS)
+    cos = min(1.0, max(-1.0, xy / (nx * ny)))
+    if 1.0 - cos * cos <= NUSLERP_EPS ** 2:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def nuslerp_t(w_domain: float, w_align: float) -> float:
+    """nuslerp's t from the two weights: the share of the second model (our domain)."""
+    total = w_align + w_domain
+    return 0.5 if abs(total) < NUSLERP_WEIGHT_EPS else w_domain / total
+
+
+def model_stock_t(cosines: Sequence[float], count: int) -> float:
+    """Model Stock's interpolation factor from the task vectors' pairwise cosines."""
+    cos = sum(cosines) / len(cosines)
+    denominator = 1.0 + (count - 1) * cos
+    return 0.0 if abs(denominator) < MODEL_STOCK_EPS else count * cos / denominator
+
+
+def pair_cosine(xx: float, yy: float, xy: float) -> float:
+    """cos of two task vectors from Σx², Σy², Σxy, Model Stock's clamp of the norm product."""
+    return min(1.0, max(-1.0, xy / max(math.sqrt(xx) * math.sqrt(yy), MODEL_STOCK_EPS)))
+
+
 class TensorPasses:
     """Reductions over one tensor's three inputs, for the recipes that need them.
 
@@ -518,9 +563,20 @@ class SetPasses:
 
     def __init__(self, native, pair_windows, model_count: int, threads: int):
         self.model_count = model_count
+        self.native, self.pair_windows, self.threads = native, pair_windows, threads
         self.pairs = [TensorPasses(native, lambda i=i: pair_windows(i, min(i + 1,
                                                                           model_count - 1)),
                                    threads) for i in range(0, model_count, 2)]
+
+    def cosines(self) -> List[float]:
+        """The cosine of every pair of task vectors (Model Stock), one pass per pair."""
+        found = []
+        for i in range(self.model_count):
+            for j in range(i + 1, self.model_count):
+                passes = TensorPasses(self.native, lambda i=i, j=j: self.pair_windows(i, j),
+                                      self.threads)
+                found.append(pair_cosine(*passes.vector_stats(models=False)))
+        return found
 
     @staticmethod
     def _by_pair(values: Sequence, pad) -> List[Tuple]:
@@ -553,8 +609,11 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
     if s.name == "linear":
         recipe = _weights_recipe(recipe, MODELS, s.w_domain, s.w_align)
         return _linear_divisor(recipe, s)
-    if s.name in ("slerp", "slerp_vectors", "chipalign"):
+    if s.name in GEODESIC:
         return _geodesic_recipe(recipe, s, passes)
+    if s.name == "model_stock":
+        t = model_stock_t([pair_cosine(*passes.vector_stats(models=False))], 2)
+        return _stock_recipe(recipe, [recipe.domain, recipe.align], t)
     return _vectors_recipe(recipe, [recipe.domain, recipe.align], s, tensor_name, count, passes)
 
 
@@ -563,12 +622,23 @@ def set_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: 
     task arithmetic is mergekit's base + λ·Σ w_m τ_m (sum first, then added to the base)."""
     recipe = native.SetRecipe()
     terms = [recipe.term(m) for m in range(len(s.roles))]
+    if s.name == "model_stock":
+        return _stock_recipe(recipe, terms, model_stock_t(passes.cosines(), len(terms)))
     if s.name == "linear":
         recipe.kind = MODELS
         for term, weight in zip(terms, s.weights):
             term.weight = weight
         return _linear_divisor(recipe, s)
     return _vectors_recipe(recipe, terms, s, tensor_name, count, passes)
+
+
+def _stock_recipe(recipe, terms, t: float):
+    """(1 - t)·base + t·mean(models) as a weighted sum of the models."""
+    recipe.kind = MODELS
+    recipe.base_weight = 1.0 - t
+    for term in terms:
+        term.weight = t / len(terms)
+    return recipe
 
 
 def _linear_divisor(recipe, s: TensorSettings):
@@ -584,14 +654,23 @@ def _weights_recipe(recipe, kind: int, w_domain: float, w_align: float):
     return recipe
 
 
+# Methods whose recipe is a weighted sum with coefficients from the tensor's norms and dots.
+GEODESIC = ("slerp", "slerp_vectors", "chipalign", "nuslerp", "nuslerp_models")
+
+
 def _geodesic_recipe(recipe, s: TensorSettings, passes: TensorPasses):
-    if s.name == "slerp_vectors":  # base + c_d·τ_d + c_a·τ_a
+    if s.name in ("slerp_vectors", "nuslerp"):  # base + c_d·τ_d + c_a·τ_a
         dd, aa, da = passes.vector_stats(models=False)
-        c_a, c_d = slerp_coefficients(s.t, aa, dd, da)
+        if s.name == "nuslerp":
+            c_a, c_d = nuslerp_coefficients(nuslerp_t(s.w_domain, s.w_align), aa, dd, da)
+        else:
+            c_a, c_d = slerp_coefficients(s.t, aa, dd, da)
         return _weights_recipe(recipe, TASK_ARITHMETIC, c_d, c_a)
     dd, aa, da = passes.vector_stats(models=True)
     if s.name == "slerp":
         c_a, c_d = slerp_coefficients(s.t, aa, dd, da)
+    elif s.name == "nuslerp_models":
+        c_a, c_d = nuslerp_coefficients(nuslerp_t(s.w_domain, s.w_align), aa, dd, da)
     else:
         c_d, c_a = chipalign_coefficients(s.t, dd, aa, da)
     return _weights_recipe(recipe, MODELS, c_d, c_a)

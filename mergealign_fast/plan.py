@@ -525,6 +525,10 @@ def _set_problems(options: MergeOptions, model_count: int) -> List[str]:
     if name not in SET_METHODS:
         problems.append(f"{name} merges two models (the trio); of {model_count} models: "
                         f"{', '.join(SET_METHODS)}")
+    fewest = 2 if name == "model_stock" else 1
+    if model_count < fewest:
+        problems.append(f"{name} needs at least {fewest} model(s) besides the base "
+                        f"(got {model_count})")
     if model_count > MAX_SET_MODELS:
         problems.append(f"{model_count} models besides the base: at most {MAX_SET_MODELS} "
                         "in one merge")

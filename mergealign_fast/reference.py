@@ -134,8 +134,10 @@ def method_ref(settings, tensor_name: str, base, *models):
         coefficients = (s.w_base, *s.weights)
         divisor = sum(coefficients) if s.normalize else 1.0
         return _combination(coefficients, (b, *xs), divisor)
-    if s.name in ("slerp", "chipalign", "slerp_vectors"):
+    if s.name in methods.GEODESIC:
         return _geodesic_ref(s, b, *xs)
+    if s.name == "model_stock":
+        return _model_stock_ref(b, xs)
     if s.is_plain_task_arithmetic:
         d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
@@ -177,13 +179,44 @@ def _chipalign_ref(t: float, d: np.ndarray, a: np.ndarray):
     return magnitude * c_unit_d / nd, magnitude * c_unit_a / na
 
 
+def _nuslerp_ref(w_domain: float, w_align: float, x: np.ndarray, y: np.ndarray):
+    """(c_x, c_y) of mergekit's nuslerp from x to y, t the second weight's share, from its
+    definition: the angle of the normalised vectors (norms clamped up to 1e-7), the linear blend
+    only when exactly collinear (1 - cos² <= 1e-16)."""
+    total = w_align + w_domain
+    t = 0.5 if abs(total) < 1e-6 else w_domain / total
+    nx, ny = (max(float(np.sqrt(v @ v)), 1e-7) for v in (x, y))
+    cos = float(np.clip((x / nx) @ (y / ny), -1.0, 1.0))
+    if 1.0 - cos * cos <= 1e-16:
+        return 1.0 - t, t
+    angle = np.arccos(cos)
+    return np.sin((1.0 - t) * angle) / np.sin(angle), np.sin(t * angle) / np.sin(angle)
+
+
+def _model_stock_ref(b, xs):
+    """Model Stock from its definition: t = n·c / (1 + (n-1)·c), c the mean cosine of the
+    task vectors' pairs (norm products clamped up to 1e-6); (1-t)·base + t·mean."""
+    taus = [x - b for x in xs]
+    cosines = [float(np.clip(taus[i] @ taus[j] / max(np.sqrt(taus[i] @ taus[i])
+                                                      * np.sqrt(taus[j] @ taus[j]), 1e-6),
+                             -1.0, 1.0))
+               for i in range(len(taus)) for j in range(i + 1, len(taus))]
+    n = len(xs)
+    c = sum(cosines) / len(cosines)
+    t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+    return _combination((1.0 - t, *[t / n] * n), (b, *xs), 1.0)
+
+
 def _geodesic_ref(s, b, d, a):
-    if s.name == "slerp_vectors":
+    if s.name in ("slerp_vectors", "nuslerp"):
         td, ta = d - b, a - b
-        c_a, c_d = _slerp_ref(s.t, ta, td)
+        c_a, c_d = _nuslerp_ref(s.w_domain, s.w_align, ta, td) if s.name == "nuslerp" \
+            else _slerp_ref(s.t, ta, td)
         return b + c_d * td + c_a * ta, np.abs(b) + np.abs(c_d * td) + np.abs(c_a * ta)
     if s.name == "slerp":
         c_a, c_d = _slerp_ref(s.t, a, d)
+    elif s.name == "nuslerp_models":
+        c_a, c_d = _nuslerp_ref(s.w_domain, s.w_align, a, d)
     else:
         c_d, c_a = _chipalign_ref(s.t, d, a)
     return _combination((0.0, c_d, c_a), (b, d, a), 1.0)

@@ -159,14 +159,16 @@ def ensure_synthetic_trio(root: os.PathLike, shape: LlamaShape, *, seed: int = 0
                           roles: Sequence[str] = tuple(ROLE_SEEDS)) -> dict:
     """{role: folder} under root, built once; a marker file records a finished build, so a build
     interrupted halfway is redone rather than used.  `roles` beyond the trio's are more
-    fine-tunes of the same base (a model set)."""
+    fine-tunes of the same base (a model set), each with its own marker: asking for them
+    later adds them beside the trio."""
     root = Path(root)
-    extra = [r for r in roles if r not in ROLE_SEEDS]
-    marker = root / ("COMPLETE" + "".join(f"+{r.replace(' ', '-')}" for r in extra))
-    folders = {role: root / role.replace(" ", "-") for role in roles}
-    if not marker.exists():
-        for role, folder in folders.items():
-            write_synthetic_model(folder, shape, role, seed=seed, dtype=dtype,
-                                  max_shard_size=max_shard_size)
-        marker.write_text(f"{shape} seed={seed} dtype={dtype.short_name}\n")
-    return folders
+    folder = {role: root / role.replace(" ", "-") for role in [*ROLE_SEEDS, *roles]}
+    groups = [(root / "COMPLETE", list(ROLE_SEEDS))]  # the trio is always built whole
+    groups += [(root / f"COMPLETE-{folder[r].name}", [r]) for r in roles if r not in ROLE_SEEDS]
+    for marker, group in groups:
+        if not marker.exists():
+            for role in group:
+                write_synthetic_model(folder[role], shape, role, seed=seed, dtype=dtype,
+                                      max_shard_size=max_shard_size)
+            marker.write_text(f"{shape} seed={seed} dtype={dtype.short_name}\n")
+    return {role: folder[role] for role in roles}

@@ -1,5 +1,6 @@
 """`mergealign-fast run CONFIG.yml OUT`: mergekit configs through our engine."""
 
+import re
 import subprocess
 import sys
 
@@ -269,6 +270,36 @@ models:
     parameters: {{weight: 0.2}}
 dtype: float32
 """,
+    "model_stock of four": """
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {expert_3}
+  - model: {expert_4}
+dtype: float32
+""",
+    "nuslerp of two with a base, weights by layer": """
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {expert_3}
+    parameters: {{weight: [0.2, 0.8]}}
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+parameters: {{nuslerp_flatten: true}}
+dtype: float32
+""",
+    "nuslerp of two, no base": """
+merge_method: nuslerp
+models:
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+  - model: {expert_4}
+    parameters: {{weight: 0.6}}
+dtype: float32
+""",
     "task arithmetic of four, lambda": """
 merge_method: task_arithmetic
 base_model: {base}
@@ -305,6 +336,20 @@ models:
     parameters: {{weight: 0.7}}
 dtype: float32
 """), tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: nuslerp\nmodels:\n  - model: {domain}\n    parameters: {{weight: 1}}\n"
+     "  - model: {aligned}\n    parameters: {{weight: 1}}\nparameters: {{nuslerp_flatten: "
+     "false}}\n", "nuslerp_flatten`: false (row by row or filter by filter) is not supported"),
+    ("merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {domain}\n"
+     "parameters: {{filter_wise: true}}\n", "at least two other models"),
+    ("merge_method: nuslerp\nmodels:\n  - model: {domain}\n  - model: {aligned}\n"
+     "    parameters: {{weight: 1}}\n", "needs a `weight` for this model"),
+])
+def test_what_nuslerp_and_model_stock_refuse(tiny_set, tmp_path, text, message):
+    with pytest.raises(PlanError, match=re.escape(message)):
+        load(write_config(tmp_path, tiny_set, text))
 
 
 def test_two_model_methods_name_the_model_count(tiny_set, tmp_path):

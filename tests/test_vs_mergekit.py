@@ -51,6 +51,9 @@ CASES = {
                            "lambda": 1.5}, "bda"),
     # mergekit's t runs from its base model (our aligned here) to the other (our domain).
     "slerp": (Method("slerp", t=0.3), 0.5, 0.5, "slerp", {"t": 0.3}, "ad"),
+    # nuslerp's t is the second model's share of the weights: our domain's.
+    "nuslerp": (Method("nuslerp"), 0.3, 0.7, "nuslerp", {"weight": [0.7, 0.3]}, "bad"),
+    "model_stock": (Method("model_stock"), 0.5, 0.5, "model_stock", {}, "bda"),
 }
 
 
@@ -99,6 +102,7 @@ SET_CASES = {
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.8}, [0.6, 0.9, -0.3, 0.4], None),
     "linear": ("linear", {}, [0.3, 0.9, 0.2, 0.5], None),
     "ties": ("ties", {}, [0.6, 0.9, 0.5, 0.7], [0.4, 0.7, 0.5, 0.3]),
+    "model_stock": ("model_stock", {}, [], None),
 }
 
 
@@ -113,8 +117,10 @@ def test_four_models_the_same_as_mergekit(case, tmp_path):
     name, shared, weights, densities = SET_CASES[case]
     g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     base = torch.randn(COUNT, generator=g)
-    models = [base + 0.02 * torch.randn(COUNT, generator=g) for _ in weights]
-    per_model = [{"weight": w, **({"density": densities[i]} if densities else {})}
+    models = [base + 0.02 * torch.randn(COUNT, generator=g) for _ in range(4)]
+    weights = weights or [None] * 4
+    per_model = [({"weight": w} if w is not None else {})
+                 | ({"density": densities[i]} if densities else {})
                  for i, w in enumerate(weights)]
     folders = []
     for i, x in enumerate([base, *models]):
@@ -127,7 +133,9 @@ def test_four_models_the_same_as_mergekit(case, tmp_path):
     loc = open_checkpoint(tmp_path / "out").tensors["w"]
     ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
     linear = name == "linear"
-    parameters = {**shared, "weight": ([0.1] if linear else []) + weights}
+    parameters = {**shared}
+    if weights[0] is not None:
+        parameters["weight"] = ([0.1] if linear else []) + weights
     if densities:
         parameters["density"] = densities
     reference = theirs(name, [base, *models], 0, parameters)
@@ -141,3 +149,17 @@ def test_four_models_the_same_as_mergekit(case, tmp_path):
     assert np.all(np.abs(ours - exact) <= bound)
     difference = np.abs(ours - reference.double().numpy())
     assert np.all(difference <= 2 * bound), f"worst {np.max(difference / bound):.1f} x bound"
+
+
+def test_nuslerp_without_a_base_the_same_as_mergekit():
+    """mergekit's nuslerp without base_model: the slerp of the models themselves."""
+    b, d, a = trio(17)
+    d = d * 1.3  # models of other norms: the slerp is not a plain blend
+    ours = merge_tensors(b, d, a, domain_weight=0.6, align_weight=0.2, name="w",
+                         method=Method("nuslerp_models"))
+    reference = theirs("nuslerp", [a, d], None, {"weight": [0.2, 0.6]})
+    exact, scale = method_ref(resolve(Method("nuslerp_models"), "w", 0.0, (0.6, 0.2)), "w",
+                              *(x.double().numpy() for x in (b, d, a)))
+    bound = method_error_bound(exact, scale, DType.F32)
+    assert np.all(np.abs(ours.double().numpy() - exact) <= bound)
+    assert np.all(np.abs(ours.double().numpy() - reference.double().numpy()) <= 2 * bound)
