@@ -42,6 +42,9 @@ CASES = {
     "slerp-vectors": (Method("slerp_vectors", t=0.7), 0.5, 0.5),
     "chipalign": (Method("chipalign", t=0.4), 0.5, 0.5),
     "resta": (Method("resta", domain_density=0.6), 0.5, 0.8),
+    "nuslerp": (Method("nuslerp"), 0.3, 0.6),
+    "nuslerp-models": (Method("nuslerp_models"), 0.7, 0.2),
+    "model-stock": (Method("model_stock"), 0.5, 0.5),
 }
 
 

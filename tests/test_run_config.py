@@ -19,6 +19,9 @@ from mergealign_fast.reference import method_error_bound, method_ref
 from conftest import as_f64
 
 ROLES = ("base", "domain", "aligned")
+# Tests that run mergekit itself (its import alone takes ~7 s): CI runs them, `-m "not slow"`
+# does not.
+RUNS_MERGEKIT = pytest.mark.slow
 # A base and four fine-tunes: the trio and two more experts.
 SET = (*ROLES, "expert 3", "expert 4")
 
@@ -316,6 +319,7 @@ dtype: float32
 }
 
 
+@RUNS_MERGEKIT
 @pytest.mark.parametrize("text", MERGEKIT_CONFIGS.values(), ids=list(MERGEKIT_CONFIGS))
 def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
     """mergekit 0.1.5 runs the same config (fp32 compute, fp32 output): every tensor agrees
@@ -323,11 +327,13 @@ def test_same_model_as_mergekit_yaml(tiny_trio, tmp_path, text):
     _assert_same_as_mergekit(write_config(tmp_path, tiny_trio, text), tmp_path)
 
 
+@RUNS_MERGEKIT
 @pytest.mark.parametrize("text", SET_CONFIGS.values(), ids=list(SET_CONFIGS))
 def test_four_models_same_model_as_mergekit_yaml(tiny_set, tmp_path, text):
     _assert_same_as_mergekit(write_config(tmp_path, tiny_set, text), tmp_path)
 
 
+@RUNS_MERGEKIT
 def test_linear_over_one_model_is_that_model_as_in_mergekit(tiny_trio, tmp_path):
     _assert_same_as_mergekit(write_config(tmp_path, tiny_trio, """
 merge_method: linear
@@ -359,6 +365,7 @@ def test_two_model_methods_name_the_model_count(tiny_set, tmp_path):
                           "  - model: {expert_3}\nparameters: {{t: 0.5}}\n"))
 
 
+@RUNS_MERGEKIT
 def test_models_stored_in_different_dtypes_merge_to_float32_as_in_mergekit(tmp_path):
     """Without `dtype`, torch promotes bf16 + fp32 to fp32 in mergekit: so does `run` (the
     `merge` command keeps the base model's dtype, its documented rule)."""
