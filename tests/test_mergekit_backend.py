@@ -9,8 +9,6 @@ import pytest
 pytest.importorskip("mergekit")
 
 import yaml  # noqa: E402
-from mergekit.config import MergeConfiguration  # noqa: E402
-from mergekit.merge import MergeOptions, run_merge  # noqa: E402
 
 from mergealign_fast import mergekit_backend  # noqa: E402
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements  # noqa: E402
@@ -69,10 +67,14 @@ def test_register_adds_prefixed_methods_once():
     assert registry.get("mergealign_ties").spec.name == "mergealign_ties"
 
 
+@pytest.mark.slow  # runs mergekit's pipeline, whose import alone takes ~8 s
 @pytest.mark.parametrize("name", CONFIGS)
 def test_inside_mergekit_gives_the_model_of_the_run_command(tiny_trio, tmp_path, name):
     """mergekit plans, loads and writes; our kernel merges: the tensors are bit for bit those
     of `mergealign-fast run` on the same config."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
     text = CONFIGS[name].format(**tiny_trio)
     config = tmp_path / "config.yml"
     config.write_text(text)
