@@ -56,7 +56,8 @@ def settle_page_cache(inputs) -> None:
     subprocess.run(["sh", "-c", f"cat {' '.join(inputs)} > /dev/null"], check=True)
 
 
-def bench_command(benchmark, name, cmd, out: Path, rounds: int, inputs, **kwargs):
+def bench_command(benchmark, name, cmd, out: Path, rounds: int, inputs, warmup_rounds=1,
+                  **kwargs):
     samples = []
 
     def once():
@@ -66,7 +67,7 @@ def bench_command(benchmark, name, cmd, out: Path, rounds: int, inputs, **kwargs
         drop_file(out)
         settle_page_cache(inputs)
 
-    benchmark.pedantic(once, setup=setup, rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(once, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
     wall = float(np.median([s[0] for s in samples]))
     cpu = float(np.median([s[1] for s in samples]))
     rss = max(s[2] for s in samples)

@@ -4,7 +4,8 @@ mergekit 0.1.5 on the same config, and the floor of reading the five inputs.
 The trio of the other benches plus two more fine-tunes of its base ("expert 3", "expert 4";
 5 x 2.2 GB, generated once).  Each contender is a separate process from the same warm page
 cache (bench_end_to_end.settle_page_cache); we record wall time, CPU time and peak RSS.  Ours
-runs with --no-fsync: mergekit does not fsync its output either.
+runs with --no-fsync: mergekit does not fsync its output either.  mergekit gets one run without
+a warm-up (its TIES of four takes minutes).
 
     pytest benches/bench_model_set.py --benchmark-json=benches/results/model-set.json
 """
@@ -59,11 +60,12 @@ def config_text(method: str, models) -> str:
             f"{parameters}dtype: bfloat16\n")
 
 
-def _timed(benchmark, models, inputs, tmp_path, method, label, command, rounds):
+def _timed(benchmark, models, inputs, tmp_path, method, label, command, rounds, warmup=1):
     config = tmp_path / f"{method}.yml"
     config.write_text(config_text(method, models))
     out = tmp_path / "out"
-    return bench_command(benchmark, label, command(config, out), out, rounds, inputs)[:3]
+    return bench_command(benchmark, label, command(config, out), out, rounds, inputs,
+                         warmup_rounds=warmup)[:3]
 
 
 def test_read_floor(benchmark, inputs):
@@ -91,7 +93,8 @@ def test_ours(benchmark, models, inputs, tmp_path, method):
 def test_mergekit(benchmark, models, inputs, tmp_path, method):
     wall, cpu, rss = _timed(
         benchmark, models, inputs, tmp_path, method, f"set mergekit {method}",
-        lambda config, out: ["mergekit-yaml", str(config), str(out)], ROUNDS_MERGEKIT)
+        lambda config, out: ["mergekit-yaml", str(config), str(out)], ROUNDS_MERGEKIT,
+        warmup=0)  # minutes a run: the page cache is settled before it all the same
     ours = RESULTS.get(f"set ours {method}")
     ratio = {"mergekit_over_ours": f"{wall / ours:.1f}x"} if ours else {}
     record(SECTION, f"mergekit {method}", wall=f"{wall:.2f}s", cpu=f"{cpu:.2f}s",

@@ -356,6 +356,8 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("sparsify", &VectorTerm::sparsify)
       .def_readwrite("min_magnitude_bits", &VectorTerm::min_magnitude_bits)
       .def_readwrite("last_tie_index", &VectorTerm::last_tie_index)
+      .def_readwrite("drop_magnitude_bits", &VectorTerm::drop_magnitude_bits)
+      .def_readwrite("drop_last_tie_index", &VectorTerm::drop_last_tie_index)
       .def_readwrite("keep_below", &VectorTerm::keep_below)
       .def_readwrite("key_lo", &VectorTerm::key_lo)
       .def_readwrite("key_hi", &VectorTerm::key_hi);

@@ -198,12 +198,20 @@ MA_HD uint32_t magnitude_bits(float tau) { return float_bits(tau) & 0x7fffffffu;
 
 // Does a term keep its element?  The definition; CPU tiles evaluate the same rules in bulk
 // (cpu_merge.cpp keep_tile).
+// In the prefix of the largest |tau| (ties in index order) that (bits, last_tie) bound?
+MA_HD bool in_largest(uint32_t magnitude, int64_t index, uint32_t bits, int64_t last_tie) {
+  // |tau| as bits: for non-negative floats the bit patterns order like the values.
+  return magnitude > bits || (magnitude == bits && index <= last_tie);
+}
+
 MA_HD bool term_keeps(const VectorTerm& term, float tau, int64_t index) {
   if (term.sparsify == kKeepLargest) {
-    // |tau| as bits: for non-negative floats the bit patterns order like the values.
+    return in_largest(magnitude_bits(tau), index, term.min_magnitude_bits, term.last_tie_index);
+  }
+  if (term.sparsify == kKeepBand) {
     const uint32_t magnitude = magnitude_bits(tau);
-    return magnitude > term.min_magnitude_bits ||
-           (magnitude == term.min_magnitude_bits && index <= term.last_tie_index);
+    return in_largest(magnitude, index, term.min_magnitude_bits, term.last_tie_index) &&
+           !in_largest(magnitude, index, term.drop_magnitude_bits, term.drop_last_tie_index);
   }
   if (term.sparsify == kKeepRandom) {
     return random_draw24(term.key_lo, term.key_hi, index) < term.keep_below;

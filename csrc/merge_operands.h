@@ -38,6 +38,8 @@ enum Sparsify : int {
   kKeepAll = 0,
   kKeepLargest = 1,  // keep |tau| >= a per-tensor threshold (TIES magnitude trim)
   kKeepRandom = 2,   // keep with a per-element counter-based draw (DARE)
+  kKeepBand = 3,     // keep what kKeepLargest keeps, less a smaller prefix of the largest
+                     // (Model Breadcrumbs: drop the largest outliers and the smallest)
 };
 
 // How one fine-tuned model's task vector tau enters a kVectors merge: kept or dropped, then
@@ -50,6 +52,10 @@ struct VectorTerm {
   // <= last_tie_index (ties at the threshold go to the lowest indices, so exactly k are kept).
   uint32_t min_magnitude_bits = 0;
   int64_t last_tie_index = INT64_MAX;
+  // kKeepBand: drop what a kKeepLargest with these would keep (the defaults drop nothing: no
+  // |tau| has bits above 0x7fffffff).
+  uint32_t drop_magnitude_bits = 0xFFFFFFFFu;
+  int64_t drop_last_tie_index = -1;
   uint32_t keep_below = 0;          // kKeepRandom: keep when the 24-bit draw is < this
   uint32_t key_lo = 0;              // kKeepRandom: the stream of (seed, tensor, model)
   uint32_t key_hi = 0;

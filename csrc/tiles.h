@@ -130,6 +130,11 @@ inline __attribute__((always_inline)) void for_each_tile(const MergeOperands& op
   }
 }
 
+// How many of a tile's elements [first, first + n) lie at or before the tie index `last`.
+inline int tie_limit_in_tile(int64_t last, int64_t first, int n) {
+  return last >= first + n ? n : (last < first ? 0 : int(last - first + 1));
+}
+
 // keep[i] = term_keeps(term, tau[i], first + i) for one tile (n <= kTile), in loops the compiler
 // vectorises: the tie limit becomes a count of leading elements and the random draw's high half
 // is mixed once per tile.
@@ -137,11 +142,21 @@ inline __attribute__((always_inline)) void keep_tile(const VectorTerm& term, con
                                                      int64_t first, int n, uint32_t* keep) {
   if (term.sparsify == kKeepLargest) {
     const uint32_t min_bits = term.min_magnitude_bits;
-    const int64_t last = term.last_tie_index;
-    const int tie_limit = last >= first + n ? n : (last < first ? 0 : int(last - first + 1));
+    const int tie_limit = tie_limit_in_tile(term.last_tie_index, first, n);
     for (int i = 0; i < n; ++i) {
       const uint32_t m = magnitude_bits(tau[i]);
       keep[i] = uint32_t((m > min_bits) | ((m == min_bits) & (i < tie_limit)));
+    }
+  } else if (term.sparsify == kKeepBand) {
+    const uint32_t keep_bits = term.min_magnitude_bits;
+    const uint32_t drop_bits = term.drop_magnitude_bits;
+    const int keep_ties = tie_limit_in_tile(term.last_tie_index, first, n);
+    const int drop_ties = tie_limit_in_tile(term.drop_last_tie_index, first, n);
+    for (int i = 0; i < n; ++i) {
+      const uint32_t m = magnitude_bits(tau[i]);
+      const uint32_t kept = (m > keep_bits) | ((m == keep_bits) & (i < keep_ties));
+      const uint32_t dropped = (m > drop_bits) | ((m == drop_bits) & (i < drop_ties));
+      keep[i] = kept & (dropped ^ 1u);
     }
   } else if (term.sparsify == kKeepRandom) {
     const uint64_t f = uint64_t(first);

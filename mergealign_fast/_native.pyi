@@ -93,6 +93,8 @@ class VectorTerm:
     sparsify: int
     min_magnitude_bits: int
     last_tie_index: int
+    drop_magnitude_bits: int
+    drop_last_tie_index: int
     keep_below: int
     key_lo: int
     key_hi: int

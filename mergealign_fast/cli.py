@@ -100,13 +100,15 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                        help="slerp/slerp_vectors/chipalign: 0 = aligned, 1 = domain (default 0.5)")
     group.add_argument("--base-weight", type=float, default=None, metavar="W",
                        help="linear: weight of the base model itself (default 0)")
+    group.add_argument("--gamma", type=float, default=None, metavar="G",
+                       help="breadcrumbs: fraction of the largest |τ| dropped (default 0.01)")
 
 
 # Command-line flag -> the method parameter it sets (methods.METHODS lists what each accepts).
 _METHOD_FLAGS = {"density": "density", "domain_density": "density",
                  "align_density": "density", "lambda_": "lambda", "normalize": "normalize",
                  "rescale": "rescale", "seed": "seed", "t": "t", "base_weight": "weight",
-                 "domain_weight": "weight", "align_weight": "weight"}
+                 "domain_weight": "weight", "align_weight": "weight", "gamma": "gamma"}
 
 
 def _method_from_args(args: argparse.Namespace):
@@ -130,7 +132,8 @@ def _method_from_args(args: argparse.Namespace):
     given = {"domain_density": first_given(args.domain_density, args.density),
              "align_density": first_given(args.align_density, args.density),
              "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
-             "seed": args.seed, "t": args.t, "base_weight": args.base_weight}
+             "seed": args.seed, "t": args.t, "base_weight": args.base_weight,
+             "gamma": args.gamma}
     # Flags not given keep Method's own defaults (one home for them).
     method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
     problems = method.problems()

@@ -47,14 +47,15 @@ MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
-              "int8_mask": None}
-PER_MODEL = {"weight", "density"}
-NUMERIC = {"weight", "density", "lambda", "t"}
+              "gamma": "gamma", "int8_mask": None}
+PER_MODEL = {"weight", "density", "gamma"}
+NUMERIC = {"weight", "density", "lambda", "t", "gamma"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
-              "model_stock",
+              "model_stock", "breadcrumbs", "breadcrumbs_ties",
               "slerp"}
-NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp"}
+NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
+                 "breadcrumbs", "breadcrumbs_ties"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
 PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp")
 # mergekit options choosing what a method works on, and the value we support (None: any): whole

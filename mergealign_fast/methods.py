@@ -22,6 +22,8 @@ reference for the semantics of the methods it has.
     nuslerp_models   slerp(aligned, domain, t), t as nuslerp   (mergekit's nuslerp without one)
     model_stock      (1 - t)·base + t·mean(models), t = n·c / (1 + (n - 1)·c) from the mean
                      cosine c of the task vectors' pairs (Model Stock; mergekit's, whole tensors)
+    breadcrumbs      drop each τ's largest γ·n and its smallest magnitudes, keeping int(density·n)
+                     (Model Breadcrumbs), weighted sum; breadcrumbs_ties with TIES' election
 
 τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
 (t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.
@@ -47,7 +49,7 @@ from .io.checkpoint import layer_index
 
 # RecipeKind, Sparsify (csrc/merge_operands.h)
 TASK_ARITHMETIC, VECTORS, MODELS = 0, 1, 2
-KEEP_ALL, KEEP_LARGEST, KEEP_RANDOM = 0, 1, 2
+KEEP_ALL, KEEP_LARGEST, KEEP_RANDOM, KEEP_BAND = 0, 1, 2, 3
 # kKeepLargest threshold no |τ| reaches: |τ|'s bits are at most 0x7fffffff (a NaN).
 KEEP_NONE_BITS = 0x80000000
 # last_tie_index that keeps every tie (INT64_MAX), and tie bits no |τ| has (skips a model).
@@ -101,6 +103,9 @@ METHODS: Dict[str, MethodInfo] = {
     "nuslerp": MethodInfo(("weight",)),
     "nuslerp_models": MethodInfo(("weight",)),
     "model_stock": MethodInfo(()),
+    "breadcrumbs": MethodInfo(_VECTOR_PARAMS + ("gamma",), sparsify=KEEP_BAND),
+    "breadcrumbs_ties": MethodInfo(_VECTOR_PARAMS + ("gamma",), sparsify=KEEP_BAND,
+                                   sign_election=True),
 }
 
 
@@ -158,6 +163,7 @@ class Method:
     seed: int = 0
     t: float = 0.5
     base_weight: float = 0.0  # linear: weight of the base model itself
+    gamma: float = 0.01  # breadcrumbs: the fraction of largest magnitudes dropped (mergekit's)
     rules: Tuple[Rule, ...] = field(default=())
 
     @property
@@ -195,6 +201,8 @@ class Method:
         if self.rescale is not None and self.rescale not in RESCALES:
             problems.append(f"{self.name}: rescale {self.rescale!r}: choose one of "
                             f"{', '.join(RESCALES)}")
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"{self.name}: gamma must be between 0 and 1 (got {self.gamma})")
         for label, value in (("lambda", self.lambda_), ("t", self.t),
                              ("base weight", self.base_weight)):
             if not is_fp32_finite(value):
@@ -210,8 +218,9 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
                per_model: Dict[str, Dict[str, object]]) -> Method:
     """A Method for a base and a set of models from mergekit-style parameters: `shared` (the
     top level: lambda, normalize, rescale, seed, and weight/density for every model) and
-    per role ("model 1", ..., "base") its own weight/density.  A value is a number, or a list
-    (a layer gradient).  ValueError names a parameter the method does not take."""
+    per role ("model 1", ..., "base") its own weight/density.  A value is a number, a list (a
+    layer gradient) or mergekit's filter rules ([{"filter": "mlp", "value": 0.2}, {"value":
+    0.5}]).  ValueError names a parameter the method does not take."""
     if name not in METHODS:
         raise ValueError(f"unknown merge method {name!r}: choose one of {', '.join(METHODS)}")
     accepted = METHODS[name].parameters
@@ -221,21 +230,30 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
             if key not in accepted:
                 raise ValueError(f"{name}: parameter {key!r} does not apply (it takes: "
                                  f"{', '.join(accepted)})")
-            setting = tuple(value) if isinstance(value, list) else value
-            rules.append(Rule(key, role, setting))
+            rules.append(Rule(key, role, _setting_of(value)))
     return Method(name, rules=tuple(rules))
+
+
+def _setting_of(value) -> Setting:
+    """A parameter value as given in Python (lists, dicts) as the immutable Setting."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return tuple((v.get("filter"), _setting_of(v["value"])) for v in value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 # Method field -> the parameter it sets (MethodInfo.parameters names what a method takes).
 _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",
-                     "seed": "seed", "t": "t"}
+                     "seed": "seed", "t": "t", "gamma": "gamma"}
 
 
 # The trio's model roles, in the order of the native operands (base first, then these).
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
-SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock")
+SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock",
+               "breadcrumbs", "breadcrumbs_ties")
 
 
 @dataclass(frozen=True)
@@ -248,6 +266,7 @@ class TensorSettings:
     weights: Tuple[float, ...]
     w_base: float
     densities: Tuple[float, ...]
+    gammas: Tuple[float, ...]
     lambda_: float
     normalize: bool
     rescale: str
@@ -331,6 +350,7 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
         weights=tuple(float(value("weight", r, w)) for r, w in zip(roles, weights)),
         w_base=float(value("weight", "base", method.base_weight)),
         densities=tuple(float(value("density", r, d)) for r, d in zip(roles, densities)),
+        gammas=tuple(float(value("gamma", r, method.gamma)) for r in roles),
         lambda_=float(value("lambda", None, method.lambda_)),
         normalize=bool(value("normalize", None, info.normalize if method.normalize is None
                              else method.normalize)),
@@ -355,10 +375,12 @@ def settings_problems(s: TensorSettings, where: str) -> List[str]:
         problems += [f"{where}: {role} weight must be a finite real number, within float32's "
                      f"range (|w| <= 3.4e38; got {w!r})"
                      for role, w in zip(s.roles, s.weights) if not is_fp32_finite(w)]
-    for role, density in zip(s.roles, s.densities):
+    for role, density, gamma in zip(s.roles, s.densities, s.gammas):
         if not 0.0 <= density <= 1.0:
             problems.append(f"{where}: {role} density must be between 0 and 1 "
                             f"(got {density})")
+        if not 0.0 <= gamma <= 1.0:
+            problems.append(f"{where}: {role} gamma must be between 0 and 1 (got {gamma})")
     if s.rescale not in RESCALES:
         problems.append(f"{where}: rescale {s.rescale!r}: choose one of "
                         f"{', '.join(RESCALES)}")
@@ -597,8 +619,9 @@ class SetPasses:
 
 
 def _term_key(term) -> tuple:
-    return (term.sparsify, term.min_magnitude_bits, term.last_tie_index, term.keep_below,
-            term.key_lo, term.key_hi)
+    return (term.sparsify, term.min_magnitude_bits, term.last_tie_index,
+            term.drop_magnitude_bits, term.drop_last_tie_index, term.keep_below, term.key_lo,
+            term.key_hi)
 
 
 def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: TensorPasses):
@@ -699,6 +722,8 @@ def _vectors_recipe(recipe, terms, s: TensorSettings, tensor_name: str, count: i
     elif s.sparsify == KEEP_RANDOM:
         for term, density, role in zip(terms, densities, s.roles):
             _drop(term, density, stream_key(s.seed, tensor_name, role))
+    elif s.sparsify == KEEP_BAND:
+        _bands(terms, densities, s.gammas, count, passes)
     _rescale(terms, densities, s.rescale, passes)
     return recipe
 
@@ -709,6 +734,31 @@ def _trim(term, density: float, threshold: Tuple[int, int]) -> None:
     term.sparsify = KEEP_LARGEST
     term.min_magnitude_bits, term.last_tie_index = threshold if density > 0.0 \
         else (KEEP_NONE_BITS, ALL_TIES)
+
+
+def band_counts(density: float, gamma: float, count: int) -> Tuple[int, int]:
+    """(k_keep, k_drop) of Model Breadcrumbs as mergekit counts them: of the elements ordered by
+    |τ|, the largest k_keep are kept less the largest k_drop: int(density·n) kept, the γ·n
+    largest dropped unless fewer would be left than that."""
+    kept = int(density * count)
+    below = max(0, count - kept - int(gamma * count))
+    return count - below, count - below - kept
+
+
+def _bands(terms, densities, gammas, count: int, passes) -> None:
+    counts = [band_counts(d, g, count) if d < 1.0 else None for d, g in zip(densities, gammas)]
+    keep = passes.thresholds([c[0] if c and c[0] > 0 else None for c in counts])
+    drop = passes.thresholds([c[1] if c and c[1] > 0 else None for c in counts])
+    for term, band, kept, dropped in zip(terms, counts, keep, drop):
+        if band is None:
+            continue
+        if band[0] == band[1]:  # nothing in the band
+            term.sparsify, term.min_magnitude_bits = KEEP_LARGEST, KEEP_NONE_BITS
+            continue
+        term.sparsify = KEEP_BAND
+        term.min_magnitude_bits, term.last_tie_index = kept
+        if band[1] > 0:
+            term.drop_magnitude_bits, term.drop_last_tie_index = dropped
 
 
 def _drop(term, density: float, key: Tuple[int, int]) -> None:

@@ -151,11 +151,14 @@ class MergePlan:
     written_files: Dict[str, bytes] = field(default_factory=dict)
     # --resume found OUT already complete from this very merge: nothing to compute.
     complete: bool = False
+    # The models besides the base, by role: the trio's domain and aligned, or a model set's
+    # "model 1", "model 2", ... (plan_set).
+    model_roles: Tuple[str, ...] = TRIO_MODELS
 
     @property
     def is_set(self) -> bool:
         """A base and a set of models (plan_set) rather than the trio."""
-        return tuple(self.inputs)[1:] != TRIO_MODELS
+        return self.model_roles != TRIO_MODELS
 
     @property
     def output_bytes(self) -> int:
@@ -577,7 +580,8 @@ def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan
     config_path, copied, side_problems = _side_files(folders, options.tokenizer_from)
     if side_problems:
         raise PlanError(side_problems)
-    plan = MergePlan(models, out_dir, options, shards, None, copied, settings)
+    plan = MergePlan(models, out_dir, options, shards, None, copied, settings,
+                     model_roles=roles[1:])
     plan.config = output_config(config_path, plan.dominant_dtype)
     return checked_output(plan, given)
 

@@ -92,9 +92,26 @@ def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
         return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
 
 
-def _kept(tau32: np.ndarray, density: float, sparsify: int, key) -> np.ndarray:
+def _descending_ranks(magnitude: np.ndarray) -> np.ndarray:
+    """Each element's rank by magnitude, largest first (0), ties in index order."""
+    order = np.lexsort((np.arange(magnitude.size), -magnitude.astype(np.float64)))
+    ranks = np.empty(magnitude.size, dtype=np.int64)
+    ranks[order] = np.arange(magnitude.size)
+    return ranks
+
+
+def _kept(tau32: np.ndarray, density: float, sparsify: int, key, gamma: float = 0.0
+          ) -> np.ndarray:
     if sparsify == methods.KEEP_ALL or density >= 1.0:
         return np.ones(tau32.shape, dtype=bool)
+    if sparsify == methods.KEEP_BAND:
+        # Model Breadcrumbs as mergekit counts it: of |τ| in ascending order, ranks
+        # [below, below + kept) with kept = int(density·n), below = n - kept - int(γ·n) (≥ 0).
+        n = tau32.size
+        kept = int(density * n)
+        below = max(0, n - kept - int(gamma * n))
+        ranks = _descending_ranks(np.abs(tau32))
+        return (ranks >= n - below - kept) & (ranks < n - below)
     if sparsify == methods.KEEP_LARGEST:
         if density <= 0.0 or tau32.size == 0:
             return np.zeros(tau32.shape, dtype=bool)
@@ -228,10 +245,10 @@ def _vectors_ref(s, tensor_name, b, xs):
         weights[0], densities[1] = 1.0, 1.0
     b32 = b.astype(np.float32)
     terms32, terms64, scales = [], [], []
-    for x, weight, density, role in zip(xs, weights, densities, s.roles):
+    for x, weight, density, gamma, role in zip(xs, weights, densities, s.gammas, s.roles):
         tau32 = x.astype(np.float32) - b32
         key = methods.stream_key(s.seed, tensor_name, role)
-        kept = _kept(tau32, density, s.sparsify, key)
+        kept = _kept(tau32, density, s.sparsify, key, gamma)
         factor = _rescale_factor(tau32, kept, density, s.rescale, s.sparsify)
         f32 = np.float32(factor)
         terms32.append(np.where(kept, (tau32 * f32) * np.float32(weight), np.float32(0)))

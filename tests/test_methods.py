@@ -45,6 +45,13 @@ CASES = {
     "nuslerp": (Method("nuslerp"), 0.3, 0.6),
     "nuslerp-models": (Method("nuslerp_models"), 0.7, 0.2),
     "model-stock": (Method("model_stock"), 0.5, 0.5),
+    "breadcrumbs": (Method("breadcrumbs", domain_density=0.5, align_density=0.3, gamma=0.1),
+                    0.6, 0.5),
+    "breadcrumbs-ties-l1": (Method("breadcrumbs_ties", domain_density=0.4, align_density=0.8,
+                                   gamma=0.3, rescale="l1", normalize=True), 0.7, 0.4),
+    # gamma beyond what density leaves: fewer outliers dropped, int(density·n) kept
+    "breadcrumbs-crowded": (Method("breadcrumbs", domain_density=0.9, align_density=0.05,
+                                   gamma=0.5), 0.5, 0.5),
 }
 
 

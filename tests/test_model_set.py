@@ -92,11 +92,15 @@ CASES = {
     "dare_linear": ("dare_linear", {"density": 0.6, "seed": 4}, [0.5, 0.5, 0.5, 0.5]),
     "dare_ties": ("dare_ties", {"density": 0.5, "rescale": "inverse_density"},
                   [0.4, 0.3, 0.2, 0.1]),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.1, "rescale": "l1"},
+                    [0.3, 0.3, 0.2, 0.2]),
+    "model_stock": ("model_stock", {}, None),
 }
 
 
 def _set_settings(name, shared, weights, models):
-    per_model = {SET_ROLE.format(m + 1): {"weight": w} for m, w in enumerate(weights)}
+    per_model = {SET_ROLE.format(m + 1): {"weight": w} if weights else {}
+                 for m, w in enumerate(weights or [None] * models)}
     method = set_method(name, shared, per_model)
     roles = tuple(per_model)
     return resolve(method, "t", 0.0, (float("nan"),) * models, roles)
@@ -116,7 +120,8 @@ def test_four_models_within_the_oracle_bound(case, dtypes, tmp_path):
     for i, values in enumerate([base, *models]):
         write_checkpoint(tmp_path / f"m{i}", {"t": values.reshape(1, count)})
         folders.append(tmp_path / f"m{i}")
-    entries = [(f, {"weight": w}) for f, w in zip(folders[1:], weights)]
+    entries = [(f, {"weight": w} if weights else {})
+               for f, w in zip(folders[1:], weights or [None] * 4)]
     base_entry = (folders[0], {"weight": 0.25}) if name == "linear" else folders[0]
     merge_models(base_entry, entries, tmp_path / "out", method=name, parameters=shared,
                  out_dtype=DType.F32, threads=2)
@@ -148,7 +153,8 @@ def test_the_same_bits_on_any_thread_count_and_chunking(tmp_path, monkeypatch):
     for i, values in enumerate([base, *models]):
         write_checkpoint(tmp_path / f"m{i}", {"t": values.reshape(200, 200)})
         folders.append(tmp_path / f"m{i}")
-    entries = [(f, {"weight": 0.3, "density": 0.5}) for f in folders[1:]]
+    entries = [(f, {"weight": [{"filter": "t", "value": 0.3}], "density": 0.5})
+               for f in folders[1:]]
     outputs = []
     for threads, window in [(1, 1 << 25), (2, 4096)]:
         from mergealign_fast import stream

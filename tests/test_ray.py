@@ -89,11 +89,25 @@ models:
   - model: {tiny_trio['aligned']}
     parameters: {{weight: 0.4, density: 0.5}}
 """)
-    for where, extra in (("run-plain", []), ("run-ray", ["--ray", address])):
-        done = run_cli(["run", config, tmp_path / where / "out", "--max-shard-size", "60KB",
-                        "--quiet", *extra], env)  # one name: the model card carries it
-        assert done.returncode == 0, done.stderr
-    assert _files(tmp_path / "run-ray" / "out") == _files(tmp_path / "run-plain" / "out")
+    # and a model set (three models besides the base; the domain expert listed twice)
+    three = tmp_path / "three.yml"
+    three.write_text(f"""merge_method: dare_ties
+base_model: {tiny_trio['base']}
+parameters: {{density: 0.5, seed: 2}}
+models:
+  - model: {tiny_trio['domain']}
+    parameters: {{weight: 0.5}}
+  - model: {tiny_trio['aligned']}
+    parameters: {{weight: 0.3}}
+  - model: {tiny_trio['domain']}
+    parameters: {{weight: 0.2}}
+""")
+    for name in ("ties", "three"):
+        for where, extra in (("run-plain", []), ("run-ray", ["--ray", address])):
+            done = run_cli(["run", tmp_path / f"{name}.yml", tmp_path / where / name,
+                            "--max-shard-size", "60KB", "--quiet", *extra], env)
+            assert done.returncode == 0, done.stderr  # one OUT name: the model card names it
+        assert _files(tmp_path / "run-ray" / name) == _files(tmp_path / "run-plain" / name)
 
 
 @pytest.mark.slow  # starts a Ray instance (~5 s) and Ray workers

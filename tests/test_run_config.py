@@ -121,7 +121,7 @@ surprise: 1
 models:
   - model: {domain}
     lora: x
-    parameters: {{weight: 1, gamma: 0.1, density: 0.5}}
+    parameters: {{weight: 1, epsilon: 0.1, density: 0.5}}
   - model: {aligned}
     parameters: {{weight: 1, t: 0.5}}
 """)
@@ -129,7 +129,7 @@ models:
         load(config)
     text = str(info.value)
     for needle in ("`slices` or `models`, not both", "union", "`surprise`", "`lora`",
-                   "`gamma`"):
+                   "`epsilon`"):
         assert needle in text, needle
     assert "`t`" not in text  # mergekit ignores it for ties: a warning, not an error
     result = subprocess.run(cli("run", config, tmp_path / "out"), capture_output=True,
@@ -271,6 +271,21 @@ models:
     parameters: {{weight: 0.2}}
   - model: {expert_4}
     parameters: {{weight: 0.2}}
+dtype: float32
+""",
+    "breadcrumbs_ties of four, gamma per model": """
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.4, density: 0.5, gamma: 0.02}}
+  - model: {aligned}
+    parameters: {{weight: 0.3, density: 0.7, gamma: 0.1}}
+  - model: {expert_3}
+    parameters: {{weight: 0.2, density: 0.4}}
+  - model: {expert_4}
+    parameters: {{weight: 0.1, density: 0.9}}
+parameters: {{rescale: true}}
 dtype: float32
 """,
     "model_stock of four": """

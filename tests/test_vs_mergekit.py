@@ -54,6 +54,13 @@ CASES = {
     # nuslerp's t is the second model's share of the weights: our domain's.
     "nuslerp": (Method("nuslerp"), 0.3, 0.7, "nuslerp", {"weight": [0.7, 0.3]}, "bad"),
     "model_stock": (Method("model_stock"), 0.5, 0.5, "model_stock", {}, "bda"),
+    "breadcrumbs": (Method("breadcrumbs", domain_density=0.4, align_density=0.7, gamma=0.05),
+                    0.6, 0.9, "breadcrumbs", {"weight": [0.6, 0.9], "density": [0.4, 0.7],
+                                              "gamma": [0.05, 0.05]}, "bda"),
+    "breadcrumbs_ties": (Method("breadcrumbs_ties", domain_density=0.5, align_density=0.5,
+                                gamma=0.2, rescale="l1"), 0.5, 0.8, "breadcrumbs_ties",
+                         {"weight": [0.5, 0.8], "density": [0.5, 0.5], "gamma": [0.2, 0.2],
+                          "rescale": True}, "bda"),
 }
 
 
@@ -103,6 +110,8 @@ SET_CASES = {
     "linear": ("linear", {}, [0.3, 0.9, 0.2, 0.5], None),
     "ties": ("ties", {}, [0.6, 0.9, 0.5, 0.7], [0.4, 0.7, 0.5, 0.3]),
     "model_stock": ("model_stock", {}, [], None),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"gamma": 0.1}, [0.6, 0.9, 0.5, 0.7],
+                         [0.4, 0.7, 0.5, 0.3]),
 }
 
 
