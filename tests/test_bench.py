@@ -29,7 +29,7 @@ def test_quick_bench_json_has_every_ratio_beside_its_floor(tmp_path):
         assert row["stats"]["min"] > 0 and extra["GB/s"] > 0
     kernel = rows["kernel bf16 1t"]["extra_info"]
     assert kernel["bytes"] == rows["memcpy bf16 1t"]["extra_info"]["bytes"]  # same traffic
-    assert f"of memcpy bf16 1t" in proc.stdout and info["cpu"] in proc.stdout
+    assert "of memcpy bf16 1t" in proc.stdout and info["cpu"] in proc.stdout
 
 
 def test_bench_refuses_what_it_cannot_do_in_one_line(tmp_path):
