@@ -444,6 +444,10 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
 
             plan = plan_passthrough(list(config.slices), config.base, args.out,
                                     replace(options, domain_weight=0.0, align_weight=0.0))
+        elif config.merged_slices:
+            from .slices import plan_sliced_merge
+
+            plan = plan_sliced_merge(config.folders, config.merged_slices, args.out, options)
         elif config.models:
             plan = plan_set(config.base, config.models, args.out, options)
         else:

@@ -38,7 +38,7 @@ from .dtypes import DType, parse_dtype
 from .errors import PlanError
 from .methods import METHODS, RESCALES, SET_METHODS, Method, Rule
 from .plan import SET_ROLE
-from .slices import SliceSource
+from .slices import MergedSlice, SliceSource
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "chat_template", "slices"}
@@ -89,6 +89,17 @@ class RunConfig:
     # More than two models besides the base: the model set merged into `base` (plan_set),
     # in the order listed; domain and aligned are then its first two.
     models: Tuple[Path, ...] = ()
+    # `slices` merged slice by slice (slices.plan_sliced_merge): each slice's layer ranges by
+    # role and its method (the rules of its own parameters); `method` holds all of them.
+    merged_slices: Tuple[MergedSlice, ...] = ()
+
+    @property
+    def folders(self) -> Dict[str, Path]:
+        """The merge's folders by role: the trio's, or a model set's."""
+        if self.models:
+            return {"base": self.base, **{SET_ROLE.format(i + 1): f
+                                          for i, f in enumerate(self.models)}}
+        return {"base": self.base, "domain": self.domain, "aligned": self.aligned}
 
     @property
     def merged_folders(self) -> List[Path]:
@@ -140,35 +151,62 @@ class _Reader:
     def config(self) -> RunConfig:
         self._check_keys()
         if "slices" in self.raw and "models" not in self.raw:
-            return self._stack_config()
+            if self.raw.get("merge_method") == "passthrough":
+                return self._stack_config()
+            return self._sliced_config()
         if "slices" in self.raw:
             self.problem("give `slices` or `models`, not both")
+        name = self._method_name()
+        models = self._models()
+        base = self._base()
+        roles = self._roles(name, base, models) if name in METHODS else None
+        rules = []
+        if roles is not None:
+            rules = self._method_rules(name, roles, models, [self.raw.get("parameters")])
+            self._check_weights(name, roles, models, [self.raw.get("parameters")])
+        return self._finished(name, roles, base, rules,
+                              tuple(str(e["model"] if isinstance(e, dict) else e)
+                                    for e in self.raw["models"]))
+
+    def _method_name(self) -> Optional[str]:
         name = self.raw.get("merge_method")
         if name is None:
             self.problem(f"merge_method is missing (one of: {', '.join(METHODS)})")
         elif name not in METHODS:
             self.problem(f"merge_method {name!r} is not supported (supported: "
                          f"{', '.join(METHODS)})")
-        models = self._models()
-        base = self._reference(self.raw.get("base_model"), "base_model") \
+        return name
+
+    def _base(self) -> Optional[Path]:
+        return self._reference(self.raw.get("base_model"), "base_model") \
             if self.raw.get("base_model") is not None else None
-        roles = self._roles(name, base, models) if name in METHODS else None
-        model_roles = [r for r in roles if r != "base"] + ["base"] if roles else []
-        ours = "nuslerp_models" if name == "nuslerp" and base is None else name
-        rules = self._rules(self.raw.get("parameters"), None, name, model_roles)
-        if roles is not None:
-            rules += self._model_rules(name, roles, models)
-            self._check_weights(name, roles, models)
-            if roles.get("aligned") == roles["base"] and name not in PLACEHOLDER_BASE:
-                # With one other model the aligned role repeats the base and weighs nothing,
-                # before any rule (first match wins): a shared `weight` at the top level must
-                # not reach it, or linear would count the base twice.  Linear over one model
-                # repeats it in the domain role as well.
-                repeated = ("domain", "aligned") if roles["domain"] == roles["base"] \
-                    else ("aligned",)
-                rules[:0] = [Rule("weight", role, 0.0) for role in repeated]
-        if name in METHODS and self.seed is not None and "seed" in METHODS[name].parameters:
+
+    def _method_rules(self, name: str, roles: Dict[str, Path], models,
+                      shared_levels: Sequence) -> List[Rule]:
+        """The rules of a merge, highest precedence first as mergekit reads them: each model's
+        own `parameters`, then the shared mappings of `shared_levels` in order (a slice's, then
+        the top level's)."""
+        model_roles = [r for r in roles if r != "base"] + ["base"]
+        rules = self._model_rules(name, roles, models)
+        for level in shared_levels:
+            rules += self._rules(level, None, name, model_roles)
+        if roles.get("aligned") == roles["base"] and name not in PLACEHOLDER_BASE:
+            # With one other model the aligned role repeats the base and weighs nothing,
+            # before any rule (first match wins): a shared `weight` at the top level must
+            # not reach it, or linear would count the base twice.  Linear over one model
+            # repeats it in the domain role as well.
+            repeated = ("domain", "aligned") if roles["domain"] == roles["base"] \
+                else ("aligned",)
+            rules[:0] = [Rule("weight", role, 0.0) for role in repeated]
+        if self.seed is not None and "seed" in METHODS[name].parameters:
             rules.append(Rule("seed", None, self.seed))  # after the config's own: it wins
+        return rules
+
+    def _finished(self, name: Optional[str], roles: Optional[Dict[str, Path]],
+                  base: Optional[Path], rules: List[Rule], model_names: Tuple[str, ...],
+                  merged_slices: Tuple = ()) -> RunConfig:
+        """The RunConfig of a merge whose roles and rules are read; PlanError if anything in
+        the config was wrong."""
         if roles is not None and not self.allow_crimes:
             self._check_architectures(roles)
         out_dtype = self._out_dtype()
@@ -177,25 +215,81 @@ class _Reader:
         if template is not None and (not isinstance(template, str) or not template.strip()):
             self.problem(f"chat_template: expected a name, auto or a Jinja template, got "
                          f"{template!r}")
-        if self.problems:
-            raise PlanError(self.read_past + self.problems)
+        if self.problems or roles is None:
+            raise PlanError(list(dict.fromkeys(self.read_past + self.problems)))
+        ours = "nuslerp_models" if name == "nuslerp" and base is None else name
         in_set = tuple(f for r, f in roles.items() if r != "base") if "domain" not in roles \
             else ()
         domain, aligned = in_set[:2] if in_set else (roles["domain"], roles["aligned"])
         return RunConfig(roles["base"], domain, aligned,
                          Method(ours, rules=tuple(rules)), out_dtype, tokenizer_from,
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
-                         str(self.raw.get("base_model") or ""),
-                         tuple(str(e["model"] if isinstance(e, dict) else e)
-                               for e in self.raw["models"]), self.raw.get("chat_template"),
-                         models=in_set)
+                         str(self.raw.get("base_model") or ""), model_names,
+                         self.raw.get("chat_template"), models=in_set,
+                         merged_slices=merged_slices)
+
+    def _sliced_config(self) -> RunConfig:
+        """`slices` merged slice by slice (slices.plan_sliced_merge): each output layer is the
+        merge of one layer of each source, as mergekit plans it.  Every slice lists the same
+        models in the same order (their layer ranges may differ), base_model among them."""
+        name = self._method_name()
+        base = self._base()
+        parsed = self._merged_slices(self.raw.get("slices"))
+        if not parsed:
+            raise PlanError(list(dict.fromkeys(self.read_past + self.problems)))
+        first = [source.folder.resolve() for source, _ in parsed[0][0]]
+        for i, (sources, _) in enumerate(parsed[1:], 1):
+            if [source.folder.resolve() for source, _ in sources] != first:
+                self.problem(f"slices[{i}]: every slice must merge the same models in the same "
+                             "order as slices[0] (other models per slice are not supported)")
+        if base is not None and base.resolve() not in first:
+            self.problem(f"base_model {base}: with slices it must be one of each slice's "
+                         "sources (its layer range is the slice's)")
+        models = [(source.folder, {}) for source, _ in parsed[0][0]]
+        roles = self._roles(name, base, models) if name in METHODS else None
+        rules, merged = [], []
+        for sources, slice_parameters in parsed if roles is not None else ():
+            with_parameters = [(source.folder, parameters) for source, parameters in sources]
+            levels = [slice_parameters, self.raw.get("parameters")]
+            rules_here = self._method_rules(name, roles, with_parameters, levels)
+            self._check_weights(name, roles, with_parameters, levels)
+            ranges = {source.folder.resolve(): (source.start, source.end) for source, _ in sources}
+            merged.append(MergedSlice(tuple((role, *ranges[folder.resolve()])
+                                            for role, folder in roles.items()),
+                                      Method(name, rules=tuple(rules_here))))
+            rules += rules_here
+        names = tuple(dict.fromkeys(source.name for source, _ in parsed[0][0]))
+        return self._finished(name, roles, base, list(dict.fromkeys(rules)), names,
+                              tuple(merged))
+
+    def _merged_slices(self, raw) -> List[Tuple[List[Tuple[SliceSource, dict]], dict]]:
+        """[(sources with their `parameters`, the slice's `parameters`)] of each slice."""
+        if not isinstance(raw, list) or not raw:
+            self.problem("`slices` must be a non-empty list")
+            return []
+        parsed = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or set(item) - {"sources", "parameters"} \
+                    or not isinstance(item.get("sources"), list) or not item["sources"]:
+                self.problem(f"slices[{i}]: a slice takes `sources` (a non-empty list) and "
+                             f"optional `parameters` (got {item!r})")
+                continue
+            sources = [self._slice_source(f"slices[{i}]", s, ("model", "layer_range",
+                                                              "parameters"))
+                       for s in item["sources"]]
+            if None in sources:
+                continue
+            if len({s.end - s.start for s in sources}) > 1:
+                self.problem(f"slices[{i}]: every source must hold the same number of layers "
+                             f"(got {', '.join(f'{s.name} {s.end - s.start}' for s in sources)})")
+                continue
+            parsed.append(([(s, dict(raw_s.get("parameters") or {}))
+                            for s, raw_s in zip(sources, item["sources"])],
+                           item.get("parameters") or {}))
+        return parsed
 
     def _stack_config(self) -> RunConfig:
         """`slices` with passthrough: a stack of layer ranges (slices.py)."""
-        name = self.raw.get("merge_method")
-        if name != "passthrough":
-            self.problem(f"slices with merge_method {name!r} (merges per slice) are not "
-                         "supported yet; passthrough slices, one model each, are")
         stack = self._slices(self.raw.get("slices"))
         base_name = self.raw.get("base_model")
         donor = self._reference(base_name, "base_model") if base_name is not None \
@@ -216,6 +310,7 @@ class _Reader:
                          self.raw.get("chat_template"), tuple(stack))
 
     def _slices(self, raw) -> List[SliceSource]:
+        """The passthrough stack: one source per slice."""
         if not isinstance(raw, list) or not raw:
             self.problem("`slices` must be a non-empty list")
             return []
@@ -223,25 +318,29 @@ class _Reader:
         for i, item in enumerate(raw):
             sources = item.get("sources") if isinstance(item, dict) else None
             if not isinstance(sources, list) or len(sources) != 1:
-                self.problem(f"slices[{i}]: exactly one entry under `sources` (several: a merge "
-                             "per slice, not supported yet)")
+                self.problem(f"slices[{i}]: passthrough takes exactly one entry under "
+                             "`sources` (several are merged: give a merge_method)")
                 continue
-            source = sources[0]
-            if not isinstance(source, dict) or set(source) - {"model", "layer_range"}:
-                self.problem(f"slices[{i}]: a source takes `model` and `layer_range` (got "
-                             f"{source!r})")
-                continue
-            span = source.get("layer_range")
-            if not (isinstance(span, list) and len(span) == 2
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
-                    and 0 <= span[0] < span[1]):
-                self.problem(f"slices[{i}]: layer_range must be [first, end) with "
-                             f"0 <= first < end (got {span!r})")
-                continue
-            folder = self._reference(source.get("model"), f"slices[{i}]")
-            if folder is not None:
-                stack.append(SliceSource(str(source["model"]), folder, span[0], span[1]))
+            source = self._slice_source(f"slices[{i}]", sources[0], ("model", "layer_range"))
+            if source is not None:
+                stack.append(source)
         return stack
+
+    def _slice_source(self, where: str, source, keys: Tuple[str, ...]
+                      ) -> Optional[SliceSource]:
+        if not isinstance(source, dict) or set(source) - set(keys):
+            self.problem(f"{where}: a source takes {', '.join(f'`{k}`' for k in keys)} (got "
+                         f"{source!r})")
+            return None
+        span = source.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                and 0 <= span[0] < span[1]):
+            self.problem(f"{where}: layer_range must be [first, end) with 0 <= first < end "
+                         f"(got {span!r})")
+            return None
+        folder = self._reference(source.get("model"), where)
+        return SliceSource(str(source["model"]), folder, span[0], span[1]) if folder else None
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
@@ -470,11 +569,12 @@ class _Reader:
         self.problem(f"parameter `{key}`: {value!r} is not {wanted}")
         return None
 
-    def _check_weights(self, name: str, roles: Dict[str, Path], models) -> None:
+    def _check_weights(self, name: str, roles: Dict[str, Path], models,
+                       shared_levels: Sequence) -> None:
         """mergekit requires a weight for every merged model; so do we (no silent 0.5)."""
         if name not in NEEDS_WEIGHTS:
             return
-        shared = "weight" in (self.raw.get("parameters") or {})
+        shared = any("weight" in (level or {}) for level in shared_levels)
         for folder, parameters in models:
             # Without base_model every model is weighted (the base role only stands in).
             weighted = name == "linear" or self.raw.get("base_model") is None \

@@ -230,13 +230,19 @@ def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
     others = list(models)[1:]
     common = [n for n in base.tensors if all(n in models[r].tensors for r in others)]
     for name in common:
-        locations = {r: models[r].tensors[name] for r in models}
-        problems += _unmergeable_dtype_problems(name, locations)
-        base_shape = locations["base"].entry.shape
-        for role in others:
-            if locations[role].entry.shape != base_shape:
-                problems.append(_describe_shape_difference(name, role, base_shape,
-                                                           locations[role].entry.shape))
+        problems += tensor_group_problems(name, {r: models[r].tensors[name] for r in models})
+    return problems
+
+
+def tensor_group_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
+    """What keeps the tensors of one output (by role, base first) from being merged: dtypes
+    the kernels cannot merge, shapes that differ from the base's."""
+    problems = _unmergeable_dtype_problems(name, locations)
+    base_shape = locations["base"].entry.shape
+    for role, location in list(locations.items())[1:]:
+        if location.entry.shape != base_shape:
+            problems.append(_describe_shape_difference(name, role, base_shape,
+                                                       location.entry.shape))
     return problems
 
 
@@ -281,6 +287,20 @@ def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
                                         "aligned": Path(aligned)})
     if problems:
         raise PlanError(problems)
+    return models
+
+
+def opened_inputs(folders: Dict[str, Path], given, out_dir: Path,
+                  options: MergeOptions) -> Dict[str, Checkpoint]:
+    """The checkpoints of a merge whose tensors are not matched by name (slices.py), after the
+    options, OUT and the vocabularies are checked; PlanError lists every problem."""
+    problems = _option_problems(options, tuple(folders)) + _output_problems(given, out_dir,
+                                                                            folders, options)
+    models, open_problems = _open_inputs(folders)
+    if len(models) == len(folders):
+        open_problems += vocabulary_problems(folders)
+    if problems or open_problems:
+        raise PlanError(problems + open_problems)
     return models
 
 
@@ -362,22 +382,25 @@ def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],
     names = sorted(base.tensors, key=lambda n: (str(base.tensors[n].file),
                                                 base.tensors[n].entry.begin))
     for name in names:
-        sources = tuple(m.tensors[name] for m in models.values())
-        stored = sources[0].entry.dtype
-        if dtypes.from_safetensors(stored) is None:
-            # Checked already: F64 in every model, or the same bytes.  Only F64 needs its bytes
-            # compared here (identical: copied; else merged in float64).
-            if stored != F64 or same_bytes(sources):
-                yield PlannedTensor(name, sources[0].entry.shape, None, sources,
-                                    copied_dtype=stored)
-            else:
-                yield PlannedTensor(name, sources[0].entry.shape, None, sources,
-                                    merged_in_f64=True)
-            continue
-        dtype = DType[stored] if out_dtype is None else out_dtype
-        if out_dtype is None and promote_mixed and len({s.entry.dtype for s in sources}) > 1:
-            dtype = DType.F32  # any mix of bf16, fp16 and fp32 promotes to fp32 in torch
-        yield PlannedTensor(name, sources[0].entry.shape, dtype, sources)
+        yield planned_tensor(name, tuple(m.tensors[name] for m in models.values()), out_dtype,
+                             promote_mixed)
+
+
+def planned_tensor(name: str, sources: Tuple[TensorLocation, ...], out_dtype: Optional[DType],
+                   promote_mixed: bool = False) -> PlannedTensor:
+    """The output tensor `name` made from `sources` (checked already: _tensor_problems)."""
+    stored = sources[0].entry.dtype
+    if dtypes.from_safetensors(stored) is None:
+        # F64 in every model, or the same bytes.  Only F64 needs its bytes compared here
+        # (identical: copied; else merged in float64).
+        if stored != F64 or same_bytes(sources):
+            return PlannedTensor(name, sources[0].entry.shape, None, sources,
+                                 copied_dtype=stored)
+        return PlannedTensor(name, sources[0].entry.shape, None, sources, merged_in_f64=True)
+    dtype = DType[stored] if out_dtype is None else out_dtype
+    if out_dtype is None and promote_mixed and len({s.entry.dtype for s in sources}) > 1:
+        dtype = DType.F32  # any mix of bf16, fp16 and fp32 promotes to fp32 in torch
+    return PlannedTensor(name, sources[0].entry.shape, dtype, sources)
 
 
 def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[PlannedShard]:
@@ -565,6 +588,15 @@ def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan
         raise PlanError(problems + input_problems)
     tensors = list(_planned_tensors(models, options.out_dtype, options.promote_mixed))
     settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
+    return laid_out(folders, models, tensors, settings, given, out_dir, options)
+
+
+def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
+             tensors: List[PlannedTensor], settings: Dict[str, TensorSettings], given,
+             out_dir: Path, options: MergeOptions) -> MergePlan:
+    """The plan of checked inputs whose output tensors and their settings are known: the
+    settings' own problems, then the layout, side files, config and output checks."""
+    roles = tuple(folders)
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
                     for p in settings_problems(s, f"tensor {name}")]
