@@ -468,3 +468,23 @@ def test_parameter_values_of_the_wrong_type_are_named(tiny_trio, tmp_path, value
     text = str(info.value)
     assert message in text and "`normalize`: 1 is not true or false" in text
     assert "`rescale`: 'l2' is not true, false or one of" in text
+
+
+def test_a_model_s_own_parameters_come_before_the_shared_ones_as_in_mergekit(tiny_trio,
+                                                                            tmp_path):
+    """mergekit reads a model's `parameters`, then the top level's: a shared weight fills in
+    only where the model has none (it once overrode the model's own)."""
+    run = load(write_config(tmp_path, tiny_trio, """
+merge_method: ties
+base_model: {base}
+parameters: {{weight: 0.5, density: 0.3}}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.9, density: [{{filter: mlp, value: 0.8}}]}}
+  - model: {aligned}
+"""))
+    mlp = resolve(run.method, "model.layers.0.mlp.up_proj.weight", 0.0, (0.0, 0.0))
+    attention = resolve(run.method, "model.layers.0.self_attn.q_proj.weight", 0.0, (0.0, 0.0))
+    assert mlp.weights == attention.weights == (0.9, 0.5)
+    assert mlp.densities == (0.8, 0.3)
+    assert attention.densities == (0.3, 0.3)  # the model's filter misses: the shared value
