@@ -1,6 +1,9 @@
 // Tiles of a base and any number of models: each model's tile is widened to fp32, turned into
 // its term and added to the running sum, so memory per thread is a few tiles whatever the model
 // count (sign election keeps every term of the tile: it needs their sum before it can count any).
+// Every coefficient a loop uses is copied to a local first: read through the recipe, it could
+// alias the float stores of the loop, and the compiler would reload it per element and not
+// vectorise.
 #include "model_set.h"
 
 #include <cmath>
@@ -24,13 +27,15 @@ inline __attribute__((always_inline)) void models_tile(const ModelSetOperands& o
                                                        const ModelSetRecipe& r, const float* b,
                                                        int64_t start, int n, SetTile& s,
                                                        float* merged) {
-  for (int i = 0; i < n; ++i) s.sum[i] = ma_mul(r.base_weight, b[i]);
+  const float base_weight = r.base_weight;
+  const float divisor = r.divisor;
+  for (int i = 0; i < n; ++i) s.sum[i] = ma_mul(base_weight, b[i]);
   for (int m = 0; m < ops.model_count; ++m) {
     load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x);
     const float w = r.terms[m].weight;
     for (int i = 0; i < n; ++i) s.sum[i] = ma_add(s.sum[i], ma_mul(w, s.x[i]));
   }
-  for (int i = 0; i < n; ++i) merged[i] = ma_div(s.sum[i], r.divisor);
+  for (int i = 0; i < n; ++i) merged[i] = ma_div(s.sum[i], divisor);
 }
 
 // Model m's terms of the tile into `out`.
@@ -38,10 +43,17 @@ inline __attribute__((always_inline)) void term_tile(const ModelSetOperands& ops
                                                      const VectorTerm& term, int m,
                                                      const float* b, int64_t start, int n,
                                                      SetTile& s, float* out) {
+  const VectorTerm t = term;
   load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x);
+  if (t.sparsify == kKeepAll) {  // vector_term of a kept element, in one loop
+    const float scale = t.scale;
+    const float weight = t.weight;
+    for (int i = 0; i < n; ++i) out[i] = ma_mul(ma_mul(ma_sub(s.x[i], b[i]), scale), weight);
+    return;
+  }
   for (int i = 0; i < n; ++i) s.tau[i] = ma_sub(s.x[i], b[i]);
-  keep_tile(term, s.tau, ops.first_index + start, n, s.keep);
-  for (int i = 0; i < n; ++i) out[i] = vector_term(term, s.tau[i], s.keep[i] != 0);
+  keep_tile(t, s.tau, ops.first_index + start, n, s.keep);
+  for (int i = 0; i < n; ++i) out[i] = vector_term(t, s.tau[i], s.keep[i] != 0);
 }
 
 inline __attribute__((always_inline)) void vectors_tile(const ModelSetOperands& ops,
@@ -49,7 +61,9 @@ inline __attribute__((always_inline)) void vectors_tile(const ModelSetOperands& 
                                                         int64_t start, int n, SetTile& s,
                                                         float* merged) {
   const int count = ops.model_count;
-  float divisor[kTile];
+  const float lambda = r.lambda;
+  const bool normalize = r.normalize != 0;
+  alignas(64) float divisor[kTile];
   if (r.sign_election) {
     for (int m = 0; m < count; ++m) term_tile(ops, r.terms[m], m, b, start, n, s, s.terms[m]);
     for (int i = 0; i < n; ++i) s.sum[i] = s.terms[0][i];
@@ -61,7 +75,7 @@ inline __attribute__((always_inline)) void vectors_tile(const ModelSetOperands& 
     for (int m = 0; m < count; ++m) {
       const float w = r.terms[m].weight;
       const float* t = s.terms[m];
-      for (int i = 0; i < n; ++i) {
+      for (int i = 0; i < n; ++i) {  // the first term starts the sums, as in merge_math.h
         const bool counted = counts_in_election(t[i], s.keep[i] != 0);
         const float value = counted ? t[i] : 0.0f;
         const float weight = counted ? w : 0.0f;
@@ -72,7 +86,7 @@ inline __attribute__((always_inline)) void vectors_tile(const ModelSetOperands& 
     for (int i = 0; i < n; ++i) {
       const float d = divisor[i] == 0.0f ? 1.0f : divisor[i];
       s.sum[i] = s.x[i];
-      divisor[i] = r.normalize ? d : 1.0f;
+      divisor[i] = normalize ? d : 1.0f;
     }
   } else {
     term_tile(ops, r.terms[0], 0, b, start, n, s, s.sum);
@@ -80,11 +94,11 @@ inline __attribute__((always_inline)) void vectors_tile(const ModelSetOperands& 
       term_tile(ops, r.terms[m], m, b, start, n, s, s.terms[0]);
       for (int i = 0; i < n; ++i) s.sum[i] = ma_add(s.sum[i], s.terms[0][i]);
     }
-    const float d = r.normalize ? r.divisor : 1.0f;
+    const float d = normalize ? r.divisor : 1.0f;
     for (int i = 0; i < n; ++i) divisor[i] = d;
   }
   for (int i = 0; i < n; ++i) {
-    merged[i] = ma_add(b[i], ma_mul(ma_div(s.sum[i], divisor[i]), r.lambda));
+    merged[i] = ma_add(b[i], ma_mul(ma_div(s.sum[i], divisor[i]), lambda));
   }
 }
 
