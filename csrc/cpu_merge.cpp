@@ -205,46 +205,45 @@ int write_merged(int64_t count, int out_dtype, const int* fds, const int64_t* of
   return 0;
 }
 
+// The targets' file descriptors, offsets and recipes, as write_merged and the kernels take them.
 template <typename Target>
-void split_targets(const Target* targets, int k, std::vector<int>& fds,
-                   std::vector<int64_t>& offsets) {
-  for (int j = 0; j < k; ++j) {
-    fds.push_back(targets[j].fd);
-    offsets.push_back(targets[j].file_offset);
+struct SplitTargets {
+  std::vector<int> fds;
+  std::vector<int64_t> offsets;
+  std::vector<decltype(Target::recipe)> recipes;
+
+  SplitTargets(const Target* targets, int k) {
+    for (int j = 0; j < k; ++j) {
+      fds.push_back(targets[j].fd);
+      offsets.push_back(targets[j].file_offset);
+      recipes.push_back(targets[j].recipe);
+    }
   }
-}
+};
 
 }  // namespace
 
 int merge_cpu_to_files(const MergeOperands& ops, const WriteTarget* targets, int k, int threads,
                        uint32_t* crcs, int64_t* nonfinite) {
-  std::vector<int> fds;
-  std::vector<int64_t> offsets;
-  split_targets(targets, k, fds, offsets);
-  std::vector<Recipe> recipes(size_t(std::max(k, 0)));
-  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
+  const SplitTargets<WriteTarget> t(targets, k);
   return write_merged(
-      ops.count, ops.out_dtype, fds.data(), offsets.data(), k, threads, crcs, nonfinite,
+      ops.count, ops.out_dtype, t.fds.data(), t.offsets.data(), k, threads, crcs, nonfinite,
       // The piece sits as far from a 32-byte boundary as its first input element does, so the
       // direct path's aligned loads meet aligned stores.
       [&](int64_t start) { return direct_buffer_offset(ops, start); },
       [&](int64_t start, int64_t n, unsigned char* const* outs, int64_t* bad) {
-        merge_range_multi(ops, recipes.data(), k, start, start + n, outs, bad, false);
+        merge_range_multi(ops, t.recipes.data(), k, start, start + n, outs, bad, false);
       });
 }
 
 int merge_set_to_files(const ModelSetOperands& ops, const SetWriteTarget* targets, int k,
                        int threads, uint32_t* crcs, int64_t* nonfinite) {
-  std::vector<int> fds;
-  std::vector<int64_t> offsets;
-  split_targets(targets, k, fds, offsets);
-  std::vector<ModelSetRecipe> recipes(size_t(std::max(k, 0)));
-  for (int j = 0; j < k; ++j) recipes[j] = targets[j].recipe;
+  const SplitTargets<SetWriteTarget> t(targets, k);
   return write_merged(
-      ops.count, ops.out_dtype, fds.data(), offsets.data(), k, threads, crcs, nonfinite,
+      ops.count, ops.out_dtype, t.fds.data(), t.offsets.data(), k, threads, crcs, nonfinite,
       [](int64_t) { return int64_t(0); },
       [&](int64_t start, int64_t n, unsigned char* const* outs, int64_t* bad) {
-        merge_set_range(ops, recipes.data(), k, start, start + n, outs, bad);
+        merge_set_range(ops, t.recipes.data(), k, start, start + n, outs, bad);
       });
 }
 

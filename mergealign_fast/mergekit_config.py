@@ -157,6 +157,8 @@ class _Reader:
             return self._sliced_config()
         if "slices" in self.raw:
             self.problem("give `slices` or `models`, not both")
+        if self.raw.get("merge_method") == "passthrough":
+            return self._copy_config()
         name = self._method_name()
         models = self._models()
         base = self._base()
@@ -165,9 +167,27 @@ class _Reader:
         if roles is not None:
             rules = self._method_rules(name, roles, models, [self.raw.get("parameters")])
             self._check_weights(name, roles, models, [self.raw.get("parameters")])
-        return self._finished(name, roles, base, rules,
-                              tuple(str(e["model"] if isinstance(e, dict) else e)
-                                    for e in self.raw["models"]))
+        return self._finished(name, roles, base, rules, self._model_names())
+
+    def _model_names(self) -> Tuple[str, ...]:
+        """`models` as the config names them (for the model card)."""
+        return tuple(str(e["model"] if isinstance(e, dict) else e)
+                     for e in self.raw.get("models") or [])
+
+    def _copy_config(self) -> RunConfig:
+        """passthrough over `models`: one model copied (mergekit's way to convert a dtype or
+        re-shard), run as linear over that model with weight 1: (1·x)/1 is x exactly."""
+        models = self._models()
+        if len(models) != 1:
+            self.problem(f"passthrough with `models` copies one model (got {len(models)}); "
+                         "stack layers of several with `slices`")
+        if self.raw.get("parameters") or any(parameters for _, parameters in models):
+            self.problem("`parameters` with passthrough (e.g. scale) are not supported")
+        folder = models[0][0] if models else None
+        roles = {"base": folder, "domain": folder, "aligned": folder} if folder else None
+        rules = [Rule("weight", "domain", 0.0), Rule("weight", "aligned", 0.0),
+                 Rule("weight", "base", 1.0)]
+        return self._finished("linear", roles, folder, rules, self._model_names())
 
     def _method_name(self) -> Optional[str]:
         name = self.raw.get("merge_method")

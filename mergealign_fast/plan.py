@@ -26,8 +26,8 @@ from .io.safetensors_format import EncodedTensor, encode_header
 from .io.vocabulary import vocabulary_problems
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
-from .methods import SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights, \
-    layer_position, resolve, settings_problems
+from .methods import (METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights,
+                      layer_position, resolve, settings_problems)
 from .output import out_dir_problems, resolve_out_dir
 
 ROLES = ("base", "domain", "aligned")
@@ -524,7 +524,8 @@ def tensor_settings(options: MergeOptions, names: List[str],
 def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
     problems = _method_problems(options)
     is_set = roles[1:] != TRIO_MODELS
-    if not options.method.rules and not is_set:  # else each tensor's weights are checked
+    weighted = options.method.name in METHODS and "weight" in options.method.info.parameters
+    if weighted and not options.method.rules and not is_set:  # else checked per tensor
         try:
             check_weights(options.domain_weight, options.align_weight)
         except ValueError as exc:

@@ -488,3 +488,31 @@ models:
     assert mlp.weights == attention.weights == (0.9, 0.5)
     assert mlp.densities == (0.8, 0.3)
     assert attention.densities == (0.3, 0.3)  # the model's filter misses: the shared value
+
+
+def test_passthrough_over_one_model_copies_it_exactly(tiny_trio, tmp_path):
+    """mergekit's way to convert or re-shard a model: every value as it was (bf16 to fp32)."""
+    config = write_config(tmp_path, tiny_trio, "merge_method: passthrough\nmodels:\n"
+                          "  - model: {domain}\ndtype: float32\n")
+    subprocess.run(cli("run", config, tmp_path / "out", "--quiet"), check=True)
+    copied, source = open_checkpoint(tmp_path / "out"), open_checkpoint(tiny_trio["domain"])
+    for name, loc in source.tensors.items():
+        assert copied.tensors[name].entry.dtype == "F32"
+        assert np.array_equal(read_elements(copied.tensors[name]).ravel(),
+                              as_f64(read_elements(loc), DType.BF16).ravel().astype(np.float32))
+    with pytest.raises(PlanError, match="copies one model"):
+        load(write_config(tmp_path, tiny_trio, "merge_method: passthrough\nmodels:\n"
+                          "  - model: {domain}\n  - model: {aligned}\n"))
+
+
+def test_a_method_without_weights_runs_from_a_config_without_parameters(tiny_trio, tmp_path):
+    """model_stock takes no parameter: a config that gives none (or a weight mergekit
+    ignores) runs, with no check of weights it does not use."""
+    for extra in ("", "parameters: {{weight: 0.5}}\n"):
+        config = write_config(tmp_path, tiny_trio, "merge_method: model_stock\nbase_model: "
+                              "{base}\nmodels:\n  - model: {domain}\n  - model: {aligned}\n"
+                              + extra)
+        out = tmp_path / f"out{len(extra)}"
+        done = subprocess.run(cli("run", config, out, "--quiet"), capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr

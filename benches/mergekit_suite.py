@@ -1,0 +1,127 @@
+"""mergekit's own test suite through our runner: every configuration its tests merge.
+
+mergekit's tests build tiny models and call `run_merge(config, ...)` through their
+`tests/common.py`.  This plugin wraps that call: each configuration is also written as YAML and
+run through `mergealign-fast run`; accepted ones are compared tensor by tensor with what
+mergekit's own run_merge writes, refused ones keep their one-line reason.  mergekit's test then
+goes on with mergekit's output, so its own assertions still run.
+
+    # mergekit's tests, from its source distribution (or a checkout of its repository):
+    pip download mergekit==0.1.5 --no-binary :all: --no-deps -d /tmp/mk && tar -xzf ...
+    cd /tmp/mk/mergekit-0.1.5 && python -m pytest tests -p mergekit_suite \
+        --rootdir . -q  # with benches/ on PYTHONPATH
+    # then: python benches/mergekit_suite.py summary mergekit-suite.jsonl
+
+Each configuration becomes one JSON line in $MERGEKIT_SUITE_OUT (default mergekit-suite.jsonl):
+the test, the method, ours "accepted" or "refused" (with the reason), and for accepted ones how
+many tensors are bit-identical, how many differ and the largest difference relative to the
+tensor's largest magnitude.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+OUT = Path(os.environ.get("MERGEKIT_SUITE_OUT", "mergekit-suite.jsonl"))
+_current_test = {"id": ""}
+
+
+def pytest_runtest_setup(item):
+    _current_test["id"] = item.nodeid
+    _wrap_run_merge()
+
+
+def _wrap_run_merge() -> None:
+    """Wrap tests/common.py's run_merge once (the tests package is importable only once
+    pytest has put mergekit's checkout on the path)."""
+    import tests.common as common
+
+    if getattr(common.run_merge, "wrapped_by_mergealign", False):
+        return
+    original = common.run_merge
+
+    def run_both(merge_config, out_path, options=None, **kwargs):
+        text = merge_config.to_yaml()  # before mergekit rewrites `models` into `modules`
+        original(merge_config, out_path=out_path, options=options, **kwargs)
+        _record(merge_config.merge_method, text, Path(out_path))
+
+    run_both.wrapped_by_mergealign = True
+    common.run_merge = run_both
+
+
+def _record(method: str, text: str, theirs: Path) -> None:
+    record = {"test": _current_test["id"], "method": method}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yml"
+        config.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "mergealign_fast", "run", str(config),
+                               str(Path(tmp) / "ours"), "--quiet"], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            crashed = any(line.startswith("Traceback") for line in lines)  # a defect
+            errors = [line for line in lines if "error:" in line] or lines[-1:]
+            record.update(ours="crashed" if crashed else "refused",
+                          reason=(lines[-1] if crashed else errors[0]) if lines
+                          else f"exit {done.returncode}")
+        else:
+            record.update(ours="accepted", **_compare(Path(tmp) / "ours", theirs))
+    with OUT.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _compare(ours: Path, theirs: Path) -> dict:
+    import numpy as np
+    from mergealign_fast.dtypes import DType
+    from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
+    from mergealign_fast.reference import decode_to_f64
+
+    mine, other = open_checkpoint(ours), open_checkpoint(theirs)
+    if set(mine.tensors) != set(other.tensors):
+        return {"tensors": "differ", "missing": sorted(set(other.tensors) - set(mine.tensors))[:5],
+                "extra": sorted(set(mine.tensors) - set(other.tensors))[:5]}
+    equal = differ = 0
+    worst = 0.0
+    for name, loc in mine.tensors.items():
+        a, b = read_elements(loc), read_elements(other.tensors[name])
+        if loc.entry.dtype != other.tensors[name].entry.dtype or a.tobytes() != b.tobytes():
+            differ += 1
+            x = decode_to_f64(a, DType[loc.entry.dtype]) if loc.entry.dtype in DType.__members__ \
+                else a.astype(np.float64)
+            y = decode_to_f64(b, DType[other.tensors[name].entry.dtype]) \
+                if other.tensors[name].entry.dtype in DType.__members__ else b.astype(np.float64)
+            scale = max(float(np.max(np.abs(y))) if y.size else 0.0, 1e-30)
+            worst = max(worst, float(np.max(np.abs(x - y))) / scale if x.size else 0.0)
+        else:
+            equal += 1
+    return {"equal": equal, "differ": differ, "worst_relative": worst}
+
+
+def summary(path: Path) -> None:
+    """Counts of a results file: accepted (bitwise / within 1e-2 relative / more), refused by
+    reason."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    accepted = [r for r in records if r["ours"] == "accepted"]
+    refused = [r for r in records if r["ours"] != "accepted"]
+    bitwise = sum(1 for r in accepted if r.get("differ") == 0)
+    close = sum(1 for r in accepted if r.get("differ") and r["worst_relative"] <= 1e-2)
+    print(f"{len(records)} configurations: {len(accepted)} accepted ({bitwise} bitwise "
+          f"mergekit's, {close} within 1% of the largest magnitude, "
+          f"{len(accepted) - bitwise - close} further), {len(refused)} refused")
+    for method, count in Counter(r["method"] for r in refused).most_common():
+        reasons = Counter(f"{r['ours']}: {r['reason'].split('.yml: ', 1)[-1][:100]}"
+                          for r in refused if r["method"] == method)
+        print(f"  {method}: {count} ({'; '.join(f'{n} x {why}' for why, n in reasons.items())})")
+    for r in accepted:
+        if r.get("differ") and r["worst_relative"] > 1e-2 or r.get("tensors"):
+            detail = f"worst {r['worst_relative']:.3g} of the largest magnitude, {r['differ']} " \
+                f"tensors" if "differ" in r else f"other tensor names, e.g. {r['missing'][:2]}"
+            print(f"  differs: {r['test'].split('::')[-1]} ({r['method']}): {detail}")
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "summary":
+    summary(Path(sys.argv[2]))
