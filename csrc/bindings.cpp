@@ -50,7 +50,8 @@ void check_dtype(int dtype) {
 ModelSetOperands make_set_operands(uintptr_t base, int base_dtype,
                                    const std::vector<uintptr_t>& models,
                                    const std::vector<int>& model_dtypes, int64_t count,
-                                   int out_dtype, int64_t first_index) {
+                                   int out_dtype, int64_t first_index, int input_cast) {
+  check_input_cast(input_cast);
   if (models.empty() || models.size() > size_t(kMaxModels)) {
     throw py::value_error("a model set holds 1 to " + std::to_string(kMaxModels) +
                           " models besides the base (got " + std::to_string(models.size()) + ")");
@@ -74,6 +75,7 @@ ModelSetOperands make_set_operands(uintptr_t base, int base_dtype,
   ops.out_dtype = out_dtype;
   ops.count = count;
   ops.first_index = first_index;
+  ops.input_cast = input_cast;
   return ops;
 }
 
@@ -173,7 +175,9 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init(&make_set_operands), py::arg("base"), py::arg("base_dtype"),
            py::arg("models"), py::arg("model_dtypes"), py::arg("count"),
            py::arg("out_dtype") = int(kF32), py::arg("first_index") = 0,
-           "A base and 1 to MAX_MODELS models of `count` elements at raw addresses.")
+           py::arg("input_cast") = int(kNoCast),
+           "A base and 1 to MAX_MODELS models of `count` elements at raw addresses (input_cast "
+           "as for Operands).")
       .def_readonly("count", &ModelSetOperands::count)
       .def_readonly("model_count", &ModelSetOperands::model_count)
       .def_readonly("first_index", &ModelSetOperands::first_index)

@@ -249,9 +249,9 @@ int merge_set_to_files(const ModelSetOperands& ops, const SetWriteTarget* target
 
 void merge_cpu_elementwise(const MergeOperands& ops, const Recipe& recipe, unsigned char* out) {
   for (int64_t i = 0; i < ops.count; ++i) {
-    const float b = load_as_f32(ops.base, i, ops.base_dtype);
-    const float d = load_as_f32(ops.domain, i, ops.domain_dtype);
-    const float a = load_as_f32(ops.aligned, i, ops.aligned_dtype);
+    const float b = load_input(ops.base, i, ops.base_dtype, ops.input_cast);
+    const float d = load_input(ops.domain, i, ops.domain_dtype, ops.input_cast);
+    const float a = load_input(ops.aligned, i, ops.aligned_dtype, ops.input_cast);
     store_from_f32(out, i, ops.out_dtype, merge_element(recipe, b, d, a, ops.first_index + i));
   }
 }

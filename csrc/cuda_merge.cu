@@ -65,9 +65,9 @@ merge_vector_kernel(const uint4* base, const uint4* domain, const uint4* aligned
 __global__ void __launch_bounds__(kThreads)
 merge_element_kernel(MergeOperands ops, unsigned char* out) {
   for (int64_t i = global_thread(); i < ops.count; i += grid_stride()) {
-    const float merged = merge_one(load_as_f32(ops.base, i, ops.base_dtype),
-                                   load_as_f32(ops.domain, i, ops.domain_dtype),
-                                   load_as_f32(ops.aligned, i, ops.aligned_dtype),
+    const float merged = merge_one(load_input(ops.base, i, ops.base_dtype, ops.input_cast),
+                                   load_input(ops.domain, i, ops.domain_dtype, ops.input_cast),
+                                   load_input(ops.aligned, i, ops.aligned_dtype, ops.input_cast),
                                    ops.w_domain, ops.w_align);
     store_from_f32(out, i, ops.out_dtype, merged);
   }
@@ -79,9 +79,9 @@ merge_element_kernel(MergeOperands ops, unsigned char* out) {
 __global__ void __launch_bounds__(kThreads)
 merge_recipe_kernel(MergeOperands ops, Recipe r, unsigned char* out) {
   for (int64_t i = global_thread(); i < ops.count; i += grid_stride()) {
-    const float b = load_as_f32(ops.base, i, ops.base_dtype);
-    const float d = load_as_f32(ops.domain, i, ops.domain_dtype);
-    const float a = load_as_f32(ops.aligned, i, ops.aligned_dtype);
+    const float b = load_input(ops.base, i, ops.base_dtype, ops.input_cast);
+    const float d = load_input(ops.domain, i, ops.domain_dtype, ops.input_cast);
+    const float a = load_input(ops.aligned, i, ops.aligned_dtype, ops.input_cast);
     store_from_f32(out, i, ops.out_dtype, merge_element(r, b, d, a, ops.first_index + i));
   }
 }
@@ -121,7 +121,8 @@ int merge_cuda(const MergeOperands& ops, unsigned char* out, uintptr_t stream_ha
   cudaGetLastError();  // clear a stale error so the one returned is this launch's
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const bool same_dtype = ops.base_dtype == ops.domain_dtype &&
-                          ops.base_dtype == ops.aligned_dtype;
+                          ops.base_dtype == ops.aligned_dtype &&
+                          !cast_changes(ops.base_dtype, ops.input_cast);
   const bool vectorisable = same_dtype && aligned16(ops.base) && aligned16(ops.domain) &&
                             aligned16(ops.aligned) && aligned16(out);
   int64_t done = 0;

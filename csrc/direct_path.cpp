@@ -257,6 +257,7 @@ bool direct_path_applies(const MergeOperands& ops, const Recipe* recipes, int k)
   const int dt = ops.out_dtype;
   if (!direct_path_available()) return false;
   if (ops.base_dtype != dt || ops.domain_dtype != dt || ops.aligned_dtype != dt) return false;
+  if (cast_changes(dt, ops.input_cast)) return false;
   if (dt == kF16 && !cpu_has_f16c()) return false;
   for (int j = 0; j < k; ++j) {
     if (recipes[j].kind != kTaskArithmetic) return false;

@@ -130,6 +130,26 @@ MA_HD void store_from_f32(unsigned char* p, int64_t i, int dtype, float v) {
   memcpy(p + 2 * i, &h, 2);
 }
 
+// mergekit's `dtype` casts every input before merging: an input's value rounded to `cast` (the
+// value as stored for kNoCast or kF32, to which every stored dtype widens exactly).
+constexpr int kNoCast = -1;
+
+MA_HD float cast_input(float v, int cast) {
+  if (cast == kBF16) return bf16_to_f32(f32_to_bf16(v));
+  if (cast == kF16) return f16_to_f32(f32_to_f16(v));
+  return v;
+}
+
+// Does casting to `cast` change a value stored as `dtype`?
+MA_HD bool cast_changes(int dtype, int cast) {
+  return (cast == kBF16 || cast == kF16) && cast != dtype;
+}
+
+MA_HD float load_input(const unsigned char* p, int64_t i, int dtype, int cast) {
+  const float v = load_as_f32(p, i, dtype);
+  return cast_changes(dtype, cast) ? cast_input(v, cast) : v;
+}
+
 // The smallest magnitude that store_from_f32 turns into ±inf: an fp32 result v is stored as a
 // finite value exactly when |v| < overflow_threshold(dtype) (NaN compares false).  Round to
 // nearest even sends the halfway points to inf, because the largest finite bf16 (0x7f7f) and

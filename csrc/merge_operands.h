@@ -21,6 +21,9 @@ struct MergeOperands {
   // Index of the first element within its tensor: random drop masks (DARE) are keyed by the
   // element's index in the tensor, so a chunked pass draws what a whole-tensor pass would.
   int64_t first_index = 0;
+  // A dtype every input is rounded to before it is used (mergekit's `dtype`: its inputs are
+  // cast first), or -1 (kNoCast) for the values as stored.
+  int input_cast = -1;
 };
 
 // ---- recipes: what a merge method does to each element --------------------------------------
@@ -91,6 +94,7 @@ struct ModelSetOperands {
   int out_dtype = 0;
   int64_t count = 0;
   int64_t first_index = 0;  // as MergeOperands::first_index
+  int input_cast = -1;      // as MergeOperands::input_cast
 };
 
 struct ModelSetRecipe {

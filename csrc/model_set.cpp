@@ -31,7 +31,7 @@ inline __attribute__((always_inline)) void models_tile(const ModelSetOperands& o
   const float divisor = r.divisor;
   for (int i = 0; i < n; ++i) s.sum[i] = ma_mul(base_weight, b[i]);
   for (int m = 0; m < ops.model_count; ++m) {
-    load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x);
+    load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x, ops.input_cast);
     const float w = r.terms[m].weight;
     for (int i = 0; i < n; ++i) s.sum[i] = ma_add(s.sum[i], ma_mul(w, s.x[i]));
   }
@@ -44,7 +44,7 @@ inline __attribute__((always_inline)) void term_tile(const ModelSetOperands& ops
                                                      const float* b, int64_t start, int n,
                                                      SetTile& s, float* out) {
   const VectorTerm t = term;
-  load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x);
+  load_tile(ops.models[m], ops.model_dtypes[m], start, n, s.x, ops.input_cast);
   if (t.sparsify == kKeepAll) {  // vector_term of a kept element, in one loop
     const float scale = t.scale;
     const float weight = t.weight;
@@ -114,7 +114,7 @@ void merge_set_range(const ModelSetOperands& ops, const ModelSetRecipe* recipes,
   const float limit = overflow_threshold(ops.out_dtype);
   for (int64_t start = begin; start < end; start += kTile) {
     const int n = int(std::min(kTile, end - start));
-    load_tile(ops.base, ops.base_dtype, start, n, b);
+    load_tile(ops.base, ops.base_dtype, start, n, b, ops.input_cast);
     for (int j = 0; j < k; ++j) {
       const ModelSetRecipe& r = recipes[j];
       if (r.kind == kModels) {
@@ -147,8 +147,10 @@ void merge_set_elementwise(const ModelSetOperands& ops, const ModelSetRecipe& re
                            unsigned char* out) {
   float x[kMaxModels];
   for (int64_t i = 0; i < ops.count; ++i) {
-    const float b = load_as_f32(ops.base, i, ops.base_dtype);
-    for (int m = 0; m < ops.model_count; ++m) x[m] = load_as_f32(ops.models[m], i, ops.model_dtypes[m]);
+    const float b = load_input(ops.base, i, ops.base_dtype, ops.input_cast);
+    for (int m = 0; m < ops.model_count; ++m) {
+      x[m] = load_input(ops.models[m], i, ops.model_dtypes[m], ops.input_cast);
+    }
     store_from_f32(out, i, ops.out_dtype,
                    merge_set_element(recipe, b, x, ops.model_count, ops.first_index + i));
   }

@@ -233,8 +233,8 @@ int64_t find_nth_tie(const MergeOperands& ops, int model, uint32_t bits, int64_t
   alignas(64) float xt[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     const int count = int(std::min(kTile, end - start));
-    load_tile(ops.base, ops.base_dtype, start, count, bt);
-    load_tile(x, dtype, start, count, xt);
+    load_tile(ops.base, ops.base_dtype, start, count, bt, ops.input_cast);
+    load_tile(x, dtype, start, count, xt, ops.input_cast);
     int64_t ties = 0;
     for (int i = 0; i < count; ++i) ties += magnitude_bits(ma_sub(xt[i], bt[i])) == bits;
     if (ties < n) {

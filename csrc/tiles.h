@@ -71,8 +71,9 @@ inline __attribute__((target("avx2,f16c"))) void store_half_tile_f16c(
 }
 #endif
 
-inline void load_tile(const unsigned char* src, int dtype, int64_t start, int64_t count,
-                      float* dst) {
+// The tile as stored, widened to fp32.
+inline void load_stored_tile(const unsigned char* src, int dtype, int64_t start, int64_t count,
+                             float* dst) {
   switch (dtype) {
     case kBF16:
       for (int64_t i = 0; i < count; ++i) dst[i] = load_as_f32(src, start + i, kBF16);
@@ -89,6 +90,15 @@ inline void load_tile(const unsigned char* src, int dtype, int64_t start, int64_
     default:
       for (int64_t i = 0; i < count; ++i) dst[i] = load_as_f32(src, start + i, kF32);
       break;
+  }
+}
+
+// The tile widened to fp32 and, where `cast` changes it, rounded to that dtype (input_cast).
+inline void load_tile(const unsigned char* src, int dtype, int64_t start, int64_t count,
+                      float* dst, int cast = kNoCast) {
+  load_stored_tile(src, dtype, start, count, dst);
+  if (cast_changes(dtype, cast)) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = cast_input(dst[i], cast);
   }
 }
 
@@ -123,9 +133,9 @@ inline __attribute__((always_inline)) void for_each_tile(const MergeOperands& op
   alignas(64) float a[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     const int64_t n = std::min(kTile, end - start);
-    load_tile(ops.base, ops.base_dtype, start, n, b);
-    load_tile(ops.domain, ops.domain_dtype, start, n, d);
-    load_tile(ops.aligned, ops.aligned_dtype, start, n, a);
+    load_tile(ops.base, ops.base_dtype, start, n, b, ops.input_cast);
+    load_tile(ops.domain, ops.domain_dtype, start, n, d, ops.input_cast);
+    load_tile(ops.aligned, ops.aligned_dtype, start, n, a, ops.input_cast);
     body(b, d, a, start, n);
   }
 }

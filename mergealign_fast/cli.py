@@ -436,6 +436,7 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
     nan = float("nan")
     options = _run_options(args, domain_weight=nan, align_weight=nan,
                            out_dtype=config.out_dtype, promote_mixed=True, device=device,
+                           input_dtype=config.input_dtype,
                            method=config.method,
                            tokenizer_from=config.tokenizer_from if copy_tokenizer else "none")
     try:

@@ -76,7 +76,7 @@ def tensor_recipes(plans: Sequence[MergePlan], tensor: PlannedTensor, maps: Inpu
     keep_mapped = sum(loc.entry.nbytes for loc in tensor.sources) <= PASS_RESIDENT_BYTES
 
     def windows(sources):
-        for chunk in pass_chunks(sources, maps):
+        for chunk in pass_chunks(sources, maps, plans[0].options.input_cast):
             yield chunk.operands(), _keep if keep_mapped else chunk.release_inputs
 
     def pair_windows(i, j):
@@ -115,7 +115,8 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
     threads = plans[0].options.threads or default_threads()
     recipes = tensor_recipes(plans, tensor, maps, threads)
     chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
-                           file_offset=file_offset, out_itemsize=tensor.out_itemsize)
+                           file_offset=file_offset, out_itemsize=tensor.out_itemsize,
+                           input_cast=plans[0].options.input_cast)
     for chunk in chunks:
         writer.write(targets, tensor, chunk, recipes)
         progress.advance(chunk.count * tensor.out_itemsize * len(targets))

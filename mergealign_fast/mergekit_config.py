@@ -93,6 +93,8 @@ class RunConfig:
     # `slices` merged slice by slice (slices.plan_sliced_merge): each slice's layer ranges by
     # role and its method (the rules of its own parameters); `method` holds all of them.
     merged_slices: Tuple[MergedSlice, ...] = ()
+    # `dtype`: what mergekit casts every input to before merging (MergeOptions.input_dtype).
+    input_dtype: Optional[DType] = None
 
     @property
     def folders(self) -> Dict[str, Path]:
@@ -247,7 +249,9 @@ class _Reader:
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
                          str(self.raw.get("base_model") or ""), model_names,
                          self.raw.get("chat_template"), models=in_set,
-                         merged_slices=merged_slices)
+                         merged_slices=merged_slices,
+                         input_dtype=parse_dtype(str(self.raw["dtype"])) if self.raw.get("dtype")
+                         else None)
 
     def _sliced_config(self) -> RunConfig:
         """`slices` merged slice by slice (slices.plan_sliced_merge): each output layer is the

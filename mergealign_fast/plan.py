@@ -55,6 +55,9 @@ class MergeOptions:
     # With out_dtype None, mergekit's rule instead: a tensor the models store in different
     # dtypes is written in float32, the dtype torch promotes such a mix to (`run` sets it).
     promote_mixed: bool = False
+    # mergekit's `dtype`: every input rounded to this dtype before the merge, whose arithmetic
+    # stays fp32 with one rounding at the store (None: the values as stored).
+    input_dtype: Optional[DType] = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     tokenizer_from: str = "aligned"  # base | domain | aligned | none
     force: bool = False
@@ -76,8 +79,14 @@ class MergeOptions:
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be a byte count or a size like '5GB' "
                                  f"(got {value!r})")
-        if self.out_dtype is not None:
-            object.__setattr__(self, "out_dtype", dtypes.as_dtype(self.out_dtype))
+        for name in ("out_dtype", "input_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
+
+    @property
+    def input_cast(self) -> int:
+        """The native kernels' input_cast code (-1: none)."""
+        return -1 if self.input_dtype is None else int(self.input_dtype)
 
 
 @dataclass(frozen=True)
@@ -607,6 +616,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
     problems += [f"tensor {t.name} is F64 in every model: it is merged in float64 by "
                  f"{', '.join(F64_METHODS)} only, not {settings[t.name].name}"
                  for t in tensors if t.merged_in_f64 and settings[t.name].name not in F64_METHODS]
+    problems += _cast_problems(tensors, options)
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)
@@ -617,6 +627,20 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
                      model_roles=roles[1:])
     plan.config = output_config(config_path, plan.dominant_dtype)
     return checked_output(plan, given)
+
+
+def _cast_problems(tensors: List[PlannedTensor], options: MergeOptions) -> List[str]:
+    """Inputs cast to `dtype` first are merged on the CPU: the GPU path reads them as stored."""
+    cast = options.input_dtype
+    if cast is None or options.device.split(":")[0] == "cpu" or cast is DType.F32:
+        return []
+    changed = {loc.entry.dtype for t in tensors if t.on_native_kernel for loc in t.sources
+               if loc.entry.dtype != cast.safetensors_name}
+    if not changed:
+        return []
+    return [f"dtype {cast.torch_name} rounds the {', '.join(sorted(changed))} inputs before the "
+            f"merge, which only the CPU path does: leave out --device {options.device} (or give "
+            "dtype: float32)"]
 
 
 def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None

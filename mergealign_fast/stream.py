@@ -148,6 +148,7 @@ class Chunk:
     inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) each
     dtypes: Tuple[DType, ...]  # base, then the models (the trio: domain, aligned)
     file_offset: int  # of the chunk's first output byte in the shard (0 for read-only passes)
+    input_cast: int = -1  # MergeOptions.input_cast
 
     def addresses(self) -> Tuple[int, ...]:
         return tuple(mapped.address + offset for mapped, offset, _ in self.inputs)
@@ -157,14 +158,14 @@ class Chunk:
         statistics)."""
         (b, d, a), (db, dd, da) = self.addresses(), self.dtypes
         return cpu.native().Operands(b, int(db), d, int(dd), a, int(da), self.count,
-                                     int(out_dtype or DType.F32), self.start)
+                                     int(out_dtype or DType.F32), self.start, self.input_cast)
 
     def set_operands(self, out_dtype: DType):
         """The native SetOperands of this chunk: a base and any number of models."""
         addresses = self.addresses()
         return cpu.native().SetOperands(addresses[0], int(self.dtypes[0]), list(addresses[1:]),
                                         [int(d) for d in self.dtypes[1:]], self.count,
-                                        int(out_dtype), self.start)
+                                        int(out_dtype), self.start, self.input_cast)
 
     def release_inputs(self) -> None:
         """Drop the chunk's input pages from this process (they stay in the page cache)."""
@@ -177,7 +178,8 @@ def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
 
 
 def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
-                  file_offset: int = 0, out_itemsize: int = 0) -> Iterator[Chunk]:
+                  file_offset: int = 0, out_itemsize: int = 0,
+                  input_cast: int = -1) -> Iterator[Chunk]:
     """The tensor whose inputs are `sources` (base, domain, aligned) in chunks of at most
     max_elements.  Each chunk tells the maps' reader where the merge is; without a reader (a
     pass outside a merge) it asks the kernel to read the next chunk ahead.  A merge gives where
@@ -197,13 +199,14 @@ def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elemen
         else:
             for m, offset, length in inputs:
                 m.prefetch(offset + length, length)
-        yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize)
+        yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize, input_cast)
 
 
-def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps) -> Iterator[Chunk]:
+def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps,
+                input_cast: int = -1) -> Iterator[Chunk]:
     """The chunks of a read-only pass (statistics, inspect): windows of as many elements as a
     window of fp32 output holds."""
-    return tensor_chunks(sources, maps, WINDOW_BYTES // 4)
+    return tensor_chunks(sources, maps, WINDOW_BYTES // 4, input_cast=input_cast)
 
 
 def file_identity(st: os.stat_result) -> tuple:

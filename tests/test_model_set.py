@@ -216,3 +216,83 @@ def test_run_merges_a_mergekit_config_of_four_models(tmp_path):
         (tmp_path / "api" / "model.safetensors").read_bytes()
     manifest = json.loads((tmp_path / "out" / "mergealign-manifest.json").read_text())
     assert list(manifest["inputs"]) == ["base", *(SET_ROLE.format(i) for i in range(1, 5))]
+
+
+@pytest.mark.parametrize("cast", [DType.BF16, DType.F16])
+def test_inputs_cast_first_are_the_merge_of_the_cast_inputs(cast):
+    """mergekit's `dtype`: every input rounded to it before the merge.  The trio's kernels
+    (tiles, elementwise, statistics) and the set kernel give the bits of the same merge over
+    inputs stored in that dtype."""
+    rng = np.random.default_rng(int(cast))
+    count = 4099
+    raws = [random_values(rng, count, DType.F32) for _ in range(4)]
+    rounded = [np.asarray(decode_to_f64(_stored(r, cast), cast), np.float32) for r in raws]
+    out_cast, out_plain = (np.zeros(count, np.float32) for _ in range(2))
+    addresses = [r.ctypes.data for r in raws]
+    plain = [r.ctypes.data for r in rounded]
+    for recipe in _trio_recipes():
+        ops = native.Operands(*_interleave(addresses[:3]), count, 0, 7, int(cast))
+        ref = native.Operands(*_interleave(plain[:3]), count, 0, 7)
+        native.merge_recipe(ops, out_cast.ctypes.data, recipe, 2)
+        native.merge_recipe(ref, out_plain.ctypes.data, recipe, 2)
+        assert out_cast.tobytes() == out_plain.tobytes()
+        native.merge_elementwise(ops, out_cast.ctypes.data, recipe)
+        assert out_cast.tobytes() == out_plain.tobytes()
+        assert native.vector_stats(ops, 2) == native.vector_stats(ref, 2)
+        set_recipe = _as_set_recipe(recipe)
+        native.merge_set(native.SetOperands(addresses[0], 0, addresses[1:3], [0, 0], count, 0, 7,
+                                            int(cast)), out_cast.ctypes.data, set_recipe, 2)
+        native.merge_set(native.SetOperands(plain[0], 0, plain[1:3], [0, 0], count, 0, 7),
+                         out_plain.ctypes.data, set_recipe, 2)
+        assert out_cast.tobytes() == out_plain.tobytes()
+    with pytest.raises(ValueError, match="input cast"):
+        native.Operands(*_interleave(addresses[:3]), count, 0, 0, 9)
+
+
+def _stored(values, dtype):
+    """fp32 values stored in `dtype` (round to nearest even)."""
+    from mergealign_fast.dtypes import f32_to_bf16_bits
+
+    return f32_to_bf16_bits(values) if dtype is DType.BF16 else values.astype(np.float16)
+
+
+def _interleave(addresses):
+    """(address, fp32 code) for each input, as Operands takes them."""
+    return [x for a in addresses for x in (a, 0)]
+
+
+def test_a_config_s_dtype_casts_the_inputs_first_as_mergekit_does(tmp_path):
+    """fp32 models merged with `dtype: bfloat16` are the merge of the same models stored in
+    bf16, bit for bit; without `dtype` the fp32 values are merged as they are."""
+    rng = np.random.default_rng(3)
+    values = [random_values(rng, 64, DType.F32).reshape(8, 8) for _ in range(3)]
+    for kind, convert in (("f32", lambda v: v), ("bf16", lambda v: _stored(v, DType.BF16))):
+        for i, v in enumerate(values):
+            write_checkpoint(tmp_path / kind / f"m{i}", {"w": convert(v)})
+    text = ("merge_method: ties\nbase_model: {0}/m0\nmodels:\n  - model: {0}/m1\n"
+            "    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {0}/m2\n"
+            "    parameters: {{weight: 0.3, density: 0.5}}\n{1}out_dtype: float32\n")
+    outs = {}
+    for kind, dtype_line in (("f32", "dtype: bfloat16\n"), ("bf16", ""), ("plain", "")):
+        folder = tmp_path / ("f32" if kind == "plain" else kind)
+        (tmp_path / f"{kind}.yml").write_text(text.format(folder, dtype_line))
+        done = subprocess.run([sys.executable, "-m", "mergealign_fast", "run",
+                               str(tmp_path / f"{kind}.yml"), str(tmp_path / f"out-{kind}"),
+                               "--quiet"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        outs[kind] = (tmp_path / f"out-{kind}" / "model.safetensors").read_bytes()
+    assert outs["f32"] == outs["bf16"]
+    assert outs["plain"] != outs["f32"]
+
+
+def test_inputs_cast_first_are_refused_on_the_gpu_path_only_where_the_cast_changes_them(tmp_path):
+    from mergealign_fast.io.checkpoint import open_checkpoint
+    from mergealign_fast.plan import MergeOptions, _cast_problems, planned_tensor
+
+    write_checkpoint(tmp_path / "m", {"w": np.ones(4, np.float32)})
+    location = open_checkpoint(tmp_path / "m").tensors["w"]
+    tensors = [planned_tensor("w", (location,) * 3, None)]
+    on_gpu = MergeOptions(device="cuda", input_dtype="bfloat16")
+    assert "rounds the F32 inputs" in _cast_problems(tensors, on_gpu)[0]
+    assert _cast_problems(tensors, MergeOptions(input_dtype="bfloat16")) == []  # the CPU does it
+    assert _cast_problems(tensors, MergeOptions(device="cuda", input_dtype="float32")) == []
