@@ -61,8 +61,10 @@ def plan_fingerprint(plan) -> str:
                    for path, identity in input_identities(plan.inputs.values()).items())
     o = plan.options
     layout = [(s.filename, hashlib.sha256(s.header).hexdigest()) for s in plan.shards]
-    key = json.dumps([stats, o.domain_weight, o.align_weight, repr(o.method), layout],
-                     sort_keys=True)
+    identity = [stats, o.domain_weight, o.align_weight, repr(o.method), layout]
+    if o.input_dtype is not None:  # (absent before inputs could be cast: old keys still hold)
+        identity.append(o.input_dtype.short_name)
+    key = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -78,7 +80,7 @@ def method_parameters(method) -> dict:
 _IDENTITY_FIELDS = ("device", "inode", "size", "mtime_ns", "ctime_ns")
 # The options a manifest records, whose change makes another merge.
 _OPTION_FIELDS = ("method", "method_parameters", "domain_weight", "align_weight", "out_dtype",
-                  "max_shard_size")
+                  "input_dtype", "max_shard_size")
 
 
 def describe_inputs(plan) -> Dict[str, dict]:
@@ -101,6 +103,7 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
         "domain_weight": o.domain_weight, "align_weight": o.align_weight,
         "out_dtype": o.out_dtype.short_name if o.out_dtype is not None
         else "promoted" if o.promote_mixed else "base",
+        "input_dtype": o.input_dtype.short_name if o.input_dtype is not None else "stored",
         "max_shard_size": o.max_shard_size,
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),

@@ -283,6 +283,11 @@ def test_a_config_s_dtype_casts_the_inputs_first_as_mergekit_does(tmp_path):
         outs[kind] = (tmp_path / f"out-{kind}" / "model.safetensors").read_bytes()
     assert outs["f32"] == outs["bf16"]
     assert outs["plain"] != outs["f32"]
+    # the cast is part of what the merge is: --resume into it without the cast is another merge
+    done = subprocess.run([sys.executable, "-m", "mergealign_fast", "run",
+                           str(tmp_path / "plain.yml"), str(tmp_path / "out-f32"), "--resume"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "option input_dtype: 'bf16' then, 'stored' now" in done.stderr
 
 
 def test_inputs_cast_first_are_refused_on_the_gpu_path_only_where_the_cast_changes_them(tmp_path):
