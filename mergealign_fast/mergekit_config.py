@@ -471,8 +471,13 @@ class _Reader:
 
     def _model_rules(self, name: str, roles: Dict[str, Path], models) -> List[Rule]:
         rules = []
+        # A model set's roles follow the listed order, so a folder listed twice is two models.
+        in_set = iter([r for r in roles if r != "base"]) if "domain" not in roles else None
         for folder, parameters in models:
-            role = self._role_of(folder, roles, name)
+            if in_set is None or folder.resolve() == roles["base"].resolve():
+                role = self._role_of(folder, roles, name)
+            else:
+                role = next(in_set)
             accepted = METHODS[name].parameters
             shared = [k for k in parameters if PARAMETERS.get(k) in set(accepted) - PER_MODEL]
             for key in shared:

@@ -516,3 +516,20 @@ def test_a_method_without_weights_runs_from_a_config_without_parameters(tiny_tri
         done = subprocess.run(cli("run", config, out, "--quiet"), capture_output=True,
                               text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_a_model_listed_twice_in_a_set_is_two_models_with_their_own_parameters(tiny_trio,
+                                                                              tmp_path):
+    run = load(write_config(tmp_path, tiny_trio, """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+  - model: {domain}
+    parameters: {{weight: 0.2}}
+"""))
+    roles = ("model 1", "model 2", "model 3")
+    assert resolve(run.method, "x", 0.0, (0.0,) * 3, roles).weights == (0.5, 0.3, 0.2)
