@@ -3,6 +3,7 @@ kernel against the float64 oracle, against the trio kernel bit for bit, and thro
 `merge_models` and `run`."""
 
 import json
+import re
 import subprocess
 import sys
 import zlib
@@ -15,8 +16,7 @@ from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint
 from mergealign_fast.kernels import cpu
-from mergealign_fast.methods import (KEEP_LARGEST, KEEP_RANDOM, SET_METHODS, TRIO_MODELS,
-                                     Method, resolve, set_method)
+from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, resolve, set_method
 from mergealign_fast.plan import MAX_SET_MODELS, SET_ROLE
 from mergealign_fast.reference import decode_to_f64, method_error_bound, method_ref
 
@@ -179,14 +179,20 @@ def test_set_limits_and_methods_are_checked_before_anything(tmp_path):
     with pytest.raises(PlanError, match="parameter 't' does not apply"):
         merge_models(folders[0], folders[1:], tmp_path / "out", method="ties",
                      parameters={"t": 0.5})
+    for bad, message in (({"weight": "0.5"}, "'0.5' is not a finite number"),
+                         ({"weight": [0.1, None]}, "None is not a finite number"),
+                         ({"weight": [{"filter": "mlp"}]}, "a filter rule takes `value`"),
+                         ({"density": True}, "True is not a finite number")):
+        with pytest.raises(PlanError, match=re.escape(message)):
+            merge_models(folders[0], [(f, bad) for f in folders[1:]], tmp_path / "out",
+                         method="ties")
+    with pytest.raises(PlanError, match="'seed': -1 is not a non-negative integer"):
+        merge_models(folders[0], [(f, {"weight": 1.0}) for f in folders[1:]], tmp_path / "out",
+                     method="dare_ties", parameters={"seed": -1})
     assert not (tmp_path / "out").exists()
     assert MAX_SET_MODELS == native.MAX_MODELS
-    assert set(SET_METHODS) >= {"ties", "dare_ties", "linear"}
-    assert TRIO_MODELS == ("domain", "aligned")
     with pytest.raises(ValueError, match="1 to 32 models"):
         native.SetOperands(0, 0, [0] * 33, [0] * 33, 1)
-    # A method's own parameter validation still applies to a set.
-    assert Method("ties").problems() == []
 
 
 def test_run_merges_a_mergekit_config_of_four_models(tmp_path):
@@ -301,3 +307,33 @@ def test_inputs_cast_first_are_refused_on_the_gpu_path_only_where_the_cast_chang
     assert "rounds the F32 inputs" in _cast_problems(tensors, on_gpu)[0]
     assert _cast_problems(tensors, MergeOptions(input_dtype="bfloat16")) == []  # the CPU does it
     assert _cast_problems(tensors, MergeOptions(device="cuda", input_dtype="float32")) == []
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_f64_tensors_of_a_set_are_merged_in_float64(tmp_path, method):
+    """An F64 tensor (some buffers, research checkpoints) of four models merges in float64
+    with the set's weights, summed in model order as the kernels sum."""
+    rng = np.random.default_rng(8)
+    values = [rng.standard_normal(5) for _ in range(4)]
+    folders = []
+    for i, v in enumerate(values):
+        write_checkpoint(tmp_path / f"m{i}", {"scale": v, "w": v.astype(np.float32)})
+        folders.append(tmp_path / f"m{i}")
+    weights = [0.5, 0.25, 0.125]
+    base = (folders[0], {"weight": 0.5}) if method == "linear" else folders[0]
+    merge_models(base, [(f, {"weight": w}) for f, w in zip(folders[1:], weights)],
+                 tmp_path / "out", method=method, parameters={"normalize": False})
+    loc = open_checkpoint(tmp_path / "out").tensors["scale"]
+    assert loc.entry.dtype == "F64"
+    got = np.fromfile(loc.file, "<f8", loc.entry.count, offset=loc.entry.begin)
+    b, models = values[0], values[1:]
+    if method == "linear":
+        expected = 0.5 * b
+        for w, m in zip(weights, models):
+            expected = expected + w * m
+    else:
+        combined = weights[0] * (models[0] - b)
+        for w, m in zip(weights[1:], models[1:]):
+            combined = combined + w * (m - b)
+        expected = b + 1.0 * combined
+    assert np.array_equal(got, expected)
