@@ -121,12 +121,18 @@ def is_fp32_finite(value) -> bool:
             and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
 
 
+def weight_problems(weights: Dict[str, float]) -> List[str]:
+    """One line per weight (by its model's name) that is not a real number finite in fp32."""
+    return [f"{name} weight must be a finite real number, within float32's range "
+            f"(|w| <= 3.4e38; got {value!r})"
+            for name, value in weights.items() if not is_fp32_finite(value)]
+
+
 def check_weights(w_domain: float, w_align: float) -> None:
     """ValueError unless both weights are finite real numbers, finite in float32 too."""
-    for label, value in (("domain weight", w_domain), ("align weight", w_align)):
-        if not is_fp32_finite(value):
-            raise ValueError(f"{label} must be a finite real number, within float32's range "
-                             f"(|w| <= 3.4e38; got {value!r})")
+    problems = weight_problems({"domain": w_domain, "align": w_align})
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _is_plain_task_arithmetic(name: str, lambda_: float, normalize: Optional[bool]) -> bool:
@@ -230,17 +236,34 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
             if key not in accepted:
                 raise ValueError(f"{name}: parameter {key!r} does not apply (it takes: "
                                  f"{', '.join(accepted)})")
-            rules.append(Rule(key, role, _setting_of(value)))
+            rules.append(Rule(key, role, _setting_of(key, value)))
     return Method(name, rules=tuple(rules))
 
 
-def _setting_of(value) -> Setting:
-    """A parameter value as given in Python (lists, dicts) as the immutable Setting."""
+# What each parameter's values must be, as a mergekit config types them.
+_NUMERIC = ("weight", "density", "lambda", "t", "gamma")
+
+
+def _setting_of(key: str, value) -> Setting:
+    """A parameter value as given in Python (a value, a list: a gradient, or filter rules) as
+    the immutable Setting; ValueError naming the parameter for a value of the wrong type."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return tuple((v.get("filter"), _setting_of(v["value"])) for v in value)
-    return tuple(value) if isinstance(value, list) else value
+        if any("value" not in v or set(v) - {"filter", "value"} for v in value):
+            raise ValueError(f"parameter {key!r}: a filter rule takes `value` and an optional "
+                             f"`filter` (got {value!r})")
+        return tuple((v.get("filter"), _setting_of(key, v["value"])) for v in value)
+    if isinstance(value, list) and value and key in _NUMERIC:
+        return tuple(_setting_of(key, v) for v in value)
+    if key in _NUMERIC and is_fp32_finite(value) or key == "normalize" and isinstance(value, bool) \
+            or key == "rescale" and value in RESCALES \
+            or key == "seed" and isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 0:
+        return value
+    wanted = {"normalize": "true or false", "rescale": f"one of {', '.join(RESCALES)}",
+              "seed": "a non-negative integer"}.get(key, "a finite number or a list of them")
+    raise ValueError(f"parameter {key!r}: {value!r} is not {wanted}")
 
 
 # Method field -> the parameter it sets (MethodInfo.parameters names what a method takes).
@@ -372,9 +395,7 @@ def settings_problems(s: TensorSettings, where: str) -> List[str]:
         problems.append(f"{where}: no weight for {' and '.join(named)}: no `weight` setting "
                         "matches this tensor")
     elif weighted:
-        problems += [f"{where}: {role} weight must be a finite real number, within float32's "
-                     f"range (|w| <= 3.4e38; got {w!r})"
-                     for role, w in zip(s.roles, s.weights) if not is_fp32_finite(w)]
+        problems += [f"{where}: {p}" for p in weight_problems(dict(zip(s.roles, s.weights)))]
     for role, density, gamma in zip(s.roles, s.densities, s.gammas):
         if not 0.0 <= density <= 1.0:
             problems.append(f"{where}: {role} density must be between 0 and 1 "
