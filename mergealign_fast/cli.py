@@ -20,6 +20,7 @@ from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
 from .errors import MergeError, PlanError
 from .evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from .inspect_vectors import inspect_checkpoints, summary, write_reports
+from .io.vocabulary import VocabularySpec
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
@@ -71,6 +72,12 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-from", default="aligned", choices=[*ROLES, "none"],
                    help="model whose tokenizer, generation and chat-template files (and "
                         "config.json) the output gets (default aligned)")
+    p.add_argument("--vocab", default=None, choices=[*ROLES, "union"],
+                   help="merge the embedding and output rows by token, for models whose "
+                        "vocabularies differ (a domain expert that added tokens): the output "
+                        "vocabulary is this model's, or the union of all three (built on the "
+                        "base's; the chat template of --tokenizer-from). Default: rows merged "
+                        "by index, the tokenizers must number their tokens alike")
     _add_writing_args(p)
     _add_method_args(p)
 
@@ -396,8 +403,8 @@ def _print_result(result: MergeResult) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     lambdas = _user_value(parse_lambdas, args.lambdas)
     args.domain_weight = args.align_weight = None  # the sweep sets them
-    options = _run_options(args, out_dtype=_out_dtype(args), tokenizer_from=args.tokenizer_from,
-                           method=_method_from_args(args))
+    options = _run_options(args, out_dtype=_out_dtype(args), method=_method_from_args(args),
+                           **_tokenizer_settings(args))
     results = sweep_checkpoints(args.base, args.domain, args.aligned, args.out, lambdas,
                                 options=options, progress=not args.quiet, ray_address=args.ray)
     for result in results:
@@ -414,13 +421,22 @@ def _run_options(args: argparse.Namespace, **settings) -> MergeOptions:
                         fsync=args.fsync, **settings)
 
 
+def _tokenizer_settings(args: argparse.Namespace) -> dict:
+    """tokenizer_from and vocabulary of merge and sweep: with --vocab ROLE the output's
+    vocabulary, so its tokenizer, is ROLE's."""
+    if args.vocab is None:
+        return {"tokenizer_from": args.tokenizer_from}
+    tokenizer_from = args.tokenizer_from if args.vocab == "union" else args.vocab
+    return {"tokenizer_from": tokenizer_from, "vocabulary": VocabularySpec(args.vocab)}
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     domain_weight, align_weight = _weights(args)
     options = _run_options(
         args, domain_weight=domain_weight, align_weight=align_weight,
-        out_dtype=_out_dtype(args), tokenizer_from=args.tokenizer_from, device=args.device,
+        out_dtype=_out_dtype(args), device=args.device,
         gpu_memory=_user_value(parse_size, args.gpu_memory), backend=args.backend,
-        method=_method_from_args(args))
+        method=_method_from_args(args), **_tokenizer_settings(args))
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
     _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
     return 0
@@ -438,7 +454,8 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
                            out_dtype=config.out_dtype, promote_mixed=True, device=device,
                            input_dtype=config.input_dtype,
                            method=config.method,
-                           tokenizer_from=config.tokenizer_from if copy_tokenizer else "none")
+                           tokenizer_from=config.tokenizer_from if copy_tokenizer else "none",
+                           vocabulary=config.vocabulary)
     try:
         if config.slices:
             from .slices import plan_passthrough

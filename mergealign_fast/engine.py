@@ -76,7 +76,7 @@ def tensor_recipes(plans: Sequence[MergePlan], tensor: PlannedTensor, maps: Inpu
     keep_mapped = sum(loc.entry.nbytes for loc in tensor.sources) <= PASS_RESIDENT_BYTES
 
     def windows(sources):
-        for chunk in pass_chunks(sources, maps, plans[0].options.input_cast):
+        for chunk in pass_chunks(sources, maps, plans[0].options.input_cast, tensor.rows):
             yield chunk.operands(), _keep if keep_mapped else chunk.release_inputs
 
     def pair_windows(i, j):
@@ -116,7 +116,7 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
     recipes = tensor_recipes(plans, tensor, maps, threads)
     chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
                            file_offset=file_offset, out_itemsize=tensor.out_itemsize,
-                           input_cast=plans[0].options.input_cast)
+                           input_cast=plans[0].options.input_cast, rows=tensor.rows)
     for chunk in chunks:
         writer.write(targets, tensor, chunk, recipes)
         progress.advance(chunk.count * tensor.out_itemsize * len(targets))
@@ -169,8 +169,9 @@ def write_shards(plans: Sequence[MergePlan], shards: Sequence[PlannedShard],
         maps = stack.enter_context(InputMaps(plans[0].inputs.values()))
         maps.check_unchanged()
         if read_ahead is not None:
-            maps.read_ahead([_read_sources(t) for shard in shards for t in shard.tensors],
-                            read_ahead)
+            # (A vocabulary tensor gathered by token is read row by row, not in file order.)
+            maps.read_ahead([_read_sources(t) for shard in shards for t in shard.tensors
+                             if t.rows is None], read_ahead)
         writer = writer or make_writer(plans[0])
         stack.callback(writer.close)
         for shard in shards:

@@ -64,6 +64,8 @@ def plan_fingerprint(plan) -> str:
     identity = [stats, o.domain_weight, o.align_weight, repr(o.method), layout]
     if o.input_dtype is not None:  # (absent before inputs could be cast: old keys still hold)
         identity.append(o.input_dtype.short_name)
+    if o.vocabulary is not None:  # (likewise: merges by index keep their keys)
+        identity.append(vocabulary_record(o.vocabulary))
     key = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -80,7 +82,16 @@ def method_parameters(method) -> dict:
 _IDENTITY_FIELDS = ("device", "inode", "size", "mtime_ns", "ctime_ns")
 # The options a manifest records, whose change makes another merge.
 _OPTION_FIELDS = ("method", "method_parameters", "domain_weight", "align_weight", "out_dtype",
-                  "input_dtype", "max_shard_size")
+                  "input_dtype", "max_shard_size", "vocabulary")
+
+
+def vocabulary_record(spec) -> Optional[dict]:
+    """A merge by token's VocabularySpec as the manifest records it (None: rows by index)."""
+    if spec is None:
+        return None
+    return {"source": spec.source, "has_base": spec.has_base,
+            "pad_to_multiple_of": spec.pad_to_multiple_of,
+            "tokens": {token: dataclasses.asdict(source) for token, source in spec.tokens}}
 
 
 def describe_inputs(plan) -> Dict[str, dict]:
@@ -104,7 +115,7 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
         "out_dtype": o.out_dtype.short_name if o.out_dtype is not None
         else "promoted" if o.promote_mixed else "base",
         "input_dtype": o.input_dtype.short_name if o.input_dtype is not None else "stored",
-        "max_shard_size": o.max_shard_size,
+        "max_shard_size": o.max_shard_size, "vocabulary": vocabulary_record(o.vocabulary),
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),
         "files": dict(sorted((side_files or {}).items())),

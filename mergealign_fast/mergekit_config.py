@@ -40,10 +40,13 @@ from .errors import PlanError
 from .methods import METHODS, RESCALES, SET_METHODS, Method, Rule
 from .plan import SET_ROLE
 from .slices import MergedSlice, SliceSource
+from .io.vocabulary import UNION, TokenSource, VocabularySpec
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "chat_template", "slices"}
-UNSUPPORTED_TOP_LEVEL = {"modules": "modules", "tokenizer": "tokenizer merging"}
+                  "tokenizer_source", "tokenizer", "chat_template", "slices"}
+UNSUPPORTED_TOP_LEVEL = {"modules": "modules"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+TOKEN_KEYS = {"source", "force"}
 MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
@@ -95,6 +98,8 @@ class RunConfig:
     merged_slices: Tuple[MergedSlice, ...] = ()
     # `dtype`: what mergekit casts every input to before merging (MergeOptions.input_dtype).
     input_dtype: Optional[DType] = None
+    # `tokenizer_source` / `tokenizer`: the vocabularies merged by token (vocabularies.py).
+    vocabulary: Optional[VocabularySpec] = None
 
     @property
     def folders(self) -> Dict[str, Path]:
@@ -233,7 +238,12 @@ class _Reader:
         if roles is not None and not self.allow_crimes:
             self._check_architectures(roles)
         out_dtype = self._out_dtype()
-        tokenizer_from = self._tokenizer(roles or {}, base)
+        tokenizer_from = self._tokenizer(roles or {})
+        if merged_slices:
+            self._slices_vocabulary_problem()
+            vocabulary = None
+        else:
+            vocabulary = self._vocabulary(roles or {})
         template = self.raw.get("chat_template")
         if template is not None and (not isinstance(template, str) or not template.strip()):
             self.problem(f"chat_template: expected a name, auto or a Jinja template, got "
@@ -251,7 +261,7 @@ class _Reader:
                          self.raw.get("chat_template"), models=in_set,
                          merged_slices=merged_slices,
                          input_dtype=parse_dtype(str(self.raw["dtype"])) if self.raw.get("dtype")
-                         else None)
+                         else None, vocabulary=vocabulary)
 
     def _sliced_config(self) -> RunConfig:
         """`slices` merged slice by slice (slices.plan_sliced_merge): each output layer is the
@@ -319,9 +329,7 @@ class _Reader:
         base_name = self.raw.get("base_model")
         donor = self._reference(base_name, "base_model") if base_name is not None \
             else (stack[0].folder if stack else None)
-        if self.raw.get("tokenizer_source") not in (None, "base"):
-            self.problem("tokenizer_source with slices: the tokenizer is base_model's, else the "
-                         "first slice's model's (give base, or leave it out)")
+        self._slices_vocabulary_problem()
         if self.raw.get("parameters"):
             self.problem("`parameters` with passthrough slices (e.g. scale) are not supported")
         if not self.allow_crimes:
@@ -644,16 +652,93 @@ class _Reader:
                     return None
         return parse_dtype(str(chosen)) if chosen else None
 
-    def _tokenizer(self, roles: Dict[str, Path], base: Optional[Path]) -> str:
-        source = self.raw.get("tokenizer_source")
-        if source is None:
-            return "base" if roles else "none"
-        if source == "base":
-            return "base"
-        if source == "union":
-            self.problem("tokenizer_source: union (vocabulary merging) is not supported; "
-                         "choose base or one of the models")
+    def _slices_vocabulary_problem(self) -> None:
+        """Slices merge the vocabulary tensors by index: their models must number tokens
+        alike (checked), and the tokenizer is base_model's."""
+        if self.raw.get("tokenizer") is not None or \
+                self.raw.get("tokenizer_source") not in (None, "base"):
+            self.problem("tokenizer_source / tokenizer with slices: vocabularies are merged "
+                         "by token only for `models` configs; with slices the tokenizer is "
+                         "base_model's (give tokenizer_source: base, or leave it out)")
+
+    def _tokenizer_source(self):
+        """The output vocabulary's source as given: the `tokenizer` section's (union when it
+        names none) or `tokenizer_source`, None when neither is given."""
+        section = self.raw.get("tokenizer")
+        if isinstance(section, dict):
+            return section.get("source", UNION)
+        return self.raw.get("tokenizer_source")
+
+    def _tokenizer(self, roles: Dict[str, Path]) -> str:
+        """The role whose tokenizer files (and config) OUT gets; for a union, built on the
+        base's, the base's."""
+        source = self._tokenizer_source()
+        if source is not None and not isinstance(source, str):
+            self.problem(f"tokenizer_source: expected base, union or a model folder (got "
+                         f"{source!r})")
             return "none"
+        if source is None or source in ("base", UNION):
+            return "base" if roles else "none"
+        return self._model_role(source, roles, "tokenizer_source") or "none"
+
+    def _model_role(self, reference, roles: Dict[str, Path], where: str) -> Optional[str]:
+        """The role of the merged model `reference` names (a model before the base)."""
+        folder = _folder(reference)
+        for role in [r for r in roles if r != "base"] + ["base"]:
+            if roles[role].resolve() == folder.resolve():
+                return role
+        self.problem(f"{where}: {reference} is not one of the merged models")
+        return None
+
+    def _vocabulary(self, roles: Dict[str, Path]) -> Optional[VocabularySpec]:
+        """`tokenizer_source` or the `tokenizer` section as a VocabularySpec: mergekit merges
+        by token whenever either is given (by index when neither is)."""
+        section = self.raw.get("tokenizer")
+        if section is not None and self.raw.get("tokenizer_source") is not None:
+            self.problem("give tokenizer_source or a tokenizer section, not both")
+            return None
+        if section is not None and not (isinstance(section, dict)
+                                        and set(section) <= TOKENIZER_KEYS):
+            self.problem(f"tokenizer: expected a mapping of {', '.join(sorted(TOKENIZER_KEYS))} "
+                         f"(got {section!r})")
+            return None
+        source = self._tokenizer_source()
+        if not isinstance(source, str) or not roles:
+            return None  # (a source that is no text is _tokenizer's problem)
+        if source not in ("base", UNION):
+            source = self._model_role(source, roles, "tokenizer_source")
+        tokens = tuple((str(token), self._token_source(str(token), entry, roles))
+                       for token, entry in ((section or {}).get("tokens") or {}).items())
+        return VocabularySpec(source or "base", tokens, (section or {}).get("pad_to_multiple_of"),
+                              has_base=bool(self.raw.get("base_model")))
+
+    def _token_source(self, token: str, entry, roles: Dict[str, Path]) -> TokenSource:
+        """One `tokenizer.tokens` entry: {source: a model | {kind: model_token, model, token or
+        token_id} | {kind: zero}, force: bool}; without a source, mergekit's default rule."""
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(entry, dict) or not set(entry) <= TOKEN_KEYS:
+            self.problem(f"{where}: expected a mapping of source and force (got {entry!r})")
+            return TokenSource("auto")
+        force = bool(entry.get("force", False))
+        source = entry.get("source")
+        if source is None:
+            return TokenSource("auto", force=force)
+        if isinstance(source, str):
+            return TokenSource("model", self._model_role(source, roles, where) or "", force=force)
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if kind == "zero":
+            return TokenSource("zero", force=force)
+        if kind == "model_token" and (source.get("token") is None) != \
+                (source.get("token_id") is None):
+            token_id = source.get("token_id")
+            if token_id is not None and (isinstance(token_id, bool) or
+                                         not isinstance(token_id, int)):
+                self.problem(f"{where}: token_id must be a whole number (got {token_id!r})")
+            return TokenSource("model_token", self._model_role(source.get("model"), roles, where)
+                               or "", token=source.get("token"), token_id=token_id, force=force)
+        self.problem(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, "
+                     f"model: ..., token: ... | token_id: ...}} (got {source!r})")
+        return TokenSource("auto")
         folder = _folder(source)
         for role in [r for r in roles if r != "base"] + ["base"]:
             if roles[role].resolve() == folder.resolve():

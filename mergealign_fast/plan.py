@@ -12,9 +12,9 @@ import math
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from . import dtypes
 from .dtypes import DType
@@ -23,12 +23,16 @@ from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLoca
                             group_by_size, layer_index, open_checkpoint, same_bytes,
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
-from .io.vocabulary import vocabulary_problems
+from .io.vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, VocabularySpec,
+                            vocabulary_problems)
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
 from .methods import (METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights,
                       layer_position, resolve, settings_problems)
 from .output import out_dir_problems, resolve_out_dir
+
+if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
+    from .vocabularies import TensorRows, Vocabulary
 
 ROLES = ("base", "domain", "aligned")
 # A model set's roles: base, then "model 1", "model 2", ... in the order they were given.
@@ -60,6 +64,9 @@ class MergeOptions:
     input_dtype: Optional[DType] = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     tokenizer_from: str = "aligned"  # base | domain | aligned | none
+    # Vocabularies merged by token (vocabularies.py): the output vocabulary's source, or None:
+    # rows merged by index, the models must number their tokens alike.
+    vocabulary: Optional[VocabularySpec] = None
     force: bool = False
     threads: Optional[int] = None
     fsync: bool = True
@@ -82,6 +89,8 @@ class MergeOptions:
         for name in ("out_dtype", "input_dtype"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
+        if isinstance(self.vocabulary, str):  # "union" or a role: VocabularySpec's source
+            object.__setattr__(self, "vocabulary", VocabularySpec(self.vocabulary))
 
     @property
     def input_cast(self) -> int:
@@ -100,6 +109,8 @@ class PlannedTensor:
     copied_dtype: Optional[str] = None
     # F64 in the three models and not the same: merged in float64 (writers/f64.py).
     merged_in_f64: bool = False
+    # A vocabulary tensor gathered by token (vocabularies.TensorRows), None: read as stored.
+    rows: Optional[TensorRows] = field(default=None, compare=False)
 
     @property
     def is_copied(self) -> bool:
@@ -229,15 +240,19 @@ def _describe_shape_difference(name: str, role: str, base_shape, other_shape) ->
         extra = other_shape[0] - base_shape[0]
         who, rows = (role, extra) if extra > 0 else ("base", -extra)
         line += f" ({who} has {rows} extra rows"
-        line += ": added vocabulary?)" if "embed" in name or "lm_head" in name else ")"
+        line += (": added vocabulary? merge by token: merge --vocab, a config's "
+                 "tokenizer_source)") if VOCABULARY_TENSOR.search(name) else ")"
     return line
 
 
-def _tensor_problems(models: Dict[str, Checkpoint]) -> List[str]:
+def _tensor_problems(models: Dict[str, Checkpoint], gathered=()) -> List[str]:
+    """Problems of the tensors every model has, but those `gathered` by token (whose own
+    problems vocabulary_tensors found)."""
     problems = []
     base = models["base"]
     others = list(models)[1:]
-    common = [n for n in base.tensors if all(n in models[r].tensors for r in others)]
+    common = [n for n in base.tensors if all(n in models[r].tensors for r in others)
+              and n not in gathered]
     for name in common:
         problems += tensor_group_problems(name, {r: models[r].tensors[name] for r in models})
     return problems
@@ -281,19 +296,36 @@ def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation])
             for loc in unmergeable.values()]
 
 
-def _checked_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
-    """The checkpoints, and every problem with them together (names, shapes, dtypes)."""
+def _checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = None):
+    """(the checkpoints, every problem with them together (names, shapes, dtypes), the output
+    vocabulary when merged by token (else None), the tensors gathered by token)."""
     models, problems = _open_inputs(folders)
+    vocabulary, gathered = None, {}
     if len(models) == len(folders):
-        problems += _name_problems(models) + _tensor_problems(models)
-        problems += vocabulary_problems(folders)
-    return models, problems
+        if options is not None and options.vocabulary is not None:
+            from .vocabularies import vocabulary_tensors
+
+            vocabulary = _vocabulary(folders, options)
+            gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)
+            problems += found
+        else:
+            problems += vocabulary_problems(folders)
+        problems += _name_problems(models) + _tensor_problems(models, gathered)
+    return models, problems, vocabulary, gathered
+
+
+def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
+    """The output vocabulary of a merge by token; its chat template, when the union has none,
+    from the model whose tokenizer OUT would otherwise get."""
+    from .vocabularies import build_vocabulary
+
+    return build_vocabulary(folders, options.vocabulary, template_from=options.tokenizer_from)
 
 
 def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
     """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
-    models, problems = _checked_inputs({"base": Path(base), "domain": Path(domain),
-                                        "aligned": Path(aligned)})
+    models, problems, _, _ = _checked_inputs({"base": Path(base), "domain": Path(domain),
+                                              "aligned": Path(aligned)})
     if problems:
         raise PlanError(problems)
     return models
@@ -410,6 +442,15 @@ def planned_tensor(name: str, sources: Tuple[TensorLocation, ...], out_dtype: Op
     if out_dtype is None and promote_mixed and len({s.entry.dtype for s in sources}) > 1:
         dtype = DType.F32  # any mix of bf16, fp16 and fp32 promotes to fp32 in torch
     return PlannedTensor(name, sources[0].entry.shape, dtype, sources)
+
+
+def _gathered_by_token(tensor: PlannedTensor, rows: Optional[TensorRows]) -> PlannedTensor:
+    """A vocabulary tensor re-indexed by token: the output vocabulary's rows, merged on the
+    native kernel from its gathered rows (never copied as a model stores it)."""
+    if rows is None:
+        return tensor
+    out_dtype = rows.dtype if tensor.out_dtype is None else tensor.out_dtype
+    return replace(tensor, shape=rows.shape, out_dtype=out_dtype, copied_dtype=None, rows=rows)
 
 
 def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[PlannedShard]:
@@ -551,6 +592,29 @@ def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]
     if options.tokenizer_from not in (*roles, "none"):
         problems.append(f"tokenizer source {options.tokenizer_from!r}: choose "
                         f"{', '.join(roles)} or none")
+    if options.vocabulary is not None:
+        problems += _vocabulary_problems(options, roles)
+    return problems
+
+
+def _vocabulary_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
+    """What a merge by token cannot be given: a source that is none of its models, a GPU."""
+    spec = options.vocabulary
+    problems = []
+    if spec.source != UNION and spec.source not in roles:
+        problems.append(f"vocabulary source {spec.source!r}: choose {UNION} or one of "
+                        f"{', '.join(roles)}")
+    problems += [f"tokenizer.tokens.{token}: {source.role!r} is none of the merged models"
+                 for token, source in spec.tokens if source.kind in ("model", "model_token")
+                 and source.role not in roles]
+    if spec.pad_to_multiple_of is not None and (isinstance(spec.pad_to_multiple_of, bool) or
+                                                not isinstance(spec.pad_to_multiple_of, int)
+                                                or spec.pad_to_multiple_of < 1):
+        problems.append(f"pad_to_multiple_of must be a whole number of at least 1 (got "
+                        f"{spec.pad_to_multiple_of!r})")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"vocabularies merged by token are gathered on the CPU path: leave out "
+                        f"--device {options.device}")
     return problems
 
 
@@ -593,19 +657,22 @@ def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan
     given, out_dir = out_dir, resolve_out_dir(out_dir)
     problems = _option_problems(options, roles) + _output_problems(given, out_dir, folders,
                                                                    options)
-    models, input_problems = _checked_inputs(folders)
+    models, input_problems, vocabulary, gathered = _checked_inputs(folders, options)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
-    tensors = list(_planned_tensors(models, options.out_dtype, options.promote_mixed))
+    tensors = [_gathered_by_token(t, gathered.get(t.name))
+               for t in _planned_tensors(models, options.out_dtype, options.promote_mixed)]
     settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
-    return laid_out(folders, models, tensors, settings, given, out_dir, options)
+    return laid_out(folders, models, tensors, settings, given, out_dir, options, vocabulary)
 
 
 def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
              tensors: List[PlannedTensor], settings: Dict[str, TensorSettings], given,
-             out_dir: Path, options: MergeOptions) -> MergePlan:
+             out_dir: Path, options: MergeOptions,
+             vocabulary: Optional[Vocabulary] = None) -> MergePlan:
     """The plan of checked inputs whose output tensors and their settings are known: the
-    settings' own problems, then the layout, side files, config and output checks."""
+    settings' own problems, then the layout, side files, config and output checks (with a
+    vocabulary merged by token, its tokenizer and vocab_size)."""
     roles = tuple(folders)
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
@@ -626,7 +693,22 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
     plan = MergePlan(models, out_dir, options, shards, None, copied, settings,
                      model_roles=roles[1:])
     plan.config = output_config(config_path, plan.dominant_dtype)
+    if vocabulary is not None:
+        _with_vocabulary(plan, vocabulary)
     return checked_output(plan, given)
+
+
+def _with_vocabulary(plan: MergePlan, vocabulary: Vocabulary) -> None:
+    """OUT's tokenizer is the merged vocabulary's (re-saved when it is not its source's files)
+    and its config's vocab_size the rows of its matrices."""
+    if vocabulary.rebuilt or plan.options.tokenizer_from == "none":
+        plan.copied_files = [f for f in plan.copied_files if f.name not in REPLACED_BY_TOKENIZER]
+        plan.written_files.update(vocabulary.tokenizer_files())
+    if plan.config is not None:
+        text = plan.config.get("text_config")
+        holder = text if isinstance(text, dict) and "vocab_size" in text \
+            and "vocab_size" not in plan.config else plan.config
+        holder["vocab_size"] = vocabulary.size
 
 
 def _cast_problems(tensors: List[PlannedTensor], options: MergeOptions) -> List[str]:

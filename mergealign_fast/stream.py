@@ -16,12 +16,15 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .dtypes import DType
 from .errors import MergeError
 from .io.checkpoint import Checkpoint, TensorLocation
 from .kernels import cpu
+
+if TYPE_CHECKING:
+    from .vocabularies import TensorRows
 
 # Output bytes per native call.  Between calls the window's input pages are released, so resident
 # input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
@@ -178,13 +181,17 @@ def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
 
 
 def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
-                  file_offset: int = 0, out_itemsize: int = 0,
-                  input_cast: int = -1) -> Iterator[Chunk]:
+                  file_offset: int = 0, out_itemsize: int = 0, input_cast: int = -1,
+                  rows: Optional[TensorRows] = None) -> Iterator[Chunk]:
     """The tensor whose inputs are `sources` (base, domain, aligned) in chunks of at most
     max_elements.  Each chunk tells the maps' reader where the merge is; without a reader (a
     pass outside a merge) it asks the kernel to read the next chunk ahead.  A merge gives where
     the tensor's output starts in its shard and the output element size, to place each chunk's
-    output."""
+    output.  A vocabulary tensor merged by token (`rows`) is gathered window by window."""
+    if rows is not None:
+        yield from _gathered_chunks(sources, rows, maps, max_elements, file_offset,
+                                    out_itemsize, input_cast)
+        return
     mapped = [maps.maps[loc.file] for loc in sources]
     dtypes = tuple(DType[loc.entry.dtype] for loc in sources)
     count = sources[0].entry.count
@@ -202,11 +209,26 @@ def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elemen
         yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize, input_cast)
 
 
-def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps,
-                input_cast: int = -1) -> Iterator[Chunk]:
+def _gathered_chunks(sources: Sequence[TensorLocation], rows: TensorRows, maps: InputMaps,
+                     max_elements: int, file_offset: int, out_itemsize: int,
+                     input_cast: int) -> Iterator[Chunk]:
+    """tensor_chunks of a vocabulary tensor: whole output rows, each input's gathered by token
+    into memory of its own (vocabularies.TensorRows)."""
+    step = max(1, max_elements // max(1, rows.width))
+    dtypes = (rows.dtype,) * len(sources)
+    for first in range(0, rows.shape[0], step):
+        n = min(step, rows.shape[0] - first)
+        gathered = rows.gather(maps, sources, first, n)
+        start = first * rows.width
+        yield Chunk(start, n * rows.width, tuple((g, 0, g.rows.nbytes) for g in gathered),
+                    dtypes, file_offset + start * out_itemsize, input_cast)
+
+
+def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps, input_cast: int = -1,
+                rows: Optional[TensorRows] = None) -> Iterator[Chunk]:
     """The chunks of a read-only pass (statistics, inspect): windows of as many elements as a
     window of fp32 output holds."""
-    return tensor_chunks(sources, maps, WINDOW_BYTES // 4, input_cast=input_cast)
+    return tensor_chunks(sources, maps, WINDOW_BYTES // 4, input_cast=input_cast, rows=rows)
 
 
 def file_identity(st: os.stat_result) -> tuple:

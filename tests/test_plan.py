@@ -163,7 +163,7 @@ def test_models_that_number_tokens_otherwise_are_refused(trio, domain_file, othe
     [line] = problems(trio)
     assert line.startswith(f"domain: {trio / 'domain' / domain_file} numbers its tokens "
                            "otherwise than the base model")
-    assert conflict in line and "merging across vocabularies is not supported yet" in line
+    assert conflict in line and "merge by token (merge --vocab" in line
 
 
 def test_unigram_and_gpt2_vocabularies_are_compared_too(trio):

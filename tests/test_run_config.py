@@ -116,7 +116,7 @@ slices: []
 merge_method: ties
 base_model: {base}
 chat_template: chatml
-tokenizer_source: union
+tokenizer_source: {{source: union}}
 surprise: 1
 models:
   - model: {domain}
@@ -128,7 +128,7 @@ models:
     with pytest.raises(PlanError) as info:
         load(config)
     text = str(info.value)
-    for needle in ("`slices` or `models`, not both", "union", "`surprise`", "`lora`",
+    for needle in ("`slices` or `models`, not both", "tokenizer_source", "`surprise`", "`lora`",
                    "`epsilon`"):
         assert needle in text, needle
     assert "`t`" not in text  # mergekit ignores it for ties: a warning, not an error

@@ -1,0 +1,429 @@
+"""Vocabularies that differ: the merged tokenizer, and each model's vocabulary rows by token.
+
+An embedding or output head has one row per token id.  Models whose tokenizers number their
+tokens otherwise, or that added tokens (a domain expert's "<|im_start|>", a union of several
+vocabularies), cannot be merged row by row.  With a vocabulary source (`tokenizer_source`, the
+`tokenizer:` section of a mergekit config, `merge --vocab`), mergekit 0.1.5's rules apply:
+
+- the output vocabulary is one model's ("base", or a role), or the union: the base's tokens,
+  then each other model's tokens the base lacks, in model order, then the added (special)
+  tokens; then any token the config's `tokens` names that is not there yet;
+- every tensor whose first axis is a model's vocabulary (the embedding and the output head) is
+  re-indexed by token before the merge: output row r of model m is m's row of token r;
+- a model that lacks token r takes a default row: that of the only model that has it, else the
+  base's when the base has it, else the mean of the rows of the models that have it (zero when
+  none has it); a `tokens` entry overrides the default (a model's row of the token, a model's
+  row of another token, zero) and with `force` replaces even the rows the models have;
+- with `pad_to_multiple_of`, the rows past the last token are each model's mean row.
+
+The merge then runs on the gathered rows as on any other tensor, a window of rows at a time in
+the streaming pass (TensorRows.gather): no vocabulary matrix is ever copied whole.  Default rows
+are computed in float64 and rounded once (mergekit sums in the stored dtype: the two may differ
+in the last bit of such a row).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .dtypes import (DType, bf16_bits_to_f32, f32_to_bf16_bits, from_safetensors,
+                     storage_numpy_dtype)
+from .errors import PlanError
+from .io.checkpoint import CONFIG_FILE, Checkpoint, TensorLocation
+from .io.vocabulary import UNION, VOCABULARY_TENSOR, TokenSource, VocabularySpec
+
+# Fill rules of an output row (Vocabulary.fill): every model has the token (each its own row),
+# or the row a model lacking it takes.
+OWN, DONOR, MEAN, ZERO, PADDING = range(5)
+
+
+@dataclass
+class Vocabulary:
+    """The output vocabulary and, per output row, where each model's row comes from."""
+
+    spec: VocabularySpec
+    tokenizer: object  # the transformers tokenizer OUT gets
+    tokens: int  # output rows that are tokens; `size` with the padding rows
+    size: int
+    sizes: Dict[str, int]  # each model's vocabulary (its matrices' rows), by role
+    own: Dict[str, np.ndarray]  # role -> its row of each output row's token, -1: a default
+    fill: np.ndarray  # per output row: OWN, or the rule of the rows of models lacking it
+    donor_role: np.ndarray  # DONOR rows: index into `roles`
+    donor_row: np.ndarray
+    mean_of: Dict[str, np.ndarray]  # MEAN rows: role -> its row, -1 where it lacks the token
+    roles: Tuple[str, ...]
+    rebuilt: bool  # the tokenizer differs from its source's files: OUT gets it re-saved
+
+    def tensor_problems(self, name: str, locations: Dict[str, TensorLocation]) -> List[str]:
+        """What keeps a vocabulary tensor from being gathered by token."""
+        shapes = {role: loc.entry.shape for role, loc in locations.items()}
+        first = next(iter(shapes.values()))
+        problems = [f"tensor {name}: {role} has shape {list(shape)}, base {list(first)}: only "
+                    "the vocabulary axis (the first) may differ" for role, shape in shapes.items()
+                    if shape[1:] != first[1:]]
+        problems += [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be gathered "
+                     "by token (BF16, F16 and F32 can)" for loc in locations.values()
+                     if from_safetensors(loc.entry.dtype) is None]
+        return problems
+
+    def is_vocabulary_tensor(self, name: str, locations: Dict[str, TensorLocation]) -> bool:
+        return bool(VOCABULARY_TENSOR.search(name)) and all(
+            loc.entry.shape and loc.entry.shape[0] == self.sizes[role]
+            for role, loc in locations.items())
+
+    def tokenizer_files(self) -> Dict[str, bytes]:
+        """The tokenizer as transformers saves it: {file name: content} for OUT."""
+        with tempfile.TemporaryDirectory(prefix="mergealign-tokenizer-") as folder:
+            self.tokenizer.save_pretrained(folder)
+            return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+    def describe(self) -> dict:
+        """For the manifest and the merge report."""
+        added = {role: int(((own < 0) & (np.arange(self.size) < self.tokens)).sum())
+                 for role, own in self.own.items()}
+        return {"source": self.spec.source, "tokens": self.tokens, "rows": self.size,
+                "rows_without_token": added}
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise PlanError(["merging vocabularies needs transformers: pip install "
+                         "'mergealign-fast[vocab]' (or leave out tokenizer_source / --vocab)"]
+                        ) from None
+    transformers.logging.set_verbosity_error()  # its notes on each load are not the user's
+    return transformers
+
+
+def _load_tokenizer(transformers, role: str, folder: Path):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except Exception as exc:  # transformers raises anything from OSError to ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError([f"{role}: {folder}: its tokenizer does not load: {reason}"]) from None
+
+
+def model_vocabulary_size(folder: Path, tokenizer) -> int:
+    """The rows of a model's vocabulary matrices: config.json's vocab_size (a multimodal
+    model's text_config), else its tokenizer's length."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = {}
+    for place in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(place, dict) and isinstance(place.get("vocab_size"), int):
+            return place["vocab_size"]
+    return len(tokenizer)
+
+
+def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
+                     template_from: Optional[str] = None) -> Vocabulary:
+    """The output vocabulary of `folders` (by role, base first) under `spec`.  A union, built
+    on the base's tokenizer, takes the chat template of `template_from` when the base has none
+    (an aligned model's template is what a MergeAlign merge is chatted with)."""
+    transformers = _transformers()
+    roles = tuple(folders)
+    tokenizers = {role: _load_tokenizer(transformers, role, folder)
+                  for role, folder in folders.items()}
+    sizes = {role: model_vocabulary_size(folders[role], tokenizers[role]) for role in roles}
+    vocabs = {role: {t: i for t, i in tok.get_vocab().items() if i < sizes[role]}
+              for role, tok in tokenizers.items()}
+    base = roles[0]
+    beyond = len(tokenizers[base].get_vocab()) - len(vocabs[base])
+    if beyond and spec.source in (UNION, base):
+        raise PlanError([f"base: {folders[base]}: its tokenizer has {beyond} tokens beyond its "
+                         f"vocab_size {sizes[base]}: not supported as the output vocabulary"])
+    tokenizer, rebuilt = _output_tokenizer(transformers, spec, tokenizers, vocabs, sizes)
+    template = getattr(tokenizers.get(template_from), "chat_template", None)
+    if rebuilt and template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    existing = set(tokenizer.get_vocab())
+    for token, _ in spec.tokens:
+        if token not in existing:
+            tokenizer.add_tokens(token)
+            existing.add(token)
+            rebuilt = True
+    out_vocab = tokenizer.get_vocab()
+    tokens = max(out_vocab.values()) + 1
+    size = _padded(tokens, spec.pad_to_multiple_of)
+    own = {role: _rows_of(out_vocab, vocabs[role], size) for role in roles}
+    # A folder given in two roles (a base standing in for an absent base_model) is one model.
+    first_role: Dict[Path, str] = {}
+    for role in roles:
+        first_role.setdefault(folders[role].resolve(), role)
+    distinct = tuple(first_role.values())
+    return _with_fill_rules(spec, tokenizer, tokens, size, sizes, own, vocabs, roles,
+                            distinct, rebuilt)
+
+
+def _output_tokenizer(transformers, spec: VocabularySpec, tokenizers, vocabs, sizes):
+    """(the output tokenizer, whether it differs from its source's files)."""
+    if spec.source != UNION:
+        return tokenizers[spec.source], False
+    roles = list(tokenizers)
+    base = roles[0]
+    with tempfile.TemporaryDirectory(prefix="mergealign-tokenizer-") as folder:
+        tokenizers[base].save_pretrained(folder)  # a copy: the base's own stays as it was
+        union = transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+    # Added (special) tokens of any model, first seen first, keep their settings (special,
+    # stripping); the other tokens the base lacks follow the base's, model by model.
+    special: Dict[str, object] = {}
+    for role in roles:
+        for index, info in tokenizers[role].added_tokens_decoder.items():
+            if index < sizes[role]:
+                special.setdefault(info.content, info)
+    known = set(tokenizers[base].get_vocab())
+    plain = []
+    for role in roles:  # in each model's id order (mergekit's is its hash map's: any order)
+        for token in sorted(vocabs[role], key=vocabs[role].get):
+            if token not in special and token not in known:
+                plain.append(token)
+                known.add(token)
+    if plain:
+        union.add_tokens(plain)
+    fresh = [info for token, info in special.items() if token not in union.get_vocab()]
+    if fresh:
+        union.add_tokens(fresh)
+    return union, True
+
+
+def _padded(rows: int, multiple: Optional[int]) -> int:
+    return rows if not multiple else -(-rows // multiple) * multiple
+
+
+def _rows_of(out_vocab: Dict[str, int], vocab: Dict[str, int], size: int) -> np.ndarray:
+    rows = np.full(size, -1, dtype=np.int64)
+    for token, index in out_vocab.items():
+        found = vocab.get(token)
+        if found is not None:
+            rows[index] = found
+    return rows
+
+
+def _with_fill_rules(spec, tokenizer, tokens, size, sizes, own, vocabs, roles, distinct,
+                     rebuilt) -> Vocabulary:
+    """The Vocabulary with each row's default: `tokens` entries first, then mergekit's donor,
+    base and mean rules for the rows some model lacks (models counted by `distinct` roles)."""
+    fill = np.full(size, OWN, dtype=np.int8)
+    donor_role = np.full(size, -1, dtype=np.int64)
+    donor_row = np.full(size, -1, dtype=np.int64)
+    present = np.stack([own[r] >= 0 for r in distinct]) if distinct else np.zeros((0, size))
+    count = present.sum(axis=0)
+    lacking = count < len(distinct)
+    fill[lacking & (count == 0)] = ZERO
+    single = lacking & (count == 1)
+    fill[single] = DONOR
+    which = np.argmax(present[:, single], axis=0)  # the one model (of `distinct`) with it
+    donor_role[single] = np.asarray([roles.index(r) for r in distinct])[which]
+    donor_row[single] = np.stack([own[r] for r in distinct])[which, np.flatnonzero(single)]
+    shared = lacking & (count > 1)
+    if spec.has_base:
+        from_base = shared & (own[roles[0]] >= 0)
+        fill[from_base] = DONOR
+        donor_role[from_base] = 0
+        donor_row[from_base] = own[roles[0]][from_base]
+        shared &= ~from_base
+    fill[shared] = MEAN
+    fill[tokens:] = PADDING
+    own = {role: rows.copy() for role, rows in own.items()}
+    out_vocab = tokenizer.get_vocab()
+    for token, source in spec.tokens:
+        if source.kind == "auto":  # an added token without a source: the rules above
+            continue
+        row = out_vocab[token]
+        fill[row], donor_role[row], donor_row[row] = _token_rule(token, source, roles, own,
+                                                                 vocabs, sizes)
+        if source.force:
+            for rows in own.values():
+                rows[row] = -1
+    mean_of = {r: np.where(fill == MEAN, own[r], -1) for r in distinct}
+    return Vocabulary(spec, tokenizer, tokens, size, sizes, own, fill, donor_role, donor_row,
+                      mean_of, roles, rebuilt)
+
+
+def _token_rule(token: str, source: TokenSource, roles, own, vocabs, sizes):
+    """(fill, donor role index, donor row) of a `tokens` entry; PlanError when the row it names
+    does not exist."""
+    if source.kind == "zero":
+        return ZERO, -1, -1
+    role = source.role
+    if source.kind == "model":
+        row = vocabs[role].get(token)
+        what = f"token {token!r}"
+    elif source.token is not None:
+        row = vocabs[role].get(source.token)
+        what = f"token {source.token!r}"
+    else:
+        row = source.token_id if 0 <= source.token_id < sizes[role] else None
+        what = f"token id {source.token_id}"
+    if row is None:
+        raise PlanError([f"tokenizer.tokens.{token}: {role} has no {what} "
+                         f"(its vocabulary has {sizes[role]} rows)"])
+    return DONOR, roles.index(role), row
+
+
+# ---- gathering --------------------------------------------------------------------------------
+
+def common_dtype(dtypes: Sequence[DType]) -> DType:
+    """The dtype every model's gathered rows are held in: theirs when they agree, else fp32
+    (torch promotes any mix of bf16, fp16 and fp32 to fp32, as mergekit does here)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else DType.F32
+
+
+def _decoded(rows: np.ndarray, dtype: DType) -> np.ndarray:
+    return bf16_bits_to_f32(rows) if dtype is DType.BF16 else rows.astype(np.float32)
+
+
+def _encoded(values: np.ndarray, dtype: DType) -> np.ndarray:
+    if dtype is DType.BF16:
+        return f32_to_bf16_bits(values.astype(np.float32))
+    return values.astype(storage_numpy_dtype(dtype))
+
+
+class GatheredRows:
+    """One model's rows of a chunk, gathered into memory of its own: what a Chunk input needs
+    (an address, and a release that drops the source pages the gather touched)."""
+
+    def __init__(self, rows: np.ndarray, touched):
+        self.rows = rows
+        self.address = rows.ctypes.data
+        self._touched = touched  # shared by the chunk's inputs: released once
+
+    def release(self, offset: int, length: int) -> None:
+        while self._touched:
+            mapped, start, nbytes = self._touched.pop()
+            mapped.release(start, nbytes)
+
+
+class TensorRows:
+    """A vocabulary tensor of the merge: its sources re-indexed by token, window by window."""
+
+    def __init__(self, vocabulary: Vocabulary, locations: Dict[str, TensorLocation],
+                 input_dtype: Optional[DType] = None):
+        self.vocabulary = vocabulary
+        self.locations = locations
+        first = next(iter(locations.values())).entry.shape
+        self.width = int(np.prod(first[1:], dtype=np.int64))
+        self.shape = (vocabulary.size, *first[1:])
+        # Inputs cast first (mergekit's `dtype`) are gathered, and default rows computed, in
+        # that dtype, as mergekit casts before it re-indexes.
+        self.dtype = input_dtype if input_dtype is not None else \
+            common_dtype([DType[loc.entry.dtype] for loc in locations.values()])
+        self._role_of = {(loc.file, loc.entry.begin): role for role, loc in locations.items()}
+        self._padding: Dict[str, np.ndarray] = {}
+
+    def role_of(self, location: TensorLocation) -> str:
+        return self._role_of[(location.file, location.entry.begin)]
+
+    def _source(self, maps, role: str) -> Tuple[object, np.ndarray]:
+        loc = self.locations[role]
+        mapped = maps.maps[loc.file]
+        memory = (ctypes.c_ubyte * loc.entry.nbytes).from_address(mapped.address + loc.entry.begin)
+        dtype = DType[loc.entry.dtype]
+        view = np.frombuffer(memory, dtype=storage_numpy_dtype(dtype))
+        return mapped, view.reshape(loc.entry.shape[0], self.width)
+
+    def _rows(self, maps, role: str, index: np.ndarray, touched: list) -> np.ndarray:
+        """Rows `index` of `role`'s source in self.dtype (exact: a copy, or widened to fp32)."""
+        mapped, view = self._source(maps, role)
+        if len(index):
+            loc = self.locations[role]
+            row_bytes = loc.entry.nbytes // loc.entry.shape[0]
+            touched.append((mapped, loc.entry.begin + int(index.min()) * row_bytes,
+                            (int(index.max()) - int(index.min()) + 1) * row_bytes))
+        rows = view[index]
+        source_dtype = DType[self.locations[role].entry.dtype]
+        if source_dtype is self.dtype:
+            return rows
+        return _encoded(_decoded(rows, source_dtype), self.dtype)
+
+    def _defaults(self, maps, start: int, count: int, touched: list) -> np.ndarray:
+        """The default rows of output rows [start, start+count) (zeros where not needed)."""
+        v = self.vocabulary
+        part = slice(start, start + count)
+        fill = v.fill[part]
+        out = np.zeros((count, self.width), dtype=storage_numpy_dtype(self.dtype))
+        for index, role in enumerate(v.roles):
+            donated = (fill == DONOR) & (v.donor_role[part] == index)
+            if donated.any():
+                out[donated] = self._rows(maps, role, v.donor_row[part][donated], touched)
+        averaged = fill == MEAN
+        if averaged.any():
+            total = np.zeros((int(averaged.sum()), self.width))
+            seen = np.zeros(len(total))
+            for role, rows in v.mean_of.items():
+                mine = rows[part][averaged]
+                has = mine >= 0
+                total[has] += _decoded(self._rows(maps, role, mine[has], touched), self.dtype)
+                seen += has
+            out[averaged] = _encoded(total / seen[:, None], self.dtype)
+        return out
+
+    def _padding_row(self, maps, role: str) -> np.ndarray:
+        """`role`'s mean gathered row over the token rows: what its padding rows hold."""
+        if role not in self._padding:
+            total = np.zeros(self.width)
+            step = max(1, (32 << 20) // max(1, self.width * 4))
+            for start in range(0, self.vocabulary.tokens, step):
+                n = min(step, self.vocabulary.tokens - start)
+                touched: list = []
+                block = self._gathered(maps, role, start, n, touched, padding=False)
+                total += _decoded(block, self.dtype).sum(axis=0, dtype=np.float64)
+                GatheredRows(block, touched).release(0, 0)
+            self._padding[role] = _encoded(total / max(1, self.vocabulary.tokens), self.dtype)
+        return self._padding[role]
+
+    def _gathered(self, maps, role: str, start: int, count: int, touched: list,
+                  padding: bool = True, defaults: Optional[np.ndarray] = None) -> np.ndarray:
+        v = self.vocabulary
+        own = v.own[role][start:start + count]
+        has = own >= 0
+        if defaults is None:
+            defaults = self._defaults(maps, start, count, touched)
+        out = defaults.copy() if not has.all() else \
+            np.empty((count, self.width), dtype=storage_numpy_dtype(self.dtype))
+        out[has] = self._rows(maps, role, own[has], touched)
+        pad = v.fill[start:start + count] == PADDING
+        if padding and pad.any():
+            out[pad] = self._padding_row(maps, role)
+        return out
+
+    def gather(self, maps, sources: Sequence[TensorLocation], start: int,
+               count: int) -> List[GatheredRows]:
+        """Output rows [start, start+count) of each of `sources`, in self.dtype."""
+        touched: list = []
+        lacking = (self.vocabulary.fill[start:start + count] != OWN).any()
+        defaults = self._defaults(maps, start, count, touched) if lacking else \
+            np.zeros((count, self.width), dtype=storage_numpy_dtype(self.dtype))
+        return [GatheredRows(self._gathered(maps, self.role_of(loc), start, count, touched,
+                                            defaults=defaults), touched)
+                for loc in sources]
+
+
+def vocabulary_tensors(vocabulary: Vocabulary, models: Dict[str, Checkpoint],
+                       input_dtype: Optional[DType] = None
+                       ) -> Tuple[Dict[str, TensorRows], List[str]]:
+    """The tensors to gather by token (in input_dtype, when the inputs are cast to one), by
+    name, and what keeps any of them from it."""
+    base = models[vocabulary.roles[0]]
+    rows, problems = {}, []
+    for name in base.tensors:
+        locations = {role: m.tensors[name] for role, m in models.items() if name in m.tensors}
+        if len(locations) < len(models) or not vocabulary.is_vocabulary_tensor(name, locations):
+            continue
+        found = vocabulary.tensor_problems(name, locations)
+        if found:
+            problems += found
+        else:
+            rows[name] = TensorRows(vocabulary, locations, input_dtype)
+    return rows, problems
