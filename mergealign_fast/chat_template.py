@@ -103,19 +103,26 @@ def resolve_template(spec: str, models: Sequence[Path]) -> Optional[str]:
     return spec
 
 
-def template_files(template: str, copied: Sequence[Path]) -> Dict[str, bytes]:
+def template_files(template: str, copied: Sequence[Path],
+                   written: Optional[Dict[str, bytes]] = None) -> Dict[str, bytes]:
     """{file: content} that give OUT's tokenizer `template`, from the tokenizer files copied
-    into OUT; PlanError when none is (no tokenizer to carry it)."""
+    into OUT or `written` for it (a tokenizer merged by token); PlanError when there is none (no
+    tokenizer to carry it)."""
     names = {path.name: path for path in copied}
-    if TOKENIZER_CONFIG not in names:
-        raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry it "
-                         "(set tokenizer_source to a model with a tokenizer, and copy it)"])
+    where: object = names.get(TOKENIZER_CONFIG)
     try:
-        config = json.loads(names[TOKENIZER_CONFIG].read_text(encoding="utf-8"))
+        if written and TOKENIZER_CONFIG in written:
+            where = f"the merged tokenizer's {TOKENIZER_CONFIG}"
+            config = json.loads(written[TOKENIZER_CONFIG].decode("utf-8"))
+        elif where is None:
+            raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry "
+                             "it (set tokenizer_source to a model with a tokenizer, and copy it)"])
+        else:
+            config = json.loads(names[TOKENIZER_CONFIG].read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PlanError([f"{names[TOKENIZER_CONFIG]}: cannot read: {exc}"]) from None
+        raise PlanError([f"{where}: cannot read: {exc}"]) from None
     if not isinstance(config, dict):
-        raise PlanError([f"{names[TOKENIZER_CONFIG]}: must hold a JSON object"])
+        raise PlanError([f"{where}: must hold a JSON object"])
     config["chat_template"] = template
     return {TOKENIZER_CONFIG: (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),
             TEMPLATE_FILE: template.encode("utf-8")}

@@ -495,7 +495,7 @@ def _set_chat_template(plan, config) -> None:
         print("mergealign-fast: note: chat_template auto: none of the models carries a "
               "template; the tokenizer files are copied as they are", file=sys.stderr)
         return
-    plan.written_files.update(template_files(template, plan.copied_files))
+    plan.written_files.update(template_files(template, plan.copied_files, plan.written_files))
 
 
 def _eval_settings(args: argparse.Namespace):

@@ -337,7 +337,8 @@ def merge_models(base: ModelEntry, models: Sequence[ModelEntry], out: PathLike, 
     too: give it as (folder, {"weight": w}).  One pass reads each input once, in bounded memory,
     bitwise the same on any thread count.  `options`, **changes, progress and ray_address as
     for merge_checkpoints (the trio's weights there are not used; the tokenizer is the base's
-    unless tokenizer_from names "model N" or "none")."""
+    unless tokenizer_from names "model N" or "none"; vocabulary="union" or "model N" merges
+    the vocabulary tensors by token)."""
     entries = [_model_entry(e) for e in [base, *models]]
     per_model = {SET_ROLE.format(i): params for i, (_, params) in enumerate(entries) if i}
     per_model["base"] = entries[0][1]

@@ -5,11 +5,12 @@ for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (methods.METHODS: mergekit's task_arithmetic, linear, ties, dare_linear,
 dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, and our slerp_vectors,
 resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per model or shared,
-a model's own first), `dtype`, `out_dtype`, `tokenizer_source` (base or one of the models).
+a model's own first), `dtype`, `out_dtype`, `tokenizer_source` (base, union or one of the
+models) and the `tokenizer` section: the vocabulary tensors merged by token (vocabularies.py).
 The `chat_template` (chat_template.py), and `slices`: with passthrough a stack of layer ranges,
 one model each, or merged slice by slice with any other method (slices.py).  The whole config
 is checked, and every problem reported, before any tensor is read; anything else (slices that
-merge other models per slice, `modules`, `tokenizer`, an unknown key or parameter, a hub name
+merge other models per slice, `modules`, an unknown key or parameter, a hub name
 instead of a folder) is an error naming it.  A known parameter the method does not take
 (`weight` on slerp, `t` on linear) is ignored with a warning, as mergekit ignores it.
 

@@ -703,7 +703,7 @@ def _with_vocabulary(plan: MergePlan, vocabulary: Vocabulary) -> None:
     and its config's vocab_size the rows of its matrices."""
     if vocabulary.rebuilt or plan.options.tokenizer_from == "none":
         plan.copied_files = [f for f in plan.copied_files if f.name not in REPLACED_BY_TOKENIZER]
-        plan.written_files.update(vocabulary.tokenizer_files())
+        plan.written_files.update(vocabulary.tokenizer_files)
     if plan.config is not None:
         text = plan.config.get("text_config")
         holder = text if isinstance(text, dict) and "vocab_size" in text \

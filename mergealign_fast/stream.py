@@ -215,13 +215,13 @@ def _gathered_chunks(sources: Sequence[TensorLocation], rows: TensorRows, maps: 
     """tensor_chunks of a vocabulary tensor: whole output rows, each input's gathered by token
     into memory of its own (vocabularies.TensorRows)."""
     step = max(1, max_elements // max(1, rows.width))
-    dtypes = (rows.dtype,) * len(sources)
     for first in range(0, rows.shape[0], step):
         n = min(step, rows.shape[0] - first)
         gathered = rows.gather(maps, sources, first, n)
         start = first * rows.width
-        yield Chunk(start, n * rows.width, tuple((g, 0, g.rows.nbytes) for g in gathered),
-                    dtypes, file_offset + start * out_itemsize, input_cast)
+        yield Chunk(start, n * rows.width, tuple((g, 0, g.nbytes) for g in gathered),
+                    tuple(g.dtype for g in gathered), file_offset + start * out_itemsize,
+                    input_cast)
 
 
 def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps, input_cast: int = -1,

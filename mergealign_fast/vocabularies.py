@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import pickle
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,7 @@ class Vocabulary:
     """The output vocabulary and, per output row, where each model's row comes from."""
 
     spec: VocabularySpec
-    tokenizer: object  # the transformers tokenizer OUT gets
+    tokenizer_files: Dict[str, bytes]  # the output tokenizer as transformers saves it
     tokens: int  # output rows that are tokens; `size` with the padding rows
     size: int
     sizes: Dict[str, int]  # each model's vocabulary (its matrices' rows), by role
@@ -77,12 +80,6 @@ class Vocabulary:
         return bool(VOCABULARY_TENSOR.search(name)) and all(
             loc.entry.shape and loc.entry.shape[0] == self.sizes[role]
             for role, loc in locations.items())
-
-    def tokenizer_files(self) -> Dict[str, bytes]:
-        """The tokenizer as transformers saves it: {file name: content} for OUT."""
-        with tempfile.TemporaryDirectory(prefix="mergealign-tokenizer-") as folder:
-            self.tokenizer.save_pretrained(folder)
-            return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
     def describe(self) -> dict:
         """For the manifest and the merge report."""
@@ -131,6 +128,72 @@ def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
     """The output vocabulary of `folders` (by role, base first) under `spec`.  A union, built
     on the base's tokenizer, takes the chat template of `template_from` when the base has none
     (an aligned model's template is what a MergeAlign merge is chatted with)."""
+    if "torch" in sys.modules:  # nothing to keep out of this process (a notebook, tests)
+        tables = tokenizer_tables(folders, spec, template_from)
+    else:
+        tables = _tables_in_child(folders, spec, template_from)
+    roles = tuple(folders)
+    tokens = max(tables.out_vocab.values()) + 1
+    size = _padded(tokens, spec.pad_to_multiple_of)
+    own = {role: _rows_of(tables.out_vocab, tables.vocabs[role], size) for role in roles}
+    # A folder given in two roles (a base standing in for an absent base_model) is one model.
+    first_role: Dict[Path, str] = {}
+    for role in roles:
+        first_role.setdefault(folders[role].resolve(), role)
+    distinct = tuple(first_role.values())
+    return _with_fill_rules(spec, tables, tokens, size, own, roles, distinct)
+
+
+@dataclass
+class TokenizerTables:
+    """What the tokenizers say: the output vocabulary, each model's (its ids below its
+    vocab_size), each model's vocab_size, and the output tokenizer as transformers saves it."""
+
+    out_vocab: Dict[str, int]
+    vocabs: Dict[str, Dict[str, int]]
+    sizes: Dict[str, int]
+    files: Dict[str, bytes]
+    rebuilt: bool  # the output tokenizer differs from its source's files
+
+
+def _tables_in_child(folders: Dict[str, Path], spec: VocabularySpec,
+                     template_from: Optional[str]) -> TokenizerTables:
+    """tokenizer_tables in a child process.  transformers imports torch, and a process that
+    has imported torch faults mapped file pages ~2.5x slower (measured here: 0.09-0.14 s to
+    touch a 2.2 GB page-cached file, 0.24-0.39 s after `import torch`), which slowed a whole
+    1.1B merge from 1.0-1.4 s to 1.8-2.4 s: a merging process that has not imported torch does
+    not start now (the child costs its imports, ~3 s)."""
+    request = pickle.dumps((folders, spec, template_from))
+    with tempfile.TemporaryDirectory(prefix="mergealign-vocabulary-") as scratch:
+        answer = Path(scratch) / "answer.pickle"
+        done = subprocess.run([sys.executable, "-c", CHILD, str(answer)], input=request,
+                              capture_output=True)
+        if done.returncode != 0 or not answer.is_file():
+            said = done.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+            raise PlanError([f"reading the tokenizers failed: {said[-1]}"])
+        kind, value = pickle.loads(answer.read_bytes())
+    if kind == "problems":
+        raise PlanError(value)
+    return value
+
+
+CHILD = "import sys; from mergealign_fast.vocabularies import answer_child; answer_child(sys.argv[1])"
+
+
+def answer_child(path: str) -> None:
+    """The child's side of _tables_in_child: the request on stdin, the answer (tables, or the
+    problems found) pickled to `path`."""
+    folders, spec, template_from = pickle.loads(sys.stdin.buffer.read())
+    try:
+        answer = ("tables", tokenizer_tables(folders, spec, template_from))
+    except PlanError as exc:
+        answer = ("problems", exc.problems)
+    Path(path).write_bytes(pickle.dumps(answer))
+
+
+def tokenizer_tables(folders: Dict[str, Path], spec: VocabularySpec,
+                     template_from: Optional[str] = None) -> TokenizerTables:
+    """The tokenizers of `folders` read, and the output one built, by transformers."""
     transformers = _transformers()
     roles = tuple(folders)
     tokenizers = {role: _load_tokenizer(transformers, role, folder)
@@ -153,17 +216,10 @@ def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
             tokenizer.add_tokens(token)
             existing.add(token)
             rebuilt = True
-    out_vocab = tokenizer.get_vocab()
-    tokens = max(out_vocab.values()) + 1
-    size = _padded(tokens, spec.pad_to_multiple_of)
-    own = {role: _rows_of(out_vocab, vocabs[role], size) for role in roles}
-    # A folder given in two roles (a base standing in for an absent base_model) is one model.
-    first_role: Dict[Path, str] = {}
-    for role in roles:
-        first_role.setdefault(folders[role].resolve(), role)
-    distinct = tuple(first_role.values())
-    return _with_fill_rules(spec, tokenizer, tokens, size, sizes, own, vocabs, roles,
-                            distinct, rebuilt)
+    with tempfile.TemporaryDirectory(prefix="mergealign-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    return TokenizerTables(tokenizer.get_vocab(), vocabs, sizes, files, rebuilt)
 
 
 def _output_tokenizer(transformers, spec: VocabularySpec, tokenizers, vocabs, sizes):
@@ -210,14 +266,14 @@ def _rows_of(out_vocab: Dict[str, int], vocab: Dict[str, int], size: int) -> np.
     return rows
 
 
-def _with_fill_rules(spec, tokenizer, tokens, size, sizes, own, vocabs, roles, distinct,
-                     rebuilt) -> Vocabulary:
+def _with_fill_rules(spec: VocabularySpec, tables: TokenizerTables, tokens: int, size: int,
+                     own: Dict[str, np.ndarray], roles, distinct) -> Vocabulary:
     """The Vocabulary with each row's default: `tokens` entries first, then mergekit's donor,
     base and mean rules for the rows some model lacks (models counted by `distinct` roles)."""
     fill = np.full(size, OWN, dtype=np.int8)
     donor_role = np.full(size, -1, dtype=np.int64)
     donor_row = np.full(size, -1, dtype=np.int64)
-    present = np.stack([own[r] >= 0 for r in distinct]) if distinct else np.zeros((0, size))
+    present = np.stack([own[r] >= 0 for r in distinct])
     count = present.sum(axis=0)
     lacking = count < len(distinct)
     fill[lacking & (count == 0)] = ZERO
@@ -236,22 +292,21 @@ def _with_fill_rules(spec, tokenizer, tokens, size, sizes, own, vocabs, roles, d
     fill[shared] = MEAN
     fill[tokens:] = PADDING
     own = {role: rows.copy() for role, rows in own.items()}
-    out_vocab = tokenizer.get_vocab()
     for token, source in spec.tokens:
         if source.kind == "auto":  # an added token without a source: the rules above
             continue
-        row = out_vocab[token]
-        fill[row], donor_role[row], donor_row[row] = _token_rule(token, source, roles, own,
-                                                                 vocabs, sizes)
+        row = tables.out_vocab[token]
+        fill[row], donor_role[row], donor_row[row] = _token_rule(token, source, roles,
+                                                                 tables.vocabs, tables.sizes)
         if source.force:
             for rows in own.values():
                 rows[row] = -1
     mean_of = {r: np.where(fill == MEAN, own[r], -1) for r in distinct}
-    return Vocabulary(spec, tokenizer, tokens, size, sizes, own, fill, donor_role, donor_row,
-                      mean_of, roles, rebuilt)
+    return Vocabulary(spec, tables.files, tokens, size, tables.sizes, own, fill, donor_role,
+                      donor_row, mean_of, roles, tables.rebuilt)
 
 
-def _token_rule(token: str, source: TokenSource, roles, own, vocabs, sizes):
+def _token_rule(token: str, source: TokenSource, roles, vocabs, sizes):
     """(fill, donor role index, donor row) of a `tokens` entry; PlanError when the row it names
     does not exist."""
     if source.kind == "zero":
@@ -292,17 +347,33 @@ def _encoded(values: np.ndarray, dtype: DType) -> np.ndarray:
 
 class GatheredRows:
     """One model's rows of a chunk, gathered into memory of its own: what a Chunk input needs
-    (an address, and a release that drops the source pages the gather touched)."""
+    (an address, a dtype, a byte count, and a release that drops the source pages the gather
+    touched)."""
 
-    def __init__(self, rows: np.ndarray, touched):
+    def __init__(self, rows: np.ndarray, dtype: DType, touched):
         self.rows = rows
         self.address = rows.ctypes.data
+        self.dtype = dtype
+        self.nbytes = rows.nbytes
         self._touched = touched  # shared by the chunk's inputs: released once
 
     def release(self, offset: int, length: int) -> None:
         while self._touched:
             mapped, start, nbytes = self._touched.pop()
             mapped.release(start, nbytes)
+
+
+class MappedRows:
+    """A run of consecutive rows a model has for every token of a chunk (the base's own
+    vocabulary, a model that numbers alike): the mapped input itself, as a chunk of a tensor
+    merged by index reads it (no copy; the kernel applies any input cast)."""
+
+    def __init__(self, mapped, offset: int, nbytes: int, dtype: DType):
+        self.mapped, self.offset, self.nbytes, self.dtype = mapped, offset, nbytes, dtype
+        self.address = mapped.address + offset
+
+    def release(self, offset: int, length: int) -> None:
+        self.mapped.release(self.offset, self.nbytes)
 
 
 class TensorRows:
@@ -379,19 +450,23 @@ class TensorRows:
                 touched: list = []
                 block = self._gathered(maps, role, start, n, touched, padding=False)
                 total += _decoded(block, self.dtype).sum(axis=0, dtype=np.float64)
-                GatheredRows(block, touched).release(0, 0)
+                GatheredRows(block, self.dtype, touched).release(0, 0)
             self._padding[role] = _encoded(total / max(1, self.vocabulary.tokens), self.dtype)
         return self._padding[role]
 
     def _gathered(self, maps, role: str, start: int, count: int, touched: list,
                   padding: bool = True, defaults: Optional[np.ndarray] = None) -> np.ndarray:
+        """`role`'s output rows [start, start+count) in self.dtype: its own rows, the
+        default rows (`defaults`, computed when not given) where it lacks the token, and its
+        padding rows."""
         v = self.vocabulary
         own = v.own[role][start:start + count]
         has = own >= 0
+        if has.all():
+            return self._rows(maps, role, own, touched)
         if defaults is None:
             defaults = self._defaults(maps, start, count, touched)
-        out = defaults.copy() if not has.all() else \
-            np.empty((count, self.width), dtype=storage_numpy_dtype(self.dtype))
+        out = defaults.copy()
         out[has] = self._rows(maps, role, own[has], touched)
         pad = v.fill[start:start + count] == PADDING
         if padding and pad.any():
@@ -399,15 +474,27 @@ class TensorRows:
         return out
 
     def gather(self, maps, sources: Sequence[TensorLocation], start: int,
-               count: int) -> List[GatheredRows]:
-        """Output rows [start, start+count) of each of `sources`, in self.dtype."""
+               count: int) -> List[object]:
+        """Output rows [start, start+count) of each of `sources`: the mapped rows themselves
+        where a model has them all in a run (MappedRows), else gathered in self.dtype."""
         touched: list = []
-        lacking = (self.vocabulary.fill[start:start + count] != OWN).any()
-        defaults = self._defaults(maps, start, count, touched) if lacking else \
-            np.zeros((count, self.width), dtype=storage_numpy_dtype(self.dtype))
-        return [GatheredRows(self._gathered(maps, self.role_of(loc), start, count, touched,
-                                            defaults=defaults), touched)
-                for loc in sources]
+        defaults = None
+        blocks = []
+        for loc in sources:
+            role = self.role_of(loc)
+            own = self.vocabulary.own[role][start:start + count]
+            if own[0] >= 0 and own[-1] - own[0] == count - 1 and np.all(np.diff(own) == 1):
+                row_bytes = loc.entry.nbytes // loc.entry.shape[0]
+                blocks.append(MappedRows(maps.maps[loc.file],
+                                         loc.entry.begin + int(own[0]) * row_bytes,
+                                         count * row_bytes, DType[loc.entry.dtype]))
+                continue
+            if defaults is None and not np.all(own >= 0):  # shared by the models lacking rows
+                defaults = self._defaults(maps, start, count, touched)
+            blocks.append(GatheredRows(self._gathered(maps, role, start, count, touched,
+                                                      defaults=defaults),
+                                       self.dtype, touched))
+        return blocks
 
 
 def vocabulary_tensors(vocabulary: Vocabulary, models: Dict[str, Checkpoint],

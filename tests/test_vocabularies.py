@@ -226,12 +226,23 @@ def test_a_tokenizer_section_that_cannot_work_is_one_line(world, tmp_path, token
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_whose_tokenizer_does_not_load_is_named(world, tmp_path, cli):
+def test_a_chat_template_is_written_into_the_merged_tokenizer(world, tmp_path, cli):
+    config = _config(tmp_path, world, "tokenizer_source: union\nchat_template: chatml")
+    done = cli("run", config, tmp_path / "out", "--quiet")
+    assert done.returncode == 0, done.stderr
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert "<|im_start|>" in tokenizer.chat_template and tokenizer.chat_template != TEMPLATE
+    assert "<med1>" in tokenizer.get_vocab()
+
+
+def test_a_model_whose_tokenizer_does_not_load_is_named(world, tmp_path):
+    """(A fresh process: the tokenizers are read in a child, whose problems come back as the
+    same one line.)"""
     broken = tmp_path / "broken"
     shutil.copytree(world["domain"], broken)
     (broken / "tokenizer.json").write_text("{not json")
     config = _config(tmp_path, {**world, "domain": broken}, "tokenizer_source: union")
-    assert_clean_error(cli("run", config, tmp_path / "out"),
+    assert_clean_error(run_cli("run", config, tmp_path / "out"),
                        f"{broken}: its tokenizer does not load")
 
 
