@@ -26,6 +26,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from mergealign_fast.io.vocabulary import VOCABULARY_TENSOR
+
 OUT = Path(os.environ.get("MERGEKIT_SUITE_OUT", "mergekit-suite.jsonl"))
 _current_test = {"id": ""}
 
@@ -86,8 +88,12 @@ def _compare(ours: Path, theirs: Path) -> dict:
                 "extra": sorted(set(mine.tensors) - set(other.tensors))[:5]}
     equal = differ = 0
     worst = 0.0
+    in_their_order = _token_order(ours, theirs)
     for name, loc in mine.tensors.items():
         a, b = read_elements(loc), read_elements(other.tensors[name])
+        if in_their_order is not None and VOCABULARY_TENSOR.search(name) \
+                and loc.entry.shape == other.tensors[name].entry.shape:
+            a = a.reshape(loc.entry.shape[0], -1)[in_their_order(loc.entry.shape[0])].ravel()
         if loc.entry.dtype != other.tensors[name].entry.dtype or a.tobytes() != b.tobytes():
             differ += 1
             x = decode_to_f64(a, DType[loc.entry.dtype]) if loc.entry.dtype in DType.__members__ \
@@ -99,6 +105,30 @@ def _compare(ours: Path, theirs: Path) -> dict:
         else:
             equal += 1
     return {"equal": equal, "differ": differ, "worst_relative": worst}
+
+
+def _token_order(ours: Path, theirs: Path):
+    """For outputs whose tokenizers hold the same tokens under other ids (a union: mergekit
+    adds tokens in its hash map's order, we in each model's id order), a function giving, for a
+    vocabulary tensor of n rows, our row of each of their rows; None when the ids agree."""
+    import numpy as np
+    from mergealign_fast.io.vocabulary import token_ids
+
+    try:
+        mine, other = token_ids(ours / "tokenizer.json"), token_ids(theirs / "tokenizer.json")
+    except (OSError, ValueError):
+        return None
+    if mine == other or set(mine) != set(other):
+        return None
+
+    def order(rows: int):
+        index = np.arange(rows)
+        for token, their_id in other.items():
+            if their_id < rows:
+                index[their_id] = mine[token]
+        return index
+
+    return order
 
 
 def summary(path: Path) -> None:
