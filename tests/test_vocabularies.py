@@ -177,6 +177,59 @@ def test_merge_by_the_domain_vocabulary_keeps_its_tokens(world, tmp_path, cli):
         (world["domain"] / "tokenizer.json").read_bytes()
 
 
+def test_a_sweep_by_token_is_the_merge_of_each_lambda_and_resumes_only_itself(world, tmp_path,
+                                                                              cli):
+    models = [world[r] for r in ("base", "domain", "aligned")]
+    assert cli("sweep", *models, "-o", tmp_path / "sweep", "--lambdas", "0.25,0.75",
+               "--vocab", "union", "--quiet").returncode == 0
+    merge = ("merge", *models, "-o", tmp_path / "one", "--domain-weight", "0.75",
+             "--align-weight", "0.25", "--quiet")
+    assert cli(*merge, "--vocab", "union").returncode == 0
+    assert (tmp_path / "sweep" / "lambda-0.75" / "model.safetensors").read_bytes() == \
+        (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert "already complete" in cli(*merge, "--vocab", "union", "--resume").stdout
+    assert_clean_error(cli(*merge, "--vocab", "domain", "--resume"),
+                       "holds another merge (option vocabulary")
+
+
+@pytest.mark.slow  # transformers builds six more models
+@pytest.mark.parametrize("kind", ["gpt2", "tied llama"])
+def test_architectures_with_their_own_vocabulary_tensors(tmp_path, kind, cli):
+    """GPT-2 (`transformer.wte`, Conv1D weights) and a Llama whose output head is its
+    embedding (no lm_head tensor): a union loads back whole, and a token only the expert has
+    keeps the expert's row."""
+    def save(folder, words, seed):
+        if kind == "gpt2":
+            config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                             vocab_size=len(words))
+            model_class = transformers.GPT2LMHeadModel
+        else:
+            config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2,
+                                              num_key_value_heads=1, vocab_size=len(words),
+                                              tie_word_embeddings=True)
+            model_class = transformers.LlamaForCausalLM
+        _save_model(folder, words, seed=seed)  # the tokenizer (its Llama is replaced below)
+        for stale in folder.glob("*.safetensors"):
+            stale.unlink()
+        torch.manual_seed(seed)
+        model_class(config).save_pretrained(folder)
+        return folder
+
+    models = [save(tmp_path / "base", WORDS, 0), save(tmp_path / "domain", WORDS + ["<med1>"], 1),
+              save(tmp_path / "aligned", WORDS, 2)]
+    done = cli("merge", *models, "-o", tmp_path / "out", "--vocab", "union", "--quiet")
+    assert done.returncode == 0, done.stderr
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    embedding = "transformer.wte.weight" if kind == "gpt2" else "model.embed_tokens.weight"
+    (out, out_vocab), (domain, domain_vocab) = _model(tmp_path / "out"), _model(models[1])
+    assert out[embedding].shape[0] == len(WORDS) + 1
+    assert np.array_equal(out[embedding][out_vocab["<med1>"]],
+                          domain[embedding][domain_vocab["<med1>"]])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--vocab", "union", "--device", "cuda"], "gathered on the CPU path"),
     ([], "merge by token (merge --vocab"),
