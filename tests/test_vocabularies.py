@@ -360,3 +360,26 @@ def test_the_same_rows_as_mergekit_for_each_token(world, tmp_path, method, base,
         assert not info["missing_keys"] and not info["unexpected_keys"], folder
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == \
         json.loads((tmp_path / "theirs" / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.slow  # starts a Ray instance (~5 s) and Ray workers
+def test_a_union_split_across_ray_is_the_union_merged_here(world, tmp_path):
+    """Ray's workers gather the rows by token from the plan they are sent."""
+    pytest.importorskip("ray")
+    import ray_cluster
+
+    env = ray_cluster.cluster_env()
+    try:
+        address = ray_cluster.start_head(2, env)
+        merge = ["merge", world["base"], world["domain"], world["aligned"], "--vocab", "union",
+                 "--max-shard-size", "4KB", "--quiet", "-o"]
+        assert ray_cluster.run_cli([*merge, tmp_path / "here"], env).returncode == 0
+        done = ray_cluster.run_cli([*merge, tmp_path / "ray", "--ray", address], env)
+        assert done.returncode == 0, done.stderr
+    finally:
+        ray_cluster.stop(env)
+    files = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) > 2
+    for name in files:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), \
+            name
