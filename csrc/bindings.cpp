@@ -375,7 +375,8 @@ PYBIND11_MODULE(_native, m) {
       .def_readwrite("normalize", &Recipe::normalize)
       .def_readwrite("lambda_", &Recipe::lambda)
       .def_readwrite("base_weight", &Recipe::base_weight)
-      .def_readwrite("divisor", &Recipe::divisor);
+      .def_readwrite("divisor", &Recipe::divisor)
+      .def_readwrite("swap_t", &Recipe::swap_t);
 
   m.attr("HISTOGRAM_BINS") = kHistogramBins;
   m.attr("HISTOGRAM_HIGH_BITS") = kHighBits;

@@ -289,6 +289,18 @@ MA_HD float merge_models(const Recipe& r, float base, float domain, float aligne
   return ma_div(sum, r.divisor);
 }
 
+// kNearSwap: where the models are within t of each other the domain model's value, further
+// apart a blend that moves t toward it.  A NaN difference stays NaN (the comparisons are false
+// for it, as torch's clamp passes NaN through).  t / distance is computed as torch computes
+// mergekit's `t / tensor`: (1 / distance) * t, two roundings, so the results are its bits.
+MA_HD float merge_nearswap(const Recipe& r, float base, float domain) {
+  float distance = ma_sub(domain, base);
+  distance = distance < 0.0f ? -distance : distance;
+  float w = ma_mul(ma_div(1.0f, distance < kNearSwapEps ? kNearSwapEps : distance), r.swap_t);
+  w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
+  return ma_add(ma_mul(w, domain), ma_mul(ma_sub(1.0f, w), base));
+}
+
 // One element of any recipe: the per-element path the CUDA kernels run.  The CPU computes the
 // same values in bulk (tiles.h, direct_path.cpp); merge_cpu_elementwise runs this path on the
 // CPU so that tests compare the two bit for bit without a GPU.
@@ -298,6 +310,7 @@ MA_HD float merge_element(const Recipe& r, float base, float domain, float align
     return merge_one(base, domain, aligned, r.domain.weight, r.align.weight);
   }
   if (r.kind == kModels) return merge_models(r, base, domain, aligned);
+  if (r.kind == kNearSwap) return merge_nearswap(r, base, domain);
   return merge_vectors(r, base, domain, aligned, index);
 }
 

@@ -35,7 +35,12 @@ enum RecipeKind : int {
   kVectors = 1,         // base + combination of sparsified, weighted task vectors (TIES, DARE)
   kModels = 2,          // (c_b*base + c_d*domain + c_a*aligned) / divisor: linear, SLERP,
                         // ChipAlign
+  kNearSwap = 3,        // w*domain + (1 - w)*base, w = clamp(t / max(|domain - base|, eps),
+                        // 0, 1): mergekit's NearSwap (the aligned input is not read)
 };
+
+// NearSwap's floor on |domain - base| (mergekit's clamp(min=1e-6)).
+constexpr float kNearSwapEps = 1e-6f;
 
 enum Sparsify : int {
   kKeepAll = 0,
@@ -73,6 +78,7 @@ struct Recipe {
   float lambda = 1.0f;    // kVectors: scale of the combined vector (mergekit's `lambda`)
   float base_weight = 0.0f;  // kModels
   float divisor = 1.0f;      // kModels, and kVectors without sign election
+  float swap_t = 0.0f;       // kNearSwap: mergekit's t (|differences| up to t swap fully)
 };
 
 

@@ -231,6 +231,9 @@ inline __attribute__((always_inline)) void merge_tile(const Recipe& recipe, cons
     case kModels:
       for (int i = 0; i < n; ++i) merged[i] = merge_models(r, b[i], d[i], a[i]);
       break;
+    case kNearSwap:
+      for (int i = 0; i < n; ++i) merged[i] = merge_nearswap(r, b[i], d[i]);
+      break;
     default: {
       VectorTile v;
       v.load(r, b, d, a, first_index, n);

@@ -110,6 +110,7 @@ class Recipe:
     lambda_: float
     base_weight: float
     divisor: float
+    swap_t: float
     def __init__(self) -> None: ...
 
 

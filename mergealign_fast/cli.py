@@ -104,7 +104,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None,
                        help="dare/resta: seed of the random masks (default 0)")
     group.add_argument("--t", type=float, default=None,
-                       help="slerp/slerp_vectors/chipalign: 0 = aligned, 1 = domain (default 0.5)")
+                       help="slerp/slerp_vectors/chipalign: 0 = aligned, 1 = domain (default "
+                            "0.5); nearswap: the distance within which domain's value is taken")
     group.add_argument("--base-weight", type=float, default=None, metavar="W",
                        help="linear: weight of the base model itself (default 0)")
     group.add_argument("--gamma", type=float, default=None, metavar="G",

@@ -3,8 +3,8 @@
 Supported: `models` (each a local model folder, relative paths from the current directory as
 for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (methods.METHODS: mergekit's task_arithmetic, linear, ties, dare_linear,
-dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, and our slerp_vectors,
-resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per model or shared,
+dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, nearswap, and our
+slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per model or shared,
 a model's own first), `dtype`, `out_dtype`, `tokenizer_source` (base, union or one of the
 models) and the `tokenizer` section: the vocabulary tensors merged by token (vocabularies.py).
 The `chat_template` (chat_template.py), and `slices`: with passthrough a stack of layer ranges,
@@ -57,8 +57,7 @@ PER_MODEL = {"weight", "density", "gamma"}
 NUMERIC = {"weight", "density", "lambda", "t", "gamma"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
-              "model_stock", "breadcrumbs", "breadcrumbs_ties",
-              "slerp"}
+              "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
 NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
                  "breadcrumbs", "breadcrumbs_ties"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
@@ -456,6 +455,12 @@ class _Reader:
                 return None
             # t runs from the first model to the second: our aligned to our domain.
             return {"base": base or others[0], "domain": others[1], "aligned": others[0]}
+        elif name == "nearswap":
+            if len(others) != 1:
+                self.problem(f"nearswap takes base_model and exactly one other model "
+                             f"(got {len(others)} others)")
+                return None
+            return {"base": base, "domain": others[0], "aligned": base}
         elif name == "model_stock" and len(others) < 2:
             self.problem(f"model_stock takes base_model and at least two other models "
                          f"(got {len(others)})")

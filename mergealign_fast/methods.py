@@ -24,6 +24,9 @@ reference for the semantics of the methods it has.
                      cosine c of the task vectors' pairs (Model Stock; mergekit's, whole tensors)
     breadcrumbs      drop each τ's largest γ·n and its smallest magnitudes, keeping int(density·n)
                      (Model Breadcrumbs), weighted sum; breadcrumbs_ties with TIES' election
+    nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
+                     the domain model's value where the two are within t, else a step of t
+                     toward it (mergekit's NearSwap; aligned is not used)
 
 τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
 (t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.
@@ -48,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from .io.checkpoint import layer_index
 
 # RecipeKind, Sparsify (csrc/merge_operands.h)
-TASK_ARITHMETIC, VECTORS, MODELS = 0, 1, 2
+TASK_ARITHMETIC, VECTORS, MODELS, NEAR_SWAP = 0, 1, 2, 3
 KEEP_ALL, KEEP_LARGEST, KEEP_RANDOM, KEEP_BAND = 0, 1, 2, 3
 # kKeepLargest threshold no |τ| reaches: |τ|'s bits are at most 0x7fffffff (a NaN).
 KEEP_NONE_BITS = 0x80000000
@@ -71,6 +74,8 @@ NUSLERP_EPS = 1e-8
 NUSLERP_WEIGHT_EPS = 1e-6
 # Model Stock: norm products clamped up to this; a denominator below it keeps the base.
 MODEL_STOCK_EPS = 1e-6
+# NearSwap's floor on |domain - base| (csrc/merge_operands.h kNearSwapEps; mergekit's).
+NEAR_SWAP_EPS = 1e-6
 
 RESCALES = ("l1", "inverse_density", "none")
 
@@ -106,6 +111,7 @@ METHODS: Dict[str, MethodInfo] = {
     "breadcrumbs": MethodInfo(_VECTOR_PARAMS + ("gamma",), sparsify=KEEP_BAND),
     "breadcrumbs_ties": MethodInfo(_VECTOR_PARAMS + ("gamma",), sparsify=KEEP_BAND,
                                    sign_election=True),
+    "nearswap": MethodInfo(("t",)),
 }
 
 
@@ -658,6 +664,10 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
     if s.name == "model_stock":
         t = model_stock_t([pair_cosine(*passes.vector_stats(models=False))], 2)
         return _stock_recipe(recipe, [recipe.domain, recipe.align], t)
+    if s.name == "nearswap":
+        recipe.kind = NEAR_SWAP
+        recipe.swap_t = s.t
+        return recipe
     return _vectors_recipe(recipe, [recipe.domain, recipe.align], s, tensor_name, count, passes)
 
 

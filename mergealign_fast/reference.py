@@ -155,6 +155,8 @@ def method_ref(settings, tensor_name: str, base, *models):
         return _geodesic_ref(s, b, *xs)
     if s.name == "model_stock":
         return _model_stock_ref(b, xs)
+    if s.name == "nearswap":
+        return _nearswap_ref(s.t, b, xs[0])
     if s.is_plain_task_arithmetic:
         d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
@@ -162,6 +164,14 @@ def method_ref(settings, tensor_name: str, base, *models):
                             scale=np.abs(b) + np.abs(s.w_domain * (d - b))
                             + np.abs(s.w_align * (a - b)))
     return _vectors_ref(s, tensor_name, b, xs)
+
+
+def _nearswap_ref(t: float, b: np.ndarray, d: np.ndarray):
+    """NearSwap from its definition; the scale counts both products and w's own roundings
+    (|d - b| and the division, 2u relative) times |d - b|."""
+    distance = np.abs(d - b)
+    w = np.clip(t / np.maximum(distance, methods.NEAR_SWAP_EPS), 0.0, 1.0)
+    return w * d + (1.0 - w) * b, np.abs(w * d) + np.abs((1.0 - w) * b) + w * distance
 
 
 def _combination(coefficients, arrays, divisor, exact=None, scale=None):

@@ -378,7 +378,7 @@ def _recipes():
     """Recipes reaching every branch of merge_math.h's per-element functions: each kind, each
     sparsification per term, sign election and normalisation on and off, a rescale, lambda."""
     from mergealign_fast.kernels import cpu
-    from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, MODELS, VECTORS
+    from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, MODELS, NEAR_SWAP, VECTORS
 
     native = cpu.native()
     made = []
@@ -390,6 +390,10 @@ def _recipes():
         models.kind, models.base_weight, models.divisor = MODELS, 0.2, divisor
         models.domain.weight, models.align.weight = 0.5, 0.3
         made.append((f"models /{divisor}", models))
+    for t in (0.01, 0.0, -0.5):  # blends and swaps; nothing moves; a negative t clamps to 0
+        swap = native.Recipe()
+        swap.kind, swap.swap_t = NEAR_SWAP, t
+        made.append((f"nearswap t={t}", swap))
     for sparsify in ((0, 0), (KEEP_LARGEST, KEEP_RANDOM), (KEEP_RANDOM, KEEP_LARGEST)):
         for election in (0, 1):
             for normalize in (0, 1):

@@ -57,6 +57,8 @@ CASES = {
     "breadcrumbs": (Method("breadcrumbs", domain_density=0.4, align_density=0.7, gamma=0.05),
                     0.6, 0.9, "breadcrumbs", {"weight": [0.6, 0.9], "density": [0.4, 0.7],
                                               "gamma": [0.05, 0.05]}, "bda"),
+    # NearSwap: |τ| of the trio is ~0.02, so t = 0.01 swaps some elements fully, blends others.
+    "nearswap": (Method("nearswap", t=0.01), 0.5, 0.5, "nearswap", {"t": 0.01}, "bd"),
     "breadcrumbs_ties": (Method("breadcrumbs_ties", domain_density=0.5, align_density=0.5,
                                 gamma=0.2, rescale="l1"), 0.5, 0.8, "breadcrumbs_ties",
                          {"weight": [0.5, 0.8], "density": [0.5, 0.5], "gamma": [0.2, 0.2],
