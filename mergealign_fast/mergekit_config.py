@@ -52,16 +52,20 @@ MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
-              "gamma": "gamma", "int8_mask": None}
+              "gamma": "gamma", "int8_mask": None, "normalize_weights": "normalize"}
+# mergekit parameters that are one of ours for some methods only (multislerp's name for
+# normalize): for any other method they mean nothing, and are ignored as mergekit ignores them.
+ONLY_FOR = {"normalize_weights": ("multislerp",)}
 PER_MODEL = {"weight", "density", "gamma"}
 NUMERIC = {"weight", "density", "lambda", "t", "gamma"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
               "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
 NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
+                 "multislerp",
                  "breadcrumbs", "breadcrumbs_ties"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
-PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp")
+PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp", "multislerp")
 # mergekit options choosing what a method works on, and the value we support (None: any): whole
 # tensors, as both methods do by default.  Rows or filters one by one are refused.
 SHAPE_OPTIONS = {"nuslerp_flatten": True, "nuslerp_row_wise": None, "filter_wise": False}
@@ -250,7 +254,7 @@ class _Reader:
                          f"{template!r}")
         if self.problems or roles is None:
             raise PlanError(list(dict.fromkeys(self.read_past + self.problems)))
-        ours = "nuslerp_models" if name == "nuslerp" and base is None else name
+        ours = f"{name}_models" if name in ("nuslerp", "multislerp") and base is None else name
         in_set = tuple(f for r, f in roles.items() if r != "base") if "domain" not in roles \
             else ()
         domain, aligned = in_set[:2] if in_set else (roles["domain"], roles["aligned"])
@@ -455,6 +459,17 @@ class _Reader:
                 return None
             # t runs from the first model to the second: our aligned to our domain.
             return {"base": base or others[0], "domain": others[1], "aligned": others[0]}
+        elif name == "multislerp":
+            # Without base_model two models (the base role stands in, as for nuslerp); with
+            # it two (the trio) or more (a model set).
+            if (len(others) != 2) if base is None else (len(others) < 2):
+                self.problem(f"multislerp takes two models, or base_model and two or more "
+                             f"others (got {len(others)} besides "
+                             f"{'no base_model' if base is None else 'base_model'})")
+                return None
+            if base is None:
+                return {"base": others[0], "domain": others[1], "aligned": others[0]}
+            limit = 2
         elif name == "nearswap":
             if len(others) != 1:
                 self.problem(f"nearswap takes base_model and exactly one other model "
@@ -536,7 +551,7 @@ class _Reader:
                 self.problem(f"unknown parameter `{key}` (supported: "
                              f"{', '.join(p for p in PARAMETERS)})")
                 continue
-            ours = PARAMETERS[key]
+            ours = PARAMETERS[key] if method_name in ONLY_FOR.get(key, (method_name,)) else key
             if ours is None:
                 continue
             if ours not in accepted and method_name in METHODS:
@@ -606,7 +621,7 @@ class _Reader:
             return "l1" if value else "none"
         if key == "rescale" and value in RESCALES:
             return value
-        if key in ("normalize", "int8_mask") and isinstance(value, bool):
+        if key in ("normalize", "normalize_weights", "int8_mask") and isinstance(value, bool):
             return value
         wanted = {"seed": "a non-negative integer", "rescale": "true, false or one of "
                   + ", ".join(RESCALES)}.get(key, "true or false")

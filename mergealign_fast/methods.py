@@ -24,6 +24,10 @@ reference for the semantics of the methods it has.
                      cosine c of the task vectors' pairs (Model Stock; mergekit's, whole tensors)
     breadcrumbs      drop each τ's largest γ·n and its smallest magnitudes, keeping int(density·n)
                      (Model Breadcrumbs), weighted sum; breadcrumbs_ties with TIES' election
+    multislerp       base + ‖x‖_w · normalize(Σ w_m x_m/‖x_m‖), x_m = τ_m, weights normalized
+                     (mergekit's Multi-SLERP: the weighted mean of the unit task vectors,
+                     projected back to the sphere, at the weighted mean norm; per tensor);
+                     multislerp_models the same over the models themselves (no base_model)
     nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
                      the domain model's value where the two are within t, else a step of t
                      toward it (mergekit's NearSwap; aligned is not used)
@@ -48,6 +52,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .errors import MergeError
 from .io.checkpoint import layer_index
 
 # RecipeKind, Sparsify (csrc/merge_operands.h)
@@ -76,6 +81,9 @@ NUSLERP_WEIGHT_EPS = 1e-6
 MODEL_STOCK_EPS = 1e-6
 # NearSwap's floor on |domain - base| (csrc/merge_operands.h kNearSwapEps; mergekit's).
 NEAR_SWAP_EPS = 1e-6
+# Multi-SLERP: added to each norm before dividing by it, and the least norm of the weighted
+# mean of the unit vectors (mergekit's eps).
+MULTISLERP_EPS = 1e-8
 
 RESCALES = ("l1", "inverse_density", "none")
 
@@ -112,6 +120,8 @@ METHODS: Dict[str, MethodInfo] = {
     "breadcrumbs_ties": MethodInfo(_VECTOR_PARAMS + ("gamma",), sparsify=KEEP_BAND,
                                    sign_election=True),
     "nearswap": MethodInfo(("t",)),
+    "multislerp": MethodInfo(("weight", "normalize"), normalize=True),
+    "multislerp_models": MethodInfo(("weight", "normalize"), normalize=True),
 }
 
 
@@ -282,7 +292,7 @@ _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
 SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock",
-               "breadcrumbs", "breadcrumbs_ties")
+               "breadcrumbs", "breadcrumbs_ties", "multislerp")
 
 
 @dataclass(frozen=True)
@@ -481,6 +491,34 @@ def model_stock_t(cosines: Sequence[float], count: int) -> float:
     return 0.0 if abs(denominator) < MODEL_STOCK_EPS else count * cos / denominator
 
 
+def multislerp_coefficients(weights: Sequence[float], gram: Sequence[Sequence[float]],
+                            normalize: bool) -> List[float]:
+    """c_m with Multi-SLERP = [base +] Σ c_m x_m, from the Gram matrix of the x_m (Σ x_i·x_j).
+
+    mergekit projects the unit vectors onto the tangent space at their normalized weighted mean,
+    averages there and maps back; the tangent vectors' weighted sum is zero (each unit vector's
+    component along the mean, weighted, sums to the mean's norm), so the result is the mean
+    direction at the weighted mean norm — a weighted sum of the x_m.  One model is itself; a
+    weighted mean of norm below eps is the weighted sum for two models (mergekit's fallback), an
+    error for more."""
+    n = len(weights)
+    if n == 1:
+        return [1.0]
+    total = math.fsum(weights)
+    w = [x / total for x in weights] if normalize else list(weights)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    a = [w[i] / (norms[i] + MULTISLERP_EPS) for i in range(n)]
+    mean_norm = math.sqrt(max(math.fsum(a[i] * a[j] * gram[i][j]
+                                        for i in range(n) for j in range(n)), 0.0))
+    if mean_norm < MULTISLERP_EPS:
+        if n == 2:
+            return w
+        raise ValueError("multislerp: the weighted mean of the unit task vectors is zero "
+                         "(antipodal models whose weights cancel): change the weights")
+    average_norm = math.fsum(w[i] * norms[i] for i in range(n))
+    return [a[i] * average_norm / mean_norm for i in range(n)]
+
+
 def pair_cosine(xx: float, yy: float, xy: float) -> float:
     """cos of two task vectors from Σx², Σy², Σxy, Model Stock's clamp of the norm product."""
     return min(1.0, max(-1.0, xy / max(math.sqrt(xx) * math.sqrt(yy), MODEL_STOCK_EPS)))
@@ -617,15 +655,23 @@ class SetPasses:
                                                                           model_count - 1)),
                                    threads) for i in range(0, model_count, 2)]
 
-    def cosines(self) -> List[float]:
-        """The cosine of every pair of task vectors (Model Stock), one pass per pair."""
-        found = []
-        for i in range(self.model_count):
-            for j in range(i + 1, self.model_count):
+    def gram(self) -> List[List[float]]:
+        """Σ τ_i·τ_j of every pair of task vectors (fp64), one pass per pair."""
+        n = self.model_count
+        found = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 1, n):
                 passes = TensorPasses(self.native, lambda i=i, j=j: self.pair_windows(i, j),
                                       self.threads)
-                found.append(pair_cosine(*passes.vector_stats(models=False)))
+                found[i][i], found[j][j], found[i][j] = passes.vector_stats(models=False)
+                found[j][i] = found[i][j]
         return found
+
+    def cosines(self) -> List[float]:
+        """The cosine of every pair of task vectors (Model Stock)."""
+        g = self.gram()
+        return [pair_cosine(g[i][i], g[j][j], g[i][j]) for i in range(self.model_count)
+                for j in range(i + 1, self.model_count)]
 
     @staticmethod
     def _by_pair(values: Sequence, pad) -> List[Tuple]:
@@ -668,6 +714,11 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
         recipe.kind = NEAR_SWAP
         recipe.swap_t = s.t
         return recipe
+    if s.name in ("multislerp", "multislerp_models"):
+        on_models = s.name == "multislerp_models"
+        dd, aa, da = passes.vector_stats(models=on_models)
+        c_d, c_a = _multislerp(s, tensor_name, [[dd, da], [da, aa]])
+        return _weights_recipe(recipe, MODELS if on_models else TASK_ARITHMETIC, c_d, c_a)
     return _vectors_recipe(recipe, [recipe.domain, recipe.align], s, tensor_name, count, passes)
 
 
@@ -678,12 +729,24 @@ def set_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: 
     terms = [recipe.term(m) for m in range(len(s.roles))]
     if s.name == "model_stock":
         return _stock_recipe(recipe, terms, model_stock_t(passes.cosines(), len(terms)))
+    if s.name == "multislerp":  # base + Σ c_m τ_m: plain task arithmetic's recipe
+        recipe.kind = VECTORS
+        for term, c in zip(terms, _multislerp(s, tensor_name, passes.gram())):
+            term.weight = c
+        return recipe
     if s.name == "linear":
         recipe.kind = MODELS
         for term, weight in zip(terms, s.weights):
             term.weight = weight
         return _linear_divisor(recipe, s)
     return _vectors_recipe(recipe, terms, s, tensor_name, count, passes)
+
+
+def _multislerp(s: TensorSettings, tensor_name: str, gram) -> List[float]:
+    try:
+        return multislerp_coefficients(s.weights, gram, s.normalize)
+    except ValueError as exc:
+        raise MergeError(f"tensor {tensor_name}: {exc}") from None
 
 
 def _stock_recipe(recipe, terms, t: float):

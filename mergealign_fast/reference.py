@@ -157,6 +157,8 @@ def method_ref(settings, tensor_name: str, base, *models):
         return _model_stock_ref(b, xs)
     if s.name == "nearswap":
         return _nearswap_ref(s.t, b, xs[0])
+    if s.name in ("multislerp", "multislerp_models"):
+        return _multislerp_ref(s, b, xs)
     if s.is_plain_task_arithmetic:
         d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
@@ -172,6 +174,30 @@ def _nearswap_ref(t: float, b: np.ndarray, d: np.ndarray):
     distance = np.abs(d - b)
     w = np.clip(t / np.maximum(distance, methods.NEAR_SWAP_EPS), 0.0, 1.0)
     return w * d + (1.0 - w) * b, np.abs(w * d) + np.abs((1.0 - w) * b) + w * distance
+
+
+def _multislerp_ref(s, b: np.ndarray, xs):
+    """Multi-SLERP as its definition states it: unit vectors, their normalized weighted mean,
+    the tangent-space average, the exponential map back, the weighted mean norm.  The scale:
+    each model's term at its coefficient (the fp32 kernel sums c_m·x_m), plus the base."""
+    on_models = s.name == "multislerp_models"
+    vectors = [x if on_models else x - b for x in xs]
+    weights = np.asarray(s.weights, dtype=np.float64)
+    if len(vectors) == 1:
+        return xs[0], np.abs(xs[0])
+    if s.normalize:
+        weights = weights / weights.sum()
+    norms = np.array([np.linalg.norm(v) for v in vectors])
+    weighted_units = [w * v / (n + methods.MULTISLERP_EPS)
+                      for w, v, n in zip(weights, vectors, norms)]
+    mean = sum(weighted_units) / np.linalg.norm(sum(weighted_units))
+    tangent = sum(wu - np.dot(wu, mean) * mean for wu in weighted_units)
+    angle = np.linalg.norm(tangent) + methods.MULTISLERP_EPS
+    average_norm = np.dot(weights, norms)
+    merged = (mean * np.cos(angle) + tangent * (np.sin(angle) / angle)) * average_norm
+    origin = np.zeros_like(b) if on_models else b
+    stretch = average_norm / np.linalg.norm(sum(weighted_units))  # c_m = stretch·w_m/‖x_m‖
+    return origin + merged, np.abs(origin) + stretch * sum(np.abs(wu) for wu in weighted_units)
 
 
 def _combination(coefficients, arrays, divisor, exact=None, scale=None):

@@ -52,6 +52,8 @@ CASES = {
     # gamma beyond what density leaves: fewer outliers dropped, int(density·n) kept
     "breadcrumbs-crowded": (Method("breadcrumbs", domain_density=0.9, align_density=0.05,
                                    gamma=0.5), 0.5, 0.5),
+    "multislerp": (Method("multislerp"), 0.7, 0.4),
+    "multislerp-models": (Method("multislerp_models", normalize=False), 0.6, 0.3),
     # |τ| ~ 0.05 here: t = 0.02 swaps the close elements, blends the rest
     "nearswap": (Method("nearswap", t=0.02), 0.5, 0.5),
 }

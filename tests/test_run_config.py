@@ -533,3 +533,38 @@ models:
 """))
     roles = ("model 1", "model 2", "model 3")
     assert resolve(run.method, "x", 0.0, (0.0,) * 3, roles).weights == (0.5, 0.3, 0.2)
+
+
+def test_multislerp_and_nearswap_take_mergekit_s_model_counts_and_names(tiny_trio, tmp_path):
+    """multislerp: two models without base_model (the base role only stands in), or base_model
+    and two or more; its `normalize_weights` is our normalize, and means nothing to another
+    method (ignored with a warning, as mergekit ignores it).  nearswap: base_model and one."""
+    two = load(write_config(tmp_path, tiny_trio, """
+merge_method: multislerp
+parameters: {{normalize_weights: false}}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.3}}
+  - model: {aligned}
+    parameters: {{weight: 0.6}}
+"""))
+    assert two.method.name == "multislerp_models" and two.aligned == tiny_trio["domain"]
+    settings = resolve(two.method, "w", 0.0, (float("nan"),) * 2)
+    assert settings.weights == (0.6, 0.3) and settings.normalize is False
+    swap = load(write_config(tmp_path, tiny_trio, """
+merge_method: nearswap
+base_model: {base}
+parameters: {{t: 0.001, normalize_weights: true}}
+models:
+  - model: {domain}
+"""))
+    assert swap.method.name == "nearswap" and swap.domain == tiny_trio["domain"]
+    assert any("`normalize_weights` does not apply to nearswap" in w for w in swap.warnings)
+    for method, models, message in (
+            ("multislerp", "{domain}, {aligned}, {base}", "multislerp takes two models"),
+            ("nearswap", "{domain}, {aligned}", "nearswap takes base_model and exactly one")):
+        listed = "".join(f"  - model: {m.strip()}\n" for m in models.split(","))
+        base = "base_model: {base}\n" if method == "nearswap" else ""
+        with pytest.raises(PlanError, match=message):
+            load(write_config(tmp_path, tiny_trio, f"merge_method: {method}\n{base}"
+                              f"models:\n{listed}"))
