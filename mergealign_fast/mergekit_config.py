@@ -446,9 +446,9 @@ class _Reader:
             limit, base = 2, first
             if first is not None and not others:  # one model: (w·model) / w, as mergekit
                 return {"base": first, "domain": first, "aligned": first}
-        elif name == "slerp":
+        elif name in ("slerp", "nearswap"):  # from base_model toward one other model
             if len(others) != 1:
-                self.problem(f"slerp takes base_model and exactly one other model "
+                self.problem(f"{name} takes base_model and exactly one other model "
                              f"(got {len(others)} others)")
                 return None
             return {"base": base, "domain": others[0], "aligned": base}
@@ -470,12 +470,6 @@ class _Reader:
             if base is None:
                 return {"base": others[0], "domain": others[1], "aligned": others[0]}
             limit = 2
-        elif name == "nearswap":
-            if len(others) != 1:
-                self.problem(f"nearswap takes base_model and exactly one other model "
-                             f"(got {len(others)} others)")
-                return None
-            return {"base": base, "domain": others[0], "aligned": base}
         elif name == "model_stock" and len(others) < 2:
             self.problem(f"model_stock takes base_model and at least two other models "
                          f"(got {len(others)})")
