@@ -657,6 +657,8 @@ def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan
     given, out_dir = out_dir, resolve_out_dir(out_dir)
     problems = _option_problems(options, roles) + _output_problems(given, out_dir, folders,
                                                                    options)
+    if problems and options.vocabulary is not None:
+        raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
     models, input_problems, vocabulary, gathered = _checked_inputs(folders, options)
     if problems or input_problems:
         raise PlanError(problems + input_problems)

@@ -81,13 +81,6 @@ class Vocabulary:
             loc.entry.shape and loc.entry.shape[0] == self.sizes[role]
             for role, loc in locations.items())
 
-    def describe(self) -> dict:
-        """For the manifest and the merge report."""
-        added = {role: int(((own < 0) & (np.arange(self.size) < self.tokens)).sum())
-                 for role, own in self.own.items()}
-        return {"source": self.spec.source, "tokens": self.tokens, "rows": self.size,
-                "rows_without_token": added}
-
 
 # ---- building ---------------------------------------------------------------------------------
 

@@ -269,6 +269,7 @@ def _config(tmp_path, world, tokenizer, method="task_arithmetic", base=True):
      "give tokenizer_source or a tokenizer section, not both"),
     ("tokenizer:\n  source: /nowhere", "tokenizer_source: /nowhere is not one of the merged"),
     ("tokenizer:\n  sauce: union", "tokenizer: expected a mapping of pad_to_multiple_of"),
+    ("tokenizer:\n  pad_to_multiple_of: 0", "pad_to_multiple_of must be a whole number of at"),
     ("tokenizer:\n  tokens:\n    x: {{source: {{kind: model_token, model: {base}, token_id: 99}}}}",
      "tokenizer.tokens.x: base has no token id 99"),
 ])
