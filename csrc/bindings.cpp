@@ -259,14 +259,15 @@ PYBIND11_MODULE(_native, m) {
         }
         raise_input_fault(err);
         return py::make_tuple(s.domain_sq, s.align_sq, s.dot, s.conflicts, s.both_nonzero,
-                              s.model_domain_sq, s.model_align_sq, s.model_dot);
+                              s.model_domain_sq, s.model_align_sq, s.model_dot,
+                              s.model_base_sq, s.model_base_domain, s.model_base_align);
       },
       py::arg("ops"), py::arg("threads"), py::arg("models") = false,
       "fp64 sums of the task vectors over `count` elements (OSError EFAULT if an input "
       "vanished): (sum tau_d^2, sum tau_a^2, "
       "sum tau_d*tau_a, sign conflicts, elements where both are non-zero, sum domain^2, "
-      "sum aligned^2, sum domain*aligned); models=False fills the first five, True the last "
-      "three (the others are 0).");
+      "sum aligned^2, sum domain*aligned, sum base^2, sum base*domain, sum base*aligned); "
+      "models=False fills the first five, True the last six (the others are 0).");
 
   m.def(
       "magnitude_histogram",

@@ -46,6 +46,7 @@ inline __attribute__((always_inline)) void stats_range_of(const MergeOperands& o
   for_each_tile(ops, begin, end, [&](const float* b, const float* d, const float* a, int64_t,
                                      int64_t n) __attribute__((always_inline)) {
     double s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {};
+    double bb[kLanes] = {}, bd[kLanes] = {}, ba[kLanes] = {};  // kModels: the base's products
     int64_t conflicts[kLanes] = {}, both[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
       const int lane = int(i % kLanes);
@@ -55,7 +56,12 @@ inline __attribute__((always_inline)) void stats_range_of(const MergeOperands& o
       s0[lane] += x * x;
       s1[lane] += y * y;
       s2[lane] += x * y;
-      if (!kModels) {
+      if (kModels) {
+        const double z = double(b[i]);
+        bb[lane] += z * z;
+        bd[lane] += z * x;
+        ba[lane] += z * y;
+      } else {
         conflicts[lane] += (x * y < 0);
         both[lane] += (x != 0 && y != 0);
       }
@@ -65,6 +71,9 @@ inline __attribute__((always_inline)) void stats_range_of(const MergeOperands& o
         local.model_domain_sq += s0[lane];
         local.model_align_sq += s1[lane];
         local.model_dot += s2[lane];
+        local.model_base_sq += bb[lane];
+        local.model_base_domain += bd[lane];
+        local.model_base_align += ba[lane];
       } else {
         local.domain_sq += s0[lane];
         local.align_sq += s1[lane];
@@ -107,6 +116,9 @@ int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorS
     total.model_domain_sq += p.model_domain_sq;
     total.model_align_sq += p.model_align_sq;
     total.model_dot += p.model_dot;
+    total.model_base_sq += p.model_base_sq;
+    total.model_base_domain += p.model_base_domain;
+    total.model_base_align += p.model_base_align;
   }
   *out = total;
   return 0;

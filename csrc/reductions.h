@@ -24,9 +24,12 @@ struct VectorStats {
   double model_domain_sq = 0;  // sum domain^2 (SLERP and ChipAlign of the models)
   double model_align_sq = 0;   // sum aligned^2
   double model_dot = 0;        // sum domain * aligned
+  double model_base_sq = 0;    // sum base^2 (with the two above, the models' Gram matrix:
+  double model_base_domain = 0;  // sum base * domain       the Karcher mean's)
+  double model_base_align = 0;   // sum base * aligned
 };
 // models = false sums the task vectors (the first five fields), true the models themselves (the
-// last three): a pass computes only what its caller needs.
+// last six): a pass computes only what its caller needs.
 int vector_stats_cpu(const MergeOperands& ops, bool models, int threads, VectorStats* out);
 
 // Radix selection of the TIES magnitude threshold, 16 bits per pass.  hist is

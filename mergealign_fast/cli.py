@@ -126,8 +126,8 @@ def _method_from_args(args: argparse.Namespace):
                 f"takes: {', '.join(accepted) or 'nothing'})"
                 for flag, parameter in _METHOD_FLAGS.items()
                 if getattr(args, flag, None) is not None and parameter not in accepted]
-    if args.base_weight is not None and args.method != "linear":
-        problems.append("--base-weight applies to linear only")
+    if args.base_weight is not None and args.method not in ("linear", "karcher"):
+        problems.append("--base-weight applies to linear and karcher only")
     if args.method == "resta" and getattr(args, "domain_weight", None) is not None:
         problems.append("--domain-weight does not apply to resta: the expert is kept whole "
                         "(--align-weight is β)")

@@ -56,6 +56,9 @@ PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
 # mergekit parameters that are one of ours for some methods only (multislerp's name for
 # normalize): for any other method they mean nothing, and are ignored as mergekit ignores them.
 ONLY_FOR = {"normalize_weights": ("multislerp",)}
+# Parameters ours take that mergekit's method of the same name does not (karcher weighs every
+# model equally there): ignored in a config, as mergekit ignores them.
+MERGEKIT_IGNORES = {"karcher": ("weight",)}
 PER_MODEL = {"weight", "density", "gamma"}
 NUMERIC = {"weight", "density", "lambda", "t", "gamma"}
 # merge_method -> does it need a base model.
@@ -230,6 +233,12 @@ class _Reader:
             repeated = ("domain", "aligned") if roles["domain"] == roles["base"] \
                 else ("aligned",)
             rules[:0] = [Rule("weight", role, 0.0) for role in repeated]
+        if name == "karcher":  # mergekit: each model it merges (base_model too) weighs 1/n
+            first = {}
+            for role in ("base", "domain", "aligned"):
+                first.setdefault(roles[role].resolve(), role)
+            rules[:0] = [Rule("weight", role, 1.0 / len(first) if first[roles[role].resolve()]
+                              == role else 0.0) for role in ("base", "domain", "aligned")]
         if self.seed is not None and "seed" in METHODS[name].parameters:
             rules.append(Rule("seed", None, self.seed))  # after the config's own: it wins
         return rules
@@ -459,6 +468,16 @@ class _Reader:
                 return None
             # t runs from the first model to the second: our aligned to our domain.
             return {"base": base or others[0], "domain": others[1], "aligned": others[0]}
+        elif name == "karcher":
+            # Every listed model and base_model, two or three of them here (the trio's roles;
+            # without base_model the first model stands in the base role).
+            merged = ([base] if base is not None else []) + others
+            if not 2 <= len(merged) <= 3:
+                self.problem(f"karcher: the engine merges two or three models (base_model "
+                             f"counts), got {len(merged)}")
+                return None
+            return {"base": merged[0], "domain": merged[1],
+                    "aligned": merged[2] if len(merged) == 3 else merged[0]}
         elif name == "multislerp":
             # Without base_model two models (the base role stands in, as for nuslerp); with
             # it two (the trio) or more (a model set).
@@ -548,7 +567,8 @@ class _Reader:
             ours = PARAMETERS[key] if method_name in ONLY_FOR.get(key, (method_name,)) else key
             if ours is None:
                 continue
-            if ours not in accepted and method_name in METHODS:
+            if method_name in METHODS and (ours not in accepted or
+                                           ours in MERGEKIT_IGNORES.get(method_name, ())):
                 # mergekit ignores it; configs written for one method carry it to another
                 self.warnings.append(f"{self.path}: parameter `{key}` does not apply to "
                                      f"{method_name}: ignored, as mergekit ignores it")

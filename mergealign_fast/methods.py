@@ -28,6 +28,10 @@ reference for the semantics of the methods it has.
                      (mergekit's Multi-SLERP: the weighted mean of the unit task vectors,
                      projected back to the sphere, at the weighted mean norm; per tensor);
                      multislerp_models the same over the models themselves (no base_model)
+    karcher          ‖x‖_α · the weighted Karcher (Riemannian) mean of the unit models on the sphere,
+                     α = the weights of base, domain and aligned (--base-weight, the two
+                     weights; a mergekit config: 1/n for each model it lists, base_model too);
+                     mergekit's iteration (10 steps, tol 1e-5), per tensor
     nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
                      the domain model's value where the two are within t, else a step of t
                      toward it (mergekit's NearSwap; aligned is not used)
@@ -84,6 +88,10 @@ NEAR_SWAP_EPS = 1e-6
 # Multi-SLERP: added to each norm before dividing by it, and the least norm of the weighted
 # mean of the unit vectors (mergekit's eps).
 MULTISLERP_EPS = 1e-8
+# Karcher mean: mergekit's defaults (max_iter, tol): at most this many steps, stopping when the
+# tangent step is shorter than the tolerance; norms at most the tolerance leave a model out.
+KARCHER_STEPS = 10
+KARCHER_TOL = 1e-5
 
 RESCALES = ("l1", "inverse_density", "none")
 
@@ -122,6 +130,7 @@ METHODS: Dict[str, MethodInfo] = {
     "nearswap": MethodInfo(("t",)),
     "multislerp": MethodInfo(("weight", "normalize"), normalize=True),
     "multislerp_models": MethodInfo(("weight", "normalize"), normalize=True),
+    "karcher": MethodInfo(("weight",)),
 }
 
 
@@ -207,8 +216,8 @@ class Method:
                     f"{', '.join(accepted) or 'nothing'})"
                     for f, parameter in _FIELD_PARAMETERS.items()
                     if getattr(self, f) != getattr(defaults, f) and parameter not in accepted]
-        if self.base_weight != 0.0 and self.name != "linear":
-            problems.append(f"{self.name}: base_weight applies to linear only")
+        if self.base_weight != 0.0 and self.name not in ("linear", "karcher"):
+            problems.append(f"{self.name}: base_weight applies to linear and karcher only")
         return problems
 
     def problems(self) -> List[str]:
@@ -519,6 +528,53 @@ def multislerp_coefficients(weights: Sequence[float], gram: Sequence[Sequence[fl
     return [a[i] * average_norm / mean_norm for i in range(n)]
 
 
+def karcher_coefficients(gram: Sequence[Sequence[float]],
+                         alphas: Sequence[float]) -> List[float]:
+    """c with the Karcher mean = Σ c_m x_m, from the Gram matrix of the models x_m: mergekit's
+    iteration (weighted mean of the unit vectors, then exponential-map steps along the
+    weighted sum of the log maps), run on coefficient vectors — every iterate is a combination
+    of the unit vectors, so x·y = c_x·G·c_y — in float64."""
+    n = len(alphas)
+    g = [[float(v) for v in row] for row in gram]
+
+    def dot(p, q):
+        return math.fsum(p[i] * g[i][j] * q[j] for i in range(n) for j in range(n))
+
+    def axpy(a, p, q):  # a·p + q
+        return [a * x + y for x, y in zip(p, q)]
+
+    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > KARCHER_TOL]
+    if not valid:
+        return [0.0] * n
+    total = math.fsum(alphas[i] for i in valid)
+    share = {i: alphas[i] / total for i in valid}
+    units = {i: [1.0 / norms[i] if k == i else 0.0 for k in range(n)] for i in valid}
+    mean = [0.0] * n
+    for i in valid:
+        mean = axpy(share[i], units[i], mean)
+    length = math.sqrt(max(dot(mean, mean), 0.0))
+    mean = list(units[valid[0]]) if length < KARCHER_TOL else [x / length for x in mean]
+    for _ in range(KARCHER_STEPS):
+        tangent = [0.0] * n
+        for i in valid:
+            cos = min(1.0, max(-1.0, dot(mean, units[i])))
+            theta = math.acos(cos)
+            if theta < KARCHER_TOL:
+                continue
+            tangent = axpy(share[i] * theta / math.sin(theta), axpy(-cos, mean, units[i]),
+                           tangent)
+        step = math.sqrt(max(dot(tangent, tangent), 0.0))
+        if step < KARCHER_TOL:
+            break
+        mean = axpy(math.cos(step), mean, [math.sin(step) / step * x for x in tangent])
+        length = math.sqrt(max(dot(mean, mean), 0.0))
+        if length > KARCHER_TOL:
+            mean = [x / length for x in mean]
+    scale = math.fsum(a * r for a, r in zip(alphas, norms))
+    return [scale * x for x in mean]
+
+
 def pair_cosine(xx: float, yy: float, xy: float) -> float:
     """cos of two task vectors from Σx², Σy², Σxy, Model Stock's clamp of the norm product."""
     return min(1.0, max(-1.0, xy / max(math.sqrt(xx) * math.sqrt(yy), MODEL_STOCK_EPS)))
@@ -553,15 +609,24 @@ class TensorPasses:
         self._each(add)
         return sums
 
+    def _stats(self, models: bool) -> List[float]:
+        """The native vector_stats summed over the windows (models: of the models)."""
+        key = ("stats", models)
+        if key not in self._cache:
+            self._cache[key] = self._summed(11, lambda ops: self.native.vector_stats(
+                ops, self.threads, models))
+        return self._cache[key]
+
     def vector_stats(self, models: bool) -> Tuple[float, ...]:
         """(Στ_d², Στ_a², Στ_d·τ_a) of the task vectors, or with models=True
         (Σdomain², Σaligned², Σdomain·aligned) of the models themselves; fp64."""
-        key = ("stats", models)
-        if key not in self._cache:
-            sums = self._summed(8, lambda ops: self.native.vector_stats(ops, self.threads,
-                                                                        models))
-            self._cache[key] = tuple(sums[5:8] if models else sums[0:3])
-        return self._cache[key]
+        sums = self._stats(models)
+        return tuple(sums[5:8] if models else sums[0:3])
+
+    def model_gram(self) -> List[List[float]]:
+        """Σ x·y of every pair of the models base, domain, aligned (in that order); fp64."""
+        dd, aa, da, bb, bd, ba = self._stats(models=True)[5:11]
+        return [[bb, bd, ba], [bd, dd, da], [ba, da, aa]]
 
     def magnitude_thresholds(self, k_domain: Optional[int],
                              k_align: Optional[int]) -> Tuple[Tuple[int, int], ...]:
@@ -713,6 +778,11 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
     if s.name == "nearswap":
         recipe.kind = NEAR_SWAP
         recipe.swap_t = s.t
+        return recipe
+    if s.name == "karcher":
+        c_b, c_d, c_a = karcher_coefficients(passes.model_gram(), (s.w_base, *s.weights))
+        recipe = _weights_recipe(recipe, MODELS, c_d, c_a)
+        recipe.base_weight = c_b
         return recipe
     if s.name in ("multislerp", "multislerp_models"):
         on_models = s.name == "multislerp_models"

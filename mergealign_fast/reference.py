@@ -159,6 +159,8 @@ def method_ref(settings, tensor_name: str, base, *models):
         return _nearswap_ref(s.t, b, xs[0])
     if s.name in ("multislerp", "multislerp_models"):
         return _multislerp_ref(s, b, xs)
+    if s.name == "karcher":
+        return _karcher_ref((s.w_base, *s.weights), [b, *xs])
     if s.is_plain_task_arithmetic:
         d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
@@ -198,6 +200,32 @@ def _multislerp_ref(s, b: np.ndarray, xs):
     origin = np.zeros_like(b) if on_models else b
     stretch = average_norm / np.linalg.norm(sum(weighted_units))  # c_m = stretch·w_m/‖x_m‖
     return origin + merged, np.abs(origin) + stretch * sum(np.abs(wu) for wu in weighted_units)
+
+
+def _karcher_ref(alphas, xs):
+    """The weighted Karcher mean as its iteration states it, on the arrays themselves (the
+    kernel applies coefficients found on the Gram matrix).  Scale: each model's term."""
+    tol = methods.KARCHER_TOL
+    norms = [np.linalg.norm(x) for x in xs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    share = {i: alphas[i] / sum(alphas[j] for j in valid) for i in valid}
+    units = {i: xs[i] / norms[i] for i in valid}
+    mean = sum(share[i] * units[i] for i in valid)
+    mean = mean / np.linalg.norm(mean)
+    for _ in range(methods.KARCHER_STEPS):
+        tangent = np.zeros_like(mean)
+        for i in valid:
+            cos = np.clip(np.dot(mean, units[i]), -1.0, 1.0)
+            theta = np.arccos(cos)
+            if theta >= tol:
+                tangent += share[i] * theta / np.sin(theta) * (units[i] - cos * mean)
+        step = np.linalg.norm(tangent)
+        if step < tol:
+            break
+        mean = np.cos(step) * mean + np.sin(step) * tangent / step
+        mean = mean / np.linalg.norm(mean)
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return scale * mean, sum(np.abs(scale / norms[i] * xs[i]) for i in valid)
 
 
 def _combination(coefficients, arrays, divisor, exact=None, scale=None):

@@ -231,7 +231,7 @@ def test_a_weight_beyond_float32_is_refused(tiny_trio, tmp_path, weight):
     (Method("ties", t=0.3), "t does not apply to ties"),
     (Method("slerp", domain_density=0.5), "domain_density does not apply to slerp"),
     (Method("task_arithmetic", seed=4), "seed does not apply to task_arithmetic"),
-    (Method("ties", base_weight=0.2), "base_weight applies to linear only"),
+    (Method("ties", base_weight=0.2), "base_weight applies to linear and karcher only"),
 ])
 def test_a_parameter_the_method_does_not_take_is_refused_as_on_the_command_line(
         tiny_trio, tmp_path, method, message):

@@ -325,3 +325,22 @@ def test_a_checkpoint_tensor_without_elements_merges(tmp_path, name):
     merge_checkpoints(tmp_path / "base", tmp_path / "domain", tmp_path / "aligned",
                       tmp_path / "out", method=method, fsync=False)
     assert open_checkpoint(tmp_path / "out").tensors["empty"].entry.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtypes", INPUT_DTYPES, ids=lambda t: "-".join(d.short_name for d in t))
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_karcher_is_the_float64_iteration_within_the_fp32_bound(dtypes, shape):
+    """The Karcher mean (weights 0.2 / 0.5 / 0.3 for base, domain, aligned): coefficients from
+    the Gram matrix, against the iteration run on the vectors themselves in float64.  (One
+    element has no sphere to average on: its unit vectors are ±1.)"""
+    rng = np.random.default_rng(31)
+    count = int(np.prod(shape))
+    base = random_values(rng, count, dtypes[0])
+    raws = [base, fine_tuned(rng, base, dtypes[0], dtypes[1]),
+            fine_tuned(rng, base, dtypes[0], dtypes[2])]
+    method = Method("karcher", base_weight=0.2)
+    out = run_method(raws, dtypes, DType.F32, method, 0.5, 0.3)
+    exact, scale = method_ref(resolve(method, "w", 0.0, (0.5, 0.3)), "w",
+                              *(as_f64(r, d) for r, d in zip(raws, dtypes)))
+    assert np.all(np.abs(out.astype(np.float64) - exact)
+                  <= method_error_bound(exact, scale, DType.F32))

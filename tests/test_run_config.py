@@ -568,3 +568,29 @@ models:
         with pytest.raises(PlanError, match=message):
             load(write_config(tmp_path, tiny_trio, f"merge_method: {method}\n{base}"
                               f"models:\n{listed}"))
+
+
+def test_karcher_weighs_each_model_it_merges_equally_as_mergekit(tiny_trio, tmp_path):
+    """mergekit's karcher has no weights: every listed model, base_model too, counts 1/n (a
+    `weight` is ignored with a warning); without base_model the first model stands in the base
+    role once, not twice."""
+    three = load(write_config(tmp_path, tiny_trio, """
+merge_method: karcher
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.9}}
+  - model: {aligned}
+"""))
+    settings = resolve(three.method, "w", 0.0, (float("nan"),) * 2)
+    assert (settings.w_base, *settings.weights) == (1 / 3, 1 / 3, 1 / 3)
+    assert any("`weight` does not apply to karcher" in w for w in three.warnings)
+    two = load(write_config(tmp_path, tiny_trio, """
+merge_method: karcher
+models:
+  - model: {domain}
+  - model: {aligned}
+"""))
+    settings = resolve(two.method, "w", 0.0, (float("nan"),) * 2)
+    assert two.base == tiny_trio["domain"] and two.domain == tiny_trio["aligned"]
+    assert (settings.w_base, *settings.weights) == (0.5, 0.5, 0.0)

@@ -195,3 +195,22 @@ def test_nuslerp_without_a_base_the_same_as_mergekit():
     bound = method_error_bound(exact, scale, DType.F32)
     assert np.all(np.abs(ours.double().numpy() - exact) <= bound)
     assert np.all(np.abs(ours.double().numpy() - reference.double().numpy()) <= 2 * bound)
+
+
+def test_karcher_the_same_as_mergekit_within_its_fp32_iteration():
+    """mergekit's Karcher mean of base, domain and aligned (each 1/3).  Ours iterates on the
+    Gram matrix in float64 and rounds once; mergekit iterates on the fp32 vectors (ten steps,
+    each renormalizing), a few 1e-6 of the largest magnitude apart here."""
+    b, d, a = trio(23)
+    third = 1.0 / 3.0
+    method = Method("karcher", base_weight=third)
+    ours = merge_tensors(b, d, a, domain_weight=third, align_weight=third, name="w",
+                         method=method)
+    reference = theirs("karcher", [b, d, a], 0, {})
+    exact, scale = method_ref(resolve(method, "w", 0.0, (third, third)), "w",
+                              *(x.double().numpy() for x in (b, d, a)))
+    bound = method_error_bound(exact, scale, DType.F32)
+    assert np.all(np.abs(ours.double().numpy() - exact) <= bound)
+    iteration_rounding = 2.0**-17 * np.max(np.abs(exact))
+    assert np.all(np.abs(ours.double().numpy() - reference.double().numpy())
+                  <= 2 * bound + iteration_rounding)
