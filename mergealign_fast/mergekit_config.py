@@ -52,7 +52,8 @@ MODEL_KEYS = {"model", "parameters"}
 # mergekit parameter -> our parameter name; int8_mask only changes mergekit's memory use.
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
-              "gamma": "gamma", "int8_mask": None, "normalize_weights": "normalize"}
+              "gamma": "gamma", "int8_mask": None, "normalize_weights": "normalize",
+              "max_iter": "max_iter", "tol": "tol"}
 # mergekit parameters that are one of ours for some methods only (multislerp's name for
 # normalize): for any other method they mean nothing, and are ignored as mergekit ignores them.
 ONLY_FOR = {"normalize_weights": ("multislerp",)}
@@ -60,7 +61,7 @@ ONLY_FOR = {"normalize_weights": ("multislerp",)}
 # model equally there): ignored in a config, as mergekit ignores them.
 MERGEKIT_IGNORES = {"karcher": ("weight",)}
 PER_MODEL = {"weight", "density", "gamma"}
-NUMERIC = {"weight", "density", "lambda", "t", "gamma"}
+NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
               "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
@@ -628,8 +629,8 @@ class _Reader:
                 self.problem(f"parameter `{key}`: {value!r} is not a finite number")
                 return None
             return number
-        if key == "seed" and isinstance(value, int) and not isinstance(value, bool) \
-                and value >= 0:
+        if key in ("seed", "max_iter") and isinstance(value, int) \
+                and not isinstance(value, bool) and value >= 0:
             return value
         if key == "rescale" and isinstance(value, bool):
             return "l1" if value else "none"
@@ -637,7 +638,8 @@ class _Reader:
             return value
         if key in ("normalize", "normalize_weights", "int8_mask") and isinstance(value, bool):
             return value
-        wanted = {"seed": "a non-negative integer", "rescale": "true, false or one of "
+        wanted = {"seed": "a non-negative integer", "max_iter": "a non-negative integer",
+                  "rescale": "true, false or one of "
                   + ", ".join(RESCALES)}.get(key, "true or false")
         self.problem(f"parameter `{key}`: {value!r} is not {wanted}")
         return None

@@ -31,7 +31,7 @@ reference for the semantics of the methods it has.
     karcher          ‖x‖_α · the weighted Karcher (Riemannian) mean of the unit models on the sphere,
                      α = the weights of base, domain and aligned (--base-weight, the two
                      weights; a mergekit config: 1/n for each model it lists, base_model too);
-                     mergekit's iteration (10 steps, tol 1e-5), per tensor
+                     mergekit's iteration (max_iter 10 steps, tol 1e-5), per tensor
     nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
                      the domain model's value where the two are within t, else a step of t
                      toward it (mergekit's NearSwap; aligned is not used)
@@ -130,7 +130,7 @@ METHODS: Dict[str, MethodInfo] = {
     "nearswap": MethodInfo(("t",)),
     "multislerp": MethodInfo(("weight", "normalize"), normalize=True),
     "multislerp_models": MethodInfo(("weight", "normalize"), normalize=True),
-    "karcher": MethodInfo(("weight",)),
+    "karcher": MethodInfo(("weight", "max_iter", "tol")),
 }
 
 
@@ -195,6 +195,8 @@ class Method:
     t: float = 0.5
     base_weight: float = 0.0  # linear: weight of the base model itself
     gamma: float = 0.01  # breadcrumbs: the fraction of largest magnitudes dropped (mergekit's)
+    max_iter: int = KARCHER_STEPS  # karcher: the most iteration steps
+    tol: float = KARCHER_TOL       # karcher: the shortest step (and the least norm) that counts
     rules: Tuple[Rule, ...] = field(default=())
 
     @property
@@ -240,6 +242,12 @@ class Method:
                 problems.append(f"{self.name}: {label} must be finite, within float32's range "
                                 f"(got {value!r})")
         problems += self._unused_parameter_problems()
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) \
+                or self.max_iter < 0:
+            problems.append(f"{self.name}: max_iter must be a whole number of at least 0 (got "
+                            f"{self.max_iter!r})")
+        if not (is_fp32_finite(self.tol) and self.tol > 0):
+            problems.append(f"{self.name}: tol must be a positive number (got {self.tol!r})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"{self.name}: seed must be a non-negative integer (got {self.seed})")
         return problems
@@ -294,7 +302,8 @@ def _setting_of(key: str, value) -> Setting:
 # Method field -> the parameter it sets (MethodInfo.parameters names what a method takes).
 _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",
-                     "seed": "seed", "t": "t", "gamma": "gamma"}
+                     "seed": "seed", "t": "t", "gamma": "gamma", "max_iter": "max_iter",
+                     "tol": "tol"}
 
 
 # The trio's model roles, in the order of the native operands (base first, then these).
@@ -322,6 +331,8 @@ class TensorSettings:
     t: float
     sparsify: int
     sign_election: bool
+    max_iter: int = KARCHER_STEPS
+    tol: float = KARCHER_TOL
 
     @property
     def w_domain(self) -> float:
@@ -407,6 +418,8 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
         t=float(value("t", None, method.t)),
         sparsify=info.sparsify,
         sign_election=info.sign_election,
+        max_iter=int(value("max_iter", None, method.max_iter)),
+        tol=float(value("tol", None, method.tol)),
     )
 
 
@@ -528,8 +541,8 @@ def multislerp_coefficients(weights: Sequence[float], gram: Sequence[Sequence[fl
     return [a[i] * average_norm / mean_norm for i in range(n)]
 
 
-def karcher_coefficients(gram: Sequence[Sequence[float]],
-                         alphas: Sequence[float]) -> List[float]:
+def karcher_coefficients(gram: Sequence[Sequence[float]], alphas: Sequence[float],
+                         max_iter: int = KARCHER_STEPS, tol: float = KARCHER_TOL) -> List[float]:
     """c with the Karcher mean = Σ c_m x_m, from the Gram matrix of the models x_m: mergekit's
     iteration (weighted mean of the unit vectors, then exponential-map steps along the
     weighted sum of the log maps), run on coefficient vectors — every iterate is a combination
@@ -544,7 +557,7 @@ def karcher_coefficients(gram: Sequence[Sequence[float]],
         return [a * x + y for x, y in zip(p, q)]
 
     norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(n)]
-    valid = [i for i in range(n) if norms[i] > KARCHER_TOL]
+    valid = [i for i in range(n) if norms[i] > tol]
     if not valid:
         return [0.0] * n
     total = math.fsum(alphas[i] for i in valid)
@@ -554,22 +567,22 @@ def karcher_coefficients(gram: Sequence[Sequence[float]],
     for i in valid:
         mean = axpy(share[i], units[i], mean)
     length = math.sqrt(max(dot(mean, mean), 0.0))
-    mean = list(units[valid[0]]) if length < KARCHER_TOL else [x / length for x in mean]
-    for _ in range(KARCHER_STEPS):
+    mean = list(units[valid[0]]) if length < tol else [x / length for x in mean]
+    for _ in range(max_iter):
         tangent = [0.0] * n
         for i in valid:
             cos = min(1.0, max(-1.0, dot(mean, units[i])))
             theta = math.acos(cos)
-            if theta < KARCHER_TOL:
+            if theta < tol:
                 continue
             tangent = axpy(share[i] * theta / math.sin(theta), axpy(-cos, mean, units[i]),
                            tangent)
         step = math.sqrt(max(dot(tangent, tangent), 0.0))
-        if step < KARCHER_TOL:
+        if step < tol:
             break
         mean = axpy(math.cos(step), mean, [math.sin(step) / step * x for x in tangent])
         length = math.sqrt(max(dot(mean, mean), 0.0))
-        if length > KARCHER_TOL:
+        if length > tol:
             mean = [x / length for x in mean]
     scale = math.fsum(a * r for a, r in zip(alphas, norms))
     return [scale * x for x in mean]
@@ -780,7 +793,8 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
         recipe.swap_t = s.t
         return recipe
     if s.name == "karcher":
-        c_b, c_d, c_a = karcher_coefficients(passes.model_gram(), (s.w_base, *s.weights))
+        c_b, c_d, c_a = karcher_coefficients(passes.model_gram(), (s.w_base, *s.weights),
+                                             s.max_iter, s.tol)
         recipe = _weights_recipe(recipe, MODELS, c_d, c_a)
         recipe.base_weight = c_b
         return recipe

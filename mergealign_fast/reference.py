@@ -160,7 +160,7 @@ def method_ref(settings, tensor_name: str, base, *models):
     if s.name in ("multislerp", "multislerp_models"):
         return _multislerp_ref(s, b, xs)
     if s.name == "karcher":
-        return _karcher_ref((s.w_base, *s.weights), [b, *xs])
+        return _karcher_ref((s.w_base, *s.weights), [b, *xs], s.max_iter, s.tol)
     if s.is_plain_task_arithmetic:
         d, a = xs
         return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
@@ -202,17 +202,16 @@ def _multislerp_ref(s, b: np.ndarray, xs):
     return origin + merged, np.abs(origin) + stretch * sum(np.abs(wu) for wu in weighted_units)
 
 
-def _karcher_ref(alphas, xs):
+def _karcher_ref(alphas, xs, max_iter: int, tol: float):
     """The weighted Karcher mean as its iteration states it, on the arrays themselves (the
     kernel applies coefficients found on the Gram matrix).  Scale: each model's term."""
-    tol = methods.KARCHER_TOL
     norms = [np.linalg.norm(x) for x in xs]
     valid = [i for i, n in enumerate(norms) if n > tol]
     share = {i: alphas[i] / sum(alphas[j] for j in valid) for i in valid}
     units = {i: xs[i] / norms[i] for i in valid}
     mean = sum(share[i] * units[i] for i in valid)
     mean = mean / np.linalg.norm(mean)
-    for _ in range(methods.KARCHER_STEPS):
+    for _ in range(max_iter):
         tangent = np.zeros_like(mean)
         for i in valid:
             cos = np.clip(np.dot(mean, units[i]), -1.0, 1.0)

@@ -577,6 +577,7 @@ def test_karcher_weighs_each_model_it_merges_equally_as_mergekit(tiny_trio, tmp_
     three = load(write_config(tmp_path, tiny_trio, """
 merge_method: karcher
 base_model: {base}
+parameters: {{max_iter: 5, tol: 1.0e-6}}
 models:
   - model: {domain}
     parameters: {{weight: 0.9}}
@@ -584,6 +585,7 @@ models:
 """))
     settings = resolve(three.method, "w", 0.0, (float("nan"),) * 2)
     assert (settings.w_base, *settings.weights) == (1 / 3, 1 / 3, 1 / 3)
+    assert (settings.max_iter, settings.tol) == (5, 1e-6)
     assert any("`weight` does not apply to karcher" in w for w in three.warnings)
     two = load(write_config(tmp_path, tiny_trio, """
 merge_method: karcher
