@@ -398,7 +398,8 @@ class TensorRows:
         return mapped, view.reshape(loc.entry.shape[0], self.width)
 
     def _rows(self, maps, role: str, index: np.ndarray, touched: list) -> np.ndarray:
-        """Rows `index` of `role`'s source in self.dtype (exact: a copy, or widened to fp32)."""
+        """Rows `index` of `role`'s source in self.dtype: a copy, widened to fp32 (mixed
+        dtypes), or rounded to the dtype the inputs are cast to first (mergekit's `dtype`)."""
         mapped, view = self._source(maps, role)
         if len(index):
             loc = self.locations[role]
