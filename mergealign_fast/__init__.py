@@ -4,8 +4,8 @@
 
 `merge_tensors` merges in-memory arrays/tensors; `merge_checkpoints` merges Hugging Face model
 folders (its settings: `MergeOptions`); `merge_models` merges any number of models into a base
-(task arithmetic, linear, TIES, DARE, as mergekit configs do); `sweep_checkpoints` writes one model per λ in one pass;
-`Method` picks another merge method (TIES, DARE, SLERP, RESTA, ChipAlign, linear).  Importing
+(task arithmetic, linear, TIES, DARE, as mergekit configs do); `sweep_checkpoints` writes
+one model per λ in one pass; `Method` picks another merge method (methods.METHODS).  Importing
 this package loads neither numpy, torch nor any GPU runtime.
 
 The names below are loaded on first use: the command line (entry.py) starts with nothing

@@ -109,16 +109,15 @@ def template_files(template: str, copied: Sequence[Path],
     into OUT or `written` for it (a tokenizer merged by token); PlanError when there is none (no
     tokenizer to carry it)."""
     names = {path.name: path for path in copied}
-    where: object = names.get(TOKENIZER_CONFIG)
+    if written and TOKENIZER_CONFIG in written:
+        where, read = f"the merged tokenizer's {TOKENIZER_CONFIG}", written[TOKENIZER_CONFIG].decode
+    elif TOKENIZER_CONFIG in names:
+        where, read = names[TOKENIZER_CONFIG], names[TOKENIZER_CONFIG].read_bytes
+    else:
+        raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry it "
+                         "(set tokenizer_source to a model with a tokenizer, and copy it)"])
     try:
-        if written and TOKENIZER_CONFIG in written:
-            where = f"the merged tokenizer's {TOKENIZER_CONFIG}"
-            config = json.loads(written[TOKENIZER_CONFIG].decode("utf-8"))
-        elif where is None:
-            raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry "
-                             "it (set tokenizer_source to a model with a tokenizer, and copy it)"])
-        else:
-            config = json.loads(names[TOKENIZER_CONFIG].read_text(encoding="utf-8"))
+        config = json.loads(read())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise PlanError([f"{where}: cannot read: {exc}"]) from None
     if not isinstance(config, dict):

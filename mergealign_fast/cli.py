@@ -20,7 +20,6 @@ from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
 from .errors import MergeError, PlanError
 from .evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from .inspect_vectors import inspect_checkpoints, summary, write_reports
-from .io.vocabulary import VocabularySpec
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
@@ -428,7 +427,7 @@ def _tokenizer_settings(args: argparse.Namespace) -> dict:
     if args.vocab is None:
         return {"tokenizer_from": args.tokenizer_from}
     tokenizer_from = args.tokenizer_from if args.vocab == "union" else args.vocab
-    return {"tokenizer_from": tokenizer_from, "vocabulary": VocabularySpec(args.vocab)}
+    return {"tokenizer_from": tokenizer_from, "vocabulary": args.vocab}
 
 
 def _run_merge(args: argparse.Namespace) -> int:

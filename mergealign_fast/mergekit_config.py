@@ -3,10 +3,11 @@
 Supported: `models` (each a local model folder, relative paths from the current directory as
 for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (methods.METHODS: mergekit's task_arithmetic, linear, ties, dare_linear,
-dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, nearswap, and our
-slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients, `filter` rules; per model or shared,
-a model's own first), `dtype`, `out_dtype`, `tokenizer_source` (base, union or one of the
-models) and the `tokenizer` section: the vocabulary tensors merged by token (vocabularies.py).
+dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, nearswap, multislerp,
+karcher, and our slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients,
+`filter` rules; per model or shared, a model's own first), `dtype`, `out_dtype`,
+`tokenizer_source` (base, union or one of the models) and the `tokenizer` section: the
+vocabulary tensors merged by token (vocabularies.py).
 The `chat_template` (chat_template.py), and `slices`: with passthrough a stack of layer ranges,
 one model each, or merged slice by slice with any other method (slices.py).  The whole config
 is checked, and every problem reported, before any tensor is read; anything else (slices that
@@ -41,6 +42,7 @@ from .errors import PlanError
 from .methods import METHODS, RESCALES, SET_METHODS, Method, Rule
 from .plan import SET_ROLE
 from .slices import MergedSlice, SliceSource
+from .io.checkpoint import first_roles
 from .io.vocabulary import UNION, TokenSource, VocabularySpec
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
@@ -66,8 +68,7 @@ NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol"}
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
               "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
 NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
-                 "multislerp",
-                 "breadcrumbs", "breadcrumbs_ties"}
+                 "multislerp", "breadcrumbs", "breadcrumbs_ties"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
 PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp", "multislerp")
 # mergekit options choosing what a method works on, and the value we support (None: any): whole
@@ -235,11 +236,9 @@ class _Reader:
                 else ("aligned",)
             rules[:0] = [Rule("weight", role, 0.0) for role in repeated]
         if name == "karcher":  # mergekit: each model it merges (base_model too) weighs 1/n
-            first = {}
-            for role in ("base", "domain", "aligned"):
-                first.setdefault(roles[role].resolve(), role)
-            rules[:0] = [Rule("weight", role, 1.0 / len(first) if first[roles[role].resolve()]
-                              == role else 0.0) for role in ("base", "domain", "aligned")]
+            merged = set(first_roles(roles).values())
+            rules[:0] = [Rule("weight", role, 1.0 / len(merged) if role in merged else 0.0)
+                         for role in roles]
         if self.seed is not None and "seed" in METHODS[name].parameters:
             rules.append(Rule("seed", None, self.seed))  # after the config's own: it wins
         return rules

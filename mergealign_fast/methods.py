@@ -28,8 +28,8 @@ reference for the semantics of the methods it has.
                      (mergekit's Multi-SLERP: the weighted mean of the unit task vectors,
                      projected back to the sphere, at the weighted mean norm; per tensor);
                      multislerp_models the same over the models themselves (no base_model)
-    karcher          ‖x‖_α · the weighted Karcher (Riemannian) mean of the unit models on the sphere,
-                     α = the weights of base, domain and aligned (--base-weight, the two
+    karcher          ‖x‖_α · the weighted Karcher (Riemannian) mean of the unit models on the
+                     sphere, α = the weights of base, domain and aligned (--base-weight, the two
                      weights; a mergekit config: 1/n for each model it lists, base_model too);
                      mergekit's iteration (max_iter 10 steps, tol 1e-5), per tensor
     nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
@@ -472,7 +472,12 @@ def slerp_coefficients(t: float, xx: float, yy: float, xy: float) -> Tuple[float
     dot = min(1.0, max(-1.0, xy / (nx * ny)))
     if abs(dot) > SLERP_DOT_THRESHOLD:
         return 1.0 - t, t
-    theta = math.acos(dot)
+    return _arc_coefficients(t, dot)
+
+
+def _arc_coefficients(t: float, cos: float) -> Tuple[float, float]:
+    """(c_x, c_y) of the point at t along the great arc from x to y, at angle acos(cos)."""
+    theta = math.acos(cos)
     return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
@@ -496,8 +501,7 @@ def nuslerp_coefficients(t: float, xx: float, yy: float, xy: float) -> Tuple[flo
     cos = min(1.0, max(-1.0, xy / (nx * ny)))
     if 1.0 - cos * cos <= NUSLERP_EPS ** 2:
         return 1.0 - t, t
-    theta = math.acos(cos)
-    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return _arc_coefficients(t, cos)
 
 
 def nuslerp_t(w_domain: float, w_align: float) -> float:

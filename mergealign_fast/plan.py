@@ -24,7 +24,7 @@ from .io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLoca
                             shard_file_name)
 from .io.safetensors_format import EncodedTensor, encode_header
 from .io.vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, VocabularySpec,
-                            vocabulary_problems)
+                            vocab_size_holder, vocabulary_problems)
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
 from .methods import (METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights,
@@ -707,10 +707,7 @@ def _with_vocabulary(plan: MergePlan, vocabulary: Vocabulary) -> None:
         plan.copied_files = [f for f in plan.copied_files if f.name not in REPLACED_BY_TOKENIZER]
         plan.written_files.update(vocabulary.tokenizer_files)
     if plan.config is not None:
-        text = plan.config.get("text_config")
-        holder = text if isinstance(text, dict) and "vocab_size" in text \
-            and "vocab_size" not in plan.config else plan.config
-        holder["vocab_size"] = vocabulary.size
+        vocab_size_holder(plan.config)["vocab_size"] = vocabulary.size
 
 
 def _cast_problems(tensors: List[PlannedTensor], options: MergeOptions) -> List[str]:

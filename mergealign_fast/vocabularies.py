@@ -39,8 +39,9 @@ import numpy as np
 from .dtypes import (DType, bf16_bits_to_f32, f32_to_bf16_bits, from_safetensors,
                      storage_numpy_dtype)
 from .errors import PlanError
-from .io.checkpoint import CONFIG_FILE, Checkpoint, TensorLocation
-from .io.vocabulary import UNION, VOCABULARY_TENSOR, TokenSource, VocabularySpec
+from .io.checkpoint import CONFIG_FILE, Checkpoint, TensorLocation, first_roles
+from .io.vocabulary import (UNION, VOCABULARY_TENSOR, TokenSource, VocabularySpec,
+                            vocab_size_holder)
 
 # Fill rules of an output row (Vocabulary.fill): every model has the token (each its own row),
 # or the row a model lacking it takes.
@@ -110,10 +111,8 @@ def model_vocabulary_size(folder: Path, tokenizer) -> int:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         config = {}
-    for place in (config, config.get("text_config") if isinstance(config, dict) else None):
-        if isinstance(place, dict) and isinstance(place.get("vocab_size"), int):
-            return place["vocab_size"]
-    return len(tokenizer)
+    size = vocab_size_holder(config).get("vocab_size") if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else len(tokenizer)
 
 
 def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
@@ -129,11 +128,7 @@ def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
     tokens = max(tables.out_vocab.values()) + 1
     size = _padded(tokens, spec.pad_to_multiple_of)
     own = {role: _rows_of(tables.out_vocab, tables.vocabs[role], size) for role in roles}
-    # A folder given in two roles (a base standing in for an absent base_model) is one model.
-    first_role: Dict[Path, str] = {}
-    for role in roles:
-        first_role.setdefault(folders[role].resolve(), role)
-    distinct = tuple(first_role.values())
+    distinct = tuple(first_roles(folders).values())
     return _with_fill_rules(spec, tables, tokens, size, own, roles, distinct)
 
 
@@ -170,7 +165,8 @@ def _tables_in_child(folders: Dict[str, Path], spec: VocabularySpec,
     return value
 
 
-CHILD = "import sys; from mergealign_fast.vocabularies import answer_child; answer_child(sys.argv[1])"
+CHILD = ("import sys; from mergealign_fast.vocabularies import answer_child; "
+         "answer_child(sys.argv[1])")
 
 
 def answer_child(path: str) -> None:

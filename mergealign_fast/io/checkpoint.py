@@ -53,6 +53,16 @@ class Checkpoint:
     tensors: Dict[str, TensorLocation]
 
 
+def first_roles(folders: Dict[str, Path]) -> Dict[Path, str]:
+    """{resolved folder: the first role naming it}: a folder given in two roles (a base that
+    stands in for an absent base_model, the trio's aligned role repeating the base) is one
+    model, where models are counted."""
+    found: Dict[Path, str] = {}
+    for role, folder in folders.items():
+        found.setdefault(Path(folder).resolve(), role)
+    return found
+
+
 def shard_file_name(index: int, total: int) -> str:
     """transformers' names: model.safetensors alone, else model-00001-of-00003.safetensors."""
     if total == 1:

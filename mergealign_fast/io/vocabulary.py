@@ -64,6 +64,15 @@ class VocabularySpec:
     has_base: bool = True
 
 
+def vocab_size_holder(config: dict) -> dict:
+    """The mapping of a config.json that holds the model's vocab_size: the config itself, or a
+    multimodal model's text_config when only that one has it."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and "vocab_size" in text and "vocab_size" not in config:
+        return text
+    return config
+
+
 # ---- whether token ids agree --------------------------------------------------------------------
 
 def _vocabulary_file(folder: Path) -> Optional[Path]:
