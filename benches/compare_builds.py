@@ -76,7 +76,8 @@ def merge_seconds(tree: Path, trio: dict, out: Path, flags) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", CLI, str(tree), "merge", str(trio["base"]),
                     str(trio["domain"]), str(trio["aligned"]), "-o", str(out), "--quiet",
-                    *flags], check=True, stdout=subprocess.DEVNULL)
+                    "--force", *flags],  # --force: an interrupted run's partial output is ours
+                   check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 

@@ -157,14 +157,15 @@ inline int64_t count_nonfinite8(__m256 v, __m256 limit) {
 // 512 bytes ahead covers a DRAM latency (~100 ns at ~8 GB/s per input stream).  The stagger:
 // the three inputs of a trio usually sit at the same offset modulo a large power of two (one
 // file layout, or one array split in three), so their lines map to the same DRAM channel and
-// bank at the same moment; asking for each 1 KiB further than the last spreads the requests
-// over channels.  Measured on a plain fp32 loop, 1 thread, 12 rounds, 4 runs (AMD EPYC, 128 MiB
-// per input, 4 KiB and 2 MiB pages): no prefetch 78-82%, 1 KiB + 2 KiB stagger 81-91%,
-// 512 + 1 KiB 90-94%, 512 + 768 90-93%, 256 + 1 KiB 84-92%, 768 + 1 KiB 84-90%, stagger
-// only 86-88%; T1 (L2) prefetches 4 KiB ahead 70-78%.  A prefetch past the end of an input is
-// harmless: the instruction never faults.
+// bank at the same moment; asking for each a little further than the last spreads the requests
+// over channels.  Measured on a plain fp32 loop, 1 thread, best of 12 rounds, 128 MiB per input,
+// percent of the fastest memcpy, for one array split in three (6 runs) and three arrays
+// allocated apart (4 runs): 1 KiB ahead + 2 KiB stagger 81-91 / 87-89, 512 + 1 KiB 89-94 /
+// 88-96, 512 + 768 90-95 / 90-96, 256 + 1 KiB 84-92 / 96-99, stagger only 86-88 / 98-101; no
+// prefetch 78-82; T1 (L2) prefetches 4 KiB ahead 70-78.  512 + 768 has the best worst case.  A
+// prefetch past the end of an input is harmless: the instruction never faults.
 constexpr int64_t kPrefetchBytes = 512;
-constexpr int64_t kPrefetchStagger = 1024;
+constexpr int64_t kPrefetchStagger = 768;
 
 inline void prefetch_ahead(const unsigned char* p, int input) {
   _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + input * kPrefetchStagger),
