@@ -66,6 +66,37 @@ def test_crc32c_known_answer_and_combine():
         assert crc(b, crc(a)) == crc(data)
 
 
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C one bit at a time, from the polynomial: the reference for the native paths."""
+    state = 0xFFFFFFFF
+    for byte in data:
+        state ^= byte
+        for _ in range(8):
+            state = (state >> 1) ^ (0x82F63B78 if state & 1 else 0)
+    return state ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("length", [3 * 32 * 1024 - 1, 3 * 32 * 1024, 3 * 32 * 1024 + 7,
+                                    100_003, 1 << 20])
+def test_crc32c_three_chains_equal_one(length):
+    """Long buffers are checksummed as three interleaved chains joined at the end; pieces of
+    4 KiB chained one after another take the single-chain path: both must agree, and with the
+    bitwise definition."""
+    import ctypes
+
+    native = cpu.native()
+    data = os.urandom(length)
+    buffer = ctypes.create_string_buffer(data, length)
+    whole = native.crc32c(ctypes.addressof(buffer), length, 0)
+    chained = 0
+    for start in range(0, length, 4096):
+        chained = native.crc32c(ctypes.addressof(buffer) + start, min(4096, length - start),
+                                chained)
+    assert whole == chained
+    if length <= 100_003:
+        assert whole == _crc32c_bitwise(data)
+
+
 def test_verify_accepts_a_merge_and_names_what_is_wrong(tiny_trio, tmp_path):
     out = tmp_path / "out"
     merge_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"], out,
