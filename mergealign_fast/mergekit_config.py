@@ -63,7 +63,7 @@ ONLY_FOR = {"normalize_weights": ("multislerp",)}
 # model equally there): ignored in a config, as mergekit ignores them.
 MERGEKIT_IGNORES = {"karcher": ("weight",)}
 PER_MODEL = {"weight", "density", "gamma"}
-NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol"}
+NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
               "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
@@ -192,18 +192,33 @@ class _Reader:
 
     def _copy_config(self) -> RunConfig:
         """passthrough over `models`: one model copied (mergekit's way to convert a dtype or
-        re-shard), run as linear over that model with weight 1: (1·x)/1 is x exactly."""
+        re-shard), run as linear over that model with weight 1: (1·x)/1 is x exactly.  With
+        `scale` (per tensor, filters allowed; the model's own, else the top level's) it is
+        linear unnormalized with the scale as the weight: scale·x, rounded once, as mergekit
+        multiplies."""
         models = self._models()
         if len(models) != 1:
             self.problem(f"passthrough with `models` copies one model (got {len(models)}); "
                          "stack layers of several with `slices`")
-        if self.raw.get("parameters") or any(parameters for _, parameters in models):
-            self.problem("`parameters` with passthrough (e.g. scale) are not supported")
+        scales = [self._passthrough_scale(parameters) for _, parameters in models[:1]]
+        scales.append(self._passthrough_scale(self.raw.get("parameters")))
         folder = models[0][0] if models else None
         roles = {"base": folder, "domain": folder, "aligned": folder} if folder else None
-        rules = [Rule("weight", "domain", 0.0), Rule("weight", "aligned", 0.0),
-                 Rule("weight", "base", 1.0)]
+        rules = [Rule("weight", "domain", 0.0), Rule("weight", "aligned", 0.0)]
+        rules += [Rule("weight", "base", scale) for scale in scales if scale is not None]
+        rules.append(Rule("weight", "base", 1.0))
+        if len(rules) > 3:  # a scale: the weight is not divided away
+            rules.append(Rule("normalize", None, False))
         return self._finished("linear", roles, folder, rules, self._model_names())
+
+    def _passthrough_scale(self, parameters):
+        """The `scale` setting of a passthrough `parameters` mapping (None: none given)."""
+        if not parameters:
+            return None
+        if not isinstance(parameters, dict) or set(parameters) - {"scale"}:
+            self.problem(f"passthrough takes one parameter, `scale` (got {parameters!r})")
+            return None
+        return self._setting("scale", parameters["scale"])
 
     def _method_name(self) -> Optional[str]:
         name = self.raw.get("merge_method")

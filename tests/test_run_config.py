@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mergealign_fast import merge_tensors
-from mergealign_fast.dtypes import DType
+from mergealign_fast.dtypes import DType, f32_to_bf16_bits
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit_config import load
@@ -503,6 +503,33 @@ def test_passthrough_over_one_model_copies_it_exactly(tiny_trio, tmp_path):
     with pytest.raises(PlanError, match="copies one model"):
         load(write_config(tmp_path, tiny_trio, "merge_method: passthrough\nmodels:\n"
                           "  - model: {domain}\n  - model: {aligned}\n"))
+
+
+def test_passthrough_scale_multiplies_each_tensor_by_its_scale(tiny_trio, tmp_path):
+    """mergekit's passthrough `scale` (its test zeroes o_proj and keeps the rest): each tensor
+    is scale·x rounded once to its dtype, the model's own scale before the top level's."""
+    config = write_config(tmp_path, tiny_trio, """
+merge_method: passthrough
+models:
+  - model: {domain}
+    parameters:
+      scale: [{{filter: o_proj, value: 0}}, {{filter: up_proj, value: 0.3}}]
+parameters: {{scale: 1.5}}
+""")
+    subprocess.run(cli("run", config, tmp_path / "out", "--quiet"), check=True)
+    scaled, source = open_checkpoint(tmp_path / "out"), open_checkpoint(tiny_trio["domain"])
+    seen = set()
+    for name, loc in source.tensors.items():
+        scale = 0.0 if "o_proj" in name else 0.3 if "up_proj" in name else 1.5
+        seen.add(scale)
+        x = as_f64(read_elements(loc), DType.BF16).astype(np.float32)
+        expected = f32_to_bf16_bits(x * np.float32(scale))  # fp32 product, one rounding to bf16
+        assert np.array_equal(read_elements(scaled.tensors[name]).view(np.uint16).ravel(),
+                              expected.ravel()), name
+    assert seen == {0.0, 0.3, 1.5}
+    with pytest.raises(PlanError, match="one parameter, `scale`"):
+        load(write_config(tmp_path, tiny_trio, "merge_method: passthrough\nmodels:\n"
+                          "  - model: {domain}\n    parameters: {{weight: 2}}\n"))
 
 
 def test_a_method_without_weights_runs_from_a_config_without_parameters(tiny_trio, tmp_path):
