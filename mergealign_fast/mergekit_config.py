@@ -484,13 +484,16 @@ class _Reader:
             # t runs from the first model to the second: our aligned to our domain.
             return {"base": base or others[0], "domain": others[1], "aligned": others[0]}
         elif name == "karcher":
-            # Every listed model and base_model, two or three of them here (the trio's roles;
-            # without base_model the first model stands in the base role).
+            # Every listed model and base_model: two or three of them take the trio's roles,
+            # more a model set's (without base_model the first model stands in the base role).
             merged = ([base] if base is not None else []) + others
-            if not 2 <= len(merged) <= 3:
-                self.problem(f"karcher: the engine merges two or three models (base_model "
-                             f"counts), got {len(merged)}")
+            if len(merged) < 2:
+                self.problem(f"karcher merges two or more models (base_model counts), got "
+                             f"{len(merged)}")
                 return None
+            if len(merged) > 3:
+                return {"base": merged[0], **{SET_ROLE.format(i + 1): f
+                                              for i, f in enumerate(merged[1:])}}
             return {"base": merged[0], "domain": merged[1],
                     "aligned": merged[2] if len(merged) == 3 else merged[0]}
         elif name == "multislerp":

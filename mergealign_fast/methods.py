@@ -274,7 +274,7 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
 
 
 # What each parameter's values must be, as a mergekit config types them.
-_NUMERIC = ("weight", "density", "lambda", "t", "gamma")
+_NUMERIC = ("weight", "density", "lambda", "t", "gamma", "tol")
 
 
 def _setting_of(key: str, value) -> Setting:
@@ -291,11 +291,12 @@ def _setting_of(key: str, value) -> Setting:
         return tuple(_setting_of(key, v) for v in value)
     if key in _NUMERIC and is_fp32_finite(value) or key == "normalize" and isinstance(value, bool) \
             or key == "rescale" and value in RESCALES \
-            or key == "seed" and isinstance(value, int) and not isinstance(value, bool) \
-            and value >= 0:
+            or key in ("seed", "max_iter") and isinstance(value, int) \
+            and not isinstance(value, bool) and value >= 0:
         return value
     wanted = {"normalize": "true or false", "rescale": f"one of {', '.join(RESCALES)}",
-              "seed": "a non-negative integer"}.get(key, "a finite number or a list of them")
+              "seed": "a non-negative integer", "max_iter": "a non-negative integer"}.get(
+        key, "a finite number or a list of them")
     raise ValueError(f"parameter {key!r}: {value!r} is not {wanted}")
 
 
@@ -310,7 +311,7 @@ _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
 SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock",
-               "breadcrumbs", "breadcrumbs_ties", "multislerp")
+               "breadcrumbs", "breadcrumbs_ties", "multislerp", "karcher")
 
 
 @dataclass(frozen=True)
@@ -737,16 +738,32 @@ class SetPasses:
                                                                           model_count - 1)),
                                    threads) for i in range(0, model_count, 2)]
 
+    def _of_pair(self, i: int, j: int) -> TensorPasses:
+        return TensorPasses(self.native, lambda: self.pair_windows(i, j), self.threads)
+
     def gram(self) -> List[List[float]]:
         """Σ τ_i·τ_j of every pair of task vectors (fp64), one pass per pair."""
         n = self.model_count
         found = [[0.0] * n for _ in range(n)]
         for i in range(n):
             for j in range(i + 1, n):
-                passes = TensorPasses(self.native, lambda i=i, j=j: self.pair_windows(i, j),
-                                      self.threads)
-                found[i][i], found[j][j], found[i][j] = passes.vector_stats(models=False)
+                found[i][i], found[j][j], found[i][j] = \
+                    self._of_pair(i, j).vector_stats(models=False)
                 found[j][i] = found[i][j]
+        return found
+
+    def model_gram(self) -> List[List[float]]:
+        """Σ x·y of every pair of the base and the models, base first (fp64), one pass per pair
+        of models (each gives the base's products too)."""
+        n = self.model_count
+        found = [[0.0] * (n + 1) for _ in range(n + 1)]
+        for i in range(n):
+            for j in range(i + 1, n):
+                pair = self._of_pair(i, j).model_gram()  # base, model i, model j
+                at = (0, i + 1, j + 1)
+                for row, p in enumerate(at):
+                    for column, q in enumerate(at):
+                        found[p][q] = pair[row][column]
         return found
 
     def cosines(self) -> List[float]:
@@ -797,8 +814,7 @@ def tensor_recipe(native, s: TensorSettings, tensor_name: str, count: int, passe
         recipe.swap_t = s.t
         return recipe
     if s.name == "karcher":
-        c_b, c_d, c_a = karcher_coefficients(passes.model_gram(), (s.w_base, *s.weights),
-                                             s.max_iter, s.tol)
+        c_b, c_d, c_a = _karcher(s, passes.model_gram())
         recipe = _weights_recipe(recipe, MODELS, c_d, c_a)
         recipe.base_weight = c_b
         return recipe
@@ -827,7 +843,18 @@ def set_recipe(native, s: TensorSettings, tensor_name: str, count: int, passes: 
         for term, weight in zip(terms, s.weights):
             term.weight = weight
         return _linear_divisor(recipe, s)
+    if s.name == "karcher":  # c_b·base + Σ c_m·x_m
+        recipe.kind = MODELS
+        recipe.base_weight, *coefficients = _karcher(s, passes.model_gram())
+        for term, c in zip(terms, coefficients):
+            term.weight = c
+        return recipe
     return _vectors_recipe(recipe, terms, s, tensor_name, count, passes)
+
+
+def _karcher(s: TensorSettings, gram) -> List[float]:
+    """Karcher's coefficients of the base and each model, from their Gram matrix."""
+    return karcher_coefficients(gram, (s.w_base, *s.weights), s.max_iter, s.tol)
 
 
 def _multislerp(s: TensorSettings, tensor_name: str, gram) -> List[float]:

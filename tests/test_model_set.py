@@ -95,7 +95,10 @@ CASES = {
     "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.1, "rescale": "l1"},
                     [0.3, 0.3, 0.2, 0.2]),
     "model_stock": ("model_stock", {}, None),
+    "karcher": ("karcher", {"max_iter": 20, "tol": 1e-9}, [0.3, 0.1, 0.2, 0.15]),
 }
+# Methods that weigh the base model itself (given as the base entry's weight).
+BASE_WEIGHTS = {"linear": 0.25, "karcher": 0.25}
 
 
 def _set_settings(name, shared, weights, models):
@@ -122,15 +125,17 @@ def test_four_models_within_the_oracle_bound(case, dtypes, tmp_path):
         folders.append(tmp_path / f"m{i}")
     entries = [(f, {"weight": w} if weights else {})
                for f, w in zip(folders[1:], weights or [None] * 4)]
-    base_entry = (folders[0], {"weight": 0.25}) if name == "linear" else folders[0]
+    base_weight = BASE_WEIGHTS.get(name)
+    base_entry = folders[0] if base_weight is None else (folders[0], {"weight": base_weight})
     merge_models(base_entry, entries, tmp_path / "out", method=name, parameters=shared,
                  out_dtype=DType.F32, threads=2)
     got = _read(tmp_path / "out")
     settings = _set_settings(name, shared, weights, 4)
-    if name == "linear":
+    if base_weight is not None:
         settings = resolve(set_method(name, shared, {
             **{SET_ROLE.format(m + 1): {"weight": w} for m, w in enumerate(weights)},
-            "base": {"weight": 0.25}}), "t", 0.0, (float("nan"),) * 4, settings.roles)
+            "base": {"weight": base_weight}}), "t", 0.0, (float("nan"),) * 4, settings.roles)
+        assert settings.w_base == base_weight
     exact, scale = method_ref(settings, "t", decode_to_f64(base, dtypes[0]),
                               *[decode_to_f64(m, dt) for m, dt in zip(models, dtypes[1:])])
     bound = method_error_bound(exact, scale, DType.F32, model_count=4)

@@ -164,6 +164,45 @@ def test_four_models_the_same_as_mergekit(case, tmp_path):
     assert np.all(difference <= 2 * bound), f"worst {np.max(difference / bound):.1f} x bound"
 
 
+def test_karcher_of_five_models_through_run_the_same_as_mergekit(tmp_path):
+    """A config of base_model and four models: a model set, each weighing 1/5 as in mergekit;
+    within the oracle bound of the float64 iteration, and of mergekit's fp32 iteration."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import write_checkpoint
+
+    g = torch.Generator().manual_seed(29)
+    base = torch.randn(COUNT, generator=g)
+    models = [base + 0.02 * torch.randn(COUNT, generator=g) for _ in range(4)]
+    folders = []
+    for i, x in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"w": x.numpy()})
+        folders.append(str(tmp_path / f"m{i}"))
+    config = {"merge_method": "karcher", "base_model": folders[0],
+              "models": [{"model": f} for f in folders[1:]]}
+    (tmp_path / "k.yml").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "mergealign_fast", "run", str(tmp_path / "k.yml"),
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+    reference = theirs("karcher", [base, *models], 0, {}).double().numpy()
+    from mergealign_fast.methods import set_method
+    from mergealign_fast.plan import SET_ROLE
+
+    roles = tuple(SET_ROLE.format(i + 1) for i in range(4))
+    fifth = {"weight": 0.2}
+    settings = resolve(set_method("karcher", {}, {**{r: fifth for r in roles}, "base": fifth}),
+                       "w", 0.0, (float("nan"),) * 4, roles)
+    exact, scale = method_ref(settings, "w", *(x.double().numpy() for x in (base, *models)))
+    bound = method_error_bound(exact, scale, DType.F32, model_count=4)
+    assert np.all(np.abs(ours - exact) <= bound)
+    iteration_rounding = 2.0**-17 * np.max(np.abs(exact))
+    assert np.all(np.abs(ours - reference) <= 2 * bound + iteration_rounding)
+
+
 def test_multislerp_without_a_base_the_same_as_mergekit():
     """mergekit's multislerp without base_model: over the models themselves.  Nearly parallel
     vectors (a model and its fine-tune): mergekit's tangent step sums vectors whose exact sum is
