@@ -23,7 +23,7 @@ from .inspect_vectors import inspect_checkpoints, summary, write_reports
 from .kernels import cpu, cuda, describe_backends
 from .manifest import verify_output
 from .mergekit_config import load as load_mergekit_config
-from .methods import METHODS, RESCALES, Method
+from .methods import METHODS, RESCALES, VECTOR_MODES, Method
 from .model_card import card_files
 from .output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from .plan import ROLES, MergeOptions, parse_size, plan_merge, plan_set
@@ -109,6 +109,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                        help="linear: weight of the base model itself (default 0)")
     group.add_argument("--gamma", type=float, default=None, metavar="G",
                        help="breadcrumbs: fraction of the largest |τ| dropped (default 0.01)")
+    group.add_argument("--vectors", choices=VECTOR_MODES, default=None,
+                       help="nuslerp/model_stock: what one vector is: the whole tensor "
+                            "(default), each row (last dimension) or column (first dimension)")
 
 
 # Command-line flag -> the method parameter it sets (methods.METHODS lists what each accepts).
@@ -140,7 +143,7 @@ def _method_from_args(args: argparse.Namespace):
              "align_density": first_given(args.align_density, args.density),
              "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
              "seed": args.seed, "t": args.t, "base_weight": args.base_weight,
-             "gamma": args.gamma}
+             "gamma": args.gamma, "vectors": args.vectors}
     # Flags not given keep Method's own defaults (one home for them).
     method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
     problems = method.problems()

@@ -112,6 +112,9 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
                              file_offset)
         progress.advance(tensor.out_nbytes * len(targets))
         return
+    if plans[0].settings[tensor.name].by_vectors(tensor.shape):
+        _write_per_vector(targets, tensor, file_offset, plans, maps, writer, progress)
+        return
     threads = plans[0].options.threads or default_threads()
     recipes = tensor_recipes(plans, tensor, maps, threads)
     chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
@@ -119,6 +122,31 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
                            input_cast=plans[0].options.input_cast, rows=tensor.rows)
     for chunk in chunks:
         writer.write(targets, tensor, chunk, recipes)
+        progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+
+
+def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
+                      plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
+                      progress: Progress) -> None:
+    """A tensor merged vector by vector (per_vector.py): a pass for each vector's statistics
+    (the same for every plan of a sweep: one method), then window by window each plan's scaled
+    inputs, summed by the writer's kernel into that plan's target."""
+    from . import per_vector  # numpy: not loaded by merges that do not need it
+
+    settings = [plan.settings[tensor.name] for plan in plans]
+
+    def windows(**placed):
+        return tensor_chunks(tensor.sources, maps, per_vector.WINDOW_ELEMENTS,
+                             input_cast=plans[0].options.input_cast, rows=tensor.rows,
+                             **placed)
+
+    sums = per_vector.vector_sums(settings[0], tensor.shape, windows())
+    coefficients = [per_vector.vector_coefficients(s, sums) for s in settings]
+    recipe = per_vector.merge_recipe(cpu.native())
+    for chunk in windows(file_offset=file_offset, out_itemsize=tensor.out_itemsize):
+        for target, s, found in zip(targets, settings, coefficients):
+            scaled = per_vector.scaled_chunk(s, tensor.shape, found, chunk)
+            writer.write([target], tensor, scaled, [recipe])
         progress.advance(chunk.count * tensor.out_itemsize * len(targets))
 
 

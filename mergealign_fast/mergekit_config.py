@@ -73,7 +73,10 @@ NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear"
 PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp", "multislerp")
 # mergekit options choosing what a method works on, and the value we support (None: any): whole
 # tensors, as both methods do by default.  Rows or filters one by one are refused.
-SHAPE_OPTIONS = {"nuslerp_flatten": True, "nuslerp_row_wise": None, "filter_wise": False}
+SHAPE_OPTIONS = {"nuslerp_flatten": True, "nuslerp_row_wise": False, "filter_wise": False}
+# Which methods read them (mergekit's nuslerp and model_stock; another method ignores them).
+SHAPE_OPTIONS_OF = {"nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
+                    "model_stock": ("filter_wise",)}
 
 
 @dataclass
@@ -161,6 +164,7 @@ class _Reader:
         self.problems: List[str] = []
         self.read_past: List[str] = []  # see RunConfig.problems
         self.warnings: List[str] = []  # see RunConfig.warnings
+        self.shape_options = dict(SHAPE_OPTIONS)  # as given, else mergekit's defaults
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.path}: {text}")
@@ -283,7 +287,8 @@ class _Reader:
             else ()
         domain, aligned = in_set[:2] if in_set else (roles["domain"], roles["aligned"])
         return RunConfig(roles["base"], domain, aligned,
-                         Method(ours, rules=tuple(rules)), out_dtype, tokenizer_from,
+                         Method(ours, vectors=self._vectors(name), rules=tuple(rules)),
+                         out_dtype, tokenizer_from,
                          tuple(self.read_past), tuple(dict.fromkeys(self.warnings)),
                          str(self.raw.get("base_model") or ""), model_names,
                          self.raw.get("chat_template"), models=in_set,
@@ -319,7 +324,8 @@ class _Reader:
             ranges = {source.folder.resolve(): (source.start, source.end) for source, _ in sources}
             merged.append(MergedSlice(tuple((role, *ranges[folder.resolve()])
                                             for role, folder in roles.items()),
-                                      Method(name, rules=tuple(rules_here))))
+                                      Method(name, vectors=self._vectors(name),
+                                             rules=tuple(rules_here))))
             rules += rules_here
         names = tuple(dict.fromkeys(source.name for source, _ in parsed[0][0]))
         return self._finished(name, roles, base, list(dict.fromkeys(rules)), names,
@@ -601,13 +607,24 @@ class _Reader:
         return rules
 
     def _shape_option(self, key: str, value) -> None:
-        supported = SHAPE_OPTIONS[key]
         if not isinstance(value, bool):
             self.problem(f"parameter `{key}`: {value!r} is not true or false")
-        elif supported is not None and value != supported:
-            self.problem(f"parameter `{key}`: {str(value).lower()} (row by row or filter by "
-                         f"filter) is not supported; whole tensors ({str(supported).lower()}, "
-                         "mergekit's default) are")
+        else:
+            self.shape_options[key] = value
+
+    def _vectors(self, name: str) -> str:
+        """What the method takes as one vector (methods.VECTOR_MODES), from mergekit's
+        nuslerp_flatten / nuslerp_row_wise and filter_wise; said once where ignored."""
+        given = [k for k, v in self.shape_options.items() if v != SHAPE_OPTIONS[k]]
+        for key in given:
+            if key not in SHAPE_OPTIONS_OF.get(name, ()):
+                self.warnings.append(f"{self.path}: parameter `{key}` does not apply to "
+                                     f"{name}: ignored, as mergekit ignores it")
+        if name == "nuslerp" and not self.shape_options["nuslerp_flatten"]:
+            return "columns" if self.shape_options["nuslerp_row_wise"] else "rows"
+        if name == "model_stock" and self.shape_options["filter_wise"]:
+            return "rows"
+        return "tensor"
 
     def _setting(self, key: str, value):
         """mergekit's value forms as the immutable Setting of methods.py."""

@@ -197,6 +197,7 @@ class Method:
     gamma: float = 0.01  # breadcrumbs: the fraction of largest magnitudes dropped (mergekit's)
     max_iter: int = KARCHER_STEPS  # karcher: the most iteration steps
     tol: float = KARCHER_TOL       # karcher: the shortest step (and the least norm) that counts
+    vectors: str = "tensor"  # one of VECTOR_MODES (PER_VECTOR_METHODS)
     rules: Tuple[Rule, ...] = field(default=())
 
     @property
@@ -250,6 +251,10 @@ class Method:
             problems.append(f"{self.name}: tol must be a positive number (got {self.tol!r})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"{self.name}: seed must be a non-negative integer (got {self.seed})")
+        modes = PER_VECTOR_METHODS.get(self.name, ("tensor",))
+        if self.vectors not in modes:
+            problems.append(f"{self.name}: vectors {self.vectors!r}: it takes "
+                            f"{', '.join(modes)}")
         return problems
 
 
@@ -307,6 +312,14 @@ _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "tol": "tol"}
 
 
+# What a method treats as one vector (per_vector.py): the whole tensor (mergekit's default),
+# each row (the last dimension: nuslerp_flatten false, Model Stock's filter_wise), or each
+# column (the first dimension: nuslerp_flatten false with nuslerp_row_wise).
+VECTOR_MODES = ("tensor", "rows", "columns")
+# The methods that take another than the whole tensor, and which.
+PER_VECTOR_METHODS = {"nuslerp": VECTOR_MODES, "nuslerp_models": VECTOR_MODES,
+                      "model_stock": ("tensor", "rows")}
+
 # The trio's model roles, in the order of the native operands (base first, then these).
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
@@ -334,6 +347,7 @@ class TensorSettings:
     sign_election: bool
     max_iter: int = KARCHER_STEPS
     tol: float = KARCHER_TOL
+    vectors: str = "tensor"
 
     @property
     def w_domain(self) -> float:
@@ -355,6 +369,11 @@ class TensorSettings:
     def is_plain_task_arithmetic(self) -> bool:
         return self.roles == TRIO_MODELS and _is_plain_task_arithmetic(self.name, self.lambda_,
                                                                        self.normalize)
+
+    def by_vectors(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of this shape is merged vector by vector (per_vector.py); a 1-D
+        tensor is one vector, merged whole."""
+        return self.name in PER_VECTOR_METHODS and self.vectors != "tensor" and len(shape) >= 2
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
@@ -421,6 +440,7 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
         sign_election=info.sign_election,
         max_iter=int(value("max_iter", None, method.max_iter)),
         tol=float(value("tol", None, method.tol)),
+        vectors=method.vectors,
     )
 
 

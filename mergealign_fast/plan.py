@@ -594,6 +594,20 @@ def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]
                         f"{', '.join(roles)} or none")
     if options.vocabulary is not None:
         problems += _vocabulary_problems(options, roles)
+    if options.method.vectors != "tensor":
+        problems += _per_vector_problems(options, is_set)
+    return problems
+
+
+def _per_vector_problems(options: MergeOptions, is_set: bool) -> List[str]:
+    """What a merge vector by vector (per_vector.py) cannot be given."""
+    name, vectors = options.method.name, options.method.vectors
+    problems = []
+    if is_set:
+        problems.append(f"{name} by {vectors} merges two models besides the base (the trio)")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"{name} by {vectors} runs on the CPU path: leave out --device "
+                        f"{options.device}")
     return problems
 
 

@@ -104,6 +104,9 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
     method = Method(method) if isinstance(method, str) else method
     if method is not None and not method.is_plain_task_arithmetic:
         problems = method.problems()
+        if method.vectors != "tensor":
+            problems.append(f"{method.name} by {method.vectors} merges model folders "
+                            "(merge_checkpoints), not flat buffers")
         if problems:
             raise ValueError("; ".join(problems))
         if device != "cpu" or backend not in ("auto", "cpu"):

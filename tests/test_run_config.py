@@ -362,7 +362,7 @@ dtype: float32
 @pytest.mark.parametrize("text, message", [
     ("merge_method: nuslerp\nmodels:\n  - model: {domain}\n    parameters: {{weight: 1}}\n"
      "  - model: {aligned}\n    parameters: {{weight: 1}}\nparameters: {{nuslerp_flatten: "
-     "false}}\n", "nuslerp_flatten`: false (row by row or filter by filter) is not supported"),
+     "maybe}}\n", "parameter `nuslerp_flatten`: 'maybe' is not true or false"),
     ("merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {domain}\n"
      "parameters: {{filter_wise: true}}\n", "at least two other models"),
     ("merge_method: nuslerp\nmodels:\n  - model: {domain}\n  - model: {aligned}\n"

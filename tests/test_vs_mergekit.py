@@ -203,6 +203,45 @@ def test_karcher_of_five_models_through_run_the_same_as_mergekit(tmp_path):
     assert np.all(np.abs(ours - reference) <= 2 * bound + iteration_rounding)
 
 
+# Vector by vector (per_vector.py): (our method, vectors, mergekit name, its parameters besides
+# the weights, inputs as mergekit sees them).
+PER_VECTOR_CASES = {
+    "nuslerp-rows": ("nuslerp", "rows", "nuslerp", {"nuslerp_flatten": False}, "bad"),
+    "nuslerp-columns": ("nuslerp", "columns", "nuslerp",
+                        {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "bad"),
+    "nuslerp_models-rows": ("nuslerp_models", "rows", "nuslerp", {"nuslerp_flatten": False},
+                            "ad"),
+    "model_stock-rows": ("model_stock", "rows", "model_stock", {"filter_wise": True}, "bda"),
+}
+
+
+@pytest.mark.parametrize("case", PER_VECTOR_CASES)
+def test_vector_by_vector_the_same_as_mergekit(case, tmp_path):
+    """Each row (or column) its own angle, against mergekit on the same 2-D tensors."""
+    from mergealign_fast import merge_checkpoints
+
+    from conftest import write_checkpoint
+
+    ours_name, vectors, name, options, order = PER_VECTOR_CASES[case]
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    b = torch.randn(24, 50, generator=g)
+    d, a = (b + 0.05 * torch.randn(24, 50, generator=g) for _ in range(2))
+    for label, x in zip("bda", (b, d, a)):
+        write_checkpoint(tmp_path / label, {"w": x.numpy()})
+    merge_checkpoints(tmp_path / "b", tmp_path / "d", tmp_path / "a", tmp_path / "out",
+                      method=Method(ours_name, vectors=vectors), domain_weight=0.3,
+                      align_weight=0.7)
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+    weights = {"weight": [0.7, 0.3]} if name == "nuslerp" else {}
+    inputs = [dict(zip("bda", (b, d, a)))[k] for k in order]
+    reference = theirs(name, inputs, 0 if "b" in order else None, {**weights, **options})
+    difference = np.abs(ours - reference.double().numpy().ravel())
+    assert np.max(difference) <= 1e-5 * np.max(np.abs(ours)), np.max(difference)
+    flattened = theirs(name, inputs, 0 if "b" in order else None, weights)
+    assert np.max(np.abs(ours - flattened.double().numpy().ravel())) > 1e-4  # not the tensor's
+
+
 def test_multislerp_without_a_base_the_same_as_mergekit():
     """mergekit's multislerp without base_model: over the models themselves.  Nearly parallel
     vectors (a model and its fine-tune): mergekit's tangent step sums vectors whose exact sum is
