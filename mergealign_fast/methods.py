@@ -18,10 +18,11 @@ reference for the semantics of the methods it has.
     resta            domain + β·τ_a, β = w_a; optional DARE on τ_d (its density)
     chipalign        ‖aligned‖^(1-t)·‖domain‖^t · slerp(aligned/‖aligned‖, domain/‖domain‖, t)
     nuslerp          base + slerp(τ_a, τ_d, t), t = w_d / (w_d + w_a)  (mergekit's nuslerp with
-                     a base_model; its own epsilons, whole tensors)
+                     a base_model; its own epsilons; whole tensors, rows or columns)
     nuslerp_models   slerp(aligned, domain, t), t as nuslerp   (mergekit's nuslerp without one)
     model_stock      (1 - t)·base + t·mean(models), t = n·c / (1 + (n - 1)·c) from the mean
-                     cosine c of the task vectors' pairs (Model Stock; mergekit's, whole tensors)
+                     cosine c of the task vectors' pairs (Model Stock; mergekit's; whole
+                     tensors, or rows for two models)
     breadcrumbs      drop each τ's largest γ·n and its smallest magnitudes, keeping int(density·n)
                      (Model Breadcrumbs), weighted sum; breadcrumbs_ties with TIES' election
     multislerp       base + ‖x‖_w · normalize(Σ w_m x_m/‖x_m‖), x_m = τ_m, weights normalized
