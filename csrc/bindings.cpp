@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <errno.h>
+#include <cstring>
 #include <fcntl.h>
 
 #include <thread>
@@ -19,6 +20,7 @@
 #include "write_behind.h"
 #include "merge_math.h"
 #include "model_set.h"
+#include "parallel.h"
 #include "operands_from_python.h"
 
 namespace py = pybind11;
@@ -395,6 +397,19 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("threads"),
       "memcpy split over `threads` threads (the floor the bench compares the kernel with).");
+  m.def(
+      "copy_guarded",
+      [](uintptr_t dst, uintptr_t src, int64_t bytes) {
+        py::gil_scoped_release no_gil;
+        auto copy = [&]() __attribute__((noinline)) {
+          std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                      size_t(bytes));
+        };
+        return run_guarded(copy) ? 0 : EFAULT;
+      },
+      py::arg("dst"), py::arg("src"), py::arg("bytes"),
+      "memcpy from a mapped input with the kernel's SIGBUS guard: 0, or EFAULT when an input "
+      "page vanished (the file was truncated under the mapping).");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 
   py::class_<MappedFile>(m, "MappedFile")

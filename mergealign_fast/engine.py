@@ -140,14 +140,18 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
                              input_cast=plans[0].options.input_cast, rows=tensor.rows,
                              **placed)
 
-    sums = per_vector.vector_sums(settings[0], tensor.shape, windows())
-    coefficients = [per_vector.vector_coefficients(s, sums) for s in settings]
-    recipe = per_vector.merge_recipe(cpu.native())
-    for chunk in windows(file_offset=file_offset, out_itemsize=tensor.out_itemsize):
-        for target, s, found in zip(targets, settings, coefficients):
-            scaled = per_vector.scaled_chunk(s, tensor.shape, found, chunk)
-            writer.write([target], tensor, scaled, [recipe])
-        progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+    try:
+        sums = per_vector.vector_sums(settings[0], tensor.shape, windows())
+        coefficients = [per_vector.vector_coefficients(s, sums) for s in settings]
+        recipe = per_vector.merge_recipe(cpu.native())
+        for chunk in windows(file_offset=file_offset, out_itemsize=tensor.out_itemsize):
+            for target, s, found in zip(targets, settings, coefficients):
+                scaled = per_vector.scaled_chunk(s, tensor.shape, found, chunk)
+                writer.write([target], tensor, scaled, [recipe])
+            progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+    except InputChanged:
+        raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "
+                           "read") from None
 
 
 def _write_shard(folders: Sequence[Path], shard: PlannedShard, plans: Sequence[MergePlan],

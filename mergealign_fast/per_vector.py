@@ -17,7 +17,6 @@ vectors) or c·x (models), which the native kernel sums as a linear merge with w
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -25,7 +24,8 @@ import numpy as np
 
 from .dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits, storage_numpy_dtype
 from .methods import TensorSettings, model_stock_t, nuslerp_coefficients, nuslerp_t, pair_cosine
-from .stream import Chunk
+from .kernels import cpu
+from .stream import Chunk, InputChanged
 
 # Elements per window: the scaled fp32 inputs, each element's vector index and coefficients
 # take ~50 bytes an element, so 1 Mi elements keep a window's memory near 50 MB.
@@ -54,11 +54,14 @@ def _keys(start: int, count: int, width: int, by_row: bool) -> np.ndarray:
 
 def _decoded(chunk: Chunk) -> List[np.ndarray]:
     """The chunk's inputs as float32 arrays (exact; rounded first through the input cast, as
-    the kernel rounds them)."""
-    values = []
+    the kernel rounds them).  Copied out of the mapping under the kernel's SIGBUS guard, so an
+    input truncated under the merge is InputChanged, not a killed process."""
+    native, values = cpu.native(), []
     for (mapped, offset, length), dtype in zip(chunk.inputs, chunk.dtypes):
-        raw = np.frombuffer((ctypes.c_ubyte * length).from_address(mapped.address + offset),
-                            dtype=storage_numpy_dtype(dtype))
+        raw = np.empty(length // dtype.itemsize, dtype=storage_numpy_dtype(dtype))
+        if native.copy_guarded(raw.ctypes.data, mapped.address + offset, length):
+            raise InputChanged("an input changed while it was being read (truncated or "
+                               "rewritten under the merge)")
         x = bf16_bits_to_f32(raw) if dtype is DType.BF16 else raw.astype(np.float32)
         values.append(_cast(x, chunk.input_cast))
     return values

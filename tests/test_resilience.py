@@ -246,6 +246,7 @@ def test_input_changed_during_the_merge_is_reported_and_nothing_published(tiny_t
     (Method("ties", domain_density=0.3), "magnitude_histogram"),
     (Method("dare_linear", domain_density=0.3), "sparsity_stats"),
     (Method("slerp"), "vector_stats"),
+    (Method("nuslerp", vectors="rows"), "copy_guarded"),  # its windows are copied out
 ])
 def test_input_truncated_during_a_method_pass_is_reported(tiny_trio, tmp_path, monkeypatch,
                                                          method, pass_name):
