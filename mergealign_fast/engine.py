@@ -136,7 +136,8 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
     settings = [plan.settings[tensor.name] for plan in plans]
 
     def windows(**placed):
-        return tensor_chunks(tensor.sources, maps, per_vector.WINDOW_ELEMENTS,
+        return tensor_chunks(tensor.sources, maps,
+                             per_vector.window_elements(tensor.shape, settings[0].vectors),
                              input_cast=plans[0].options.input_cast, rows=tensor.rows,
                              **placed)
 

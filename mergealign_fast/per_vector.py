@@ -4,15 +4,16 @@ Stock with `filter_wise: true` (each row).
 
 A row is the last dimension (mergekit's dim=-1: `rows` of a (prod(shape[:-1]), shape[-1])
 view), a column the first (dim=0: `columns` of a (shape[0], prod(shape[1:])) view); a 1-D tensor
-is one vector either way.  Element i of a window belongs to vector i // width (rows) or
-i % width (columns), so windows need not follow rows.
+is one vector either way.  Windows hold whole lines of width `line_width` (a row of the first
+view, or of the second), so a window is a matrix: rows are summed along it, columns across it.
 
 The merge is two passes over the window stream, memory bounded as every pass: one sums, per
-vector in float64, Σx², Σy² and Σxy of the two task vectors (or models); then each vector's
-coefficients (c_b, c_d, c_a) come from the scalar formulas of methods.py, and each window's
-inputs are scaled into fp32 arrays b' = c_b·b, d' = c_d·(d - b), a' = c_a·(a - b) (task
-vectors) or c·x (models), which the native kernel sums as a linear merge with weights 1:
-(b' + d') + a', the roundings of the whole-tensor kernel's (base + w_d·τ_d) + w_a·τ_a.
+vector in float64 (in index order: the same sums on any machine and thread count), Σx², Σy² and
+Σxy of the two task vectors (or models); then each vector's coefficients (c_b, c_d, c_a) come
+from the scalar formulas of methods.py, and each window's inputs are scaled into fp32 arrays
+b' = c_b·b, d' = c_d·(d - b), a' = c_a·(a - b) (task vectors) or c·x (models), which the native
+kernel sums as a linear merge with weights 1: (b' + d') + a', the roundings of the whole-tensor
+kernel's (base + w_d·τ_d) + w_a·τ_a.
 """
 
 from __future__ import annotations
@@ -34,70 +35,109 @@ WINDOW_ELEMENTS = 1 << 20
 ON_MODELS = ("nuslerp_models",)
 
 
-def vector_layout(shape: Sequence[int], vectors: str) -> Tuple[int, bool]:
-    """(width, by_row): vector of element i is i // width (rows) or i % width (columns)."""
-    if vectors == "rows":
-        return int(shape[-1]), True
-    return int(np.prod(shape[1:], dtype=np.int64)), False
+def line_width(shape: Sequence[int], vectors: str) -> int:
+    """Elements of one line of the matrix view a window is cut from."""
+    return int(shape[-1]) if vectors == "rows" else int(np.prod(shape[1:], dtype=np.int64))
+
+
+def window_elements(shape: Sequence[int], vectors: str) -> int:
+    """Whole lines, about WINDOW_ELEMENTS of them."""
+    width = line_width(shape, vectors)
+    return max(1, WINDOW_ELEMENTS // width) * width
 
 
 def vector_count(shape: Sequence[int], vectors: str) -> int:
-    width, by_row = vector_layout(shape, vectors)
-    total = int(np.prod(shape, dtype=np.int64))
-    return total // width if by_row else width
+    width = line_width(shape, vectors)
+    return int(np.prod(shape, dtype=np.int64)) // width if vectors == "rows" else width
 
 
-def _keys(start: int, count: int, width: int, by_row: bool) -> np.ndarray:
-    index = np.arange(start, start + count, dtype=np.int64)
-    return index // width if by_row else index % width
+def _vectors_of(s: TensorSettings, shape, chunk: Chunk, coefficients: np.ndarray) -> np.ndarray:
+    """The coefficient rows of the chunk's elements, shaped to broadcast over its matrix."""
+    width = line_width(shape, s.vectors)
+    if s.vectors == "rows":
+        first = chunk.start // width
+        return coefficients[first:first + chunk.count // width, None, :]
+    return coefficients[None, :, :]
+
+
+def _quiet():
+    """NaN and inf in the inputs flow through as in the kernel, without numpy's warnings."""
+    return np.errstate(invalid="ignore", over="ignore")
+
+
+class _Workspace:
+    """Arrays reused from window to window: allocating ~50 MB a window took fresh pages from
+    the kernel each time (a tenth of a 1.1B merge's time was clear_page, more in faults)."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name: str, count: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        found = self._arrays.get(name)
+        if found is None or found.dtype != dtype or found.size < count:
+            found = self._arrays[name] = np.empty(count, dtype=dtype)
+        return found[:count]
+
+
+_WORK = _Workspace()
 
 
 def _decoded(chunk: Chunk) -> List[np.ndarray]:
     """The chunk's inputs as float32 arrays (exact; rounded first through the input cast, as
-    the kernel rounds them).  Copied out of the mapping under the kernel's SIGBUS guard, so an
-    input truncated under the merge is InputChanged, not a killed process."""
+    the kernel rounds them), in the workspace.  Copied out of the mapping under the kernel's
+    SIGBUS guard, so an input truncated under the merge is InputChanged, not a killed
+    process."""
     native, values = cpu.native(), []
-    for (mapped, offset, length), dtype in zip(chunk.inputs, chunk.dtypes):
-        raw = np.empty(length // dtype.itemsize, dtype=storage_numpy_dtype(dtype))
+    for i, ((mapped, offset, length), dtype) in enumerate(zip(chunk.inputs, chunk.dtypes)):
+        raw = _WORK.get(f"raw{i}", length // dtype.itemsize, storage_numpy_dtype(dtype))
         if native.copy_guarded(raw.ctypes.data, mapped.address + offset, length):
             raise InputChanged("an input changed while it was being read (truncated or "
                                "rewritten under the merge)")
-        x = bf16_bits_to_f32(raw) if dtype is DType.BF16 else raw.astype(np.float32)
-        values.append(_cast(x, chunk.input_cast))
+        x = _WORK.get(f"f32_{i}", chunk.count, np.float32)
+        if dtype is DType.BF16:
+            np.left_shift(raw, 16, out=x.view(np.uint32), dtype=np.uint32)
+        else:
+            x[:] = raw
+        cast = chunk.input_cast not in (-1, int(dtype))  # stored as the cast's dtype: as is
+        values.append(_cast(x, chunk.input_cast) if cast else x)
     return values
 
 
 def _cast(x: np.ndarray, input_cast: int) -> np.ndarray:
     if input_cast == int(DType.BF16):
-        return bf16_bits_to_f32(f32_to_bf16_bits(x))
-    if input_cast == int(DType.F16):
-        return x.astype(np.float16).astype(np.float32)
+        x[:] = bf16_bits_to_f32(f32_to_bf16_bits(x))
+    elif input_cast == int(DType.F16):
+        x[:] = x.astype(np.float16)
     return x
-
-
-def _pair(s: TensorSettings, values: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """(domain's, aligned's) vectors the statistics are taken on, in float64."""
-    b, d, a = (v.astype(np.float64) for v in values)
-    if s.name in ON_MODELS:
-        return d, a
-    return d - b, a - b
 
 
 def vector_sums(s: TensorSettings, shape: Sequence[int], windows: Iterator[Chunk]
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per vector (Σ d², Σ a², Σ d·a) in float64, over the windows of one pass (in order, one
-    thread: the same sums on any machine)."""
-    width, by_row = vector_layout(shape, s.vectors)
-    n = vector_count(shape, s.vectors)
-    dd, aa, da = np.zeros(n), np.zeros(n), np.zeros(n)
+    """Per vector (Σ d², Σ a², Σ d·a) in float64, over the windows of one pass (windows of
+    window_elements, in order).  Differences and products of fp32 values are exact in
+    float64; each vector is summed in index order."""
+    width = line_width(shape, s.vectors)
+    sums = np.zeros((3, vector_count(shape, s.vectors)))
     for chunk in windows:
-        d, a = _pair(s, _decoded(chunk))
-        keys = _keys(chunk.start, chunk.count, width, by_row)
-        dd += np.bincount(keys, weights=d * d, minlength=n)
-        aa += np.bincount(keys, weights=a * a, minlength=n)
-        da += np.bincount(keys, weights=d * a, minlength=n)
+        b, d, a = _decoded(chunk)
+        x, y = (_WORK.get(name, chunk.count, np.float64) for name in ("x64", "y64"))
+        product = _WORK.get("product", chunk.count, np.float64).reshape(-1, width)
+        with _quiet():
+            if s.name in ON_MODELS:
+                x[:], y[:] = d, a
+            else:
+                np.subtract(d, b, out=x, dtype=np.float64)
+                np.subtract(a, b, out=y, dtype=np.float64)
+            for found, (p, q) in zip(sums, ((x, x), (y, y), (x, y))):
+                np.multiply(p.reshape(-1, width), q.reshape(-1, width), out=product)
+                if s.vectors == "rows":
+                    first = chunk.start // width
+                    found[first:first + len(product)] = product.sum(axis=1)
+                else:
+                    found += product.sum(axis=0)
         chunk.release_inputs()
-    return dd, aa, da
+    return sums[0], sums[1], sums[2]
 
 
 def vector_coefficients(s: TensorSettings, sums) -> np.ndarray:
@@ -134,20 +174,27 @@ class ScaledInput:
 
 def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarray,
                  chunk: Chunk) -> Chunk:
-    """The chunk with inputs b', d', a' (module docstring), read as fp32 by a linear merge of
-    weights 1 (merge_recipe)."""
-    width, by_row = vector_layout(shape, s.vectors)
-    c = coefficients[_keys(chunk.start, chunk.count, width, by_row)]
-    b, d, a = _decoded(chunk)
-    f32 = np.float32
-    if s.name in ON_MODELS:
-        scaled = [np.zeros_like(b), c[:, 1] * d, c[:, 2] * a]
-    elif s.name == "model_stock":
-        scaled = [c[:, 0] * b, c[:, 1] * d, c[:, 2] * a]
-    else:
-        scaled = [b, c[:, 1] * (d - b), c[:, 2] * (a - b)]
-    inputs = [ScaledInput(np.ascontiguousarray(x, dtype=f32), chunk if i == 0 else None)
-              for i, x in enumerate(scaled)]
+    """The chunk with inputs b', d', a' (module docstring) in the workspace, read as fp32 by a
+    linear merge of weights 1 (merge_recipe); valid until the next window is scaled."""
+    width = line_width(shape, s.vectors)
+    c = _vectors_of(s, shape, chunk, coefficients)
+    b, d, a = (x.reshape(-1, width) for x in _decoded(chunk))
+    out = [_WORK.get(f"scaled{i}", chunk.count, np.float32).reshape(-1, width)
+           for i in range(3)]
+    with _quiet():
+        if s.name in ON_MODELS:
+            out[0][:] = 0.0
+            np.multiply(c[..., 1], d, out=out[1])
+            np.multiply(c[..., 2], a, out=out[2])
+        elif s.name == "model_stock":
+            for j, x in enumerate((b, d, a)):
+                np.multiply(c[..., j], x, out=out[j])
+        else:
+            out[0][:] = b
+            for j, x in ((1, d), (2, a)):
+                np.subtract(x, b, out=out[j])
+                np.multiply(c[..., j], out[j], out=out[j])
+    inputs = [ScaledInput(x.ravel(), chunk if i == 0 else None) for i, x in enumerate(out)]
     return replace(chunk, inputs=tuple((x, 0, x.values.nbytes) for x in inputs),
                    dtypes=(DType.F32,) * 3, input_cast=-1)
 

@@ -84,6 +84,23 @@ def test_vectors_are_not_the_whole_tensor(tmp_path):
     assert not np.array_equal(merged["rows"], merged["columns"])
 
 
+def test_inputs_cast_first_are_the_merge_of_the_cast_inputs(tmp_path):
+    """mergekit's `dtype` (input_dtype here): fp32 models cast to bf16 merge as their bf16
+    copies do (rounded to nearest even), vector by vector too."""
+    from mergealign_fast.dtypes import f32_to_bf16_bits
+
+    values = _trio(tmp_path, (6, 20), DType.F32, 13)
+    for name, x in zip("bda", values):
+        write_checkpoint(tmp_path / f"bf16-{name}", {"w": f32_to_bf16_bits(x.astype(np.float32))})
+    method = Method("nuslerp", vectors="rows")
+    merge_checkpoints(tmp_path / "b", tmp_path / "d", tmp_path / "a", tmp_path / "cast",
+                      method=method, input_dtype=DType.BF16, out_dtype=DType.BF16)
+    merge_checkpoints(*(tmp_path / f"bf16-{n}" for n in "bda"), tmp_path / "copies",
+                      method=method, out_dtype=DType.BF16)
+    assert (tmp_path / "cast" / "model.safetensors").read_bytes() == \
+        (tmp_path / "copies" / "model.safetensors").read_bytes()
+
+
 def test_the_same_bits_on_any_window_and_thread_count(tmp_path, monkeypatch):
     _trio(tmp_path, (9, 31), DType.BF16, 5)
     outputs = []
