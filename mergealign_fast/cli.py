@@ -109,6 +109,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                        help="linear: weight of the base model itself (default 0)")
     group.add_argument("--gamma", type=float, default=None, metavar="G",
                        help="breadcrumbs: fraction of the largest |τ| dropped (default 0.01)")
+    group.add_argument("--select-topk", type=float, default=None, metavar="P",
+                       help="sce: fraction of elements kept, by variance across the models "
+                            "(default 1: all)")
     group.add_argument("--vectors", choices=VECTOR_MODES, default=None,
                        help="nuslerp/model_stock: what one vector is: the whole tensor "
                             "(default), each row (last dimension) or column (first dimension)")
@@ -118,7 +121,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 _METHOD_FLAGS = {"density": "density", "domain_density": "density",
                  "align_density": "density", "lambda_": "lambda", "normalize": "normalize",
                  "rescale": "rescale", "seed": "seed", "t": "t", "base_weight": "weight",
-                 "domain_weight": "weight", "align_weight": "weight", "gamma": "gamma"}
+                 "domain_weight": "weight", "align_weight": "weight", "gamma": "gamma",
+                 "select_topk": "select_topk"}
 
 
 def _method_from_args(args: argparse.Namespace):
@@ -143,7 +147,7 @@ def _method_from_args(args: argparse.Namespace):
              "align_density": first_given(args.align_density, args.density),
              "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
              "seed": args.seed, "t": args.t, "base_weight": args.base_weight,
-             "gamma": args.gamma, "vectors": args.vectors}
+             "gamma": args.gamma, "vectors": args.vectors, "select_topk": args.select_topk}
     # Flags not given keep Method's own defaults (one home for them).
     method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
     problems = method.problems()

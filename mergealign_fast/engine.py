@@ -23,7 +23,8 @@ from .io.checkpoint import TensorLocation
 from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
-from .methods import SetPasses, TensorPasses, set_method, set_recipe, tensor_recipe
+from .methods import (NUMPY_METHODS, SetPasses, TensorPasses, set_method, set_recipe,
+                      tensor_recipe)
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
                      publish, settle_leftover_partial)
 from .plan import SET_ROLE, MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge, \
@@ -115,6 +116,9 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
     if plans[0].settings[tensor.name].by_vectors(tensor.shape):
         _write_per_vector(targets, tensor, file_offset, plans, maps, writer, progress)
         return
+    if plans[0].settings[tensor.name].name in NUMPY_METHODS:
+        _write_sce(targets, tensor, file_offset, plans, maps, writer, progress)
+        return
     threads = plans[0].options.threads or default_threads()
     recipes = tensor_recipes(plans, tensor, maps, threads)
     chunks = tensor_chunks(tensor.sources, maps, writer.chunk_elements(tensor),
@@ -149,6 +153,31 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
             for target, s, found in zip(targets, settings, coefficients):
                 scaled = per_vector.scaled_chunk(s, tensor.shape, found, chunk)
                 writer.write([target], tensor, scaled, [recipe])
+            progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+    except InputChanged:
+        raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "
+                           "read") from None
+
+
+def _write_sce(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
+               plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
+               progress: Progress) -> None:
+    """A tensor merged by SCE (sce.py): its select and calculate passes, then window by window
+    the merged values, rounded and written by the writer's kernel (every plan of a sweep
+    alike: SCE takes no weights)."""
+    from . import per_vector, sce  # numpy: not loaded by merges that do not need it
+
+    def windows(placed=False):
+        where = dict(file_offset=file_offset, out_itemsize=tensor.out_itemsize) if placed \
+            else {}
+        return tensor_chunks(tensor.sources, maps, sce.WINDOW_ELEMENTS,
+                             input_cast=plans[0].options.input_cast, rows=tensor.rows, **where)
+
+    recipe = per_vector.merge_recipe(cpu.native())
+    try:
+        for chunk in sce.merge_chunks(plans[0].settings[tensor.name], windows,
+                                      len(tensor.sources) - 1, tensor.count):
+            writer.write(targets, tensor, chunk, [recipe] * len(targets))
             progress.advance(chunk.count * tensor.out_itemsize * len(targets))
     except InputChanged:
         raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "

@@ -55,7 +55,7 @@ MODEL_KEYS = {"model", "parameters"}
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
               "gamma": "gamma", "int8_mask": None, "normalize_weights": "normalize",
-              "max_iter": "max_iter", "tol": "tol"}
+              "max_iter": "max_iter", "tol": "tol", "select_topk": "select_topk"}
 # mergekit parameters that are one of ours for some methods only (multislerp's name for
 # normalize): for any other method they mean nothing, and are ignored as mergekit ignores them.
 ONLY_FOR = {"normalize_weights": ("multislerp",)}
@@ -63,10 +63,10 @@ ONLY_FOR = {"normalize_weights": ("multislerp",)}
 # model equally there): ignored in a config, as mergekit ignores them.
 MERGEKIT_IGNORES = {"karcher": ("weight",)}
 PER_MODEL = {"weight", "density", "gamma"}
-NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale"}
+NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale", "select_topk"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
-              "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap"}
+              "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap", "sce"}
 NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
                  "multislerp", "breadcrumbs", "breadcrumbs_ties"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
@@ -513,8 +513,8 @@ class _Reader:
             if base is None:
                 return {"base": others[0], "domain": others[1], "aligned": others[0]}
             limit = 2
-        elif name == "model_stock" and len(others) < 2:
-            self.problem(f"model_stock takes base_model and at least two other models "
+        elif name in ("model_stock", "sce") and len(others) < 2:
+            self.problem(f"{name} takes base_model and at least two other models "
                          f"(got {len(others)})")
             return None
         elif name == "chipalign":

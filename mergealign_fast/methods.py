@@ -132,7 +132,10 @@ METHODS: Dict[str, MethodInfo] = {
     "multislerp": MethodInfo(("weight", "normalize"), normalize=True),
     "multislerp_models": MethodInfo(("weight", "normalize"), normalize=True),
     "karcher": MethodInfo(("weight", "max_iter", "tol")),
+    "sce": MethodInfo(("select_topk",)),
 }
+# Methods merged window by window in numpy on the CPU path (sce.py), not by a native recipe.
+NUMPY_METHODS = ("sce",)
 
 
 
@@ -199,6 +202,7 @@ class Method:
     max_iter: int = KARCHER_STEPS  # karcher: the most iteration steps
     tol: float = KARCHER_TOL       # karcher: the shortest step (and the least norm) that counts
     vectors: str = "tensor"  # one of VECTOR_MODES (PER_VECTOR_METHODS)
+    select_topk: float = 1.0  # sce: the fraction of elements its select step keeps
     rules: Tuple[Rule, ...] = field(default=())
 
     @property
@@ -238,6 +242,9 @@ class Method:
                             f"{', '.join(RESCALES)}")
         if not 0.0 <= self.gamma <= 1.0:
             problems.append(f"{self.name}: gamma must be between 0 and 1 (got {self.gamma})")
+        if not 0.0 <= self.select_topk <= 1.0:
+            problems.append(f"{self.name}: select_topk must be between 0 and 1 (got "
+                            f"{self.select_topk})")
         for label, value in (("lambda", self.lambda_), ("t", self.t),
                              ("base weight", self.base_weight)):
             if not is_fp32_finite(value):
@@ -280,7 +287,7 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
 
 
 # What each parameter's values must be, as a mergekit config types them.
-_NUMERIC = ("weight", "density", "lambda", "t", "gamma", "tol")
+_NUMERIC = ("weight", "density", "lambda", "t", "gamma", "tol", "select_topk")
 
 
 def _setting_of(key: str, value) -> Setting:
@@ -310,7 +317,7 @@ def _setting_of(key: str, value) -> Setting:
 _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",
                      "seed": "seed", "t": "t", "gamma": "gamma", "max_iter": "max_iter",
-                     "tol": "tol"}
+                     "tol": "tol", "select_topk": "select_topk"}
 
 
 # What a method treats as one vector (per_vector.py): the whole tensor (mergekit's default),
@@ -325,7 +332,7 @@ PER_VECTOR_METHODS = {"nuslerp": VECTOR_MODES, "nuslerp_models": VECTOR_MODES,
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
 SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock",
-               "breadcrumbs", "breadcrumbs_ties", "multislerp", "karcher")
+               "breadcrumbs", "breadcrumbs_ties", "multislerp", "karcher", "sce")
 
 
 @dataclass(frozen=True)
@@ -349,6 +356,7 @@ class TensorSettings:
     max_iter: int = KARCHER_STEPS
     tol: float = KARCHER_TOL
     vectors: str = "tensor"
+    select_topk: float = 1.0
 
     @property
     def w_domain(self) -> float:
@@ -442,6 +450,7 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
         max_iter=int(value("max_iter", None, method.max_iter)),
         tol=float(value("tol", None, method.tol)),
         vectors=method.vectors,
+        select_topk=float(value("select_topk", None, method.select_topk)),
     )
 
 

@@ -60,12 +60,12 @@ def _vectors_of(s: TensorSettings, shape, chunk: Chunk, coefficients: np.ndarray
     return coefficients[None, :, :]
 
 
-def _quiet():
+def quiet():
     """NaN and inf in the inputs flow through as in the kernel, without numpy's warnings."""
     return np.errstate(invalid="ignore", over="ignore")
 
 
-class _Workspace:
+class Workspace:
     """Arrays reused from window to window: allocating ~50 MB a window took fresh pages from
     the kernel each time (a tenth of a 1.1B merge's time was clear_page, more in faults)."""
 
@@ -80,21 +80,21 @@ class _Workspace:
         return found[:count]
 
 
-_WORK = _Workspace()
+workspace = Workspace()
 
 
-def _decoded(chunk: Chunk) -> List[np.ndarray]:
+def decoded(chunk: Chunk) -> List[np.ndarray]:
     """The chunk's inputs as float32 arrays (exact; rounded first through the input cast, as
     the kernel rounds them), in the workspace.  Copied out of the mapping under the kernel's
     SIGBUS guard, so an input truncated under the merge is InputChanged, not a killed
     process."""
     native, values = cpu.native(), []
     for i, ((mapped, offset, length), dtype) in enumerate(zip(chunk.inputs, chunk.dtypes)):
-        raw = _WORK.get(f"raw{i}", length // dtype.itemsize, storage_numpy_dtype(dtype))
+        raw = workspace.get(f"raw{i}", length // dtype.itemsize, storage_numpy_dtype(dtype))
         if native.copy_guarded(raw.ctypes.data, mapped.address + offset, length):
             raise InputChanged("an input changed while it was being read (truncated or "
                                "rewritten under the merge)")
-        x = _WORK.get(f"f32_{i}", chunk.count, np.float32)
+        x = workspace.get(f"f32_{i}", chunk.count, np.float32)
         if dtype is DType.BF16:
             np.left_shift(raw, 16, out=x.view(np.uint32), dtype=np.uint32)
         else:
@@ -120,10 +120,10 @@ def vector_sums(s: TensorSettings, shape: Sequence[int], windows: Iterator[Chunk
     width = line_width(shape, s.vectors)
     sums = np.zeros((3, vector_count(shape, s.vectors)))
     for chunk in windows:
-        b, d, a = _decoded(chunk)
-        x, y = (_WORK.get(name, chunk.count, np.float64) for name in ("x64", "y64"))
-        product = _WORK.get("product", chunk.count, np.float64).reshape(-1, width)
-        with _quiet():
+        b, d, a = decoded(chunk)
+        x, y = (workspace.get(name, chunk.count, np.float64) for name in ("x64", "y64"))
+        product = workspace.get("product", chunk.count, np.float64).reshape(-1, width)
+        with quiet():
             if s.name in ON_MODELS:
                 x[:], y[:] = d, a
             else:
@@ -178,10 +178,10 @@ def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarr
     linear merge of weights 1 (merge_recipe); valid until the next window is scaled."""
     width = line_width(shape, s.vectors)
     c = _vectors_of(s, shape, chunk, coefficients)
-    b, d, a = (x.reshape(-1, width) for x in _decoded(chunk))
-    out = [_WORK.get(f"scaled{i}", chunk.count, np.float32).reshape(-1, width)
+    b, d, a = (x.reshape(-1, width) for x in decoded(chunk))
+    out = [workspace.get(f"scaled{i}", chunk.count, np.float32).reshape(-1, width)
            for i in range(3)]
-    with _quiet():
+    with quiet():
         if s.name in ON_MODELS:
             out[0][:] = 0.0
             np.multiply(c[..., 1], d, out=out[1])

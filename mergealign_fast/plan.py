@@ -27,8 +27,8 @@ from .io.vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, Voc
                             vocab_size_holder, vocabulary_problems)
 from .kernels import resolve_backend
 from .manifest import merge_differences, plan_fingerprint, read_manifest
-from .methods import (METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings, check_weights,
-                      layer_position, resolve, settings_problems)
+from .methods import (METHODS, NUMPY_METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings,
+                      check_weights, layer_position, resolve, settings_problems)
 from .output import out_dir_problems, resolve_out_dir
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
@@ -594,20 +594,20 @@ def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]
                         f"{', '.join(roles)} or none")
     if options.vocabulary is not None:
         problems += _vocabulary_problems(options, roles)
-    if options.method.vectors != "tensor":
-        problems += _per_vector_problems(options, is_set)
+    if options.method.vectors != "tensor" or options.method.name in NUMPY_METHODS:
+        problems += _numpy_window_problems(options, is_set)
     return problems
 
 
-def _per_vector_problems(options: MergeOptions, is_set: bool) -> List[str]:
-    """What a merge vector by vector (per_vector.py) cannot be given."""
+def _numpy_window_problems(options: MergeOptions, is_set: bool) -> List[str]:
+    """What a merge window by window in numpy (per_vector.py, sce.py) cannot be given."""
     name, vectors = options.method.name, options.method.vectors
+    what = name if vectors == "tensor" else f"{name} by {vectors}"
     problems = []
-    if is_set:
-        problems.append(f"{name} by {vectors} merges two models besides the base (the trio)")
+    if is_set and vectors != "tensor":
+        problems.append(f"{what} merges two models besides the base (the trio)")
     if options.device.split(":")[0] != "cpu":
-        problems.append(f"{name} by {vectors} runs on the CPU path: leave out --device "
-                        f"{options.device}")
+        problems.append(f"{what} runs on the CPU path: leave out --device {options.device}")
     return problems
 
 

@@ -242,6 +242,34 @@ def test_vector_by_vector_the_same_as_mergekit(case, tmp_path):
     assert np.max(np.abs(ours - flattened.double().numpy().ravel())) > 1e-4  # not the tensor's
 
 
+@pytest.mark.parametrize("select_topk", [1.0, 0.4])
+def test_sce_the_same_as_mergekit(select_topk, tmp_path):
+    """mergekit's sce over a base and three models, fp32.  Its variances are fp32 sums, ours
+    float64 rounded to fp32: an element at the selection's threshold may fall on the other
+    side, so all but a handful of elements must agree within the fp32 bound."""
+    from mergealign_fast import merge_models, sce
+
+    from conftest import write_checkpoint
+
+    g = torch.Generator().manual_seed(31)
+    base = torch.randn(COUNT, generator=g)
+    models = [base + 0.02 * torch.randn(COUNT, generator=g) for _ in range(3)]
+    for i, x in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"w": x.numpy()})
+    merge_models(tmp_path / "m0", [tmp_path / f"m{i}" for i in (1, 2, 3)], tmp_path / "out",
+                 method="sce", parameters={"select_topk": select_topk})
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+    reference = theirs("sce", [base, *models], 0, {"select_topk": select_topk}).double().numpy()
+    exact = sce.reference(select_topk, base.double().numpy(),
+                          [(x - base).double().numpy() + base.double().numpy() for x in models])
+    taus = torch.stack([x - base for x in models]).double().numpy()
+    scale = np.abs(base.double().numpy()) + np.max(np.abs(taus), axis=0)
+    bound = method_error_bound(exact, scale, DType.F32, model_count=3)
+    assert np.all(np.abs(ours - exact) <= bound)
+    assert np.count_nonzero(np.abs(ours - reference) > 2 * bound) <= 5
+
+
 def test_multislerp_without_a_base_the_same_as_mergekit():
     """mergekit's multislerp without base_model: over the models themselves.  Nearly parallel
     vectors (a model and its fine-tune): mergekit's tangent step sums vectors whose exact sum is

@@ -1,0 +1,189 @@
+"""SCE (select, calculate, erase; mergekit's `sce`, arXiv 2408.07990) over a base and any number
+of models, window by window in numpy on the CPU path.
+
+For τ_m = model_m - base, per tensor:
+  select    with select_topk < 1, keep the k = int(nonzero · select_topk) elements whose
+            variance across the τ_m (population variance) is largest, zero the rest in every
+            τ_m (mergekit's top-k; ties at the threshold are kept in index order here);
+  calculate each model's weight w_m = mean(τ_m²) / Σ_m mean(τ_m²) (1/n when that sum is
+            below 1e-6);
+  erase     per element, the sign of Σ_m τ_m elects; a τ_m counts where its sign is that sign
+            (a zero never counts);
+  merged    base + Σ_m w_m·e_m·τ_m / max(Σ_m w_m·e_m, 1e-6).
+
+The threshold of the selection is found exactly with bounded memory: a pass histograms the top
+16 bits of each element's variance (fp32 bits order non-negative floats), a second the low 16
+bits of those in the bin holding the k-th largest.  A third sums Σ τ_m² of the kept elements.
+The merge pass computes each window in fp32 (τ, the erase, the weighted sum, the division) and
+hands the result to the kernel as the one non-zero input of a linear merge, which rounds it to
+the output dtype once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
+
+import numpy as np
+
+from .dtypes import DType
+from .methods import TensorSettings
+from .per_vector import ScaledInput, decoded, quiet, workspace
+from .stream import Chunk
+
+HIGH, LOW = 16, 16  # the fp32 bits of a variance, histogrammed in two passes
+SCE_WEIGHT_EPS = 1e-6  # mergekit's: weights summing below it are uniform
+SCE_DIVISOR_EPS = 1e-6  # mergekit's clamp of the erased weights' sum
+
+WINDOW_ELEMENTS = 1 << 20  # n + 4 fp32 arrays and a few more of this size at once
+
+
+@dataclass
+class Selection:
+    """Which elements the select step keeps: variance bits above `bits`, and of those equal
+    to it the first `ties` in index order (keep_all: select_topk >= 1)."""
+
+    keep_all: bool
+    bits: int = 0
+    ties: int = 0
+
+
+def _task_vectors(chunk: Chunk) -> List[np.ndarray]:
+    """τ_m of the window in fp32 (x - b rounded once, as the kernel rounds it)."""
+    base, *models = decoded(chunk)
+    with quiet():
+        return [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count, np.float32))
+                for m, x in enumerate(models)]
+
+
+def _variance_bits(taus: List[np.ndarray]) -> np.ndarray:
+    """Population variance across the models per element, as fp32 bits (float64 inside)."""
+    stacked = np.stack([t.astype(np.float64) for t in taus])
+    with quiet():
+        var = stacked.var(axis=0).astype(np.float32)
+    return np.abs(var).view(np.uint32)
+
+
+def select(s: TensorSettings, windows) -> Selection:
+    """The selection's threshold: two histogram passes over the windows (a callable giving a
+    fresh window stream each time)."""
+    if s.select_topk >= 1.0:
+        return Selection(keep_all=True)
+    high = np.zeros(1 << HIGH, dtype=np.int64)
+    nonzero = 0
+    for chunk in windows():
+        bits = _variance_bits(_task_vectors(chunk))
+        nonzero += int(np.count_nonzero(bits))
+        high += np.bincount(bits >> LOW, minlength=1 << HIGH)
+        chunk.release_inputs()
+    k = int(nonzero * s.select_topk) if s.select_topk > 0 else 0
+    if k == 0:
+        return Selection(keep_all=False, bits=0xFFFFFFFF, ties=0)  # nothing kept
+    above = np.cumsum(high[::-1])  # elements in the bins from the top down
+    top_bin = (1 << HIGH) - 1 - int(np.searchsorted(above, k))
+    wanted = k - (int(above[(1 << HIGH) - 2 - top_bin]) if top_bin < (1 << HIGH) - 1 else 0)
+    low = np.zeros(1 << LOW, dtype=np.int64)
+    for chunk in windows():
+        bits = _variance_bits(_task_vectors(chunk))
+        in_bin = bits[(bits >> LOW) == top_bin]
+        low += np.bincount(in_bin & ((1 << LOW) - 1), minlength=1 << LOW)
+        chunk.release_inputs()
+    above_low = np.cumsum(low[::-1])
+    low_value = (1 << LOW) - 1 - int(np.searchsorted(above_low, wanted))
+    higher = int(above_low[(1 << LOW) - 2 - low_value]) if low_value < (1 << LOW) - 1 else 0
+    return Selection(keep_all=False, bits=(top_bin << LOW) | low_value, ties=wanted - higher)
+
+
+class Mask:
+    """The select step's keep mask window by window; ties at the threshold counted in index
+    order across the windows (windows come in order)."""
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.ties_left = selection.ties
+
+    def __call__(self, taus: List[np.ndarray]) -> np.ndarray:
+        if self.selection.keep_all:
+            return np.ones(taus[0].shape, dtype=bool)
+        bits = _variance_bits(taus)
+        keep = bits > self.selection.bits
+        tie = np.flatnonzero(bits == self.selection.bits)
+        kept_ties = tie[:max(0, self.ties_left)]
+        keep[kept_ties] = True
+        self.ties_left -= len(kept_ties)
+        return keep
+
+
+def weights(selection: Selection, windows, model_count: int, count: int) -> np.ndarray:
+    """w_m = mean(τ_m²) over the kept elements (the others are zero), normalized."""
+    squares = np.zeros(model_count)
+    mask = Mask(selection)
+    for chunk in windows():
+        taus = _task_vectors(chunk)
+        keep = mask(taus)
+        for m, tau in enumerate(taus):
+            kept = tau[keep].astype(np.float64)
+            squares[m] += float(np.dot(kept, kept))
+        chunk.release_inputs()
+    means = squares / count
+    total = float(means.sum())
+    if abs(total) < SCE_WEIGHT_EPS:
+        return np.full(model_count, 1.0 / model_count)
+    return means / total
+
+
+def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
+    """The chunk with inputs (the merged window in fp32, zeros, zeros): the kernel's linear
+    merge of weights 1 rounds it to the output dtype."""
+    base = decoded(chunk)[0].copy()  # decoded's arrays are reused by _task_vectors
+    taus = _task_vectors(chunk)
+    keep = mask(taus)
+    f32 = np.float32
+    with quiet():
+        kept = [np.where(keep, t, f32(0)) for t in taus]
+        total = kept[0].copy()
+        for t in kept[1:]:
+            total += t
+        elected = np.where(total >= 0, f32(1), f32(-1))
+        numerator = np.zeros(chunk.count, dtype=f32)
+        divisor = np.zeros(chunk.count, dtype=f32)
+        for t, weight in zip(kept, w.astype(f32)):
+            counts = np.sign(t) == elected
+            numerator += np.where(counts, t * weight, f32(0))
+            divisor += np.where(counts, weight, f32(0))
+        merged = base + numerator / np.maximum(divisor, f32(SCE_DIVISOR_EPS))
+    zeros = workspace.get("zeros", chunk.count, f32)
+    zeros[:] = 0.0
+    inputs = [ScaledInput(merged, chunk), ScaledInput(zeros, None), ScaledInput(zeros, None)]
+    return Chunk(chunk.start, chunk.count, tuple((x, 0, x.values.nbytes) for x in inputs),
+                 (DType.F32,) * 3, chunk.file_offset, -1)
+
+
+def merge_chunks(s: TensorSettings, windows, model_count: int, count: int
+                 ) -> Iterator[Chunk]:
+    """The tensor's merged windows, after the select and calculate passes."""
+    selection = select(s, windows)
+    w = weights(selection, windows, model_count, count)
+    mask = Mask(selection)
+    for chunk in windows(placed=True):
+        yield merged_chunk(mask, w, chunk)
+
+
+def reference(select_topk: float, base: np.ndarray, models: Sequence[np.ndarray]) -> np.ndarray:
+    """SCE in float64 on whole flat arrays, written from the method's statement (for tests):
+    a stable sort picks the top-k variances, ties in index order."""
+    taus = np.stack([np.asarray(m, np.float64) - base for m in models])
+    if select_topk < 1:
+        var = taus.var(axis=0).astype(np.float32).astype(np.float64)
+        k = int(np.count_nonzero(var) * select_topk) if select_topk > 0 else 0
+        keep = np.zeros(var.shape, dtype=bool)
+        keep[np.argsort(-var, kind="stable")[:k]] = True
+        taus = taus * keep
+    means = (taus ** 2).mean(axis=1)
+    w = means / means.sum() if abs(means.sum()) >= SCE_WEIGHT_EPS else \
+        np.full(len(taus), 1.0 / len(taus))
+    elected = np.where(taus.sum(axis=0) >= 0, 1.0, -1.0)
+    counts = np.sign(taus) == elected
+    numerator = (taus * w[:, None] * counts).sum(axis=0)
+    divisor = np.maximum((w[:, None] * counts).sum(axis=0), SCE_DIVISOR_EPS)
+    return base + numerator / divisor
