@@ -57,11 +57,26 @@ def _task_vectors(chunk: Chunk) -> List[np.ndarray]:
 
 
 def _variance_bits(taus: List[np.ndarray]) -> np.ndarray:
-    """Population variance across the models per element, as fp32 bits (float64 inside)."""
-    stacked = np.stack([t.astype(np.float64) for t in taus])
+    """Population variance across the models per element, as fp32 bits: the mean, then the
+    mean of squared deviations, each summed in model order in fp32 (as torch.var of fp32
+    values; mergekit's selection compares these).  Squares are never negative, so the bits
+    order the values; a NaN sorts above every number, as in torch.topk.  In the workspace:
+    valid until the next call."""
+    count = taus[0].size
+    mean, var, deviation = (workspace.get(name, count, np.float32)
+                            for name in ("mean", "var", "deviation"))
     with quiet():
-        var = stacked.var(axis=0).astype(np.float32)
-    return np.abs(var).view(np.uint32)
+        np.copyto(mean, taus[0])
+        for tau in taus[1:]:
+            mean += tau
+        mean /= np.float32(len(taus))
+        var[:] = 0.0
+        for tau in taus:
+            np.subtract(tau, mean, out=deviation)
+            np.multiply(deviation, deviation, out=deviation)
+            var += deviation
+        var /= np.float32(len(taus))
+    return var.view(np.uint32)
 
 
 def select(s: TensorSettings, windows) -> Selection:
@@ -121,9 +136,8 @@ def weights(selection: Selection, windows, model_count: int, count: int) -> np.n
     for chunk in windows():
         taus = _task_vectors(chunk)
         keep = mask(taus)
-        for m, tau in enumerate(taus):
-            kept = tau[keep].astype(np.float64)
-            squares[m] += float(np.dot(kept, kept))
+        for m, tau in enumerate(taus):  # float64 squares (exact), summed where kept
+            squares[m] += float(np.add.reduce(np.square(tau, dtype=np.float64), where=keep))
         chunk.release_inputs()
     means = squares / count
     total = float(means.sum())
@@ -135,27 +149,34 @@ def weights(selection: Selection, windows, model_count: int, count: int) -> np.n
 def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
     """The chunk with inputs (the merged window in fp32, zeros, zeros): the kernel's linear
     merge of weights 1 rounds it to the output dtype."""
-    base = decoded(chunk)[0].copy()  # decoded's arrays are reused by _task_vectors
+    f32, count = np.float32, chunk.count
+    merged = workspace.get("merged", count, f32)
+    np.copyto(merged, decoded(chunk)[0])  # decoded's arrays are reused by _task_vectors
     taus = _task_vectors(chunk)
     keep = mask(taus)
-    f32 = np.float32
+    numerator, divisor, term = (workspace.get(name, count, f32)
+                                for name in ("numerator", "divisor", "term"))
     with quiet():
-        kept = [np.where(keep, t, f32(0)) for t in taus]
-        total = kept[0].copy()
-        for t in kept[1:]:
-            total += t
-        elected = np.where(total >= 0, f32(1), f32(-1))
-        numerator = np.zeros(chunk.count, dtype=f32)
-        divisor = np.zeros(chunk.count, dtype=f32)
-        for t, weight in zip(kept, w.astype(f32)):
-            counts = np.sign(t) == elected
-            numerator += np.where(counts, t * weight, f32(0))
-            divisor += np.where(counts, weight, f32(0))
-        merged = base + numerator / np.maximum(divisor, f32(SCE_DIVISOR_EPS))
-    zeros = workspace.get("zeros", chunk.count, f32)
+        for tau in taus:
+            tau *= keep  # the unselected elements: zero in every τ
+        total = np.add.reduce(taus, dtype=f32) if len(taus) > 1 else taus[0]
+        negative = total < 0  # the elected sign: + unless the sum is negative
+        numerator[:] = 0.0
+        divisor[:] = 0.0
+        for tau, weight in zip(taus, w.astype(f32)):
+            counts = (tau < 0) == negative  # its sign is the elected one: a zero has none
+            counts &= tau != 0
+            np.multiply(tau, weight, out=term)
+            term *= counts
+            numerator += term
+            divisor += counts * weight
+        np.maximum(divisor, f32(SCE_DIVISOR_EPS), out=divisor)
+        numerator /= divisor
+        merged += numerator
+    zeros = workspace.get("zeros", count, f32)
     zeros[:] = 0.0
     inputs = [ScaledInput(merged, chunk), ScaledInput(zeros, None), ScaledInput(zeros, None)]
-    return Chunk(chunk.start, chunk.count, tuple((x, 0, x.values.nbytes) for x in inputs),
+    return Chunk(chunk.start, count, tuple((x, 0, x.values.nbytes) for x in inputs),
                  (DType.F32,) * 3, chunk.file_offset, -1)
 
 
@@ -174,7 +195,10 @@ def reference(select_topk: float, base: np.ndarray, models: Sequence[np.ndarray]
     a stable sort picks the top-k variances, ties in index order."""
     taus = np.stack([np.asarray(m, np.float64) - base for m in models])
     if select_topk < 1:
-        var = taus.var(axis=0).astype(np.float32).astype(np.float64)
+        f32 = taus.astype(np.float32)  # the τ are fp32 values; their variance as merged:
+        mean = f32.sum(axis=0, dtype=np.float32) / np.float32(len(f32))  # fp32, in order
+        var = (((f32 - mean) ** 2).sum(axis=0, dtype=np.float32)
+               / np.float32(len(f32))).astype(np.float64)
         k = int(np.count_nonzero(var) * select_topk) if select_topk > 0 else 0
         keep = np.zeros(var.shape, dtype=bool)
         keep[np.argsort(-var, kind="stable")[:k]] = True
