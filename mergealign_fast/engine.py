@@ -391,7 +391,7 @@ def merge_models(base: ModelEntry, models: Sequence[ModelEntry], out: PathLike, 
                  ray_address: Optional[str] = None, **changes) -> MergeResult:
     """Merge any number of model folders into `base`, as a mergekit config does: `method` is
     one of methods.SET_METHODS (task_arithmetic, linear, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties, multislerp, model_stock, karcher).
+    breadcrumbs, breadcrumbs_ties, multislerp, model_stock, karcher, sce).
 
     Each of `models` is a folder or (folder, {"weight": 0.4, "density": 0.5}); a value may be
     a list, a gradient over the layers.  `parameters` are the shared ones (lambda, normalize,

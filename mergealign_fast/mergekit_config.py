@@ -4,7 +4,7 @@ Supported: `models` (each a local model folder, relative paths from the current 
 for mergekit-yaml, with optional `parameters`), `base_model`,
 `merge_method` (methods.METHODS: mergekit's task_arithmetic, linear, ties, dare_linear,
 dare_ties, breadcrumbs, breadcrumbs_ties, slerp, nuslerp, model_stock, nearswap, multislerp,
-karcher, and our slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients,
+karcher, sce, and our slerp_vectors, resta, chipalign), `parameters` (scalars, layer gradients,
 `filter` rules; per model or shared, a model's own first), `dtype`, `out_dtype`,
 `tokenizer_source` (base, union or one of the models) and the `tokenizer` section: the
 vocabulary tensors merged by token (vocabularies.py).
