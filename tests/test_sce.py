@@ -102,7 +102,9 @@ def test_run_reads_select_topk_and_ignores_weights(tmp_path):
                       f"  - model: {tmp_path / 'm1'}\n    parameters: {{weight: 0.3}}\n"
                       f"  - model: {tmp_path / 'm2'}\n")
     run = load(config)
-    assert run.method.name == "sce"
+    from mergealign_fast.methods import resolve
+
+    assert resolve(run.method, "w", 0.0, (float("nan"),) * 2).select_topk == 0.25
     assert any("`weight` does not apply to sce" in w for w in run.warnings)
 
 
