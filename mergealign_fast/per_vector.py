@@ -24,12 +24,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits, storage_numpy_dtype
-from .methods import TensorSettings, model_stock_t, nuslerp_coefficients, nuslerp_t, pair_cosine
 from .kernels import cpu
+from .methods import TensorSettings, model_stock_t, nuslerp_coefficients, nuslerp_t, pair_cosine
 from .stream import Chunk, InputChanged
 
-# Elements per window: the scaled fp32 inputs, each element's vector index and coefficients
-# take ~50 bytes an element, so 1 Mi elements keep a window's memory near 50 MB.
+# Elements per window: a window's copies (stored, fp32, float64 differences and products,
+# scaled fp32) take ~54 bytes an element, so 1 Mi elements keep them near 55 MB.
 WINDOW_ELEMENTS = 1 << 20
 # Each vector's statistics on the task vectors (τ = model - base) or on the models themselves.
 ON_MODELS = ("nuslerp_models",)
@@ -67,7 +67,8 @@ def quiet():
 
 class Workspace:
     """Arrays reused from window to window: allocating ~50 MB a window took fresh pages from
-    the kernel each time (a tenth of a 1.1B merge's time was clear_page, more in faults)."""
+    the kernel each time (a tenth of a 1.1B merge's time was clear_page, more in faults).
+    Held by the process once used (the largest window's size), reused by its next merge."""
 
     def __init__(self):
         self._arrays = {}
