@@ -410,6 +410,23 @@ PYBIND11_MODULE(_native, m) {
       py::arg("dst"), py::arg("src"), py::arg("bytes"),
       "memcpy from a mapped input with the kernel's SIGBUS guard: 0, or EFAULT when an input "
       "page vanished (the file was truncated under the mapping).");
+  m.def(
+      "gather_rows_guarded",
+      [](uintptr_t dst, uintptr_t src, int64_t row_bytes, uintptr_t index, int64_t count) {
+        py::gil_scoped_release no_gil;
+        const int64_t* rows = reinterpret_cast<const int64_t*>(index);
+        auto gather = [&]() __attribute__((noinline)) {
+          for (int64_t i = 0; i < count; ++i) {
+            std::memcpy(reinterpret_cast<unsigned char*>(dst) + i * row_bytes,
+                        reinterpret_cast<const unsigned char*>(src) + rows[i] * row_bytes,
+                        size_t(row_bytes));
+          }
+        };
+        return run_guarded(gather) ? 0 : EFAULT;
+      },
+      py::arg("dst"), py::arg("src"), py::arg("row_bytes"), py::arg("index"), py::arg("count"),
+      "Rows index[0..count) (an int64 array's address) of a mapped input copied to dst in "
+      "order, with the kernel's SIGBUS guard: 0, or EFAULT when an input page vanished.");
   m.def("hardware_threads", [] { return int(std::thread::hardware_concurrency()); });
 
   py::class_<MappedFile>(m, "MappedFile")

@@ -334,6 +334,25 @@ def _encoded(values: np.ndarray, dtype: DType) -> np.ndarray:
     return values.astype(storage_numpy_dtype(dtype))
 
 
+def _gathered_rows(view: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """view[index] for rows of a mapped input, copied under the kernel's SIGBUS guard: an
+    input truncated under the merge is InputChanged, not a killed process."""
+    from .kernels import cpu
+    from .stream import InputChanged
+
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    if len(index) and (index.min() < 0 or index.max() >= view.shape[0]):
+        raise IndexError(f"rows {index.min()}..{index.max()} of a {view.shape[0]}-row tensor")
+    rows = np.empty((len(index), view.shape[1]), dtype=view.dtype)
+    row_bytes = view.shape[1] * view.dtype.itemsize
+    if len(index) and cpu.native().gather_rows_guarded(rows.ctypes.data, view.ctypes.data,
+                                                       row_bytes, index.ctypes.data,
+                                                       len(index)):
+        raise InputChanged("a vocabulary tensor's input changed while it was being read "
+                           "(truncated or rewritten under the merge)")
+    return rows
+
+
 class GatheredRows:
     """One model's rows of a chunk, gathered into memory of its own: what a Chunk input needs
     (an address, a dtype, a byte count, and a release that drops the source pages the gather
@@ -402,7 +421,7 @@ class TensorRows:
             row_bytes = loc.entry.nbytes // loc.entry.shape[0]
             touched.append((mapped, loc.entry.begin + int(index.min()) * row_bytes,
                             (int(index.max()) - int(index.min()) + 1) * row_bytes))
-        rows = view[index]
+        rows = _gathered_rows(view, index)
         source_dtype = DType[self.locations[role].entry.dtype]
         if source_dtype is self.dtype:
             return rows

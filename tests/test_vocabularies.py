@@ -148,6 +148,34 @@ def test_a_union_is_the_oracle_s_rows_token_by_token(world, tmp_path):
     assert run_cli("verify", tmp_path / "out").returncode == 0
 
 
+def test_an_input_truncated_while_rows_are_gathered_is_input_changed(world, tmp_path,
+                                                                     monkeypatch):
+    """Rows gathered by token are copied out of the mapping under the kernel's SIGBUS guard:
+    a model truncated under the merge is a one-line error and nothing is published."""
+    from mergealign_fast.errors import MergeError
+    from mergealign_fast.kernels import cpu
+
+    trio = {r: tmp_path / r for r in world}
+    for role, folder in world.items():
+        shutil.copytree(folder, trio[role])
+    victim = next(trio["aligned"].glob("*.safetensors"))
+    real = cpu.native()
+
+    class TruncateBeforeGather:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def gather_rows_guarded(self, *args):
+            os.truncate(victim, 4096)
+            return real.gather_rows_guarded(*args)
+
+    monkeypatch.setattr(cpu, "native", lambda: TruncateBeforeGather())
+    with pytest.raises(MergeError, match="changed while it was being read|was modified"):
+        execute(plan_merge(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
+                           MergeOptions(vocabulary="union")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_gathered_in_small_windows_are_the_same_bits(world, tmp_path, monkeypatch):
     """The gather runs window by window (a few rows each here): no matrix is taken whole, and
     the output does not depend on where the windows fall.  TIES: the statistics passes read
