@@ -30,7 +30,7 @@ from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, p
 from .plan import SET_ROLE, MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge, \
     plan_set
 from .progress import Progress
-from .stream import (InputChanged, InputMaps, check_inputs_unchanged, input_identities,
+from .stream import (Chunk, InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                      pass_chunks, read_ahead_settings, tensor_chunks)
 from .writers import Writer, make_writer
 from .writers.f64 import write_f64_tensor
@@ -129,6 +129,34 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
         progress.advance(chunk.count * tensor.out_itemsize * len(targets))
 
 
+class _NumpyWindows:
+    """The windows of a tensor merged in numpy (per_vector.py, sce.py): a fresh stream of
+    them for each pass, placed in the output for the merge pass; an input changed under the
+    reading is said with the tensor's name."""
+
+    def __init__(self, tensor: PlannedTensor, file_offset: int, plans: Sequence[MergePlan],
+                 maps: InputMaps, elements: int):
+        self.tensor, self.file_offset, self.maps, self.elements = tensor, file_offset, maps, \
+            elements
+        self.input_cast = plans[0].options.input_cast
+
+    def __call__(self, placed: bool = False) -> Iterator[Chunk]:
+        t = self.tensor
+        where = dict(file_offset=self.file_offset, out_itemsize=t.out_itemsize) if placed \
+            else {}
+        return tensor_chunks(t.sources, self.maps, self.elements, input_cast=self.input_cast,
+                             rows=t.rows, **where)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None and issubclass(kind, InputChanged):
+            raise InputChanged(f"an input of tensor {self.tensor.name} changed while it was "
+                               "being read") from None
+        return False
+
+
 def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
                       plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
                       progress: Progress) -> None:
@@ -138,25 +166,16 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
     from . import per_vector  # numpy: not loaded by merges that do not need it
 
     settings = [plan.settings[tensor.name] for plan in plans]
-
-    def windows(**placed):
-        return tensor_chunks(tensor.sources, maps,
-                             per_vector.window_elements(tensor.shape, settings[0].vectors),
-                             input_cast=plans[0].options.input_cast, rows=tensor.rows,
-                             **placed)
-
-    try:
+    elements = per_vector.window_elements(tensor.shape, settings[0].vectors)
+    with _NumpyWindows(tensor, file_offset, plans, maps, elements) as windows:
         sums = per_vector.vector_sums(settings[0], tensor.shape, windows())
         coefficients = [per_vector.vector_coefficients(s, sums) for s in settings]
         recipe = per_vector.merge_recipe(cpu.native())
-        for chunk in windows(file_offset=file_offset, out_itemsize=tensor.out_itemsize):
+        for chunk in windows(placed=True):
             for target, s, found in zip(targets, settings, coefficients):
                 scaled = per_vector.scaled_chunk(s, tensor.shape, found, chunk)
                 writer.write([target], tensor, scaled, [recipe])
             progress.advance(chunk.count * tensor.out_itemsize * len(targets))
-    except InputChanged:
-        raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "
-                           "read") from None
 
 
 def _write_sce(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
@@ -167,21 +186,12 @@ def _write_sce(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset:
     alike: SCE takes no weights)."""
     from . import per_vector, sce  # numpy: not loaded by merges that do not need it
 
-    def windows(placed=False):
-        where = dict(file_offset=file_offset, out_itemsize=tensor.out_itemsize) if placed \
-            else {}
-        return tensor_chunks(tensor.sources, maps, sce.WINDOW_ELEMENTS,
-                             input_cast=plans[0].options.input_cast, rows=tensor.rows, **where)
-
     recipe = per_vector.merge_recipe(cpu.native())
-    try:
+    with _NumpyWindows(tensor, file_offset, plans, maps, sce.WINDOW_ELEMENTS) as windows:
         for chunk in sce.merge_chunks(plans[0].settings[tensor.name], windows,
                                       len(tensor.sources) - 1, tensor.count):
             writer.write(targets, tensor, chunk, [recipe] * len(targets))
             progress.advance(chunk.count * tensor.out_itemsize * len(targets))
-    except InputChanged:
-        raise InputChanged(f"an input of tensor {tensor.name} changed while it was being "
-                           "read") from None
 
 
 def _write_shard(folders: Sequence[Path], shard: PlannedShard, plans: Sequence[MergePlan],
