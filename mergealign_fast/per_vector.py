@@ -19,14 +19,14 @@ kernel's (base + w_d·τ_d) + w_a·τ_a.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
 from .dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits, storage_numpy_dtype
 from .kernels import cpu
 from .methods import TensorSettings, model_stock_t, nuslerp_coefficients, nuslerp_t, pair_cosine
-from .stream import Chunk, InputChanged
+from .stream import Chunk, HeldInput, InputChanged
 
 # Elements per window: a window's copies (stored, fp32, float64 differences and products,
 # scaled fp32) take ~54 bytes an element, so 1 Mi elements keep them near 55 MB.
@@ -158,19 +158,13 @@ def vector_coefficients(s: TensorSettings, sums) -> np.ndarray:
     return out.astype(np.float32)
 
 
-class ScaledInput:
-    """One input of a chunk scaled vector by vector: fp32 memory of its own that a Chunk input
-    needs (an address, a byte count, a release that drops the source pages once)."""
-
-    def __init__(self, values: np.ndarray, source: Optional[Chunk]):
-        self.values = values
-        self.address = values.ctypes.data
-        self._source = source
-
-    def release(self, offset: int, length: int) -> None:
-        if self._source is not None:
-            self._source.release_inputs()
-            self._source = None
+def held_chunk(chunk: Chunk, arrays: Sequence[np.ndarray]) -> Chunk:
+    """`chunk` with fp32 arrays of its own as its inputs (the kernel reads them; releasing
+    them drops the chunk's source pages once)."""
+    touched = list(chunk.inputs)
+    held = [HeldInput(x, DType.F32, touched) for x in arrays]
+    return replace(chunk, inputs=tuple((x, 0, x.nbytes) for x in held),
+                   dtypes=(DType.F32,) * len(held), input_cast=-1)
 
 
 def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarray,
@@ -195,9 +189,7 @@ def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarr
             for j, x in ((1, d), (2, a)):
                 np.subtract(x, b, out=out[j])
                 np.multiply(c[..., j], out[j], out=out[j])
-    inputs = [ScaledInput(x.ravel(), chunk if i == 0 else None) for i, x in enumerate(out)]
-    return replace(chunk, inputs=tuple((x, 0, x.values.nbytes) for x in inputs),
-                   dtypes=(DType.F32,) * 3, input_cast=-1)
+    return held_chunk(chunk, [x.ravel() for x in out])
 
 
 def merge_recipe(native):

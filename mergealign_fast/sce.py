@@ -22,13 +22,12 @@ the output dtype once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from .dtypes import DType
 from .methods import TensorSettings
-from .per_vector import ScaledInput, decoded, quiet, workspace
+from .per_vector import decoded, held_chunk, quiet, workspace
 from .stream import Chunk
 
 HIGH, LOW = 16, 16  # the fp32 bits of a variance, histogrammed in two passes
@@ -48,12 +47,18 @@ class Selection:
     ties: int = 0
 
 
-def _task_vectors(chunk: Chunk) -> List[np.ndarray]:
-    """τ_m of the window in fp32 (x - b rounded once, as the kernel rounds it)."""
+def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """The window's base and τ_m in fp32 (x - b rounded once, as the kernel rounds it), in
+    the workspace: valid until the next window."""
     base, *models = decoded(chunk)
     with quiet():
-        return [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count, np.float32))
-                for m, x in enumerate(models)]
+        return base, [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count,
+                                                                np.float32))
+                      for m, x in enumerate(models)]
+
+
+def _task_vectors(chunk: Chunk) -> List[np.ndarray]:
+    return _window(chunk)[1]
 
 
 def _variance_bits(taus: List[np.ndarray]) -> np.ndarray:
@@ -150,9 +155,9 @@ def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
     """The chunk with inputs (the merged window in fp32, zeros, zeros): the kernel's linear
     merge of weights 1 rounds it to the output dtype."""
     f32, count = np.float32, chunk.count
+    base, taus = _window(chunk)
     merged = workspace.get("merged", count, f32)
-    np.copyto(merged, decoded(chunk)[0])  # decoded's arrays are reused by _task_vectors
-    taus = _task_vectors(chunk)
+    np.copyto(merged, base)
     keep = mask(taus)
     numerator, divisor, term = (workspace.get(name, count, f32)
                                 for name in ("numerator", "divisor", "term"))
@@ -175,9 +180,7 @@ def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
         merged += numerator
     zeros = workspace.get("zeros", count, f32)
     zeros[:] = 0.0
-    inputs = [ScaledInput(merged, chunk), ScaledInput(zeros, None), ScaledInput(zeros, None)]
-    return Chunk(chunk.start, count, tuple((x, 0, x.values.nbytes) for x in inputs),
-                 (DType.F32,) * 3, chunk.file_offset, -1)
+    return held_chunk(chunk, [merged, zeros, zeros])
 
 
 def merge_chunks(s: TensorSettings, windows, model_count: int, count: int

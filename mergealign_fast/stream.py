@@ -176,6 +176,25 @@ class Chunk:
             mapped.release(offset, length)
 
 
+class HeldInput:
+    """A chunk input in memory of its own (rows gathered by token, inputs scaled or merged in
+    numpy): an address, a dtype, a byte count, and a release that drops, once, the source
+    pages it was made from (`touched`: (mapped file, offset, length) each, one list shared by
+    the chunk's inputs)."""
+
+    def __init__(self, values, dtype: DType, touched: list):
+        self.values = values
+        self.address = values.ctypes.data
+        self.dtype = dtype
+        self.nbytes = values.nbytes
+        self._touched = touched
+
+    def release(self, offset: int, length: int) -> None:
+        while self._touched:
+            mapped, start, nbytes = self._touched.pop()
+            mapped.release(start, nbytes)
+
+
 def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
     return tuple((loc.file, loc.entry.begin) for loc in sources)
 

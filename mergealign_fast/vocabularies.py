@@ -42,6 +42,8 @@ from .errors import PlanError
 from .io.checkpoint import CONFIG_FILE, Checkpoint, TensorLocation, first_roles
 from .io.vocabulary import (UNION, VOCABULARY_TENSOR, TokenSource, VocabularySpec,
                             vocab_size_holder)
+from .kernels import cpu
+from .stream import HeldInput, InputChanged
 
 # Fill rules of an output row (Vocabulary.fill): every model has the token (each its own row),
 # or the row a model lacking it takes.
@@ -337,9 +339,6 @@ def _encoded(values: np.ndarray, dtype: DType) -> np.ndarray:
 def _gathered_rows(view: np.ndarray, index: np.ndarray) -> np.ndarray:
     """view[index] for rows of a mapped input, copied under the kernel's SIGBUS guard: an
     input truncated under the merge is InputChanged, not a killed process."""
-    from .kernels import cpu
-    from .stream import InputChanged
-
     index = np.ascontiguousarray(index, dtype=np.int64)
     if len(index) and (index.min() < 0 or index.max() >= view.shape[0]):
         raise IndexError(f"rows {index.min()}..{index.max()} of a {view.shape[0]}-row tensor")
@@ -351,24 +350,6 @@ def _gathered_rows(view: np.ndarray, index: np.ndarray) -> np.ndarray:
         raise InputChanged("a vocabulary tensor's input changed while it was being read "
                            "(truncated or rewritten under the merge)")
     return rows
-
-
-class GatheredRows:
-    """One model's rows of a chunk, gathered into memory of its own: what a Chunk input needs
-    (an address, a dtype, a byte count, and a release that drops the source pages the gather
-    touched)."""
-
-    def __init__(self, rows: np.ndarray, dtype: DType, touched):
-        self.rows = rows
-        self.address = rows.ctypes.data
-        self.dtype = dtype
-        self.nbytes = rows.nbytes
-        self._touched = touched  # shared by the chunk's inputs: released once
-
-    def release(self, offset: int, length: int) -> None:
-        while self._touched:
-            mapped, start, nbytes = self._touched.pop()
-            mapped.release(start, nbytes)
 
 
 class MappedRows:
@@ -459,7 +440,7 @@ class TensorRows:
                 touched: list = []
                 block = self._gathered(maps, role, start, n, touched, padding=False)
                 total += _decoded(block, self.dtype).sum(axis=0, dtype=np.float64)
-                GatheredRows(block, self.dtype, touched).release(0, 0)
+                HeldInput(block, self.dtype, touched).release(0, 0)
             self._padding[role] = _encoded(total / max(1, self.vocabulary.tokens), self.dtype)
         return self._padding[role]
 
@@ -485,7 +466,8 @@ class TensorRows:
     def gather(self, maps, sources: Sequence[TensorLocation], start: int,
                count: int) -> List[object]:
         """Output rows [start, start+count) of each of `sources`: the mapped rows themselves
-        where a model has them all in a run (MappedRows), else gathered in self.dtype."""
+        where a model has them all in a run (MappedRows), else gathered in self.dtype
+        (stream.HeldInput)."""
         touched: list = []
         defaults = None
         blocks = []
@@ -500,9 +482,9 @@ class TensorRows:
                 continue
             if defaults is None and not np.all(own >= 0):  # shared by the models lacking rows
                 defaults = self._defaults(maps, start, count, touched)
-            blocks.append(GatheredRows(self._gathered(maps, role, start, count, touched,
-                                                      defaults=defaults),
-                                       self.dtype, touched))
+            blocks.append(HeldInput(self._gathered(maps, role, start, count, touched,
+                                                   defaults=defaults),
+                                    self.dtype, touched))
         return blocks
 
 
