@@ -173,8 +173,9 @@ inline void prefetch_ahead(const unsigned char* p, int input) {
 }
 
 // One line (64 bytes) of each input per iteration, so each line is prefetched once: 32 elements
-// of a 2-byte dtype, 16 of fp32, in steps of one 32-byte store.  kSingle (one recipe, its weights kept in registers) and kCount
-// (NaN/inf counted) are template arguments so the common cases carry no per-element branch.
+// of a 2-byte dtype, 16 of fp32, in steps of one 32-byte store.  kSingle (one recipe, its
+// weights kept in registers) and kCount (NaN/inf counted) are template arguments so the common
+// cases carry no per-element branch.
 template <class Codec, bool kStream, bool kSingle, bool kCount>
 void merge_vectors_direct(const MergeOperands& ops, const Recipe* recipes, int k, int64_t begin,
                           int64_t first, int64_t last, unsigned char* const* outs,
