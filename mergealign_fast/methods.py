@@ -474,6 +474,10 @@ def settings_problems(s: TensorSettings, where: str) -> List[str]:
     if s.rescale not in RESCALES:
         problems.append(f"{where}: rescale {s.rescale!r}: choose one of "
                         f"{', '.join(RESCALES)}")
+    if not 0.0 <= s.select_topk <= 1.0:
+        problems.append(f"{where}: select_topk must be between 0 and 1 (got {s.select_topk})")
+    if not s.tol > 0:
+        problems.append(f"{where}: tol must be a positive number (got {s.tol})")
     if s.name == "linear" and s.normalize and s.w_base + sum(s.weights) == 0:
         problems.append(f"{where}: the weights sum to 0, so linear cannot normalize them: "
                         "set normalize false (--no-normalize) or change the weights")

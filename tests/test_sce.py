@@ -115,3 +115,11 @@ def test_refused_off_the_cpu_and_out_of_range(tmp_path):
                           method=Method("sce"), device="cuda")
     assert Method("sce", select_topk=1.5).problems() == [
         "sce: select_topk must be between 0 and 1 (got 1.5)"]
+    config = tmp_path / "c.yml"
+    config.write_text(f"merge_method: sce\nbase_model: {tmp_path / 'm0'}\n"
+                      "parameters: {select_topk: 1.5}\nmodels:\n"
+                      f"  - model: {tmp_path / 'm1'}\n  - model: {tmp_path / 'm2'}\n")
+    with pytest.raises(PlanError, match=r"select_topk must be between 0 and 1 \(got 1.5\)"):
+        merge_checkpoints(*(tmp_path / f"m{i}" for i in range(3)), tmp_path / "o2",
+                          method=load(config).method)
+    assert not (tmp_path / "o2").exists()
