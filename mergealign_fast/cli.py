@@ -112,6 +112,16 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--select-topk", type=float, default=None, metavar="P",
                        help="sce: fraction of elements kept, by variance across the models "
                             "(default 1: all)")
+    group.add_argument("--epsilon", type=float, default=None, metavar="E",
+                       help="della: the keep probability runs from density - E (smallest |τ| "
+                            "of a row) to density + E (largest; default 0.15); ram: the |τ| "
+                            "above which a model's change counts (default 1e-5)")
+    group.add_argument("--r", type=float, default=None, metavar="R",
+                       help="ramplus_tl: unshared changes scaled by up to 1 + R·alpha "
+                            "(default 0.1)")
+    group.add_argument("--alpha", type=float, default=None, metavar="A",
+                       help="ramplus_tl: the cap on the ratio of shared to unshared changes "
+                            "(default 0.2)")
     group.add_argument("--vectors", choices=VECTOR_MODES, default=None,
                        help="nuslerp/model_stock: what one vector is: the whole tensor "
                             "(default), each row (last dimension) or column (first dimension)")
@@ -122,7 +132,8 @@ _METHOD_FLAGS = {"density": "density", "domain_density": "density",
                  "align_density": "density", "lambda_": "lambda", "normalize": "normalize",
                  "rescale": "rescale", "seed": "seed", "t": "t", "base_weight": "weight",
                  "domain_weight": "weight", "align_weight": "weight", "gamma": "gamma",
-                 "select_topk": "select_topk"}
+                 "select_topk": "select_topk", "epsilon": "epsilon", "r": "r",
+                 "alpha": "alpha"}
 
 
 def _method_from_args(args: argparse.Namespace):
@@ -147,7 +158,8 @@ def _method_from_args(args: argparse.Namespace):
              "align_density": first_given(args.align_density, args.density),
              "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
              "seed": args.seed, "t": args.t, "base_weight": args.base_weight,
-             "gamma": args.gamma, "vectors": args.vectors, "select_topk": args.select_topk}
+             "gamma": args.gamma, "vectors": args.vectors, "select_topk": args.select_topk,
+             "epsilon": args.epsilon, "r": args.r, "alpha": args.alpha}
     # Flags not given keep Method's own defaults (one home for them).
     method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
     problems = method.problems()

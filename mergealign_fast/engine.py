@@ -117,7 +117,7 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
         _write_per_vector(targets, tensor, file_offset, plans, maps, writer, progress)
         return
     if plans[0].settings[tensor.name].name in NUMPY_METHODS:
-        _write_sce(targets, tensor, file_offset, plans, maps, writer, progress)
+        _write_numpy_method(targets, tensor, file_offset, plans, maps, writer, progress)
         return
     threads = plans[0].options.threads or default_threads()
     recipes = tensor_recipes(plans, tensor, maps, threads)
@@ -130,7 +130,7 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
 
 
 class _NumpyWindows:
-    """The windows of a tensor merged in numpy (per_vector.py, sce.py): a fresh stream of
+    """The windows of a tensor merged in numpy (per_vector.py, NUMPY_METHODS): a fresh stream of
     them for each pass, placed in the output for the merge pass; an input changed under the
     reading is said with the tensor's name."""
 
@@ -178,20 +178,27 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
             progress.advance(chunk.count * tensor.out_itemsize * len(targets))
 
 
-def _write_sce(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
-               plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
-               progress: Progress) -> None:
-    """A tensor merged by SCE (sce.py): its select and calculate passes, then window by window
-    the merged values, rounded and written by the writer's kernel (every plan of a sweep
-    alike: SCE takes no weights)."""
-    from . import per_vector, sce  # numpy: not loaded by merges that do not need it
+def _write_numpy_method(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
+                        plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
+                        progress: Progress) -> None:
+    """A tensor merged window by window in numpy (methods.NUMPY_METHODS: sce.py, della.py,
+    ram.py, fusion.py): the method's passes, then the merged windows, rounded and written by
+    the writer's kernel.  The plans of a sweep that resolve to the same settings share them."""
+    import importlib
 
+    from . import per_vector  # numpy: not loaded by merges that do not need it
+
+    alike: Dict[object, List[ShardFile]] = {}
+    for target, plan in zip(targets, plans):
+        alike.setdefault(plan.settings[tensor.name], []).append(target)
     recipe = per_vector.merge_recipe(cpu.native())
-    with _NumpyWindows(tensor, file_offset, plans, maps, sce.WINDOW_ELEMENTS) as windows:
-        for chunk in sce.merge_chunks(plans[0].settings[tensor.name], windows,
-                                      len(tensor.sources) - 1, tensor.count):
-            writer.write(targets, tensor, chunk, [recipe] * len(targets))
-            progress.advance(chunk.count * tensor.out_itemsize * len(targets))
+    for settings, group in alike.items():
+        method = importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
+        elements = method.window_elements(tensor.shape)
+        with _NumpyWindows(tensor, file_offset, plans, maps, elements) as windows:
+            for chunk in method.merge_chunks(settings, tensor, windows):
+                writer.write(group, tensor, chunk, [recipe] * len(group))
+                progress.advance(chunk.count * tensor.out_itemsize * len(group))
 
 
 def _write_shard(folders: Sequence[Path], shard: PlannedShard, plans: Sequence[MergePlan],

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .dtypes import DType, parse_dtype
 from .errors import PlanError
-from .methods import METHODS, RESCALES, SET_METHODS, Method, Rule
+from .methods import METHODS, PER_MODEL_FOR, RESCALES, SET_METHODS, Method, Rule
 from .plan import SET_ROLE
 from .slices import MergedSlice, SliceSource
 from .io.checkpoint import first_roles
@@ -55,7 +55,8 @@ MODEL_KEYS = {"model", "parameters"}
 PARAMETERS = {"weight": "weight", "density": "density", "lambda": "lambda",
               "normalize": "normalize", "rescale": "rescale", "t": "t", "seed": "seed",
               "gamma": "gamma", "int8_mask": None, "normalize_weights": "normalize",
-              "max_iter": "max_iter", "tol": "tol", "select_topk": "select_topk"}
+              "max_iter": "max_iter", "tol": "tol", "select_topk": "select_topk",
+              "epsilon": "epsilon", "r": "r", "alpha": "alpha"}
 # mergekit parameters that are one of ours for some methods only (multislerp's name for
 # normalize): for any other method they mean nothing, and are ignored as mergekit ignores them.
 ONLY_FOR = {"normalize_weights": ("multislerp",)}
@@ -63,12 +64,21 @@ ONLY_FOR = {"normalize_weights": ("multislerp",)}
 # model equally there): ignored in a config, as mergekit ignores them.
 MERGEKIT_IGNORES = {"karcher": ("weight",)}
 PER_MODEL = {"weight", "density", "gamma"}
-NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale", "select_topk"}
+
+
+def _per_model(method: str) -> set:
+    """The parameters a model's own `parameters` may set for `method`."""
+    return PER_MODEL | {p for p, methods in PER_MODEL_FOR.items() if method in methods}
+
+
+NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale", "select_topk", "epsilon",
+           "r", "alpha"}
 # merge_method -> does it need a base model.
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "resta", "slerp_vectors",
-              "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap", "sce"}
+              "model_stock", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap", "sce",
+              "della", "della_linear", "ram", "ramplus_tl", "arcee_fusion"}
 NEEDS_WEIGHTS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "linear", "nuslerp",
-                 "multislerp", "breadcrumbs", "breadcrumbs_ties"}
+                 "multislerp", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 # Methods whose base role may only stand in for an absent base_model (its weight never counts).
 PLACEHOLDER_BASE = ("slerp", "chipalign", "nuslerp", "multislerp")
 # mergekit options choosing what a method works on, and the value we support (None: any): whole
@@ -513,6 +523,10 @@ class _Reader:
             if base is None:
                 return {"base": others[0], "domain": others[1], "aligned": others[0]}
             limit = 2
+        elif name == "arcee_fusion" and len(others) != 1:
+            self.problem(f"arcee_fusion takes base_model and exactly one other model "
+                         f"(got {len(others)} others)")
+            return None
         elif name in ("model_stock", "sce") and len(others) < 2:
             self.problem(f"{name} takes base_model and at least two other models "
                          f"(got {len(others)})")
@@ -545,7 +559,8 @@ class _Reader:
             else:
                 role = next(in_set)
             accepted = METHODS[name].parameters
-            shared = [k for k in parameters if PARAMETERS.get(k) in set(accepted) - PER_MODEL]
+            shared = [k for k in parameters
+                      if PARAMETERS.get(k) in set(accepted) - _per_model(name)]
             for key in shared:
                 self.problem(f"{folder}: `{key}` is a shared parameter: set it under the top "
                              "level `parameters`")
@@ -600,7 +615,7 @@ class _Reader:
             setting = self._setting(key, value)
             if setting is None:
                 continue
-            if ours in PER_MODEL and role is None:
+            if ours in _per_model(method_name) and role is None:
                 rules += [Rule(ours, r, setting) for r in every_role]
             else:
                 rules.append(Rule(ours, role, setting))

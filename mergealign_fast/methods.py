@@ -36,6 +36,16 @@ reference for the semantics of the methods it has.
     nearswap         w·domain + (1 - w)·base, w = clamp(t / |domain - base|, 0, 1) per element:
                      the domain model's value where the two are within t, else a step of t
                      toward it (mergekit's NearSwap; aligned is not used)
+    sce              select by variance across the models, weights from the kept τ², sign
+                     erase (sce.py; any number of models)
+    della            DARE whose keep probability grows with |τ|'s rank in its row, from
+                     density - ε to density + ε, rescale, TIES' election; della_linear without
+                     the election (della.py; any number of models)
+    ram              base + the mean of the τ_m with |τ_m| > ε per element (Reinforced Agent
+                     Merging); ramplus_tl scales a model's unshared elements by 1 + r·min(ρ, α)
+                     (ram.py; any number of models)
+    arcee_fusion     base + τ where |τ|·KL(softmax(model row) ‖ softmax(base row)) reaches
+                     median + 1.5·IQR of that importance over the tensor (fusion.py; one model)
 
 τ_d = domain - base and τ_a = aligned - base.  Every t is how far toward the domain expert
 (t = 0: aligned, t = 1: domain), so a λ sweep sets t = λ = w_d for every method.
@@ -106,6 +116,7 @@ class MethodInfo:
     rescale: str = "none"
     sparsify: int = KEEP_ALL
     sign_election: bool = False
+    epsilon: float = 0.0  # della: the keep probability's half range; ram: the |τ| that counts
 
 
 _VECTOR_PARAMS = ("weight", "density", "lambda", "normalize", "rescale")
@@ -133,9 +144,24 @@ METHODS: Dict[str, MethodInfo] = {
     "multislerp_models": MethodInfo(("weight", "normalize"), normalize=True),
     "karcher": MethodInfo(("weight", "max_iter", "tol")),
     "sce": MethodInfo(("select_topk",)),
+    # mergekit's defaults: della normalizes and rescales (l1), ε = 0.15; della_linear rescales.
+    "della": MethodInfo(_VECTOR_PARAMS + ("epsilon", "seed"), normalize=True, rescale="l1",
+                        sign_election=True, epsilon=0.15),
+    "della_linear": MethodInfo(_VECTOR_PARAMS + ("epsilon", "seed"), rescale="l1",
+                               epsilon=0.15),
+    "ram": MethodInfo(("epsilon",), epsilon=1e-5),
+    "ramplus_tl": MethodInfo(("epsilon", "r", "alpha"), epsilon=1e-5),
+    "arcee_fusion": MethodInfo(()),
 }
-# Methods merged window by window in numpy on the CPU path (sce.py), not by a native recipe.
-NUMPY_METHODS = ("sce",)
+# Methods merged window by window in numpy on the CPU path, not by a native recipe: the module
+# of each (a module with window_elements and merge_chunks).
+NUMPY_METHODS = {"sce": "sce", "della": "della", "della_linear": "della", "ram": "ram",
+                 "ramplus_tl": "ram", "arcee_fusion": "fusion"}
+# Parameters set per model for these methods only (ram's epsilon is shared, as in mergekit).
+PER_MODEL_FOR = {"epsilon": ("della", "della_linear")}
+# RAM+'s defaults (mergekit's): r scales the unshared elements by up to r·α.
+RAMPLUS_R = 0.1
+RAMPLUS_ALPHA = 0.2
 
 
 
@@ -203,6 +229,9 @@ class Method:
     tol: float = KARCHER_TOL       # karcher: the shortest step (and the least norm) that counts
     vectors: str = "tensor"  # one of VECTOR_MODES (PER_VECTOR_METHODS)
     select_topk: float = 1.0  # sce: the fraction of elements its select step keeps
+    epsilon: Optional[float] = None  # della, ram: None is the method's default (MethodInfo)
+    r: float = RAMPLUS_R          # ramplus_tl: the most an unshared element is scaled up, over α
+    alpha: float = RAMPLUS_ALPHA  # ramplus_tl: the cap on ρ (shared / unshared elements)
     rules: Tuple[Rule, ...] = field(default=())
 
     @property
@@ -245,8 +274,12 @@ class Method:
         if not 0.0 <= self.select_topk <= 1.0:
             problems.append(f"{self.name}: select_topk must be between 0 and 1 (got "
                             f"{self.select_topk})")
+        if self.epsilon is not None and not (is_fp32_finite(self.epsilon) and self.epsilon >= 0):
+            problems.append(f"{self.name}: epsilon must be a finite number of at least 0 (got "
+                            f"{self.epsilon!r})")
         for label, value in (("lambda", self.lambda_), ("t", self.t),
-                             ("base weight", self.base_weight)):
+                             ("base weight", self.base_weight), ("r", self.r),
+                             ("alpha", self.alpha)):
             if not is_fp32_finite(value):
                 problems.append(f"{self.name}: {label} must be finite, within float32's range "
                                 f"(got {value!r})")
@@ -287,7 +320,8 @@ def set_method(name: str, shared: Optional[Dict[str, object]],
 
 
 # What each parameter's values must be, as a mergekit config types them.
-_NUMERIC = ("weight", "density", "lambda", "t", "gamma", "tol", "select_topk")
+_NUMERIC = ("weight", "density", "lambda", "t", "gamma", "tol", "select_topk", "epsilon", "r",
+            "alpha")
 
 
 def _setting_of(key: str, value) -> Setting:
@@ -317,7 +351,8 @@ def _setting_of(key: str, value) -> Setting:
 _FIELD_PARAMETERS = {"domain_density": "density", "align_density": "density",
                      "lambda_": "lambda", "normalize": "normalize", "rescale": "rescale",
                      "seed": "seed", "t": "t", "gamma": "gamma", "max_iter": "max_iter",
-                     "tol": "tol", "select_topk": "select_topk"}
+                     "tol": "tol", "select_topk": "select_topk", "epsilon": "epsilon",
+                     "r": "r", "alpha": "alpha"}
 
 
 # What a method treats as one vector (per_vector.py): the whole tensor (mergekit's default),
@@ -332,7 +367,8 @@ PER_VECTOR_METHODS = {"nuslerp": VECTOR_MODES, "nuslerp_models": VECTOR_MODES,
 TRIO_MODELS = ("domain", "aligned")
 # The methods defined for any number of models; the others take exactly two (the trio).
 SET_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "model_stock",
-               "breadcrumbs", "breadcrumbs_ties", "multislerp", "karcher", "sce")
+               "breadcrumbs", "breadcrumbs_ties", "multislerp", "karcher", "sce", "della",
+               "della_linear", "ram", "ramplus_tl")
 
 
 @dataclass(frozen=True)
@@ -357,6 +393,9 @@ class TensorSettings:
     tol: float = KARCHER_TOL
     vectors: str = "tensor"
     select_topk: float = 1.0
+    epsilons: Tuple[float, ...] = ()  # per model, as densities
+    r: float = RAMPLUS_R
+    alpha: float = RAMPLUS_ALPHA
 
     @property
     def w_domain(self) -> float:
@@ -451,6 +490,10 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
         tol=float(value("tol", None, method.tol)),
         vectors=method.vectors,
         select_topk=float(value("select_topk", None, method.select_topk)),
+        epsilons=tuple(float(value("epsilon", r, info.epsilon if method.epsilon is None
+                                   else method.epsilon)) for r in roles),
+        r=float(value("r", None, method.r)),
+        alpha=float(value("alpha", None, method.alpha)),
     )
 
 
@@ -476,11 +519,26 @@ def settings_problems(s: TensorSettings, where: str) -> List[str]:
                         f"{', '.join(RESCALES)}")
     if not 0.0 <= s.select_topk <= 1.0:
         problems.append(f"{where}: select_topk must be between 0 and 1 (got {s.select_topk})")
+    problems += _epsilon_problems(s, where)
     if not s.tol > 0:
         problems.append(f"{where}: tol must be a positive number (got {s.tol})")
     if s.name == "linear" and s.normalize and s.w_base + sum(s.weights) == 0:
         problems.append(f"{where}: the weights sum to 0, so linear cannot normalize them: "
                         "set normalize false (--no-normalize) or change the weights")
+    return problems
+
+
+def _epsilon_problems(s: TensorSettings, where: str) -> List[str]:
+    """ε at least 0; for DELLA a probability band density ± ε inside (0, 1) wherever the
+    density drops anything (mergekit refuses the merge otherwise), rescaled as mergekit can."""
+    problems = [f"{where}: {role} epsilon must be at least 0 (got {e})"
+                for role, e in zip(s.roles, s.epsilons) if not e >= 0]
+    if s.name in PER_MODEL_FOR["epsilon"]:
+        if s.rescale == "inverse_density":
+            problems.append(f"{where}: {s.name} rescales by l1 or none (got inverse_density)")
+        problems += [f"{where}: {role} density {d} ± epsilon {e} must stay inside (0, 1)"
+                     for role, d, e in zip(s.roles, s.densities, s.epsilons)
+                     if 0 < d < 1 and not (d - e > 0 and d + e < 1)]
     return problems
 
 

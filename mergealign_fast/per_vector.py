@@ -167,6 +167,15 @@ def held_chunk(chunk: Chunk, arrays: Sequence[np.ndarray]) -> Chunk:
                    dtypes=(DType.F32,) * len(held), input_cast=-1)
 
 
+def result_chunk(chunk: Chunk, merged: np.ndarray) -> Chunk:
+    """The chunk with inputs (its merged window in fp32, zeros, zeros): the kernel's linear
+    merge of weights 1 (merge_recipe) rounds it to the output dtype once.  The methods merged
+    in numpy (sce.py, della.py, ram.py, fusion.py) hand over their windows this way."""
+    zeros = workspace.get("zeros", chunk.count, np.float32)
+    zeros[:] = 0.0
+    return held_chunk(chunk, [merged, zeros, zeros])
+
+
 def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarray,
                  chunk: Chunk) -> Chunk:
     """The chunk with inputs b', d', a' (module docstring) in the workspace, read as fp32 by a

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import methods
+from .della import random_draw24  # the draw defines the masks; the oracle checks the rest
 from .dtypes import DType, bf16_bits_to_f32
 
 
@@ -72,24 +73,6 @@ def merge_error_bound(base, domain, aligned, w_domain: float, w_align: float,
 # taken on the fp32 values the method's definition names (τ = fp32(x - b), the fp32 weighted
 # terms); everything else is float64.  An oracle that decided in float64 would disagree with
 # any fp32 implementation on elements at a decision boundary by a whole term, not an ulp.
-
-
-def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
-    """The kernels' counter-based draw (merge_math.h random_draw24), in numpy."""
-    i = np.asarray(index, dtype=np.uint64)
-
-    def mix32(x):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x85EBCA6B)
-        x = x ^ (x >> np.uint32(13))
-        x = x * np.uint32(0xC2B2AE35)
-        return x ^ (x >> np.uint32(16))
-
-    with np.errstate(over="ignore"):
-        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        hi = (i >> np.uint64(32)).astype(np.uint32)
-        h = mix32(lo ^ np.uint32(key_lo))
-        return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
 
 
 def _descending_ranks(magnitude: np.ndarray) -> np.ndarray:

@@ -11,9 +11,9 @@ For τ_m = model_m - base, per tensor:
             (a zero never counts);
   merged    base + Σ_m w_m·e_m·τ_m / max(Σ_m w_m·e_m, 1e-6).
 
-The threshold of the selection is found exactly with bounded memory: a pass histograms the top
-16 bits of each element's variance (fp32 bits order non-negative floats), a second the low 16
-bits of those in the bin holding the k-th largest.  A third sums Σ τ_m² of the kept elements.
+The threshold of the selection is found exactly with bounded memory by two histogram passes
+over each element's variance (order_stats.py; fp32 bits order non-negative floats).  A third
+sums Σ τ_m² of the kept elements.
 The merge pass computes each window in fp32 (τ, the erase, the weighted sum, the division) and
 hands the result to the kernel as the one non-zero input of a linear merge, which rounds it to
 the output dtype once.
@@ -27,10 +27,10 @@ from typing import Iterator, List, Sequence, Tuple
 import numpy as np
 
 from .methods import TensorSettings
-from .per_vector import decoded, held_chunk, quiet, workspace
+from .order_stats import OrderStatistics
+from .per_vector import decoded, quiet, result_chunk, workspace
 from .stream import Chunk
 
-HIGH, LOW = 16, 16  # the fp32 bits of a variance, histogrammed in two passes
 SCE_WEIGHT_EPS = 1e-6  # mergekit's: weights summing below it are uniform
 SCE_DIVISOR_EPS = 1e-6  # mergekit's clamp of the erased weights' sum
 
@@ -85,33 +85,23 @@ def _variance_bits(taus: List[np.ndarray]) -> np.ndarray:
 
 
 def select(s: TensorSettings, windows) -> Selection:
-    """The selection's threshold: two histogram passes over the windows (a callable giving a
-    fresh window stream each time)."""
+    """The selection's threshold: the k-th largest variance, by two histogram passes over the
+    windows (a callable giving a fresh window stream each time)."""
     if s.select_topk >= 1.0:
         return Selection(keep_all=True)
-    high = np.zeros(1 << HIGH, dtype=np.int64)
-    nonzero = 0
-    for chunk in windows():
-        bits = _variance_bits(_task_vectors(chunk))
-        nonzero += int(np.count_nonzero(bits))
-        high += np.bincount(bits >> LOW, minlength=1 << HIGH)
-        chunk.release_inputs()
-    k = int(nonzero * s.select_topk) if s.select_topk > 0 else 0
+
+    def keys():
+        for chunk in windows():
+            yield _variance_bits(_task_vectors(chunk))
+            chunk.release_inputs()
+
+    variances = OrderStatistics(keys)
+    k = int((variances.total - variances.zeros) * s.select_topk) if s.select_topk > 0 else 0
     if k == 0:
         return Selection(keep_all=False, bits=0xFFFFFFFF, ties=0)  # nothing kept
-    above = np.cumsum(high[::-1])  # elements in the bins from the top down
-    top_bin = (1 << HIGH) - 1 - int(np.searchsorted(above, k))
-    wanted = k - (int(above[(1 << HIGH) - 2 - top_bin]) if top_bin < (1 << HIGH) - 1 else 0)
-    low = np.zeros(1 << LOW, dtype=np.int64)
-    for chunk in windows():
-        bits = _variance_bits(_task_vectors(chunk))
-        in_bin = bits[(bits >> LOW) == top_bin]
-        low += np.bincount(in_bin & ((1 << LOW) - 1), minlength=1 << LOW)
-        chunk.release_inputs()
-    above_low = np.cumsum(low[::-1])
-    low_value = (1 << LOW) - 1 - int(np.searchsorted(above_low, wanted))
-    higher = int(above_low[(1 << LOW) - 2 - low_value]) if low_value < (1 << LOW) - 1 else 0
-    return Selection(keep_all=False, bits=(top_bin << LOW) | low_value, ties=wanted - higher)
+    kth = variances.at([variances.total - k])[0]
+    greater = variances.total - kth.below - kth.equal
+    return Selection(keep_all=False, bits=kth.key, ties=k - greater)
 
 
 class Mask:
@@ -152,8 +142,7 @@ def weights(selection: Selection, windows, model_count: int, count: int) -> np.n
 
 
 def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
-    """The chunk with inputs (the merged window in fp32, zeros, zeros): the kernel's linear
-    merge of weights 1 rounds it to the output dtype."""
+    """The chunk holding the merged window (per_vector.result_chunk)."""
     f32, count = np.float32, chunk.count
     base, taus = _window(chunk)
     merged = workspace.get("merged", count, f32)
@@ -178,16 +167,18 @@ def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
         np.maximum(divisor, f32(SCE_DIVISOR_EPS), out=divisor)
         numerator /= divisor
         merged += numerator
-    zeros = workspace.get("zeros", count, f32)
-    zeros[:] = 0.0
-    return held_chunk(chunk, [merged, zeros, zeros])
+    return result_chunk(chunk, merged)
 
 
-def merge_chunks(s: TensorSettings, windows, model_count: int, count: int
-                 ) -> Iterator[Chunk]:
-    """The tensor's merged windows, after the select and calculate passes."""
+def window_elements(shape: Sequence[int]) -> int:
+    return WINDOW_ELEMENTS
+
+
+def merge_chunks(s: TensorSettings, tensor, windows) -> Iterator[Chunk]:
+    """The merged windows of `tensor` (a PlannedTensor), after the select and calculate
+    passes."""
     selection = select(s, windows)
-    w = weights(selection, windows, model_count, count)
+    w = weights(selection, windows, len(tensor.sources) - 1, tensor.count)
     mask = Mask(selection)
     for chunk in windows(placed=True):
         yield merged_chunk(mask, w, chunk)

@@ -11,8 +11,8 @@ from .dtypes import DType
 from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
 from .kernels.cpu import default_threads
-from .methods import Method, TensorPasses, check_weights, layer_position, resolve, \
-    settings_problems, tensor_recipe
+from .methods import (NUMPY_METHODS, Method, TensorPasses, check_weights, layer_position,
+                      resolve, settings_problems, tensor_recipe)
 
 
 def _is_torch(x: Any) -> bool:
@@ -104,9 +104,11 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
     method = Method(method) if isinstance(method, str) else method
     if method is not None and not method.is_plain_task_arithmetic:
         problems = method.problems()
-        if method.vectors != "tensor":
-            problems.append(f"{method.name} by {method.vectors} merges model folders "
-                            "(merge_checkpoints), not flat buffers")
+        if method.vectors != "tensor" or method.name in NUMPY_METHODS:
+            what = method.name if method.vectors == "tensor" else \
+                f"{method.name} by {method.vectors}"
+            problems.append(f"{what} merges model folders (merge_checkpoints, merge_models), "
+                            "not flat buffers")
         if problems:
             raise ValueError("; ".join(problems))
         if device != "cpu" or backend not in ("auto", "cpu"):

@@ -121,17 +121,18 @@ surprise: 1
 models:
   - model: {domain}
     lora: x
-    parameters: {{weight: 1, epsilon: 0.1, density: 0.5}}
+    parameters: {{weight: 1, temperature: 0.1, density: 0.5}}
   - model: {aligned}
-    parameters: {{weight: 1, t: 0.5}}
+    parameters: {{weight: 1, t: 0.5, epsilon: 0.1}}
 """)
     with pytest.raises(PlanError) as info:
         load(config)
     text = str(info.value)
     for needle in ("`slices` or `models`, not both", "tokenizer_source", "`surprise`", "`lora`",
-                   "`epsilon`"):
+                   "`temperature`"):
         assert needle in text, needle
-    assert "`t`" not in text  # mergekit ignores it for ties: a warning, not an error
+    # mergekit ignores them for ties (della's and slerp's): a warning, not an error
+    assert "`t`" not in text and "`epsilon`" not in text
     result = subprocess.run(cli("run", config, tmp_path / "out"), capture_output=True,
                             text=True)
     assert result.returncode == 2 and not (tmp_path / "out").exists()

@@ -333,3 +333,100 @@ def test_karcher_the_same_as_mergekit_within_its_fp32_iteration():
     iteration_rounding = 2.0**-17 * np.max(np.abs(exact))
     assert np.all(np.abs(ours.double().numpy() - reference.double().numpy())
                   <= 2 * bound + iteration_rounding)
+
+
+def _sparse_set(tmp_path, count, seed, shape=(COUNT,)):
+    """A base and `count` fine-tunes each changing about half the elements, as folders."""
+    from conftest import write_checkpoint
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + 0.02 * torch.randn(shape, generator=g)
+              * (torch.rand(shape, generator=g) < 0.5) for _ in range(count)]
+    for i, x in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {"w": x.numpy()})
+    return base, models
+
+
+def _ours(tmp_path, count, method, parameters, per_model=None):
+    from mergealign_fast import merge_models
+
+    merge_models(tmp_path / "m0", [(tmp_path / f"m{i + 1}", per_model or {})
+                                   for i in range(count)], tmp_path / "out", method=method,
+                 parameters=parameters)
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    return np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+
+
+@pytest.mark.parametrize("name, parameters", [("ram", {}), ("ram", {"epsilon": 0.01}),
+                                              ("ramplus_tl", {"r": 0.05, "alpha": 1.0})])
+def test_ram_the_same_as_mergekit(name, parameters, tmp_path):
+    """RAM and RAM+ over a base and three sparse fine-tunes, fp32: deterministic in both."""
+    from mergealign_fast import ram
+
+    base, models = _sparse_set(tmp_path, 3, seed=len(name) + len(parameters))
+    ours = _ours(tmp_path, 3, name, parameters)
+    reference = theirs(name, [base, *models], 0, parameters).double().numpy()
+    full = {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2} | parameters
+    exact, scale = ram.reference(name, full["epsilon"], full["r"], full["alpha"],
+                                 base.double().numpy(), [x.double().numpy() for x in models])
+    bound = method_error_bound(exact, scale, DType.F32, model_count=3)
+    assert np.all(np.abs(ours - exact) <= bound)
+    assert np.all(np.abs(ours - reference) <= 2 * bound)
+
+
+def test_arcee_fusion_the_same_as_mergekit(tmp_path):
+    """Rows of 200 (the KL is per row).  mergekit takes the KL in fp32, ours in float64
+    rounded to fp32: an element whose importance lies at the fence may fall on the other side,
+    so all but a handful agree; the fence is exact in both below a million elements."""
+    base, (model,) = _sparse_set(tmp_path, 1, seed=3, shape=(250, 200))
+    from mergealign_fast import merge_checkpoints
+
+    merge_checkpoints(tmp_path / "m0", tmp_path / "m1", tmp_path / "m0", tmp_path / "out",
+                      method=Method("arcee_fusion"))
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+    reference = theirs("arcee_fusion", [base, model], 0, {}).numpy().ravel()
+    assert 0 < np.count_nonzero(ours != base.numpy().ravel()) < ours.size // 4
+    assert np.count_nonzero(ours != reference) <= 5
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_the_same_as_mergekit(name, tmp_path):
+    """Density 1 drops nothing: deterministic, within the bound.  Density 0.5 ± 0.2: the masks
+    come from other generators, so the fraction of elements moved and the L1 of the update must
+    agree statistically."""
+    from mergealign_fast import della
+    from mergealign_fast.methods import resolve, set_method
+    from mergealign_fast.plan import SET_ROLE
+
+    base, models = _sparse_set(tmp_path, 3, seed=21)
+    weights = [0.6, 0.3, 0.5]
+    for density in (1.0, 0.5):
+        per_model = {"weight": weights, "density": [density] * 3, "epsilon": [0.2] * 3}
+        reference = theirs(name, [base, *models], 0, per_model | {"lambda": 0.9})
+        per_role = {SET_ROLE.format(i + 1): {"weight": w, "density": density, "epsilon": 0.2}
+                    for i, w in enumerate(weights)}
+        from mergealign_fast import merge_models
+
+        out = tmp_path / f"out{density}"
+        merge_models(tmp_path / "m0", [(tmp_path / f"m{i + 1}", per_role[SET_ROLE.format(i + 1)])
+                                       for i in range(3)], out, method=name,
+                     parameters={"lambda": 0.9})
+        loc = open_checkpoint(out).tensors["w"]
+        ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
+        if density == 1.0:
+            roles = tuple(per_role)
+            s = resolve(set_method(name, {"lambda": 0.9}, per_role), "w", 0.0,
+                        (float("nan"),) * 3, roles)
+            exact, scale = della.reference(s, "w", (COUNT,), base.double().numpy(),
+                                           [x.double().numpy() for x in models])
+            bound = method_error_bound(exact, scale, DType.F32, model_count=3)
+            assert np.all(np.abs(ours - exact) <= bound)
+            assert np.all(np.abs(ours - reference.double().numpy()) <= 2 * bound)
+            continue
+        b = base.numpy()
+        moved_ours, moved_theirs = np.mean(ours != b), np.mean(reference.numpy() != b)
+        assert abs(moved_ours - moved_theirs) < 5 * np.sqrt(2 * 0.25 / COUNT)
+        l1_ours, l1_theirs = np.abs(ours - b).sum(), np.abs(reference.numpy() - b).sum()
+        assert abs(l1_ours / l1_theirs - 1) < 0.02

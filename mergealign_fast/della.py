@@ -1,0 +1,197 @@
+"""DELLA (mergekit's `della` and `della_linear`, arXiv 2406.11617) over a base and any number of
+models, window by window in numpy on the CPU path.
+
+For τ_m = model_m - base, per tensor:
+  drop      each element of τ_m is kept with probability p = (d - ε) + r·2ε, d the model's
+            density, ε its epsilon and r ∈ [0, 1] the element's rank by |τ_m| within its line,
+            normalized (the smallest 0, the largest 1; ties in index order).  A line is what
+            mergekit ranks along: a row of a 2-D tensor, the whole of a 1-D one, dimension 1 of
+            a tensor of more dimensions.  d >= 1 keeps every element, d <= 0 none.
+  rescale   with rescale l1 (the default), the kept elements of τ_m are scaled by
+            Σ|τ_m| / Σ|kept τ_m| over the tensor (not when either is below 1e-7), as mergekit's
+            rescaled_masked_tensor does;
+  merge     the terms w_m·τ_m; della elects a sign per element (that of Σ_m terms, + when 0)
+            and sums the terms of that sign, dividing (normalize, on by default) by the
+            weights that agree; della_linear sums every term (normalize off by default:
+            dividing by Σ w_m); then λ times the sum is added to the base.
+
+The drop is DARE's counter-based draw, keyed by (seed, tensor, model) and the element's index,
+against p in 24-bit steps: the same merge on any window size or thread count (mergekit draws
+with torch.bernoulli, so its masks are other ones of the same distribution).  A pass over the
+tensor sums Σ|τ_m| and Σ|kept τ_m| in float64 (in index order) for the rescale; the merge pass
+computes each window in fp32, and the kernel rounds it to the output dtype once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from .methods import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, TensorSettings, stream_key
+from .per_vector import WINDOW_ELEMENTS, decoded, quiet, result_chunk, workspace
+from .stream import Chunk
+
+
+def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
+    """The kernels' counter-based draw (csrc merge_math.h random_draw24) of each index, in
+    numpy: 24 uniform bits from (key, index)."""
+    i = np.asarray(index, dtype=np.uint64)
+
+    def mix32(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+    with np.errstate(over="ignore"):
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hi = (i >> np.uint64(32)).astype(np.uint32)
+        h = mix32(lo ^ np.uint32(key_lo))
+        return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
+
+
+def line_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    """(elements of one line, stride between a line's elements) in the flat tensor."""
+    if len(shape) <= 1:
+        return int(np.prod(shape, dtype=np.int64)), 1
+    return int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
+
+
+def window_elements(shape: Sequence[int]) -> int:
+    """Whole blocks of lines (a block: one index of dimension 0), about WINDOW_ELEMENTS."""
+    length, stride = line_shape(shape)
+    block = max(1, length * stride)
+    return max(1, WINDOW_ELEMENTS // block) * block
+
+
+def normalized_ranks(tau: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Each element's rank by |τ| within its line, from 0 (smallest) to 1 (largest), ties in
+    index order; a line of one element ranks 0.  `tau` holds whole blocks of lines."""
+    length, stride = line_shape(shape)
+    lines = np.abs(tau).reshape(-1, length, stride)
+    order = np.argsort(lines, axis=1, kind="stable")
+    ranks = np.empty(lines.shape, dtype=np.float64)
+    steps = np.arange(length, dtype=np.float64).reshape(1, length, 1)
+    np.put_along_axis(ranks, order, np.broadcast_to(steps, lines.shape), axis=1)
+    return (ranks / max(1, length - 1)).reshape(-1)
+
+
+def kept(s: TensorSettings, tensor_name: str, shape: Sequence[int], m: int, start: int,
+         tau: np.ndarray) -> np.ndarray:
+    """Which elements of model m's τ (a window from element `start`) the drop keeps."""
+    density, epsilon = s.densities[m], s.epsilons[m]
+    if density >= 1.0:
+        return np.ones(tau.shape, dtype=bool)
+    if density <= 0.0:
+        return np.zeros(tau.shape, dtype=bool)
+    p = (density - epsilon) + normalized_ranks(tau, shape) * (2.0 * epsilon)
+    key = stream_key(s.seed, tensor_name, s.roles[m])
+    draws = random_draw24(key[0], key[1], np.arange(start, start + tau.size))
+    return draws < np.rint(p * DRAW_RANGE)
+
+
+def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """The window's base and τ_m in fp32, in the workspace: valid until the next window."""
+    base, *models = decoded(chunk)
+    with quiet():
+        return base, [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count,
+                                                                np.float32))
+                      for m, x in enumerate(models)]
+
+
+def rescale_factors(s: TensorSettings, tensor, windows) -> np.ndarray:
+    """Each model's l1 rescale Σ|τ| / Σ|kept τ| (1 where nothing is dropped or rescale is
+    off, or either sum is below RESCALE_EPS)."""
+    models = len(tensor.sources) - 1
+    dropping = [m for m in range(models) if 0.0 < s.densities[m] < 1.0]
+    factors = np.ones(models)
+    if s.rescale != "l1" or not dropping:
+        return factors
+    before, after = np.zeros(models), np.zeros(models)
+    for chunk in windows():
+        _, taus = _window(chunk)
+        for m in dropping:
+            magnitude = np.abs(taus[m], dtype=np.float64)
+            keep = kept(s, tensor.name, tensor.shape, m, chunk.start, taus[m])
+            before[m] += float(magnitude.sum())
+            after[m] += float(np.add.reduce(magnitude, where=keep))
+        chunk.release_inputs()
+    for m in dropping:
+        if before[m] >= RESCALE_EPS and after[m] >= RESCALE_EPS:
+            factors[m] = before[m] / after[m]
+    return factors
+
+
+def merged_chunk(s: TensorSettings, tensor, factors: np.ndarray, chunk: Chunk) -> Chunk:
+    """The chunk holding the merged window (per_vector.result_chunk)."""
+    f32, count = np.float32, chunk.count
+    base, taus = _window(chunk)
+    terms = [workspace.get(f"term{m}", count, f32) for m in range(len(taus))]
+    total, divisor = (workspace.get(name, count, f32) for name in ("total", "divisor"))
+    with quiet():
+        for m, (tau, term) in enumerate(zip(taus, terms)):
+            keep = kept(s, tensor.name, tensor.shape, m, chunk.start, tau)
+            np.multiply(tau, f32(s.weights[m] * factors[m]), out=term)
+            term *= keep
+        total[:] = 0.0
+        for term in terms:
+            total += term
+        if s.sign_election:
+            negative = total < 0  # the elected sign: + unless the sum is negative
+            total[:] = 0.0
+            divisor[:] = 0.0
+            for term, weight in zip(terms, s.weights):
+                agrees = ((term < 0) == negative) & (term != 0)  # a zero has no sign
+                total += term * agrees
+                divisor += agrees * f32(weight)
+            divisor[divisor == 0] = 1.0
+        else:
+            summed = sum(s.weights)
+            divisor[:] = summed if abs(summed) >= DIVISOR_EPS else 1.0
+        if s.normalize:
+            total /= divisor
+        if s.lambda_ != 1.0:
+            total *= f32(s.lambda_)
+        total += base
+    return result_chunk(chunk, total)
+
+
+def merge_chunks(s: TensorSettings, tensor, windows) -> Iterator[Chunk]:
+    """The merged windows of `tensor` (a PlannedTensor), after the rescale pass."""
+    factors = rescale_factors(s, tensor, windows)
+    for chunk in windows(placed=True):
+        yield merged_chunk(s, tensor, factors, chunk)
+
+
+def reference(s: TensorSettings, tensor_name: str, shape: Sequence[int], base: np.ndarray,
+              models: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """DELLA in float64 on whole flat arrays, written from the method's statement (for tests),
+    and the scale of its fp32 evaluation (|base| + |λ|·Σ|terms| / |divisor|: every rounding of
+    the merge is of a value at most that); the drop decisions are the merge's own (the draw
+    against p)."""
+    taus = [np.asarray(x, np.float64) - base for x in models]
+    terms = []
+    for m, tau in enumerate(taus):
+        keep = kept(s, tensor_name, shape, m, 0, tau.astype(np.float32))
+        factor = 1.0
+        if s.rescale == "l1" and 0.0 < s.densities[m] < 1.0:
+            before, after = np.abs(tau).sum(), np.abs(tau[keep]).sum()
+            if before >= RESCALE_EPS and after >= RESCALE_EPS:
+                factor = before / after
+        terms.append(s.weights[m] * factor * tau * keep)
+    terms = np.stack(terms)
+    weights = np.array(s.weights)[:, None]
+    agrees = np.ones(terms.shape, dtype=bool)
+    if s.sign_election:
+        agrees = np.sign(terms) == np.where(terms.sum(axis=0) >= 0, 1.0, -1.0)
+        divisor = (weights * agrees).sum(axis=0)
+        divisor[divisor == 0] = 1.0
+    else:
+        divisor = weights.sum() if abs(weights.sum()) >= DIVISOR_EPS else 1.0
+    if not s.normalize:
+        divisor = 1.0
+    total = (terms * agrees).sum(axis=0) / divisor
+    magnitude = np.abs(terms).sum(axis=0) / np.abs(divisor)
+    return base + s.lambda_ * total, np.abs(base) + abs(s.lambda_) * magnitude
