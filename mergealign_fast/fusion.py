@@ -10,8 +10,9 @@ base elsewhere: base + τ·[importance >= fence].
 The quartiles are the sorted importances at index floor(q·(n - 1)), as mergekit indexes them,
 but exact: mergekit sorts a random sample of a million elements (with replacement) of a larger
 tensor, so on those its fence and the elements at it are an estimate.  Passes: the rows' KL
-(float64, then fp32 as the importance is taken in fp32), two histogram passes for the three
-quartiles (order_stats.py), then the merge, rounded by the kernel to the output dtype once.
+(float64, kept per row in fp32 as the importance is taken in fp32), two histogram passes for
+the three quartiles (order_stats.py), then the merge, rounded by the kernel to the output dtype
+once.
 """
 
 from __future__ import annotations
@@ -54,26 +55,39 @@ def row_divergences(x: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
         return np.sum(p * np.log(p / q), axis=1).astype(np.float32)
 
 
-def _window(chunk: Chunk, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def divergences(tensor, windows) -> np.ndarray:
+    """Each row's KL divergence (fp32), from a pass over the windows: the later passes read
+    it instead of taking two softmaxes of every row again."""
+    width = max(1, row_width(tensor.shape))
+    found = np.empty(max(1, tensor.count // width), dtype=np.float32)
+    for chunk in windows():
+        base, model = decoded(chunk)[:2]
+        first = chunk.start // width
+        found[first:first + chunk.count // width] = row_divergences(model, base, width)
+        chunk.release_inputs()
+    return found
+
+
+def _window(chunk: Chunk, width: int, divergence: np.ndarray
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The window's base, τ (fp32) and each element's importance (fp32), in the workspace."""
     base, model = decoded(chunk)[:2]
     tau = workspace.get("tau", chunk.count, np.float32)
     importance = workspace.get("importance", chunk.count, np.float32)
+    first = chunk.start // width
     with quiet():
         np.subtract(model, base, out=tau)
         np.abs(tau, out=importance)
-        divergence = row_divergences(model, base, width)
-        importance.reshape(-1, width)[:] *= divergence[:, None]
+        importance.reshape(-1, width)[:] *= divergence[first:first + chunk.count // width, None]
     return base, tau, importance
 
 
-def fence(tensor, windows) -> np.float32:
+def fence(width: int, divergence: np.ndarray, windows) -> np.float32:
     """median + 1.5·IQR of the importances, from their exact quartiles."""
-    width = max(1, row_width(tensor.shape))
 
     def keys():
         for chunk in windows():
-            yield sortable_bits(_window(chunk, width)[2])
+            yield sortable_bits(_window(chunk, width, divergence)[2])
             chunk.release_inputs()
 
     importances = OrderStatistics(keys)
@@ -84,9 +98,10 @@ def fence(tensor, windows) -> np.float32:
         return np.float32(median + np.float32(np.float32(FENCE_IQR) * np.float32(q3 - q1)))
 
 
-def merged_chunk(threshold: np.float32, width: int, chunk: Chunk) -> Chunk:
+def merged_chunk(threshold: np.float32, width: int, divergence: np.ndarray,
+                 chunk: Chunk) -> Chunk:
     """The chunk holding the merged window (per_vector.result_chunk)."""
-    base, tau, importance = _window(chunk, width)
+    base, tau, importance = _window(chunk, width, divergence)
     merged = workspace.get("merged", chunk.count, np.float32)
     with quiet():
         np.multiply(tau, importance >= threshold, out=merged)
@@ -95,11 +110,13 @@ def merged_chunk(threshold: np.float32, width: int, chunk: Chunk) -> Chunk:
 
 
 def merge_chunks(s: TensorSettings, tensor, windows) -> Iterator[Chunk]:
-    """The merged windows of `tensor` (a PlannedTensor), after the fence's passes."""
-    threshold = fence(tensor, windows)
+    """The merged windows of `tensor` (a PlannedTensor), after the passes of the rows'
+    divergences and of the fence."""
     width = max(1, row_width(tensor.shape))
+    divergence = divergences(tensor, windows)
+    threshold = fence(width, divergence, windows)
     for chunk in windows(placed=True):
-        yield merged_chunk(threshold, width, chunk)
+        yield merged_chunk(threshold, width, divergence, chunk)
 
 
 def reference(shape: Sequence[int], base: np.ndarray, model: np.ndarray) -> np.ndarray:

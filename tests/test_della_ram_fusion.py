@@ -90,6 +90,23 @@ def test_della_keeps_by_rank_within_each_row(tmp_path):
     assert abs(keep.mean() - 0.5) < 0.02
 
 
+@pytest.mark.parametrize("shape", [(6, 9), (9,), (2, 7, 3), (4, 1)])
+def test_della_ranks_lines_as_a_stable_sort_does(shape):
+    """Ranks along mergekit's line (dimension 1; the whole of a 1-D tensor), ties (±0 and
+    repeated values) in index order, against numpy's stable argsort."""
+    rng = np.random.default_rng(1)
+    tau = (np.round(rng.standard_normal(shape) * 2) / 2).astype(np.float32)
+    tau.ravel()[::5] *= -1
+    lines = np.moveaxis(np.abs(tau).reshape(-1, *tau.shape[1:2], *tau.shape[2:]), 1, -1) \
+        if tau.ndim > 1 else np.abs(tau)[None]
+    order = np.argsort(lines, axis=-1, kind="stable")
+    expected = np.empty(lines.shape)
+    np.put_along_axis(expected, order, np.arange(lines.shape[-1]) / max(1, lines.shape[-1] - 1),
+                      axis=-1)
+    expected = np.moveaxis(expected, -1, 1).reshape(-1) if tau.ndim > 1 else expected[0]
+    assert np.array_equal(della.normalized_ranks(tau.ravel(), shape), expected)
+
+
 @pytest.mark.parametrize("method", ["della", "ram", "arcee_fusion"])
 def test_any_window_size_gives_the_same_bytes(tmp_path, monkeypatch, method):
     count = 1 if method == "arcee_fusion" else 3
