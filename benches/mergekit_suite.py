@@ -15,7 +15,13 @@ goes on with mergekit's output, so its own assertions still run.
 Each configuration becomes one JSON line in $MERGEKIT_SUITE_OUT (default mergekit-suite.jsonl):
 the test, the method, ours "accepted" or "refused" (with the reason), and for accepted ones how
 many tensors are bit-identical, how many differ and the largest difference relative to the
-tensor's largest magnitude.
+tensor's largest magnitude.  Outputs whose tensors are named otherwise (mergekit 0.1.5 writes
+LLaVA models under transformers' newer names) are compared under that renaming.
+
+With MERGEKIT_SUITE_BACKEND=1 the suite runs the other way: every configuration whose method
+mergealign_fast.mergekit_backend registers runs inside mergekit with our kernels (the method
+renamed mergealign_<method>), mergekit's test checks that output, and a second run with
+mergekit's own method is compared with it as above (records say "via": "backend").
 """
 
 import json
@@ -29,6 +35,12 @@ from pathlib import Path
 from mergealign_fast.io.vocabulary import VOCABULARY_TENSOR
 
 OUT = Path(os.environ.get("MERGEKIT_SUITE_OUT", "mergekit-suite.jsonl"))
+BACKEND = os.environ.get("MERGEKIT_SUITE_BACKEND") == "1"
+# transformers' newer LLaVA layout (what mergekit 0.1.5 writes) of the older names.
+RENAMED_PREFIXES = (("language_model.model.", "model.language_model."),
+                    ("language_model.lm_head.", "lm_head."),
+                    ("vision_tower.", "model.vision_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."))
 _current_test = {"id": ""}
 
 
@@ -47,12 +59,39 @@ def _wrap_run_merge() -> None:
     original = common.run_merge
 
     def run_both(merge_config, out_path, options=None, **kwargs):
+        if BACKEND:
+            return _through_backend(original, merge_config, out_path, options, **kwargs)
         text = merge_config.to_yaml()  # before mergekit rewrites `models` into `modules`
         original(merge_config, out_path=out_path, options=options, **kwargs)
         _record(merge_config.merge_method, text, Path(out_path))
 
     run_both.wrapped_by_mergealign = True
     common.run_merge = run_both
+
+
+def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> None:
+    """mergekit's run with our kernels into out_path (the test checks it), compared with a run
+    of mergekit's own method."""
+    from mergealign_fast import mergekit_backend
+
+    method = merge_config.merge_method
+    if method not in mergekit_backend.METHOD_NAMES:
+        return run_merge(merge_config, out_path=out_path, options=options, **kwargs)
+    mergekit_backend.register()
+    record = {"test": _current_test["id"], "method": method, "via": "backend"}
+    with tempfile.TemporaryDirectory() as theirs:
+        run_merge(merge_config.model_copy(deep=True), out_path=theirs, options=options, **kwargs)
+        ours = merge_config.model_copy(update={"merge_method": mergekit_backend.PREFIX + method})
+        try:
+            run_merge(ours, out_path=out_path, options=options, **kwargs)
+        except Exception as exc:
+            record.update(ours="crashed", reason=f"{type(exc).__name__}: {exc}"[:300])
+            raise
+        finally:
+            if "ours" not in record:
+                record.update(ours="accepted", **_compare(Path(out_path), Path(theirs)))
+            with OUT.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def _record(method: str, text: str, theirs: Path) -> None:
@@ -83,28 +122,40 @@ def _compare(ours: Path, theirs: Path) -> dict:
     from mergealign_fast.reference import decode_to_f64
 
     mine, other = open_checkpoint(ours), open_checkpoint(theirs)
-    if set(mine.tensors) != set(other.tensors):
-        return {"tensors": "differ", "missing": sorted(set(other.tensors) - set(mine.tensors))[:5],
-                "extra": sorted(set(mine.tensors) - set(other.tensors))[:5]}
+    names = {name: name for name in mine.tensors}
+    if set(names.values()) != set(other.tensors):
+        names = {name: _renamed(name) for name in mine.tensors}
+    if set(names.values()) != set(other.tensors):
+        return {"tensors": "differ", "missing": sorted(set(other.tensors) - set(names.values()))
+                [:5], "extra": sorted(set(names.values()) - set(other.tensors))[:5]}
     equal = differ = 0
     worst = 0.0
     in_their_order = _token_order(ours, theirs)
     for name, loc in mine.tensors.items():
-        a, b = read_elements(loc), read_elements(other.tensors[name])
+        a, b = read_elements(loc), read_elements(other.tensors[names[name]])
         if in_their_order is not None and VOCABULARY_TENSOR.search(name) \
                 and loc.entry.shape == other.tensors[name].entry.shape:
             a = a.reshape(loc.entry.shape[0], -1)[in_their_order(loc.entry.shape[0])].ravel()
-        if loc.entry.dtype != other.tensors[name].entry.dtype or a.tobytes() != b.tobytes():
+        their_dtype = other.tensors[names[name]].entry.dtype
+        if loc.entry.dtype != their_dtype or a.tobytes() != b.tobytes():
             differ += 1
             x = decode_to_f64(a, DType[loc.entry.dtype]) if loc.entry.dtype in DType.__members__ \
                 else a.astype(np.float64)
-            y = decode_to_f64(b, DType[other.tensors[name].entry.dtype]) \
-                if other.tensors[name].entry.dtype in DType.__members__ else b.astype(np.float64)
+            y = decode_to_f64(b, DType[their_dtype]) if their_dtype in DType.__members__ \
+                else b.astype(np.float64)
             scale = max(float(np.max(np.abs(y))) if y.size else 0.0, 1e-30)
             worst = max(worst, float(np.max(np.abs(x - y))) / scale if x.size else 0.0)
         else:
             equal += 1
-    return {"equal": equal, "differ": differ, "worst_relative": worst}
+    renamed = any(name != theirs_name for name, theirs_name in names.items())
+    return {"equal": equal, "differ": differ, "worst_relative": worst, "renamed": renamed}
+
+
+def _renamed(name: str) -> str:
+    for old, new in RENAMED_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def _token_order(ours: Path, theirs: Path):
@@ -134,14 +185,22 @@ def _token_order(ours: Path, theirs: Path):
 def summary(path: Path) -> None:
     """Counts of a results file: accepted (bitwise / within 1e-2 relative / more), refused by
     reason."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    every = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    through_backend = [r for r in every if r.get("via") == "backend"]
+    if through_backend:
+        _backend_summary(through_backend)
+    records = [r for r in every if r.get("via") != "backend"]
+    if not records:
+        return
     accepted = [r for r in records if r["ours"] == "accepted"]
     refused = [r for r in records if r["ours"] != "accepted"]
     bitwise = sum(1 for r in accepted if r.get("differ") == 0)
     close = sum(1 for r in accepted if r.get("differ") and r["worst_relative"] <= 1e-2)
+    renamed = sum(1 for r in accepted if r.get("renamed"))
     print(f"{len(records)} configurations: {len(accepted)} accepted ({bitwise} bitwise "
           f"mergekit's, {close} within 1% of the largest magnitude, "
-          f"{len(accepted) - bitwise - close} further), {len(refused)} refused")
+          f"{len(accepted) - bitwise - close} further; {renamed} compared under transformers' "
+          f"newer LLaVA tensor names), {len(refused)} refused")
     for method, count in Counter(r["method"] for r in refused).most_common():
         reasons = Counter(f"{r['ours']}: {r['reason'].split('.yml: ', 1)[-1][:100]}"
                           for r in refused if r["method"] == method)
@@ -151,6 +210,20 @@ def summary(path: Path) -> None:
             detail = f"worst {r['worst_relative']:.3g} of the largest magnitude, {r['differ']} " \
                 f"tensors" if "differ" in r else f"other tensor names, e.g. {r['missing'][:2]}"
             print(f"  differs: {r['test'].split('::')[-1]} ({r['method']}): {detail}")
+
+
+def _backend_summary(records) -> None:
+    ran = [r for r in records if r["ours"] == "accepted"]
+    bitwise = sum(1 for r in ran if r.get("differ") == 0)
+    print(f"{len(records)} configurations inside mergekit with our kernels: {len(ran)} ran "
+          f"({bitwise} bitwise mergekit's own method's output), "
+          f"{len(records) - len(ran)} failed")
+    for r in records:
+        if r["ours"] != "accepted":
+            print(f"  failed: {r['test'].split('::')[-1]} ({r['method']}): {r['reason']}")
+        elif r.get("differ"):
+            print(f"  differs: {r['test'].split('::')[-1]} ({r['method']}): worst "
+                  f"{r['worst_relative']:.3g} of the largest magnitude, {r['differ']} tensors")
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "summary":

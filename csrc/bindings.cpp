@@ -355,6 +355,19 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("random_draw24", &random_draw24, py::arg("key_lo"), py::arg("key_hi"), py::arg("index"),
         "The 24-bit random draw of one element (DARE masks), for tests and other backends.");
+  m.def(
+      "random_draws24",
+      [](uint32_t key_lo, uint32_t key_hi, int64_t first_index, uintptr_t out, int64_t count) {
+        py::gil_scoped_release no_gil;
+        auto* draws = reinterpret_cast<uint32_t*>(out);
+        for (int64_t i = 0; i < count; ++i) {
+          draws[i] = random_draw24(key_lo, key_hi, first_index + i);
+        }
+      },
+      py::arg("key_lo"), py::arg("key_hi"), py::arg("first_index"), py::arg("out"),
+      py::arg("count"),
+      "The draws of elements first_index .. first_index + count - 1 into `count` uint32 at out "
+      "(DELLA's masks in numpy: 15x numpy's own evaluation of the hash).");
 
   py::class_<VectorTerm>(m, "VectorTerm")
       .def(py::init<>())

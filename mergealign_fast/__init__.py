@@ -4,7 +4,8 @@
 
 `merge_tensors` merges in-memory arrays/tensors; `merge_checkpoints` merges Hugging Face model
 folders (its settings: `MergeOptions`); `merge_models` merges any number of models into a base
-(task arithmetic, linear, TIES, DARE, as mergekit configs do); `sweep_checkpoints` writes
+(task arithmetic, linear, TIES, DARE, as mergekit configs do) and `merge_set_tensors` one
+tensor of them in memory; `sweep_checkpoints` writes
 one model per λ in one pass; `Method` picks another merge method (methods.METHODS).  Importing
 this package loads neither numpy, torch nor any GPU runtime.
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "merge_models": "engine",
     "Method": "methods", "sweep_checkpoints": "sweep",
     "merge_tensors": "tensors",  # pulls in numpy; the merge command does not need it
+    "merge_set_tensors": "tensors",
 }
 
 
@@ -39,4 +41,5 @@ def __dir__():
 
 
 __all__ = ["DType", "MergeError", "MergeOptions", "MergeResult", "Method", "PlanError",
-           "merge_checkpoints", "merge_models", "merge_tensors", "sweep_checkpoints", "__version__"]
+           "merge_checkpoints", "merge_models", "merge_set_tensors", "merge_tensors",
+           "sweep_checkpoints", "__version__"]

@@ -28,28 +28,14 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from .kernels import cpu
 from .methods import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, TensorSettings, stream_key
 from .per_vector import WINDOW_ELEMENTS, decoded, quiet, result_chunk, workspace
 from .stream import Chunk
 
-
-def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
-    """The kernels' counter-based draw (csrc merge_math.h random_draw24) of each index, in
-    numpy: 24 uniform bits from (key, index)."""
-    i = np.asarray(index, dtype=np.uint64)
-
-    def mix32(x):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x85EBCA6B)
-        x = x ^ (x >> np.uint32(13))
-        x = x * np.uint32(0xC2B2AE35)
-        return x ^ (x >> np.uint32(16))
-
-    with np.errstate(over="ignore"):
-        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        hi = (i >> np.uint64(32)).astype(np.uint32)
-        h = mix32(lo ^ np.uint32(key_lo))
-        return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
+# The most bytes of packed masks held between a tensor's rescale and merge passes (a bit an
+# element a model: a 256 Mi-element tensor of eight models).
+MASK_CACHE_BYTES = 256 << 20
 
 
 def line_shape(shape: Sequence[int]) -> Tuple[int, int]:
@@ -66,21 +52,28 @@ def window_elements(shape: Sequence[int]) -> int:
     return max(1, WINDOW_ELEMENTS // block) * block
 
 
-def normalized_ranks(tau: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Each element's rank by |τ| within its line, from 0 (smallest) to 1 (largest), ties in
-    index order; a line of one element ranks 0.  `tau` holds whole blocks of lines.  Sorted as
-    64-bit keys (|τ|'s bits, then the position in the line: all distinct, so any sort is
-    stable), 6x faster than a stable argsort of the values here."""
+def by_rank(tau: np.ndarray, shape: Sequence[int], table: np.ndarray) -> np.ndarray:
+    """table[r] for each element, r its rank by |τ| within its line (0: the smallest; ties in
+    index order).  `tau` holds whole blocks of lines.  Sorted as 64-bit keys (|τ|'s bits, then
+    the position in the line: all distinct, so any sort is stable), 6x faster than a stable
+    argsort of the values here."""
     length, stride = line_shape(shape)
     lines = np.abs(tau).reshape(-1, length, stride).transpose(0, 2, 1)  # each line last
     keys = lines.view(np.uint32).astype(np.uint64) << np.uint64(32)
     keys |= np.arange(length, dtype=np.uint64)
     keys.sort(axis=-1)
     positions = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    ranks = np.empty(keys.shape, dtype=np.float64)
-    steps = np.arange(length, dtype=np.float64) / max(1, length - 1)
-    np.put_along_axis(ranks, positions, np.broadcast_to(steps, keys.shape), axis=-1)
-    return ranks.transpose(0, 2, 1).reshape(-1)
+    found = np.empty(keys.shape, dtype=table.dtype)
+    np.put_along_axis(found, positions, np.broadcast_to(table, keys.shape), axis=-1)
+    return found.transpose(0, 2, 1).reshape(-1)
+
+
+def keep_below(density: float, epsilon: float, length: int) -> np.ndarray:
+    """The draw below which an element of each rank is kept: p = (d - ε) + r/(n - 1)·2ε of
+    the 24-bit range (a line of one element: d - ε)."""
+    normalized = np.arange(length, dtype=np.float64) / max(1, length - 1)
+    p = (density - epsilon) + normalized * (2.0 * epsilon)
+    return np.rint(p * DRAW_RANGE).astype(np.uint32)
 
 
 def kept(s: TensorSettings, tensor_name: str, shape: Sequence[int], m: int, start: int,
@@ -91,10 +84,11 @@ def kept(s: TensorSettings, tensor_name: str, shape: Sequence[int], m: int, star
         return np.ones(tau.shape, dtype=bool)
     if density <= 0.0:
         return np.zeros(tau.shape, dtype=bool)
-    p = (density - epsilon) + normalized_ranks(tau, shape) * (2.0 * epsilon)
-    key = stream_key(s.seed, tensor_name, s.roles[m])
-    draws = random_draw24(key[0], key[1], np.arange(start, start + tau.size))
-    return draws < np.rint(p * DRAW_RANGE)
+    thresholds = by_rank(tau, shape, keep_below(density, epsilon, line_shape(shape)[0]))
+    draws = workspace.get("draws", tau.size, np.uint32)
+    cpu.native().random_draws24(*stream_key(s.seed, tensor_name, s.roles[m]), start,
+                                draws.ctypes.data, tau.size)
+    return draws < thresholds
 
 
 def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
@@ -106,7 +100,27 @@ def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
                       for m, x in enumerate(models)]
 
 
-def rescale_factors(s: TensorSettings, tensor, windows) -> np.ndarray:
+class Masks:
+    """Each window's keep masks: computed, and with `keep` on held packed (a bit an element)
+    for the next pass over the same windows when the tensor's masks take at most
+    MASK_CACHE_BYTES, which halves the ranking (most of DELLA's time)."""
+
+    def __init__(self, s: TensorSettings, tensor):
+        self.s, self.tensor = s, tensor
+        models = len(tensor.sources) - 1
+        self.held = {} if models * tensor.count // 8 <= MASK_CACHE_BYTES else None
+
+    def __call__(self, m: int, start: int, tau: np.ndarray, keep: bool = False) -> np.ndarray:
+        packed = self.held.pop((m, start), None) if self.held is not None else None
+        if packed is not None:
+            return np.unpackbits(packed, count=tau.size).view(bool)
+        found = kept(self.s, self.tensor.name, self.tensor.shape, m, start, tau)
+        if keep and self.held is not None:
+            self.held[(m, start)] = np.packbits(found)
+        return found
+
+
+def rescale_factors(s: TensorSettings, tensor, windows, masks: Masks) -> np.ndarray:
     """Each model's l1 rescale Σ|τ| / Σ|kept τ| (1 where nothing is dropped or rescale is
     off, or either sum is below RESCALE_EPS)."""
     models = len(tensor.sources) - 1
@@ -119,7 +133,7 @@ def rescale_factors(s: TensorSettings, tensor, windows) -> np.ndarray:
         _, taus = _window(chunk)
         for m in dropping:
             magnitude = np.abs(taus[m], dtype=np.float64)
-            keep = kept(s, tensor.name, tensor.shape, m, chunk.start, taus[m])
+            keep = masks(m, chunk.start, taus[m], keep=True)
             before[m] += float(magnitude.sum())
             after[m] += float(np.add.reduce(magnitude, where=keep))
         chunk.release_inputs()
@@ -129,7 +143,7 @@ def rescale_factors(s: TensorSettings, tensor, windows) -> np.ndarray:
     return factors
 
 
-def merged_chunk(s: TensorSettings, tensor, factors: np.ndarray, chunk: Chunk) -> Chunk:
+def merged_chunk(s: TensorSettings, masks: Masks, factors: np.ndarray, chunk: Chunk) -> Chunk:
     """The chunk holding the merged window (per_vector.result_chunk)."""
     f32, count = np.float32, chunk.count
     base, taus = _window(chunk)
@@ -137,7 +151,7 @@ def merged_chunk(s: TensorSettings, tensor, factors: np.ndarray, chunk: Chunk) -
     total, divisor = (workspace.get(name, count, f32) for name in ("total", "divisor"))
     with quiet():
         for m, (tau, term) in enumerate(zip(taus, terms)):
-            keep = kept(s, tensor.name, tensor.shape, m, chunk.start, tau)
+            keep = masks(m, chunk.start, tau)
             np.multiply(tau, f32(s.weights[m] * factors[m]), out=term)
             term *= keep
         total[:] = 0.0
@@ -165,38 +179,7 @@ def merged_chunk(s: TensorSettings, tensor, factors: np.ndarray, chunk: Chunk) -
 
 def merge_chunks(s: TensorSettings, tensor, windows) -> Iterator[Chunk]:
     """The merged windows of `tensor` (a PlannedTensor), after the rescale pass."""
-    factors = rescale_factors(s, tensor, windows)
+    masks = Masks(s, tensor)
+    factors = rescale_factors(s, tensor, windows, masks)
     for chunk in windows(placed=True):
-        yield merged_chunk(s, tensor, factors, chunk)
-
-
-def reference(s: TensorSettings, tensor_name: str, shape: Sequence[int], base: np.ndarray,
-              models: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """DELLA in float64 on whole flat arrays, written from the method's statement (for tests),
-    and the scale of its fp32 evaluation (|base| + |λ|·Σ|terms| / |divisor|: every rounding of
-    the merge is of a value at most that); the drop decisions are the merge's own (the draw
-    against p)."""
-    taus = [np.asarray(x, np.float64) - base for x in models]
-    terms = []
-    for m, tau in enumerate(taus):
-        keep = kept(s, tensor_name, shape, m, 0, tau.astype(np.float32))
-        factor = 1.0
-        if s.rescale == "l1" and 0.0 < s.densities[m] < 1.0:
-            before, after = np.abs(tau).sum(), np.abs(tau[keep]).sum()
-            if before >= RESCALE_EPS and after >= RESCALE_EPS:
-                factor = before / after
-        terms.append(s.weights[m] * factor * tau * keep)
-    terms = np.stack(terms)
-    weights = np.array(s.weights)[:, None]
-    agrees = np.ones(terms.shape, dtype=bool)
-    if s.sign_election:
-        agrees = np.sign(terms) == np.where(terms.sum(axis=0) >= 0, 1.0, -1.0)
-        divisor = (weights * agrees).sum(axis=0)
-        divisor[divisor == 0] = 1.0
-    else:
-        divisor = weights.sum() if abs(weights.sum()) >= DIVISOR_EPS else 1.0
-    if not s.normalize:
-        divisor = 1.0
-    total = (terms * agrees).sum(axis=0) / divisor
-    magnitude = np.abs(terms).sum(axis=0) / np.abs(divisor)
-    return base + s.lambda_ * total, np.abs(base) + abs(s.lambda_) * magnitude
+        yield merged_chunk(s, masks, factors, chunk)

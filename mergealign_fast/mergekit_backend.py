@@ -11,19 +11,22 @@ rounding, radix-selected TIES thresholds, counter-based DARE masks).  Parameters
 mergekit hands each tensor over in memory, so this speeds up the arithmetic, not mergekit's
 loading and writing: for whole-checkpoint speed use `mergealign-fast run CONFIG.yml OUT`.
 
-A group merges a base and one or two other models (the engine's base/domain/aligned trio);
-linear takes one to three models; slerp the base and one other.  Tensors on a GPU are merged
-with task arithmetic on the GPU kernels; other methods need CPU tensors (mergekit's default).
+A group merges a base and any number of other models: one or two go through the engine's
+base/domain/aligned trio, more through its model-set kernel (merge_set_tensors), as `run`
+merges them; linear takes any number of models (the first stands in the base role); slerp the
+base and one other.  Tensors on a GPU are merged with task arithmetic on the GPU kernels; other
+methods need CPU tensors (mergekit's default).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .methods import Method
-from .tensors import merge_tensors
+from .methods import TRIO_MODELS, Method, Rule
+from .tensors import merge_set_tensors, merge_tensors
 
 try:
     from mergekit.merge_methods import registry
@@ -42,7 +45,11 @@ METHOD_NAMES: Dict[str, Tuple[str, bool, bool]] = {
     "dare_ties": ("dare_ties", False, True),
     "linear": ("linear", True, False),
     "slerp": ("slerp", False, False),
+    "breadcrumbs": ("breadcrumbs", False, False),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False, False),
 }
+# The trio's two model roles: a group of more models is a model set.
+TRIO_MODEL_COUNT = 2
 
 
 def register(prefix: str = PREFIX) -> List[str]:
@@ -67,7 +74,7 @@ def _spec(mergekit_name: str, name: str) -> MergeMethodSpec:
         return MergeMethodSpec(name, (
             ParameterSpec("weight", float, ParameterScope.INPUT),
             ParameterSpec("normalize", bool, ParameterScope.SHARED, default=normalize)),
-            InputContract(min_inputs=1, max_inputs=3), pretty_name="Linear (mergealign)")
+            InputContract(min_inputs=1), pretty_name="Linear (mergealign)")
     parameters = [ParameterSpec("weight", float, ParameterScope.NON_BASE),
                   ParameterSpec("normalize", bool, ParameterScope.SHARED, default=normalize),
                   ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
@@ -77,8 +84,10 @@ def _spec(mergekit_name: str, name: str) -> MergeMethodSpec:
                        ParameterSpec("rescale", bool, ParameterScope.SHARED, default=rescale)]
     if ours.startswith("dare"):
         parameters.append(ParameterSpec("seed", int, ParameterScope.SHARED, default=0))
+    if ours.startswith("breadcrumbs"):
+        parameters.append(ParameterSpec("gamma", float, ParameterScope.NON_BASE, default=0.01))
     return MergeMethodSpec(name, tuple(parameters),
-                           InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=3),
+                           InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
                            pretty_name=f"{mergekit_name} (mergealign)")
 
 
@@ -90,10 +99,34 @@ class FusedMethod(GroupMergeMethod):
         self.spec = _spec(mergekit_name, name)
 
     def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or ""
+        if self._is_set(group):
+            return self._merge_set(group, parameters, name)
         trio, w_domain, w_align, method = self._trio(group, parameters)
         return merge_tensors(*(t.contiguous() for t in trio), domain_weight=w_domain,
-                             align_weight=w_align, method=method,
-                             name=group.metadata.name or "")
+                             align_weight=w_align, method=method, name=name)
+
+    def _is_set(self, group) -> bool:
+        """More models than the trio holds (linear: besides the first, which is its base)."""
+        others = len(group.entries) - 1 if self.ours == "linear" else len(group.non_base)
+        return others > TRIO_MODEL_COUNT
+
+    def _merge_set(self, group, p: Dict[str, Any], name: str) -> torch.Tensor:
+        """A base and a set of models through the model-set kernel, as `run` merges them."""
+        if self.ours == "linear":
+            base, *others = group.entries
+            base_parameters = {"weight": p["weight"][base.id]}
+            shared = {"normalize": p["normalize"]}
+        else:
+            base, others, base_parameters = group.base, list(group.non_base), {}
+            shared = {key: (("l1" if p[key] else "none") if key == "rescale" else p[key])
+                      for key in ("lambda", "normalize", "rescale", "seed") if key in p}
+        per_model = [{key: p[key][e.id] for key in ("weight", "density", "gamma") if key in p}
+                     for e in others]
+        return merge_set_tensors(base.tensor.contiguous(),
+                                 [e.tensor.contiguous() for e in others], method=self.ours,
+                                 parameters=shared, per_model=per_model,
+                                 base_parameters=base_parameters, name=name)
 
     def _trio(self, group, p: Dict[str, Any]):
         """(base, domain, aligned tensors), w_d, w_a and the Method of one group."""
@@ -118,5 +151,9 @@ class FusedMethod(GroupMergeMethod):
         rescale = "l1" if p.get("rescale") else "none"
         method = Method(self.ours, densities[0], densities[1], p["lambda"],
                         p["normalize"], rescale, p.get("seed", 0))
+        if "gamma" in p:  # breadcrumbs: each model's band
+            method = replace(method, rules=tuple(
+                Rule("gamma", role, p["gamma"][e.id])
+                for role, e in zip(TRIO_MODELS, group.non_base)))
         return [base.tensor, others[0].tensor, others[1].tensor], weights[0], weights[1], \
             method

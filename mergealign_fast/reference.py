@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import methods
-from .della import random_draw24  # the draw defines the masks; the oracle checks the rest
 from .dtypes import DType, bf16_bits_to_f32
 
 
@@ -73,6 +72,24 @@ def merge_error_bound(base, domain, aligned, w_domain: float, w_align: float,
 # taken on the fp32 values the method's definition names (τ = fp32(x - b), the fp32 weighted
 # terms); everything else is float64.  An oracle that decided in float64 would disagree with
 # any fp32 implementation on elements at a decision boundary by a whole term, not an ulp.
+
+
+def random_draw24(key_lo: int, key_hi: int, index: np.ndarray) -> np.ndarray:
+    """The kernels' counter-based draw (merge_math.h random_draw24), in numpy."""
+    i = np.asarray(index, dtype=np.uint64)
+
+    def mix32(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+    with np.errstate(over="ignore"):
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hi = (i >> np.uint64(32)).astype(np.uint32)
+        h = mix32(lo ^ np.uint32(key_lo))
+        return mix32(h ^ (hi * np.uint32(0x9E3779B9)) ^ np.uint32(key_hi)) >> np.uint32(8)
 
 
 def _descending_ranks(magnitude: np.ndarray) -> np.ndarray:
@@ -331,3 +348,47 @@ def method_error_bound(exact: np.ndarray, scale: np.ndarray, out_dtype: DType,
     rounding is in S.)  Two models: 8u·S."""
     fp32_error = (6 + model_count) * FP32_UNIT_ROUNDOFF * scale
     return fp32_error + 0.5 * spacing(np.abs(exact) + fp32_error, out_dtype)
+
+
+def della_ref(s, tensor_name: str, shape, base: np.ndarray, models) -> tuple:
+    """DELLA (della.py) in float64 on whole flat arrays, from the method's statement: ranks by
+    a stable argsort of |τ| along each line, p in float64, numpy's draws; and the scale of the
+    merge's fp32 evaluation (|base| + |λ|·Σ|terms| / |divisor|: every rounding of the merge is
+    of a value at most that)."""
+    from .della import line_shape
+
+    length, stride = line_shape(shape)
+    taus = [np.asarray(x, np.float64) - base for x in models]
+    terms = []
+    for m, tau in enumerate(taus):
+        density, epsilon = s.densities[m], s.epsilons[m]
+        lines = np.abs(tau.astype(np.float32)).reshape(-1, length, stride)
+        ranks = np.empty(lines.shape)
+        np.put_along_axis(ranks, np.argsort(lines, axis=1, kind="stable"),
+                          np.arange(length, dtype=np.float64)[None, :, None]
+                          * np.ones(lines.shape), axis=1)
+        p = (density - epsilon) + ranks.reshape(-1) / max(1, length - 1) * 2 * epsilon
+        key = methods.stream_key(s.seed, tensor_name, s.roles[m])
+        keep = random_draw24(key[0], key[1], np.arange(tau.size)) < np.rint(
+            p * methods.DRAW_RANGE)
+        keep = np.full(tau.shape, density >= 1.0) if not 0.0 < density < 1.0 else keep
+        factor = 1.0
+        if s.rescale == "l1" and 0.0 < density < 1.0:
+            before, after = np.abs(tau).sum(), np.abs(tau[keep]).sum()
+            if before >= methods.RESCALE_EPS and after >= methods.RESCALE_EPS:
+                factor = before / after
+        terms.append(s.weights[m] * factor * tau * keep)
+    terms = np.stack(terms)
+    weights = np.array(s.weights)[:, None]
+    agrees = np.ones(terms.shape, dtype=bool)
+    if s.sign_election:
+        agrees = np.sign(terms) == np.where(terms.sum(axis=0) >= 0, 1.0, -1.0)
+        divisor = (weights * agrees).sum(axis=0)
+        divisor[divisor == 0] = 1.0
+    else:
+        divisor = weights.sum() if abs(weights.sum()) >= methods.DIVISOR_EPS else 1.0
+    if not s.normalize:
+        divisor = 1.0
+    total = (terms * agrees).sum(axis=0) / divisor
+    magnitude = np.abs(terms).sum(axis=0) / np.abs(divisor)
+    return base + s.lambda_ * total, np.abs(base) + abs(s.lambda_) * magnitude

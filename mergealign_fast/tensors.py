@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -11,8 +11,9 @@ from .dtypes import DType
 from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
 from .kernels.cpu import default_threads
-from .methods import (NUMPY_METHODS, Method, TensorPasses, check_weights, layer_position,
-                      resolve, settings_problems, tensor_recipe)
+from .methods import (NUMPY_METHODS, SET_METHODS, Method, SetPasses, TensorPasses, check_weights,
+                      layer_position, resolve, set_method, set_recipe, settings_problems,
+                      tensor_recipe)
 
 
 def _is_torch(x: Any) -> bool:
@@ -140,3 +141,66 @@ def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_d
     recipe = tensor_recipe(native, settings, name, out.count, TensorPasses(native, windows,
                                                                            threads))
     cpu.merge_recipe(b, d, a, out, recipe, 0, threads)
+
+
+def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_arithmetic",
+                      parameters: Optional[Dict[str, object]] = None,
+                      per_model: Optional[Sequence[Dict[str, object]]] = None,
+                      base_parameters: Optional[Dict[str, object]] = None, out: Any = None,
+                      out_dtype: Any = None, threads: Optional[int] = None,
+                      name: str = "") -> Any:
+    """One tensor of a base and any number of models (1 to 32) through a model-set method of
+    the native CPU kernel (methods.SET_METHODS merged by a native recipe), in memory: what
+    merge_models does to each tensor of model folders, bit for bit.
+
+    `parameters` are the shared ones (lambda, normalize, rescale, seed, ...), `per_model` one
+    mapping per model (weight, density, gamma), `base_parameters` the base's (linear and
+    karcher weigh it); `name` keys DARE's random masks as in a
+    checkpoint merge.  Inputs as merge_tensors' (CPU only); out_dtype defaults to base's."""
+    from .plan import SET_ROLE
+
+    if not models:
+        raise ValueError("merge_set_tensors needs at least one model besides the base")
+    labels = ["base"] + [f"model {i + 1}" for i in range(len(models))]
+    tensors = [base, *models]
+    buffers = [as_buffer(x, label) for x, label in zip(tensors, labels)]
+    shapes = {label: tuple(x.shape) for label, x in zip(labels, tensors)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes differ: {shapes}")
+    if _common_device(*tensors) != "cpu":
+        raise ValueError("merge_set_tensors needs CPU tensors (its passes read host memory)")
+    if method not in SET_METHODS or method in NUMPY_METHODS:
+        native_set = [m for m in SET_METHODS if m not in NUMPY_METHODS]
+        raise ValueError(f"merge_set_tensors merges by {', '.join(native_set)} "
+                         f"(got {method!r})")
+    roles = tuple(SET_ROLE.format(i + 1) for i in range(len(models)))
+    chosen = set_method(method, parameters, {**dict(zip(roles, per_model or [{}] * len(models))),
+                                             "base": base_parameters or {}})
+    settings = resolve(chosen, name, layer_position(name, 0), (float("nan"),) * len(models),
+                       roles)
+    problems = chosen.problems() + settings_problems(settings, f"tensor {name}" if name
+                                                     else method)
+    if problems:
+        raise ValueError("; ".join(problems))
+    out_dtype = buffers[0].dtype if out_dtype is None else dtypes.as_dtype(out_dtype)
+    if out is None:
+        out = _allocate_like(base, out_dtype)
+    out_buf = as_buffer(out, "out")
+    if tuple(out.shape) != shapes["base"] or out_buf.dtype is not out_dtype:
+        raise ValueError(f"out must have the inputs' shape {shapes['base']} and dtype "
+                         f"{out_dtype.short_name}")
+    _check_no_partial_overlap(out_buf, dict(zip(labels, buffers)))
+    threads = threads or default_threads()
+    native = cpu.native()
+
+    def pair_windows(i, j):  # the whole tensor is one window: it is in memory already
+        yield cpu.operands(buffers[0], buffers[i + 1], buffers[j + 1], out_buf), lambda: None
+
+    recipe = set_recipe(native, settings, name, out_buf.count,
+                        SetPasses(native, pair_windows, len(models), threads))
+    native.merge_set(native.SetOperands(buffers[0].address, int(buffers[0].dtype),
+                                        [b.address for b in buffers[1:]],
+                                        [int(b.dtype) for b in buffers[1:]], out_buf.count,
+                                        int(out_dtype), 0),
+                     out_buf.address, recipe, threads)
+    return out

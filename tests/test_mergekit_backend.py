@@ -47,6 +47,65 @@ models:
   - model: {aligned}
     parameters: {{weight: 0.3}}
 """,
+    "ties-four-models": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: 0.6}}
+  - model: {extra1}
+    parameters: {{weight: 0.2, density: 0.8}}
+  - model: {extra2}
+    parameters: {{weight: -0.3, density: 0.5}}
+parameters: {{lambda: 0.9}}
+""",
+    "dare_linear-three-models": """
+merge_method: dare_linear
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.4}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: 0.7}}
+  - model: {extra1}
+    parameters: {{weight: 0.2, density: 0.5}}
+parameters: {{seed: 9}}
+""",
+    "linear-four-models": """
+merge_method: linear
+models:
+  - model: {base}
+    parameters: {{weight: 0.1}}
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+  - model: {extra1}
+    parameters: {{weight: 0.2}}
+""",
+    "breadcrumbs": """
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.7, gamma: 0.05}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: 0.6, gamma: 0.02}}
+""",
+    "breadcrumbs_ties-three-models": """
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.7}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: 0.6}}
+  - model: {extra1}
+    parameters: {{weight: 0.4, density: 0.5}}
+parameters: {{gamma: 0.03}}
+""",
     "slerp": """
 merge_method: slerp
 base_model: {aligned}
@@ -69,13 +128,20 @@ def test_register_adds_prefixed_methods_once():
 
 @pytest.mark.slow  # runs mergekit's pipeline, whose import alone takes ~8 s
 @pytest.mark.parametrize("name", CONFIGS)
-def test_inside_mergekit_gives_the_model_of_the_run_command(tiny_trio, tmp_path, name):
+def test_inside_mergekit_gives_the_model_of_the_run_command(tiny_trio, tmp_path_factory,
+                                                           tmp_path, name):
     """mergekit plans, loads and writes; our kernel merges: the tensors are bit for bit those
-    of `mergealign-fast run` on the same config."""
+    of `mergealign-fast run` on the same config (three to five models: a model set through
+    the model-set kernel, as `run` merges it)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    text = CONFIGS[name].format(**tiny_trio)
+    from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+
+    extra = ensure_synthetic_trio(tmp_path_factory.mktemp("extra"), LLAMA_TINY, seed=4) \
+        if "models" in name else {}  # two more fine-tunes of the same shapes
+    text = CONFIGS[name].format(**tiny_trio, extra1=extra.get("domain"),
+                                extra2=extra.get("aligned"))
     config = tmp_path / "config.yml"
     config.write_text(text)
     subprocess.run([sys.executable, "-m", "mergealign_fast", "run", config, tmp_path / "ours",

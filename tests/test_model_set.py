@@ -14,7 +14,7 @@ import pytest
 from mergealign_fast import merge_models
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.errors import PlanError
-from mergealign_fast.io.checkpoint import open_checkpoint
+from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.kernels import cpu
 from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, resolve, set_method
 from mergealign_fast.plan import MAX_SET_MODELS, SET_ROLE
@@ -342,3 +342,49 @@ def test_f64_tensors_of_a_set_are_merged_in_float64(tmp_path, method):
             combined = combined + w * (m - b)
         expected = b + 1.0 * combined
     assert np.array_equal(got, expected)
+
+
+SET_TENSOR_CASES = {
+    "task_arithmetic": ({"lambda": 0.8}, [{"weight": w} for w in (0.3, 0.5, -0.2, 0.4)]),
+    "ties": ({}, [{"weight": w, "density": 0.5} for w in (0.3, 0.5, 0.2, 0.4)]),
+    "dare_ties": ({"seed": 4}, [{"weight": w, "density": 0.5} for w in (0.3, 0.5, 0.2, 0.4)]),
+    "breadcrumbs": ({}, [{"weight": w, "density": 0.6, "gamma": 0.1} for w in (0.3, 0.5, 0.2,
+                                                                                 0.4)]),
+    "model_stock": ({}, [{}] * 4),
+    "karcher": ({}, [{"weight": 0.25}] * 4),
+    "linear": ({}, [{"weight": w} for w in (0.3, 0.5, 0.2, 0.4)]),
+}
+
+
+@pytest.mark.parametrize("method", SET_TENSOR_CASES)
+def test_merge_set_tensors_is_merge_models_in_memory(tmp_path, method):
+    """One tensor of four models in memory: the bytes merge_models writes for it (the same
+    recipe, DARE's masks keyed by the tensor's name)."""
+    from mergealign_fast import merge_models, merge_set_tensors
+
+    shared, per_model = SET_TENSOR_CASES[method]
+    rng = np.random.default_rng(len(method))
+    base = rng.standard_normal((33, 17)).astype(np.float32)
+    models = [(base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+              for _ in range(4)]
+    name = "model.layers.1.mlp.up_proj.weight"
+    for i, x in enumerate([base, *models]):
+        write_checkpoint(tmp_path / f"m{i}", {name: x})
+    merge_models(tmp_path / "m0", [(tmp_path / f"m{i + 1}", per_model[i]) for i in range(4)],
+                 tmp_path / "out", method=method, parameters=shared)
+    written = read_elements(open_checkpoint(tmp_path / "out").tensors[name])
+    merged = merge_set_tensors(base, models, method=method, parameters=shared,
+                               per_model=per_model, name=name)
+    assert merged.tobytes() == written.tobytes()
+
+
+def test_merge_set_tensors_refuses_in_one_line():
+    from mergealign_fast import merge_set_tensors
+
+    x = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="merges by task_arithmetic, .*got 'sce'"):
+        merge_set_tensors(x, [x, x, x], method="sce")
+    with pytest.raises(ValueError, match="shapes differ"):
+        merge_set_tensors(x, [x, np.zeros(5, np.float32)])
+    with pytest.raises(ValueError, match="no weight for model 2"):
+        merge_set_tensors(x, [x, x], method="ties", per_model=[{"weight": 1.0}, {}])

@@ -396,8 +396,8 @@ def test_della_the_same_as_mergekit(name, tmp_path):
     """Density 1 drops nothing: deterministic, within the bound.  Density 0.5 ± 0.2: the masks
     come from other generators, so the fraction of elements moved and the L1 of the update must
     agree statistically."""
-    from mergealign_fast import della
     from mergealign_fast.methods import resolve, set_method
+    from mergealign_fast.reference import della_ref
     from mergealign_fast.plan import SET_ROLE
 
     base, models = _sparse_set(tmp_path, 3, seed=21)
@@ -419,7 +419,7 @@ def test_della_the_same_as_mergekit(name, tmp_path):
             roles = tuple(per_role)
             s = resolve(set_method(name, {"lambda": 0.9}, per_role), "w", 0.0,
                         (float("nan"),) * 3, roles)
-            exact, scale = della.reference(s, "w", (COUNT,), base.double().numpy(),
+            exact, scale = della_ref(s, "w", (COUNT,), base.double().numpy(),
                                            [x.double().numpy() for x in models])
             bound = method_error_bound(exact, scale, DType.F32, model_count=3)
             assert np.all(np.abs(ours - exact) <= bound)
