@@ -9,10 +9,10 @@ base elsewhere: base + τ·[importance >= fence].
 
 The quartiles are the sorted importances at index floor(q·(n - 1)), as mergekit indexes them,
 but exact: mergekit sorts a random sample of a million elements (with replacement) of a larger
-tensor, so on those its fence and the elements at it are an estimate.  Passes: the rows' KL
-(float64, kept per row in fp32 as the importance is taken in fp32), two histogram passes for
-the three quartiles (order_stats.py), then the merge, rounded by the kernel to the output dtype
-once.
+tensor, so on those its fence and the elements at it are an estimate.  Three passes: the
+rows' KL (float64, kept per row in fp32 as the importance is taken in fp32) with the first of
+two histogram passes for the three quartiles (order_stats.py), the second, then the merge,
+rounded by the kernel to the output dtype once.
 """
 
 from __future__ import annotations
@@ -55,40 +55,41 @@ def row_divergences(x: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
         return np.sum(p * np.log(p / q), axis=1).astype(np.float32)
 
 
-def divergences(tensor, windows) -> np.ndarray:
-    """Each row's KL divergence (fp32), from a pass over the windows: the later passes read
-    it instead of taking two softmaxes of every row again."""
-    width = max(1, row_width(tensor.shape))
-    found = np.empty(max(1, tensor.count // width), dtype=np.float32)
-    for chunk in windows():
-        base, model = decoded(chunk)[:2]
-        first = chunk.start // width
-        found[first:first + chunk.count // width] = row_divergences(model, base, width)
-        chunk.release_inputs()
-    return found
+class Divergences:
+    """Each row's KL divergence (fp32), taken by the first pass over the windows (from its
+    two softmaxes) and read by the later ones."""
+
+    def __init__(self, tensor):
+        self.width = max(1, row_width(tensor.shape))
+        self.rows = np.empty(max(1, tensor.count // self.width), dtype=np.float32)
+        self.known = False
+
+    def importance(self, chunk: Chunk) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window's base, τ (fp32) and each element's importance (fp32), in the
+        workspace."""
+        base, model = decoded(chunk, first=2)  # the trio's aligned role is not used
+        width, first = self.width, chunk.start // self.width
+        rows = self.rows[first:first + chunk.count // width]
+        if not self.known:
+            rows[:] = row_divergences(model, base, width)
+        tau = workspace.get("tau", chunk.count, np.float32)
+        importance = workspace.get("importance", chunk.count, np.float32)
+        with quiet():
+            np.subtract(model, base, out=tau)
+            np.abs(tau, out=importance)
+            importance.reshape(-1, width)[:] *= rows[:, None]
+        return base, tau, importance
 
 
-def _window(chunk: Chunk, width: int, divergence: np.ndarray
-            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window's base, τ (fp32) and each element's importance (fp32), in the workspace."""
-    base, model = decoded(chunk)[:2]
-    tau = workspace.get("tau", chunk.count, np.float32)
-    importance = workspace.get("importance", chunk.count, np.float32)
-    first = chunk.start // width
-    with quiet():
-        np.subtract(model, base, out=tau)
-        np.abs(tau, out=importance)
-        importance.reshape(-1, width)[:] *= divergence[first:first + chunk.count // width, None]
-    return base, tau, importance
-
-
-def fence(width: int, divergence: np.ndarray, windows) -> np.float32:
-    """median + 1.5·IQR of the importances, from their exact quartiles."""
+def fence(divergences: Divergences, windows) -> np.float32:
+    """median + 1.5·IQR of the importances, from their exact quartiles (the first of the
+    passes takes the rows' divergences)."""
 
     def keys():
         for chunk in windows():
-            yield sortable_bits(_window(chunk, width, divergence)[2])
+            yield sortable_bits(divergences.importance(chunk)[2])
             chunk.release_inputs()
+        divergences.known = True
 
     importances = OrderStatistics(keys)
     last = importances.total - 1
@@ -98,10 +99,9 @@ def fence(width: int, divergence: np.ndarray, windows) -> np.float32:
         return np.float32(median + np.float32(np.float32(FENCE_IQR) * np.float32(q3 - q1)))
 
 
-def merged_chunk(threshold: np.float32, width: int, divergence: np.ndarray,
-                 chunk: Chunk) -> Chunk:
+def merged_chunk(threshold: np.float32, divergences: Divergences, chunk: Chunk) -> Chunk:
     """The chunk holding the merged window (per_vector.result_chunk)."""
-    base, tau, importance = _window(chunk, width, divergence)
+    base, tau, importance = divergences.importance(chunk)
     merged = workspace.get("merged", chunk.count, np.float32)
     with quiet():
         np.multiply(tau, importance >= threshold, out=merged)
@@ -110,13 +110,11 @@ def merged_chunk(threshold: np.float32, width: int, divergence: np.ndarray,
 
 
 def merge_chunks(s: TensorSettings, tensor, windows) -> Iterator[Chunk]:
-    """The merged windows of `tensor` (a PlannedTensor), after the passes of the rows'
-    divergences and of the fence."""
-    width = max(1, row_width(tensor.shape))
-    divergence = divergences(tensor, windows)
-    threshold = fence(width, divergence, windows)
+    """The merged windows of `tensor` (a PlannedTensor), after the fence's passes."""
+    divergences = Divergences(tensor)
+    threshold = fence(divergences, windows)
     for chunk in windows(placed=True):
-        yield merged_chunk(threshold, width, divergence, chunk)
+        yield merged_chunk(threshold, divergences, chunk)
 
 
 def reference(shape: Sequence[int], base: np.ndarray, model: np.ndarray) -> np.ndarray:

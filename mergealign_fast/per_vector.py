@@ -19,7 +19,7 @@ kernel's (base + w_d·τ_d) + w_a·τ_a.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -84,13 +84,14 @@ class Workspace:
 workspace = Workspace()
 
 
-def decoded(chunk: Chunk) -> List[np.ndarray]:
-    """The chunk's inputs as float32 arrays (exact; rounded first through the input cast, as
-    the kernel rounds them), in the workspace.  Copied out of the mapping under the kernel's
-    SIGBUS guard, so an input truncated under the merge is InputChanged, not a killed
-    process."""
+def decoded(chunk: Chunk, first: Optional[int] = None) -> List[np.ndarray]:
+    """The chunk's inputs (the `first` ones only, when given) as float32 arrays (exact;
+    rounded first through the input cast, as the kernel rounds them), in the workspace.
+    Copied out of the mapping under the kernel's SIGBUS guard, so an input truncated under the
+    merge is InputChanged, not a killed process."""
     native, values = cpu.native(), []
-    for i, ((mapped, offset, length), dtype) in enumerate(zip(chunk.inputs, chunk.dtypes)):
+    wanted = list(zip(chunk.inputs, chunk.dtypes))[:first]
+    for i, ((mapped, offset, length), dtype) in enumerate(wanted):
         raw = workspace.get(f"raw{i}", length // dtype.itemsize, storage_numpy_dtype(dtype))
         if native.copy_guarded(raw.ctypes.data, mapped.address + offset, length):
             raise InputChanged("an input changed while it was being read (truncated or "
