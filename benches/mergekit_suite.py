@@ -1,9 +1,11 @@
 """mergekit's own test suite through our runner: every configuration its tests merge.
 
-mergekit's tests build tiny models and call `run_merge(config, ...)` through their
-`tests/common.py`.  This plugin wraps that call: each configuration is also written as YAML and
-run through `mergealign-fast run`; accepted ones are compared tensor by tensor with what
-mergekit's own run_merge writes, refused ones keep their one-line reason.  mergekit's test then
+mergekit's tests build tiny models and call `run_merge(config, ...)` (through their
+`tests/common.py` or directly).  This plugin wraps it: each configuration is also written as
+YAML and run through `mergealign-fast mergekit-yaml` (with the flags of the test's MergeOptions
+that change what is merged: --unsafe-truncate-embeddings, --allow-crimes); accepted ones are
+compared tensor by tensor with what mergekit's own run_merge writes, refused ones keep their
+one-line reason.  mergekit's test then
 goes on with mergekit's output, so its own assertions still run.
 
     # mergekit's tests, from its source distribution (or a checkout of its repository):
@@ -31,6 +33,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from mergealign_fast.io.vocabulary import VOCABULARY_TENSOR
 
@@ -44,29 +47,39 @@ RENAMED_PREFIXES = (("language_model.model.", "model.language_model."),
 _current_test = {"id": ""}
 
 
+def pytest_configure(config):
+    """Wrap mergekit's run_merge before the test modules import it (some call it directly)."""
+    import mergekit.merge
+
+    mergekit.merge.run_merge = _wrapped(mergekit.merge.run_merge)
+
+
 def pytest_runtest_setup(item):
     _current_test["id"] = item.nodeid
-    _wrap_run_merge()
+    import tests.common as common  # importable once pytest put mergekit's checkout on the path
+
+    common.run_merge = _wrapped(common.run_merge)
 
 
-def _wrap_run_merge() -> None:
-    """Wrap tests/common.py's run_merge once (the tests package is importable only once
-    pytest has put mergekit's checkout on the path)."""
-    import tests.common as common
-
-    if getattr(common.run_merge, "wrapped_by_mergealign", False):
-        return
-    original = common.run_merge
+def _wrapped(original):
+    """run_merge that also runs the configuration through ours (once: wrapping is idempotent)."""
+    if getattr(original, "wrapped_by_mergealign", False):
+        return original
 
     def run_both(merge_config, out_path, options=None, **kwargs):
         if BACKEND:
             return _through_backend(original, merge_config, out_path, options, **kwargs)
         text = merge_config.to_yaml()  # before mergekit rewrites `models` into `modules`
-        original(merge_config, out_path=out_path, options=options, **kwargs)
-        _record(merge_config.merge_method, text, Path(out_path))
+        try:
+            original(merge_config, out_path=out_path, options=options, **kwargs)
+        except Exception as exc:  # the test expects it: do we refuse it as well?
+            _record(merge_config.merge_method, text, None, _flags(options),
+                    f"{type(exc).__name__}: {exc}")
+            raise
+        _record(merge_config.merge_method, text, Path(out_path), _flags(options))
 
     run_both.wrapped_by_mergealign = True
-    common.run_merge = run_both
+    return run_both
 
 
 def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> None:
@@ -94,14 +107,26 @@ def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> No
                 f.write(json.dumps(record) + "\n")
 
 
-def _record(method: str, text: str, theirs: Path) -> None:
+def _flags(options) -> list:
+    """mergekit-yaml's flags for the MergeOptions of a test that change what is merged."""
+    flags = {"unsafe_truncate_embeddings": "--unsafe-truncate-embeddings",
+             "allow_crimes": "--allow-crimes"}
+    return [flag for option, flag in flags.items() if getattr(options, option, False)]
+
+
+def _record(method: str, text: str, theirs: Optional[Path], flags: list,
+            theirs_refused: Optional[str] = None) -> None:
+    """Run the configuration through ours and record how it compares (theirs None: mergekit
+    raised `theirs_refused`)."""
     record = {"test": _current_test["id"], "method": method}
+    if theirs is None:
+        record["mergekit"] = f"raised {theirs_refused}"[:200]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yml"
         config.write_text(text)
-        done = subprocess.run([sys.executable, "-m", "mergealign_fast", "run", str(config),
-                               str(Path(tmp) / "ours"), "--quiet"], capture_output=True,
-                              text=True)
+        done = subprocess.run([sys.executable, "-m", "mergealign_fast", "mergekit-yaml",
+                               str(config), str(Path(tmp) / "ours"), "--quiet", *flags],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
             crashed = any(line.startswith("Traceback") for line in lines)  # a defect
@@ -109,6 +134,8 @@ def _record(method: str, text: str, theirs: Path) -> None:
             record.update(ours="crashed" if crashed else "refused",
                           reason=(lines[-1] if crashed else errors[0]) if lines
                           else f"exit {done.returncode}")
+        elif theirs is None:
+            record.update(ours="accepted")
         else:
             record.update(ours="accepted", **_compare(Path(tmp) / "ours", theirs))
     with OUT.open("a") as f:
@@ -196,7 +223,8 @@ def summary(path: Path) -> None:
     through_backend = [r for r in every if r.get("via") == "backend"]
     if through_backend:
         _backend_summary(through_backend)
-    records = [r for r in every if r.get("via") != "backend"]
+    records = [r for r in every if r.get("via") != "backend" and "mergekit" not in r]
+    _refused_by_mergekit([r for r in every if "mergekit" in r])
     if not records:
         return
     accepted = [r for r in records if r["ours"] == "accepted"]
@@ -222,6 +250,18 @@ def summary(path: Path) -> None:
             detail = f"worst {r['worst_relative']:.3g} of the largest magnitude, {r['differ']} " \
                 f"tensors" if "differ" in r else f"other tensor names, e.g. {r['missing'][:2]}"
             print(f"  differs: {r['test'].split('::')[-1]} ({r['method']}): {detail}")
+
+
+def _refused_by_mergekit(records) -> None:
+    """Configurations mergekit raised on (its tests expect it): ours should refuse them too."""
+    if not records:
+        return
+    both = [r for r in records if r["ours"] == "refused"]
+    print(f"{len(records)} configurations mergekit refuses (its tests expect an error): "
+          f"{len(both)} refused by ours too")
+    for r in records:
+        print(f"  {r['test'].split('::')[-1]}: mergekit {r['mergekit'][:90]}; ours "
+              f"{r['ours']}{': ' + r['reason'].split('error: ')[-1][:90] if 'reason' in r else ''}")
 
 
 def _backend_summary(records) -> None:

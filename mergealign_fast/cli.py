@@ -306,7 +306,8 @@ def _add_mergekit_yaml_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safe-serialization", action=switch, default=True,
                    help="safetensors output (the only output this engine writes)")
     p.add_argument("--unsafe-truncate-embeddings", action=switch, default=False,
-                   help="not supported: vocabularies of different sizes are refused")
+                   help="vocabulary tensors that differ in rows only are cut to the fewest "
+                   "rows instead of refused (the models must number their tokens alike)")
     p.add_argument("--quiet", action=switch, default=False, help=QUIET_HELP)
     p.add_argument("-v", action="count", default=0, dest="verbosity",
                    help="accepted (this engine's output is the same at every verbosity)")
@@ -336,9 +337,6 @@ def parse_mergekit_size(text: str) -> int:
 def _run_mergekit_yaml(args: argparse.Namespace) -> int:
     if not args.safe_serialization:
         raise MergeError("--no-safe-serialization: this engine writes safetensors only")
-    if args.unsafe_truncate_embeddings:
-        raise MergeError("--unsafe-truncate-embeddings is not supported: models with "
-                         "vocabularies of different sizes are refused")
     given = [f"--{n}" for n in MERGEKIT_NO_OP_SWITCHES + MERGEKIT_NO_OP_VALUES
              if getattr(args, n.replace("-", "_")) is not None]
     if given:
@@ -348,7 +346,8 @@ def _run_mergekit_yaml(args: argparse.Namespace) -> int:
     args.threads = args.num_threads
     device = args.device or ("cuda" if args.cuda or args.gpu_rich else "cpu")
     return _run_config(args, device=device, copy_tokenizer=args.copy_tokenizer,
-                       seed=args.random_seed, allow_crimes=args.allow_crimes)
+                       seed=args.random_seed, allow_crimes=args.allow_crimes,
+                       truncate_vocabulary=args.unsafe_truncate_embeddings)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -462,7 +461,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: bool = True,
-                seed: Optional[int] = None, allow_crimes: bool = True) -> int:
+                seed: Optional[int] = None, allow_crimes: bool = True,
+                truncate_vocabulary: bool = False) -> int:
     """`run`, and `mergekit-yaml` with its flags: a mergekit config through the engine."""
     config = load_mergekit_config(args.config, seed=seed, allow_crimes=allow_crimes)
     for warning in config.warnings:
@@ -474,7 +474,7 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
                            input_dtype=config.input_dtype,
                            method=config.method,
                            tokenizer_from=config.tokenizer_from if copy_tokenizer else "none",
-                           vocabulary=config.vocabulary)
+                           vocabulary=config.vocabulary, truncate_vocabulary=truncate_vocabulary)
     try:
         if config.slices:
             from .slices import plan_passthrough
@@ -493,6 +493,8 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
         raise PlanError([*config.problems, *exc.problems]) from None
     if config.problems:
         raise PlanError(list(config.problems))
+    for note in plan.notes:
+        print(f"mergealign-fast: warning: {note}", file=sys.stderr)
     if config.chat_template is not None:
         _set_chat_template(plan, config)
     if args.write_model_card:

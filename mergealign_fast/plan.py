@@ -67,6 +67,11 @@ class MergeOptions:
     # Vocabularies merged by token (vocabularies.py): the output vocabulary's source, or None:
     # rows merged by index, the models must number their tokens alike.
     vocabulary: Optional[VocabularySpec] = None
+    # mergekit's --unsafe-truncate-embeddings: vocabulary tensors (embeddings, output head and
+    # its bias) whose models differ in rows only are cut to the fewest rows (each model's
+    # first ones) instead of refused; the config keeps its vocab_size.  A vocabulary merged by
+    # token takes precedence.
+    truncate_vocabulary: bool = False
     force: bool = False
     threads: Optional[int] = None
     fsync: bool = True
@@ -174,6 +179,8 @@ class MergePlan:
     # The models besides the base, by role: the trio's domain and aligned, or a model set's
     # "model 1", "model 2", ... (plan_set).
     model_roles: Tuple[str, ...] = TRIO_MODELS
+    # What the user is told before the merge runs (a vocabulary truncated).
+    notes: List[str] = field(default_factory=list)
 
     @property
     def is_set(self) -> bool:
@@ -298,9 +305,10 @@ def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation])
 
 def _checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = None):
     """(the checkpoints, every problem with them together (names, shapes, dtypes), the output
-    vocabulary when merged by token (else None), the tensors gathered by token)."""
+    vocabulary when merged by token (else None), the tensors gathered by token, the vocabulary
+    tensors truncated)."""
     models, problems = _open_inputs(folders)
-    vocabulary, gathered = None, {}
+    vocabulary, gathered, cut = None, {}, []
     if len(models) == len(folders):
         if options is not None and options.vocabulary is not None:
             from .vocabularies import vocabulary_tensors
@@ -308,10 +316,36 @@ def _checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = 
             vocabulary = _vocabulary(folders, options)
             gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)
             problems += found
+        elif options is not None and options.truncate_vocabulary:
+            cut = _truncate_vocabulary_tensors(models)
         else:
             problems += vocabulary_problems(folders)
         problems += _name_problems(models) + _tensor_problems(models, gathered)
-    return models, problems, vocabulary, gathered
+    return models, problems, vocabulary, gathered, cut
+
+
+def _truncate_vocabulary_tensors(models: Dict[str, Checkpoint]) -> List[str]:
+    """Cut each vocabulary tensor whose models differ in rows only to the fewest rows (a row
+    is contiguous, so the first rows are a prefix of the stored bytes); returns their names."""
+    base = models["base"]
+    cut = []
+    for name in base.tensors:
+        locations = [m.tensors.get(name) for m in models.values()]
+        if not VOCABULARY_TENSOR.search(name) or None in locations:
+            continue
+        shapes = {loc.entry.shape for loc in locations}
+        if len(shapes) == 1 or any(not s or s[1:] != locations[0].entry.shape[1:]
+                                   for s in shapes):
+            continue
+        rows = min(s[0] for s in shapes)
+        for model in models.values():
+            loc = model.tensors[name]
+            row_bytes = loc.entry.nbytes // loc.entry.shape[0]
+            model.tensors[name] = TensorLocation(loc.file, replace(
+                loc.entry, shape=(rows, *loc.entry.shape[1:]),
+                end=loc.entry.begin + rows * row_bytes))
+        cut.append(f"{name} to {rows} rows")
+    return cut
 
 
 def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
@@ -324,7 +358,7 @@ def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
 
 def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
     """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
-    models, problems, _, _ = _checked_inputs({"base": Path(base), "domain": Path(domain),
+    models, problems, *_ = _checked_inputs({"base": Path(base), "domain": Path(domain),
                                               "aligned": Path(aligned)})
     if problems:
         raise PlanError(problems)
@@ -673,13 +707,18 @@ def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan
                                                                    options)
     if problems and options.vocabulary is not None:
         raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
-    models, input_problems, vocabulary, gathered = _checked_inputs(folders, options)
+    models, input_problems, vocabulary, gathered, cut = _checked_inputs(folders, options)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
     tensors = [_gathered_by_token(t, gathered.get(t.name))
                for t in _planned_tensors(models, options.out_dtype, options.promote_mixed)]
     settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
-    return laid_out(folders, models, tensors, settings, given, out_dir, options, vocabulary)
+    plan = laid_out(folders, models, tensors, settings, given, out_dir, options, vocabulary)
+    if cut:
+        plan.notes.append(f"UNSAFE vocabulary truncation (--unsafe-truncate-embeddings): "
+                          f"{', '.join(cut)}; rows past them are dropped, so the models must "
+                          "number their tokens alike")
+    return plan
 
 
 def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],

@@ -84,13 +84,47 @@ def test_flags_that_only_tune_mergekit_s_memory_are_named_as_no_ops_in_one_line(
 
 @pytest.mark.parametrize("flags, message", [
     (["--no-safe-serialization"], "writes safetensors only"),
-    (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings is not supported"),
     (["--out-shard-size", "5GB"], "--out-shard-size '5GB': expected a whole number"),
 ])
 def test_flags_without_a_meaning_here_are_one_line_errors(config, tmp_path, flags, message):
     done = run_cli("mergekit-yaml", config, tmp_path / "out", *flags)
     assert_clean_error(done, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_truncate_embeddings_cuts_vocabulary_tensors_to_the_fewest_rows(tmp_path):
+    """mergekit's flag: the embedding, the head and its bias of models whose vocabularies
+    differ in size are cut to the fewest rows (each independently), the config keeps the
+    base's vocab_size, and the user is warned; without it, the merge is refused."""
+    from conftest import write_checkpoint
+
+    rng = np.random.default_rng(3)
+    rows = {"large": (10, 9, 10), "small": (8, 8, 7)}  # embed, head, bias rows
+    models = {}
+    for label, (embed, head, bias) in rows.items():
+        models[label] = {"model.embed_tokens.weight": rng.standard_normal((embed, 4)),
+                         "lm_head.weight": rng.standard_normal((head, 4)),
+                         "lm_head.bias": rng.standard_normal(bias),
+                         "model.norm.weight": rng.standard_normal(4)}
+        models[label] = {k: v.astype(np.float32) for k, v in models[label].items()}
+        write_checkpoint(tmp_path / label, models[label],
+                         {"architectures": ["LlamaForCausalLM"], "vocab_size": embed})
+    config = tmp_path / "c.yml"
+    config.write_text(f"merge_method: linear\nbase_model: {tmp_path / 'large'}\nmodels:\n"
+                      f"  - model: {tmp_path / 'large'}\n  - model: {tmp_path / 'small'}\n"
+                      "parameters: {weight: 0.5}\n")
+    refused = run_cli("mergekit-yaml", config, tmp_path / "refused")
+    assert_clean_error(refused, "tensor lm_head.bias: shape differs: base [10] vs domain [7]")
+    done = run_cli("mergekit-yaml", config, tmp_path / "out", "--unsafe-truncate-embeddings")
+    assert done.returncode == 0, done.stderr
+    assert "UNSAFE vocabulary truncation" in done.stderr and "lm_head.bias to 7 rows" in \
+        done.stderr
+    merged = _tensors(tmp_path / "out")
+    for name, kept in (("model.embed_tokens.weight", 8), ("lm_head.weight", 8),
+                       ("lm_head.bias", 7)):
+        expected = (models["large"][name][:kept] + models["small"][name][:kept]) / 2
+        np.testing.assert_allclose(merged[name], expected.ravel(), rtol=1e-6, err_msg=name)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 10
 
 
 def test_an_unknown_flag_is_an_error_not_ignored(config, tmp_path):
