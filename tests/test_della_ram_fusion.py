@@ -185,12 +185,12 @@ def test_order_statistics_are_exact(tmp_path):
     from mergealign_fast.order_stats import OrderStatistics, sortable_bits, value_of
 
     rng = np.random.default_rng(2)
-    values = np.round(rng.standard_normal(10_007) * 4) / 4  # many equal values
+    values = np.round(rng.standard_normal(2_003) * 4) / 4  # many equal values
     values = np.concatenate([values, [-0.0, 0.0, np.inf, -np.inf]]).astype(np.float32)
-    for window in (10_011, 64, 3):
+    for window in (2_011, 64, 7):
         stats = OrderStatistics(lambda: (sortable_bits(values[i:i + window])
                                          for i in range(0, values.size, window)))
-        ranks = [0, 1, 2500, 5005, 7509, values.size - 1]
+        ranks = [0, 1, 500, 1003, 1509, values.size - 1]
         ordered = np.sort(values)
         for r, found in zip(ranks, stats.at(ranks)):
             assert value_of(found.key) == ordered[r]

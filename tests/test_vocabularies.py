@@ -317,6 +317,7 @@ def test_a_chat_template_is_written_into_the_merged_tokenizer(world, tmp_path, c
     assert "<med1>" in tokenizer.get_vocab()
 
 
+@pytest.mark.slow  # transformers' tokenizer loading: 4 s
 def test_a_model_whose_tokenizer_does_not_load_is_named(world, tmp_path):
     """(A fresh process: the tokenizers are read in a child, whose problems come back as the
     same one line.)"""
