@@ -92,6 +92,8 @@ def fence(divergences: Divergences, windows) -> np.float32:
         divergences.known = True
 
     importances = OrderStatistics(keys)
+    if importances.total == 0:
+        return np.float32(np.inf)  # no elements: nothing to keep
     last = importances.total - 1
     q1, median, q3 = (value_of(r.key) for r in importances.at([k * last // 4
                                                                for k in QUARTERS]))
@@ -125,6 +127,8 @@ def reference(shape: Sequence[int], base: np.ndarray, model: np.ndarray) -> np.n
     tau = x - b
     importance = np.abs(tau) * np.repeat(row_divergences(x, b, width), width)
     ordered = np.sort(importance)
+    if not ordered.size:
+        return b.astype(np.float64)
     last = ordered.size - 1
     q1, median, q3 = (ordered[k * last // 4] for k in QUARTERS)
     threshold = np.float32(median + np.float32(np.float32(FENCE_IQR) * np.float32(q3 - q1)))

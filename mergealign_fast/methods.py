@@ -535,7 +535,8 @@ def _epsilon_problems(s: TensorSettings, where: str) -> List[str]:
                 for role, e in zip(s.roles, s.epsilons) if not e >= 0]
     if s.name in PER_MODEL_FOR["epsilon"]:
         if s.rescale == "inverse_density":
-            problems.append(f"{where}: {s.name} rescales by l1 or none (got inverse_density)")
+            problems.append(f"{where}: rescale must be l1 or none for {s.name} (got "
+                            "inverse_density)")
         problems += [f"{where}: {role} density {d} ± epsilon {e} must stay inside (0, 1)"
                      for role, d, e in zip(s.roles, s.densities, s.epsilons)
                      if 0 < d < 1 and not (d - e > 0 and d + e < 1)]

@@ -134,7 +134,7 @@ def weights(selection: Selection, windows, model_count: int, count: int) -> np.n
         for m, tau in enumerate(taus):  # float64 squares (exact), summed where kept
             squares[m] += float(np.add.reduce(np.square(tau, dtype=np.float64), where=keep))
         chunk.release_inputs()
-    means = squares / count
+    means = squares / max(count, 1)
     total = float(means.sum())
     if abs(total) < SCE_WEIGHT_EPS:
         return np.full(model_count, 1.0 / model_count)
@@ -197,7 +197,7 @@ def reference(select_topk: float, base: np.ndarray, models: Sequence[np.ndarray]
         keep = np.zeros(var.shape, dtype=bool)
         keep[np.argsort(-var, kind="stable")[:k]] = True
         taus = taus * keep
-    means = (taus ** 2).mean(axis=1)
+    means = (taus ** 2).sum(axis=1) / max(taus.shape[1], 1)
     w = means / means.sum() if abs(means.sum()) >= SCE_WEIGHT_EPS else \
         np.full(len(taus), 1.0 / len(taus))
     elected = np.where(taus.sum(axis=0) >= 0, 1.0, -1.0)

@@ -282,3 +282,47 @@ def test_a_della_sweep_is_its_merges(tmp_path):
         folder = next(p for p in (tmp_path / "sweep").iterdir() if str(lam) in p.name)
         assert (folder / "model.safetensors").read_bytes() == \
             (tmp_path / f"one{lam}" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["sce", "della", "ram", "ramplus_tl", "arcee_fusion"])
+def test_odd_shapes(tmp_path, method):
+    """A scalar, a column, an empty tensor and a one-row tensor beside an ordinary one: each
+    within the fp32 bound of its statement (the empty one empty)."""
+    from mergealign_fast import sce
+
+    shapes = {"scalar": (), "column": (5, 1), "empty": (0, 4), "row": (1, 7), "w": (6, 5)}
+    count = 1 if method == "arcee_fusion" else 3
+    rng = np.random.default_rng(13)
+    tensors = {}
+    for name, shape in shapes.items():
+        base = np.asarray(rng.standard_normal(shape), np.float32)
+        tensors[name] = [base] + [np.asarray(base + rng.standard_normal(shape) * 0.05,
+                                             np.float32) for _ in range(count)]
+    for i in range(count + 1):
+        write_checkpoint(tmp_path / f"m{i}", {n: xs[i] for n, xs in tensors.items()})
+    per_model = {"weight": 0.5, "density": 0.6} if method == "della" else {}
+    shared = {"select_topk": 0.5} if method == "sce" else {}
+    if method == "arcee_fusion":
+        merge_checkpoints(tmp_path / "m0", tmp_path / "m1", tmp_path / "m0", tmp_path / "out",
+                          method=Method(method))
+    else:
+        _merge_set(tmp_path, tmp_path / "out", count, method, shared, per_model)
+    for name, shape in shapes.items():
+        base, *models = (x.astype(np.float64).ravel() for x in tensors[name])
+        s = _settings("della" if method == "arcee_fusion" else method, shared, per_model,
+                      count, name)
+        if method == "sce":
+            exact = sce.reference(0.5, base, models)
+            scale = np.abs(base) + (np.max(np.abs(np.stack(models) - base), axis=0)
+                                    if base.size else 0)
+        elif method == "della":
+            exact, scale = della_ref(s, name, shape, base, models)
+        elif method == "arcee_fusion":
+            exact = fusion.reference(shape, base, models[0])
+            scale = np.abs(base) + np.abs(models[0] - base)
+        else:
+            exact, scale = ram.reference(method, s.epsilons[0], s.r, s.alpha, base, models)
+        merged = _merged(tmp_path / "out", name)
+        assert merged.shape == exact.shape == (int(np.prod(shape)),), name
+        bound = method_error_bound(exact, scale, DType.F32, model_count=count)
+        assert np.all(np.abs(merged - exact) <= bound), name
