@@ -63,14 +63,7 @@ ONLY_FOR = {"normalize_weights": ("multislerp",)}
 # Parameters ours take that mergekit's method of the same name does not (karcher weighs every
 # model equally there): ignored in a config, as mergekit ignores them.
 MERGEKIT_IGNORES = {"karcher": ("weight",)}
-PER_MODEL = {"weight", "density", "gamma"}
-
-
-def _per_model(method: str) -> set:
-    """The parameters a model's own `parameters` may set for `method`."""
-    return PER_MODEL | {p for p, methods in PER_MODEL_FOR.items() if method in methods}
-
-
+PER_MODEL = {"weight", "density", "gamma"}  # and PER_MODEL_FOR's, for their methods
 NUMERIC = {"weight", "density", "lambda", "t", "gamma", "tol", "scale", "select_topk", "epsilon",
            "r", "alpha"}
 # merge_method -> does it need a base model.
@@ -87,6 +80,11 @@ SHAPE_OPTIONS = {"nuslerp_flatten": True, "nuslerp_row_wise": False, "filter_wis
 # Which methods read them (mergekit's nuslerp and model_stock; another method ignores them).
 SHAPE_OPTIONS_OF = {"nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
                     "model_stock": ("filter_wise",)}
+
+
+def _per_model(method: str) -> set:
+    """The parameters a model's own `parameters` may set for `method`."""
+    return PER_MODEL | {p for p, methods in PER_MODEL_FOR.items() if method in methods}
 
 
 @dataclass

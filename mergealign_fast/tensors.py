@@ -155,8 +155,8 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
 
     `parameters` are the shared ones (lambda, normalize, rescale, seed, ...), `per_model` one
     mapping per model (weight, density, gamma), `base_parameters` the base's (linear and
-    karcher weigh it); `name` keys DARE's random masks as in a
-    checkpoint merge.  Inputs as merge_tensors' (CPU only); out_dtype defaults to base's."""
+    karcher weigh it); `name` keys DARE's random masks as in a checkpoint merge.  Inputs as
+    merge_tensors' (CPU only); out_dtype defaults to base's."""
     from .plan import SET_ROLE
 
     if not models:
