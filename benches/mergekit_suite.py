@@ -88,7 +88,7 @@ def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> No
     from mergealign_fast import mergekit_backend
 
     method = merge_config.merge_method
-    if method not in mergekit_backend.METHOD_NAMES:
+    if method not in {*mergekit_backend.METHOD_NAMES, *mergekit_backend.SPEC_METHODS}:
         return run_merge(merge_config, out_path=out_path, options=options, **kwargs)
     mergekit_backend.register()
     record = {"test": _current_test["id"], "method": method, "via": "backend"}

@@ -50,18 +50,68 @@ METHOD_NAMES: Dict[str, Tuple[str, bool, bool]] = {
 }
 # The trio's two model roles: a group of more models is a model set.
 TRIO_MODEL_COUNT = 2
+# mergekit methods registered with mergekit's own parameters and input contract (its spec,
+# renamed), merged by merge_set_tensors (a base and any number of models) or, for nearswap,
+# merge_tensors; the values are our parameter of each of theirs.
+SPEC_METHODS: Dict[str, Dict[str, str]] = {
+    "sce": {"select_topk": "select_topk"},
+    "della": {"weight": "weight", "density": "density", "epsilon": "epsilon",
+              "lambda": "lambda", "normalize": "normalize", "rescale": "rescale"},
+    "della_linear": {"weight": "weight", "density": "density", "epsilon": "epsilon",
+                     "lambda": "lambda", "normalize": "normalize", "rescale": "rescale"},
+    "ram": {"epsilon": "epsilon"},
+    "ramplus_tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
+    "arcee_fusion": {},
+    "nearswap": {"t": "t"},
+}
 
 
 def register(prefix: str = PREFIX) -> List[str]:
-    """Register every method in METHOD_NAMES with mergekit under `prefix` + its name; returns
-    the names.  Calling it again is harmless."""
-    names = []
-    for mergekit_name in METHOD_NAMES:
-        method = FusedMethod(mergekit_name, prefix + mergekit_name)
-        if method.spec.name not in {m.spec.name for m in registry.registered_methods()}:
+    """Register every method in METHOD_NAMES and SPEC_METHODS with mergekit under `prefix` +
+    its name; returns the names.  Calling it again is harmless."""
+    methods = [FusedMethod(name, prefix + name) for name in METHOD_NAMES]
+    methods += [SpecMethod(name, prefix + name) for name in SPEC_METHODS]
+    registered = {m.spec.name for m in registry.registered_methods()}
+    for method in methods:
+        if method.spec.name not in registered:
             registry.register(method)
-        names.append(method.spec.name)
-    return names
+    return [method.spec.name for method in methods]
+
+
+class SpecMethod(GroupMergeMethod):
+    """One of mergekit's methods that we merge too, with mergekit's own parameters."""
+
+    def __init__(self, mergekit_name: str, name: str):
+        self.ours = mergekit_name
+        theirs = registry.get(mergekit_name).spec
+        self.spec = MergeMethodSpec(name, theirs.parameters, theirs.contract,
+                                    pretty_name=f"{theirs.pretty_name or mergekit_name} "
+                                    "(mergealign)",
+                                    optional_tensor_policy=theirs.optional_tensor_policy)
+
+    def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or ""
+        ours = SPEC_METHODS[self.ours]
+        others = list(group.non_base)
+        shared, per_model = {}, [{} for _ in others]
+        scopes = {p.name: p.scope for p in self.spec.parameters}
+        for theirs, value in parameters.items():
+            if theirs not in ours:
+                continue  # int8_mask: mergekit's memory only
+            if scopes[theirs] != ParameterScope.SHARED:  # per model: by input id
+                for settings, entry in zip(per_model, others):
+                    settings[ours[theirs]] = value[entry.id]
+            else:
+                shared[ours[theirs]] = ("l1" if value else "none") \
+                    if theirs == "rescale" else value
+        base = group.base.tensor.contiguous()
+        if self.ours == "nearswap":
+            return merge_tensors(base, others[0].tensor.contiguous(), base,
+                                 method=Method("nearswap", t=shared["t"]), name=name)
+        trio = len(others) <= TRIO_MODEL_COUNT  # as `run` merges one or two models
+        return merge_set_tensors(base, [e.tensor.contiguous() for e in others],
+                                 method=self.ours, parameters=shared, per_model=per_model,
+                                 name=name, roles=TRIO_MODELS[:len(others)] if trio else None)
 
 
 def _spec(mergekit_name: str, name: str) -> MergeMethodSpec:

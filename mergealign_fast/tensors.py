@@ -108,8 +108,9 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
         if method.vectors != "tensor" or method.name in NUMPY_METHODS:
             what = method.name if method.vectors == "tensor" else \
                 f"{method.name} by {method.vectors}"
-            problems.append(f"{what} merges model folders (merge_checkpoints, merge_models), "
-                            "not flat buffers")
+            problems.append(f"{what} merges model folders (merge_checkpoints, merge_models)"
+                            + (", or merge_set_tensors" if method.name in NUMPY_METHODS else "")
+                            + ", not these flat buffers")
         if problems:
             raise ValueError("; ".join(problems))
         if device != "cpu" or backend not in ("auto", "cpu"):
@@ -148,15 +149,17 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                       per_model: Optional[Sequence[Dict[str, object]]] = None,
                       base_parameters: Optional[Dict[str, object]] = None, out: Any = None,
                       out_dtype: Any = None, threads: Optional[int] = None,
-                      name: str = "") -> Any:
+                      name: str = "", roles: Optional[Sequence[str]] = None) -> Any:
     """One tensor of a base and any number of models (1 to 32) through a model-set method of
     the native CPU kernel (methods.SET_METHODS merged by a native recipe), in memory: what
     merge_models does to each tensor of model folders, bit for bit.
 
     `parameters` are the shared ones (lambda, normalize, rescale, seed, ...), `per_model` one
     mapping per model (weight, density, gamma), `base_parameters` the base's (linear and
-    karcher weigh it); `name` keys DARE's random masks as in a checkpoint merge.  Inputs as
-    merge_tensors' (CPU only); out_dtype defaults to base's."""
+    karcher weigh it); `name` and `roles` key DARE's and DELLA's random masks as in a
+    checkpoint merge (roles: "model 1", "model 2", ... as merge_models names them; a config of
+    one or two models runs as the trio, "domain" and "aligned").  Inputs as merge_tensors'
+    (CPU only); out_dtype defaults to base's."""
     from .plan import SET_ROLE
 
     if not models:
@@ -169,11 +172,13 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
         raise ValueError(f"shapes differ: {shapes}")
     if _common_device(*tensors) != "cpu":
         raise ValueError("merge_set_tensors needs CPU tensors (its passes read host memory)")
-    if method not in SET_METHODS or method in NUMPY_METHODS:
-        native_set = [m for m in SET_METHODS if m not in NUMPY_METHODS]
-        raise ValueError(f"merge_set_tensors merges by {', '.join(native_set)} "
+    if method not in SET_METHODS and method not in NUMPY_METHODS:
+        raise ValueError(f"merge_set_tensors merges by {', '.join(SET_METHODS)} or "
+                         f"{', '.join(m for m in NUMPY_METHODS if m not in SET_METHODS)} "
                          f"(got {method!r})")
-    roles = tuple(SET_ROLE.format(i + 1) for i in range(len(models)))
+    if method not in SET_METHODS and len(models) != 1:
+        raise ValueError(f"{method} merges a base and one model (got {len(models)})")
+    roles = tuple(roles or (SET_ROLE.format(i + 1) for i in range(len(models))))
     chosen = set_method(method, parameters, {**dict(zip(roles, per_model or [{}] * len(models))),
                                              "base": base_parameters or {}})
     settings = resolve(chosen, name, layer_position(name, 0), (float("nan"),) * len(models),
@@ -191,6 +196,9 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                          f"{out_dtype.short_name}")
     _check_no_partial_overlap(out_buf, dict(zip(labels, buffers)))
     threads = threads or default_threads()
+    if method in NUMPY_METHODS:
+        _merge_numpy_method(settings, buffers, out_buf, name, tuple(shapes["base"]), threads)
+        return out
     native = cpu.native()
 
     def pair_windows(i, j):  # the whole tensor is one window: it is in memory already
@@ -204,3 +212,42 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                                         int(out_dtype), 0),
                      out_buf.address, recipe, threads)
     return out
+
+
+class _Resident:
+    """A chunk input already in memory (merge_set_tensors' buffers): nothing to release."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def release(self, offset: int, length: int) -> None:
+        """Nothing: the caller owns the memory."""
+
+
+def _merge_numpy_method(settings, buffers, out: Buffer, name: str, shape, threads: int) -> None:
+    """A method merged window by window in numpy (methods.NUMPY_METHODS) over in-memory
+    buffers: the same windows, passes and roundings as a merge of model folders."""
+    import importlib
+    from types import SimpleNamespace
+
+    from . import per_vector
+    from .stream import Chunk
+
+    method = importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
+    elements = method.window_elements(shape)
+    inputs = [_Resident(b.address) for b in buffers]
+
+    def windows(placed: bool = False):
+        for start in range(0, out.count, elements):
+            count = min(elements, out.count - start)
+            yield Chunk(start, count, tuple((x, start * b.dtype.itemsize, count * b.dtype.itemsize)
+                                            for x, b in zip(inputs, buffers)),
+                        tuple(b.dtype for b in buffers), file_offset=0)
+
+    # What the numpy modules read of a tensor: its name, shape, count and model count.
+    tensor = SimpleNamespace(name=name, shape=shape, count=out.count, sources=buffers)
+    recipe = per_vector.merge_recipe(cpu.native())
+    for chunk in method.merge_chunks(settings, tensor, windows):
+        held = [Buffer(x.address, DType.F32, chunk.count) for x, _, _ in chunk.inputs]
+        target = Buffer(out.address + chunk.start * out.dtype.itemsize, out.dtype, chunk.count)
+        cpu.merge_recipe(*held, target, recipe, chunk.start, threads)

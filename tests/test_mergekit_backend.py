@@ -106,6 +106,49 @@ models:
     parameters: {{weight: 0.4, density: 0.5}}
 parameters: {{gamma: 0.03}}
 """,
+    "sce-three-models": """
+merge_method: sce
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {extra1}
+parameters: {{select_topk: 0.5}}
+""",
+    "della": """
+merge_method: della
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}
+  - model: {aligned}
+    parameters: {{weight: 0.4, density: 0.7}}
+parameters: {{lambda: 0.9}}
+""",
+    "ramplus_tl-three-models": """
+merge_method: ramplus_tl
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {extra1}
+parameters: {{r: 0.3, alpha: 0.5, epsilon: 0.0001}}
+""",
+    "arcee_fusion": """
+merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {base}
+  - model: {domain}
+""",
+    "nearswap": """
+merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {domain}
+parameters: {{t: 0.001}}
+""",
     "slerp": """
 merge_method: slerp
 base_model: {aligned}
