@@ -4,10 +4,11 @@
     backend.register()          # adds mergealign_task_arithmetic, mergealign_ties, ...
 
 After `register()`, a mergekit config may say `merge_method: mergealign_ties` (or any name in
-METHOD_NAMES with the prefix) and mergekit's own planner, loader, tokenizer handling and writer
-run as usual; only the per-tensor arithmetic is ours (the native CPU kernel: fp32 math, one
-rounding, radix-selected TIES thresholds, counter-based DARE masks).  Parameters are mergekit's
-(`weight`, `density`, `normalize`, `rescale`, `lambda`, `t`, plus `seed` for DARE's masks).
+METHOD_NAMES or SPEC_METHODS with the prefix: every mergekit method but passthrough) and
+mergekit's own planner, loader, tokenizer handling and writer run as usual; only the
+per-tensor arithmetic is ours (the native CPU kernel: fp32 math, one rounding, radix-selected
+TIES thresholds, counter-based DARE masks; the numpy-window methods as `run` merges them).
+Parameters are mergekit's (plus `seed` for DARE's masks).
 mergekit hands each tensor over in memory, so this speeds up the arithmetic, not mergekit's
 loading and writing: for whole-checkpoint speed use `mergealign-fast run CONFIG.yml OUT`.
 
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .methods import TRIO_MODELS, Method, Rule
+from .methods import KARCHER_STEPS, KARCHER_TOL, MULTISLERP_EPS, TRIO_MODELS, Method, Rule
 from .tensors import merge_set_tensors, merge_tensors
 
 try:
@@ -63,6 +64,11 @@ SPEC_METHODS: Dict[str, Dict[str, str]] = {
     "ramplus_tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
     "arcee_fusion": {},
     "nearswap": {"t": "t"},
+    "model_stock": {"filter_wise": "filter_wise"},
+    "nuslerp": {"weight": "weight", "nuslerp_flatten": "nuslerp_flatten",
+                "nuslerp_row_wise": "nuslerp_row_wise"},
+    "multislerp": {"weight": "weight", "normalize_weights": "normalize", "eps": "eps"},
+    "karcher": {"max_iter": "max_iter", "tol": "tol"},
 }
 
 
@@ -104,14 +110,97 @@ class SpecMethod(GroupMergeMethod):
             else:
                 shared[ours[theirs]] = ("l1" if value else "none") \
                     if theirs == "rescale" else value
-        base = group.base.tensor.contiguous()
-        if self.ours == "nearswap":
-            return merge_tensors(base, others[0].tensor.contiguous(), base,
-                                 method=Method("nearswap", t=shared["t"]), name=name)
+        special = {"nearswap": _nearswap, "model_stock": _model_stock, "nuslerp": _nuslerp,
+                   "multislerp": _multislerp, "karcher": _karcher}.get(self.ours)
+        if special is not None:
+            return special(group, shared, per_model, name)
         trio = len(others) <= TRIO_MODEL_COUNT  # as `run` merges one or two models
-        return merge_set_tensors(base, [e.tensor.contiguous() for e in others],
+        return merge_set_tensors(group.base.tensor.contiguous(),
+                                 [e.tensor.contiguous() for e in others],
                                  method=self.ours, parameters=shared, per_model=per_model,
                                  name=name, roles=TRIO_MODELS[:len(others)] if trio else None)
+
+
+# The methods whose models map onto the engine's roles as `run` maps a config's
+# (mergekit_config.py): each gives the merged tensor of one group.
+
+def _trio(base, domain, aligned, method: Method, name: str, w_domain: float = 0.5,
+          w_align: float = 0.5) -> torch.Tensor:
+    return merge_tensors(*(t.contiguous() for t in (base, domain, aligned)), method=method,
+                         domain_weight=w_domain, align_weight=w_align, name=name)
+
+
+def _nearswap(group, shared, per_model, name):
+    base, other = group.base.tensor, group.non_base[0].tensor
+    return _trio(base, other, base, Method("nearswap", t=shared["t"]), name)
+
+
+def _model_stock(group, shared, per_model, name):
+    others = [e.tensor for e in group.non_base]
+    vectors = "rows" if shared.get("filter_wise") else "tensor"
+    if len(others) <= TRIO_MODEL_COUNT:
+        return _trio(group.base.tensor, others[0], others[-1],
+                     Method("model_stock", vectors=vectors), name)
+    if vectors != "tensor":
+        raise ValueError(f"{name}: filter-wise Model Stock merges two models besides the base "
+                         f"here (got {len(others)})")
+    return merge_set_tensors(group.base.tensor.contiguous(), [t.contiguous() for t in others],
+                             method="model_stock", name=name)
+
+
+def _vectors(shared) -> str:
+    """What nuslerp takes as one vector, from mergekit's two options."""
+    if shared.get("nuslerp_flatten", True):
+        return "tensor"
+    return "columns" if shared.get("nuslerp_row_wise") else "rows"
+
+
+def _nuslerp(group, shared, per_model, name):
+    """t runs from the first model to the second: our aligned to our domain."""
+    (first, second), (w_first, w_second) = \
+        [e.tensor for e in group.non_base], [p["weight"] for p in per_model]
+    if group.base is None:  # over the models themselves: the first stands in the base role
+        return _trio(first, second, first, Method("nuslerp_models", vectors=_vectors(shared)),
+                     name, w_second, w_first)
+    return _trio(group.base.tensor, second, first, Method("nuslerp", vectors=_vectors(shared)),
+                 name, w_second, w_first)
+
+
+def _multislerp(group, shared, per_model, name):
+    if shared.get("eps", MULTISLERP_EPS) != MULTISLERP_EPS:
+        raise ValueError(f"{name}: multislerp's eps is {MULTISLERP_EPS} here (got "
+                         f"{shared['eps']})")
+    others = [e.tensor for e in group.non_base]
+    weights = [p["weight"] for p in per_model]
+    normalize = shared.get("normalize", True)
+    if group.base is None:  # two models: the first stands in the base role
+        return _trio(others[0], others[1], others[0],
+                     Method("multislerp_models", normalize=normalize), name, weights[1],
+                     weights[0])
+    if len(others) <= TRIO_MODEL_COUNT:
+        return _trio(group.base.tensor, others[0], others[-1],
+                     Method("multislerp", normalize=normalize), name, weights[0],
+                     weights[-1] if len(others) == 2 else 0.0)
+    return merge_set_tensors(group.base.tensor.contiguous(), [t.contiguous() for t in others],
+                             method="multislerp", parameters={"normalize": normalize},
+                             per_model=[{"weight": w} for w in weights], name=name)
+
+
+def _karcher(group, shared, per_model, name):
+    """Every model (base_model first), each weighing 1/n, as mergekit's karcher."""
+    models = ([group.base] if group.base is not None else []) + list(group.non_base)
+    tensors, share = [e.tensor for e in models], 1.0 / len(models)
+    steps = {"max_iter": shared.get("max_iter", KARCHER_STEPS),
+             "tol": shared.get("tol", KARCHER_TOL)}
+    if len(tensors) <= TRIO_MODEL_COUNT + 1:
+        aligned = tensors[2] if len(tensors) == 3 else tensors[0]
+        return _trio(tensors[0], tensors[1], aligned,
+                     Method("karcher", base_weight=share, **steps), name, share,
+                     share if len(tensors) == 3 else 0.0)
+    return merge_set_tensors(tensors[0].contiguous(), [t.contiguous() for t in tensors[1:]],
+                             method="karcher", parameters=steps,
+                             per_model=[{"weight": share}] * (len(tensors) - 1),
+                             base_parameters={"weight": share}, name=name)
 
 
 def _spec(mergekit_name: str, name: str) -> MergeMethodSpec:

@@ -105,12 +105,6 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
     method = Method(method) if isinstance(method, str) else method
     if method is not None and not method.is_plain_task_arithmetic:
         problems = method.problems()
-        if method.vectors != "tensor" or method.name in NUMPY_METHODS:
-            what = method.name if method.vectors == "tensor" else \
-                f"{method.name} by {method.vectors}"
-            problems.append(f"{what} merges model folders (merge_checkpoints, merge_models)"
-                            + (", or merge_set_tensors" if method.name in NUMPY_METHODS else "")
-                            + ", not these flat buffers")
         if problems:
             raise ValueError("; ".join(problems))
         if device != "cpu" or backend not in ("auto", "cpu"):
@@ -118,7 +112,8 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                              "statistics passes read host memory); on a GPU, merge checkpoints "
                              "with merge_checkpoints(device='cuda')")
         _merge_with_method(inputs, out_buf, method, name, float(domain_weight),
-                           float(align_weight), threads or default_threads())
+                           float(align_weight), threads or default_threads(),
+                           shapes["base"])
         return out
     kernel = get_kernel(backend, device)
     kernel(inputs["base"], inputs["domain"], inputs["aligned"], out_buf,
@@ -127,18 +122,22 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
 
 
 def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_domain: float,
-                       w_align: float, threads: int) -> None:
-    """One tensor through the method's reduction passes and the recipe kernel."""
+                       w_align: float, threads: int, shape) -> None:
+    """One tensor through the method's reduction passes and the recipe kernel, or window by
+    window in numpy (vector by vector, NUMPY_METHODS) as a merge of model folders does."""
     native = cpu.native()
     b, d, a = inputs["base"], inputs["domain"], inputs["aligned"]
-
-    def windows():  # the whole tensor is one window: it is in memory already
-        yield cpu.operands(b, d, a, out), lambda: None
-
     settings = resolve(method, name, layer_position(name, 0), (w_domain, w_align))
     problems = settings_problems(settings, f"tensor {name}" if name else method.name)
     if problems:
         raise ValueError("; ".join(problems))
+    if settings.by_vectors(shape) or settings.name in NUMPY_METHODS:
+        _merge_in_windows(settings, [b, d, a], out, name, tuple(shape), threads)
+        return
+
+    def windows():  # the whole tensor is one window: it is in memory already
+        yield cpu.operands(b, d, a, out), lambda: None
+
     recipe = tensor_recipe(native, settings, name, out.count, TensorPasses(native, windows,
                                                                            threads))
     cpu.merge_recipe(b, d, a, out, recipe, 0, threads)
@@ -197,7 +196,7 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
     _check_no_partial_overlap(out_buf, dict(zip(labels, buffers)))
     threads = threads or default_threads()
     if method in NUMPY_METHODS:
-        _merge_numpy_method(settings, buffers, out_buf, name, tuple(shapes["base"]), threads)
+        _merge_in_windows(settings, buffers, out_buf, name, tuple(shapes["base"]), threads)
         return out
     native = cpu.native()
 
@@ -224,30 +223,41 @@ class _Resident:
         """Nothing: the caller owns the memory."""
 
 
-def _merge_numpy_method(settings, buffers, out: Buffer, name: str, shape, threads: int) -> None:
-    """A method merged window by window in numpy (methods.NUMPY_METHODS) over in-memory
-    buffers: the same windows, passes and roundings as a merge of model folders."""
+def _merge_in_windows(settings, buffers, out: Buffer, name: str, shape, threads: int) -> None:
+    """A tensor merged window by window in numpy (vector by vector: per_vector.py; a method of
+    NUMPY_METHODS) over in-memory buffers: the windows, passes and roundings of a merge of
+    model folders (engine.py), each merged window rounded into `out` by the kernel."""
     import importlib
     from types import SimpleNamespace
 
     from . import per_vector
     from .stream import Chunk
 
-    method = importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
-    elements = method.window_elements(shape)
+    by_vectors = settings.by_vectors(shape)
+    method = None if by_vectors else \
+        importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
+    elements = per_vector.window_elements(shape, settings.vectors) if by_vectors \
+        else method.window_elements(shape)
     inputs = [_Resident(b.address) for b in buffers]
 
     def windows(placed: bool = False):
         for start in range(0, out.count, elements):
             count = min(elements, out.count - start)
-            yield Chunk(start, count, tuple((x, start * b.dtype.itemsize, count * b.dtype.itemsize)
-                                            for x, b in zip(inputs, buffers)),
-                        tuple(b.dtype for b in buffers), file_offset=0)
+            placed_inputs = tuple((x, start * b.dtype.itemsize, count * b.dtype.itemsize)
+                                  for x, b in zip(inputs, buffers))
+            yield Chunk(start, count, placed_inputs, tuple(b.dtype for b in buffers),
+                        file_offset=0)
 
-    # What the numpy modules read of a tensor: its name, shape, count and model count.
-    tensor = SimpleNamespace(name=name, shape=shape, count=out.count, sources=buffers)
+    if by_vectors:
+        found = per_vector.vector_coefficients(
+            settings, per_vector.vector_sums(settings, shape, windows()))
+        merged = (per_vector.scaled_chunk(settings, shape, found, chunk) for chunk in windows())
+    else:
+        # What the numpy modules read of a tensor: its name, shape, count and model count.
+        tensor = SimpleNamespace(name=name, shape=shape, count=out.count, sources=buffers)
+        merged = method.merge_chunks(settings, tensor, windows)
     recipe = per_vector.merge_recipe(cpu.native())
-    for chunk in method.merge_chunks(settings, tensor, windows):
+    for chunk in merged:
         held = [Buffer(x.address, DType.F32, chunk.count) for x, _, _ in chunk.inputs]
         target = Buffer(out.address + chunk.start * out.dtype.itemsize, out.dtype, chunk.count)
         cpu.merge_recipe(*held, target, recipe, chunk.start, threads)

@@ -258,14 +258,32 @@ def test_bad_parameters_are_one_line_each(tmp_path):
 
 @pytest.mark.parametrize("method", ["sce", "della", "della_linear", "ram", "ramplus_tl",
                                     "arcee_fusion"])
-def test_flat_buffers_are_refused(method):
-    """These merge window by window from model folders; flat buffers are one line, not a
-    merge by another method."""
-    from mergealign_fast import merge_tensors
+def test_flat_buffers_merge_as_model_folders_do(tmp_path, method):
+    """merge_tensors on the trio in memory (as the mergekit backend calls it) gives the bytes
+    of merge_checkpoints, windows of 7 elements included; merge_set_tensors those of
+    merge_models."""
+    from mergealign_fast import merge_set_tensors, merge_tensors
 
-    x = np.zeros(8, np.float32)
-    with pytest.raises(ValueError, match=f"^{method} merges model folders"):
-        merge_tensors(x, x + 1, x + 2, method=Method(method))
+    tensors = _models(tmp_path, 3, seed=9, changed=0.5)["w"]
+    b, d, a, extra = (x.astype(np.float32) for x in tensors)
+    aligned = b if method == "arcee_fusion" else a
+    method_of = Method(method, domain_density=0.5, align_density=0.5) \
+        if method.startswith("della") else Method(method)
+    merge_checkpoints(tmp_path / "m0", tmp_path / "m1",
+                      tmp_path / ("m0" if method == "arcee_fusion" else "m2"), tmp_path / "out",
+                      method=method_of, domain_weight=0.4, align_weight=0.6)
+    merged = merge_tensors(b, d, aligned, method=method_of, domain_weight=0.4,
+                           align_weight=0.6, name="w")
+    written = read_elements(open_checkpoint(tmp_path / "out").tensors["w"])
+    assert merged.tobytes() == written.tobytes()
+    if method == "arcee_fusion":
+        return
+    per_model = {"weight": 0.5, "density": 0.4} if method.startswith("della") else {}
+    _merge_set(tmp_path, tmp_path / "set", 3, method, {}, per_model)
+    merged = merge_set_tensors(b, [d, a, extra], method=method, per_model=[per_model] * 3,
+                               name="w")
+    assert merged.tobytes() == \
+        read_elements(open_checkpoint(tmp_path / "set").tensors["w"]).tobytes()
 
 
 def test_a_della_sweep_is_its_merges(tmp_path):

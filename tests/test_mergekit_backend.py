@@ -149,6 +149,67 @@ models:
   - model: {domain}
 parameters: {{t: 0.001}}
 """,
+    "model_stock-filter-wise": """
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+parameters: {{filter_wise: true}}
+""",
+    "model_stock-three-models": """
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {extra1}
+""",
+    "nuslerp-rows": """
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.7}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+parameters: {{nuslerp_flatten: false}}
+""",
+    "nuslerp-without-base": """
+merge_method: nuslerp
+models:
+  - model: {domain}
+    parameters: {{weight: 0.4}}
+  - model: {aligned}
+    parameters: {{weight: 0.6}}
+""",
+    "multislerp-three-models": """
+merge_method: multislerp
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+  - model: {extra1}
+    parameters: {{weight: 0.2}}
+""",
+    "karcher": """
+merge_method: karcher
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+parameters: {{max_iter: 5, tol: 0.00001}}
+""",
+    "karcher-four-models": """
+merge_method: karcher
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {extra1}
+""",
     "slerp": """
 merge_method: slerp
 base_model: {aligned}

@@ -128,14 +128,31 @@ def test_a_sweep_is_each_merge(tmp_path):
             (one / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("method", [Method("nuslerp", vectors="rows"),
+                                    Method("nuslerp", vectors="columns"),
+                                    Method("model_stock", vectors="rows")])
+def test_flat_buffers_merge_as_model_folders_do(tmp_path, monkeypatch, method):
+    """merge_tensors (in memory, as the mergekit backend calls it) gives the bytes of a
+    checkpoint merge, vector by vector, windows of a few lines included."""
+    monkeypatch.setattr(per_vector, "WINDOW_ELEMENTS", 40)  # windows of 3 rows of 13
+    rng = np.random.default_rng(4)
+    b = rng.standard_normal((9, 13)).astype(np.float32)
+    d, a = ((b + 0.1 * rng.standard_normal(b.shape)).astype(np.float32) for _ in range(2))
+    for label, x in zip("bda", (b, d, a)):
+        write_checkpoint(tmp_path / label, {"w": x})
+    merge_checkpoints(tmp_path / "b", tmp_path / "d", tmp_path / "a", tmp_path / "out",
+                      method=method, domain_weight=0.3, align_weight=0.7)
+    loc = open_checkpoint(tmp_path / "out").tensors["w"]
+    merged = merge_tensors(b, d, a, method=method, domain_weight=0.3, align_weight=0.7,
+                           name="w")
+    assert merged.tobytes() == read_elements(loc).tobytes()
+
+
 def test_what_cannot_run_vector_by_vector_is_refused(tmp_path):
     _trio(tmp_path, (4, 8), DType.F32, 9)
     assert Method("ties", vectors="rows").problems() == [
         "ties: vectors 'rows': it takes tensor"]
     assert "takes tensor, rows" in Method("model_stock", vectors="columns").problems()[0]
-    with pytest.raises(ValueError, match="merges model folders"):
-        x = np.zeros(8, np.float32)
-        merge_tensors(x, x, x, method=Method("nuslerp", vectors="rows"))
     with pytest.raises(PlanError, match="runs on the CPU path"):
         merge_checkpoints(tmp_path / "b", tmp_path / "d", tmp_path / "a", tmp_path / "o",
                           method=Method("nuslerp", vectors="rows"), device="cuda")
