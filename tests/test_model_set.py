@@ -382,8 +382,10 @@ def test_merge_set_tensors_refuses_in_one_line():
     from mergealign_fast import merge_set_tensors
 
     x = np.zeros(6, np.float32)
-    with pytest.raises(ValueError, match="merges by task_arithmetic, .*got 'sce'"):
-        merge_set_tensors(x, [x, x, x], method="sce")
+    with pytest.raises(ValueError, match="merges by task_arithmetic, .*got 'slerp'"):
+        merge_set_tensors(x, [x, x, x], method="slerp")
+    with pytest.raises(ValueError, match="arcee_fusion merges a base and one model"):
+        merge_set_tensors(x, [x, x], method="arcee_fusion")
     with pytest.raises(ValueError, match="shapes differ"):
         merge_set_tensors(x, [x, np.zeros(5, np.float32)])
     with pytest.raises(ValueError, match="no weight for model 2"):
