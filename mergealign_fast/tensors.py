@@ -73,9 +73,10 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
                   name: str = "") -> Any:
     """out = base + domain_weight*(domain - base) + align_weight*(aligned - base), in one pass.
 
-    `method` (a methods.Method or its name) runs another merge method on the native CPU kernel
-    instead, the weights being its w_d and w_a; `name` is the tensor's name, which keys DARE's
-    random mask (the same name and seed give the same mask as a checkpoint merge).
+    `method` (a methods.Method or its name) runs another merge method on the CPU instead (the
+    native kernel, or window by window as a checkpoint merge runs it), the weights being its
+    w_d and w_a; `name` is the tensor's name, which keys DARE's and DELLA's random masks (the
+    same name and seed give the same masks as a checkpoint merge).
 
     Inputs are numpy arrays (float32/float16, bf16 as uint16 bits) or torch tensors
     (float32/float16/bfloat16) of one shape, all on the CPU or all on one CUDA device; their
@@ -149,9 +150,10 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                       base_parameters: Optional[Dict[str, object]] = None, out: Any = None,
                       out_dtype: Any = None, threads: Optional[int] = None,
                       name: str = "", roles: Optional[Sequence[str]] = None) -> Any:
-    """One tensor of a base and any number of models (1 to 32) through a model-set method of
-    the native CPU kernel (methods.SET_METHODS merged by a native recipe), in memory: what
-    merge_models does to each tensor of model folders, bit for bit.
+    """One tensor of a base and any number of models (1 to 32) in memory, by a model-set
+    method (methods.SET_METHODS: a native recipe, or window by window in numpy) or
+    arcee_fusion (one model): what merge_models does to each tensor of model folders, bit for
+    bit.
 
     `parameters` are the shared ones (lambda, normalize, rescale, seed, ...), `per_model` one
     mapping per model (weight, density, gamma), `base_parameters` the base's (linear and
