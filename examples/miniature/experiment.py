@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergealign_fast import Method, merge_checkpoints
+from mergealign_fast.methods import Rule
 from mergealign_fast.evaluation.evaluate import EvalSettings, Evaluator
 from mergealign_fast.evaluation.stats import difference, wilson
 from mergealign_fast.evaluation.tune import tune
@@ -32,6 +33,15 @@ from .world import Clinic, clinic_chat_prompts, write_evaluation_files
 LAMBDAS = [round(0.1 * i, 1) for i in range(11)]
 MAX_NEW_TOKENS = 12  # a refusal or an answer fits in 8 words
 BOOTSTRAP_ROUNDS = 2000
+
+
+def _aligned_weights(weight: float, left_out) -> Method:
+    """Task arithmetic whose alignment vector leaves out the tensors named in `left_out` (the
+    vocabulary rows: per tensor, τ_a's embeddings cost the expert most of its clinic margin)."""
+    return Method(rules=(Rule("weight", "aligned",
+                              tuple((name, 0.0) for name in sorted(left_out)) + ((None, weight),)),))
+
+
 # Merges beside the λ sweep: (method, setting, Method, w_d, w_a).
 OTHER_MERGES = (
     [("expert + alignment vector", f"w_a={w}", Method(), 1.0, w) for w in (0.25, 0.5, 0.75, 1.0)]
@@ -41,7 +51,11 @@ OTHER_MERGES = (
        for d in (0.5, 0.2)]
     + [("DARE-TIES", "density=0.5",
         Method("dare_ties", domain_density=0.5, align_density=0.5), 1.0, 1.0)]
-    + [("ChipAlign", f"t={t}", Method("chipalign", t=t), 0.5, 0.5) for t in (0.5, 0.75)])
+    + [("ChipAlign", f"t={t}", Method("chipalign", t=t), 0.5, 0.5) for t in (0.5, 0.75)]
+    + [("expert + τ_a, no embedding rows", f"w_a={w}", _aligned_weights(w, {"embed_tokens"}),
+        1.0, w) for w in (1.0, 1.25)]
+    + [("expert + τ_a, no embedding or head rows", f"w_a={w}",
+        _aligned_weights(w, {"embed_tokens", "lm_head"}), 1.0, w) for w in (1.0, 1.25)])
 
 
 @dataclass(frozen=True)
@@ -173,7 +187,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     for r in line:
         ax.annotate(r.setting.replace("λ=", ""), (r.auc, r.domain), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
-    styles = {"expert + alignment vector": "s", "SLERP": "^", "TIES": "v", "DARE-TIES": "<",
+    styles = {"expert + alignment vector": "s", "expert + τ_a, no embedding rows": "*",
+              "expert + τ_a, no embedding or head rows": "h", "SLERP": "^", "TIES": "v",
+              "DARE-TIES": "<",
               "ChipAlign": ">", "base": "x", "domain expert": "D", "aligned": "P"}
     for method, marker in styles.items():
         group = [r for r in rows if r.method == method]
