@@ -13,7 +13,10 @@ from pathlib import Path
 
 from mergealign_fast import MergeError
 
-TRAINED_FOLDER = "miniature-v2"
+# The cache of the trained trio and its results; a new name whenever the experiment changes (v3:
+# per-tensor merges added, and v2's trio was trained on an earlier world), so a cache never
+# shows an older experiment's table.
+TRAINED_FOLDER = "miniature-v3"
 SHOWN = {"harmful": 2, "benign": 2}  # answers shown per prompt set
 
 
