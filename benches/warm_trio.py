@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cold_trio import (inputs_of, ours, read_and_write_floor, read_floor,  # noqa: E402
-                       timed_child, write_floor)
+                       write_floor)
 from conftest import drop_file, machine_line  # noqa: E402
 
 from mergealign_fast.demo import default_cache_dir  # noqa: E402

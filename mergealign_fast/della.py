@@ -24,13 +24,13 @@ computes each window in fp32, and the kernel rounds it to the output dtype once.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
 from .kernels import cpu
 from .methods import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, TensorSettings, stream_key
-from .per_vector import WINDOW_ELEMENTS, decoded, quiet, result_chunk, workspace
+from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
 from .stream import Chunk
 
 # The most bytes of packed masks held between a tensor's rescale and merge passes (a bit an
@@ -91,15 +91,6 @@ def kept(s: TensorSettings, tensor_name: str, shape: Sequence[int], m: int, star
     return draws < thresholds
 
 
-def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """The window's base and τ_m in fp32, in the workspace: valid until the next window."""
-    base, *models = decoded(chunk)
-    with quiet():
-        return base, [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count,
-                                                                np.float32))
-                      for m, x in enumerate(models)]
-
-
 class Masks:
     """Each window's keep masks: computed, and with `keep` on held packed (a bit an element)
     for the next pass over the same windows when the tensor's masks take at most
@@ -130,7 +121,7 @@ def rescale_factors(s: TensorSettings, tensor, windows, masks: Masks) -> np.ndar
         return factors
     before, after = np.zeros(models), np.zeros(models)
     for chunk in windows():
-        _, taus = _window(chunk)
+        _, taus = task_vectors(chunk)
         for m in dropping:
             magnitude = np.abs(taus[m], dtype=np.float64)
             keep = masks(m, chunk.start, taus[m], keep=True)
@@ -146,7 +137,7 @@ def rescale_factors(s: TensorSettings, tensor, windows, masks: Masks) -> np.ndar
 def merged_chunk(s: TensorSettings, masks: Masks, factors: np.ndarray, chunk: Chunk) -> Chunk:
     """The chunk holding the merged window (per_vector.result_chunk)."""
     f32, count = np.float32, chunk.count
-    base, taus = _window(chunk)
+    base, taus = task_vectors(chunk)
     terms = [workspace.get(f"term{m}", count, f32) for m in range(len(taus))]
     total, divisor = (workspace.get(name, count, f32) for name in ("total", "divisor"))
     with quiet():

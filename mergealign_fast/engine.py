@@ -23,8 +23,8 @@ from .io.checkpoint import TensorLocation
 from .kernels import cpu
 from .kernels.cpu import default_threads
 from .manifest import nonfinite_counts, read_manifest, verify_output
-from .methods import (NUMPY_METHODS, SetPasses, TensorPasses, set_method, set_recipe,
-                      tensor_recipe)
+from .methods import (NUMPY_METHODS, SetPasses, TensorPasses, numpy_method, set_method,
+                      set_recipe, tensor_recipe)
 from .output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
                      publish, settle_leftover_partial)
 from .plan import SET_ROLE, MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge, \
@@ -184,8 +184,6 @@ def _write_numpy_method(targets: Sequence[ShardFile], tensor: PlannedTensor, fil
     """A tensor merged window by window in numpy (methods.NUMPY_METHODS: sce.py, della.py,
     ram.py, fusion.py): the method's passes, then the merged windows, rounded and written by
     the writer's kernel.  The plans of a sweep that resolve to the same settings share them."""
-    import importlib
-
     from . import per_vector  # numpy: not loaded by merges that do not need it
 
     alike: Dict[object, List[ShardFile]] = {}
@@ -193,7 +191,7 @@ def _write_numpy_method(targets: Sequence[ShardFile], tensor: PlannedTensor, fil
         alike.setdefault(plan.settings[tensor.name], []).append(target)
     recipe = per_vector.merge_recipe(cpu.native())
     for settings, group in alike.items():
-        method = importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
+        method = numpy_method(settings.name)
         elements = method.window_elements(tensor.shape)
         with _NumpyWindows(tensor, file_offset, plans, maps, elements) as windows:
             for chunk in method.merge_chunks(settings, tensor, windows):

@@ -157,6 +157,15 @@ METHODS: Dict[str, MethodInfo] = {
 # of each (a module with window_elements and merge_chunks).
 NUMPY_METHODS = {"sce": "sce", "della": "della", "della_linear": "della", "ram": "ram",
                  "ramplus_tl": "ram", "arcee_fusion": "fusion"}
+
+
+def numpy_method(name: str):
+    """The module that merges a NUMPY_METHODS method (numpy: imported on first use)."""
+    import importlib
+
+    return importlib.import_module(f".{NUMPY_METHODS[name]}", __package__)
+
+
 # Parameters set per model for these methods only (ram's epsilon is shared, as in mergekit).
 PER_MODEL_FOR = {"epsilon": ("della", "della_linear")}
 # RAM+'s defaults (mergekit's): r scales the unshared elements by up to r·α.

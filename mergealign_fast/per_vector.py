@@ -106,6 +106,16 @@ def decoded(chunk: Chunk, first: Optional[int] = None) -> List[np.ndarray]:
     return values
 
 
+def task_vectors(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """The window's base and τ_m = fp32(model_m - base) (rounded once, as the kernel rounds
+    it), in the workspace: valid until the next window."""
+    base, *models = decoded(chunk)
+    with quiet():
+        return base, [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count,
+                                                                np.float32))
+                      for m, x in enumerate(models)]
+
+
 def _cast(x: np.ndarray, input_cast: int) -> np.ndarray:
     if input_cast == int(DType.BF16):
         x[:] = bf16_bits_to_f32(f32_to_bf16_bits(x))

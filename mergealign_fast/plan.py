@@ -634,7 +634,7 @@ def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]
 
 
 def _numpy_window_problems(options: MergeOptions, is_set: bool) -> List[str]:
-    """What a merge window by window in numpy (per_vector.py, sce.py) cannot be given."""
+    """What a merge window by window in numpy (per_vector.py, NUMPY_METHODS) cannot be given."""
     name, vectors = options.method.name, options.method.vectors
     what = name if vectors == "tensor" else f"{name} by {vectors}"
     problems = []

@@ -22,7 +22,7 @@ from typing import Iterator, List, Sequence, Tuple
 import numpy as np
 
 from .methods import TensorSettings
-from .per_vector import WINDOW_ELEMENTS, decoded, quiet, result_chunk, workspace
+from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
 from .stream import Chunk
 
 
@@ -33,16 +33,14 @@ def window_elements(shape: Sequence[int]) -> int:
 def _counting(chunk: Chunk, epsilon: float) -> Tuple[np.ndarray, List[np.ndarray],
                                                       List[np.ndarray], np.ndarray]:
     """The window's base, τ_m (fp32), where each counts, and how many count per element."""
-    base, *models = decoded(chunk)
-    taus, counts = [], []
+    base, taus = task_vectors(chunk)
     contributors = workspace.get("contributors", chunk.count, np.int32)
     contributors[:] = 0
+    counts = []
     with quiet():
-        for m, x in enumerate(models):
-            tau = np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count, np.float32))
+        for tau in taus:
             counting = np.abs(tau) > np.float32(epsilon)
             contributors += counting
-            taus.append(tau)
             counts.append(counting)
     return base, taus, counts, contributors
 

@@ -22,13 +22,13 @@ the output dtype once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Sequence
 
 import numpy as np
 
 from .methods import TensorSettings
 from .order_stats import OrderStatistics
-from .per_vector import decoded, quiet, result_chunk, workspace
+from .per_vector import quiet, result_chunk, task_vectors, workspace
 from .stream import Chunk
 
 SCE_WEIGHT_EPS = 1e-6  # mergekit's: weights summing below it are uniform
@@ -47,18 +47,8 @@ class Selection:
     ties: int = 0
 
 
-def _window(chunk: Chunk) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """The window's base and τ_m in fp32 (x - b rounded once, as the kernel rounds it), in
-    the workspace: valid until the next window."""
-    base, *models = decoded(chunk)
-    with quiet():
-        return base, [np.subtract(x, base, out=workspace.get(f"tau{m}", chunk.count,
-                                                                np.float32))
-                      for m, x in enumerate(models)]
-
-
 def _task_vectors(chunk: Chunk) -> List[np.ndarray]:
-    return _window(chunk)[1]
+    return task_vectors(chunk)[1]
 
 
 def _variance_bits(taus: List[np.ndarray]) -> np.ndarray:
@@ -144,7 +134,7 @@ def weights(selection: Selection, windows, model_count: int, count: int) -> np.n
 def merged_chunk(mask: Mask, w: np.ndarray, chunk: Chunk) -> Chunk:
     """The chunk holding the merged window (per_vector.result_chunk)."""
     f32, count = np.float32, chunk.count
-    base, taus = _window(chunk)
+    base, taus = task_vectors(chunk)
     merged = workspace.get("merged", count, f32)
     np.copyto(merged, base)
     keep = mask(taus)

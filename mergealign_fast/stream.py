@@ -176,6 +176,16 @@ class Chunk:
             mapped.release(offset, length)
 
 
+class ResidentInput:
+    """A chunk input that is the caller's memory (merge_tensors' buffers): nothing to release."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def release(self, offset: int, length: int) -> None:
+        """Nothing: the caller owns the memory."""
+
+
 class HeldInput:
     """A chunk input in memory of its own (rows gathered by token, inputs scaled or merged in
     numpy): an address, a dtype, a byte count, and a release that drops, once, the source

@@ -12,8 +12,8 @@ from .kernels import cpu, get_kernel
 from .kernels.buffer import Buffer
 from .kernels.cpu import default_threads
 from .methods import (NUMPY_METHODS, SET_METHODS, Method, SetPasses, TensorPasses, check_weights,
-                      layer_position, resolve, set_method, set_recipe, settings_problems,
-                      tensor_recipe)
+                      layer_position, numpy_method, resolve, set_method, set_recipe,
+                      settings_problems, tensor_recipe)
 
 
 def _is_torch(x: Any) -> bool:
@@ -215,32 +215,20 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
     return out
 
 
-class _Resident:
-    """A chunk input already in memory (merge_set_tensors' buffers): nothing to release."""
-
-    def __init__(self, address: int):
-        self.address = address
-
-    def release(self, offset: int, length: int) -> None:
-        """Nothing: the caller owns the memory."""
-
-
 def _merge_in_windows(settings, buffers, out: Buffer, name: str, shape, threads: int) -> None:
     """A tensor merged window by window in numpy (vector by vector: per_vector.py; a method of
     NUMPY_METHODS) over in-memory buffers: the windows, passes and roundings of a merge of
     model folders (engine.py), each merged window rounded into `out` by the kernel."""
-    import importlib
     from types import SimpleNamespace
 
     from . import per_vector
-    from .stream import Chunk
+    from .stream import Chunk, ResidentInput
 
     by_vectors = settings.by_vectors(shape)
-    method = None if by_vectors else \
-        importlib.import_module(f".{NUMPY_METHODS[settings.name]}", __package__)
+    method = None if by_vectors else numpy_method(settings.name)
     elements = per_vector.window_elements(shape, settings.vectors) if by_vectors \
         else method.window_elements(shape)
-    inputs = [_Resident(b.address) for b in buffers]
+    inputs = [ResidentInput(b.address) for b in buffers]
 
     def windows(placed: bool = False):
         for start in range(0, out.count, elements):
