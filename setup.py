@@ -36,7 +36,8 @@ OPT_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/tiles.h", "csrc/direct_path.h", "csrc/parallel.h",
            "csrc/cpu_merge.h", "csrc/reductions.h", "csrc/crc32c.h", "csrc/mapped_file.h",
            "csrc/cuda_merge.h", "csrc/operands_from_python.h", "csrc/read_ahead.h",
-           "csrc/write_behind.h", "csrc/model_set.h"]
+           "csrc/write_behind.h", "csrc/model_set.h", "csrc/host_pipeline.h",
+           "csrc/file_write.h"]
 
 
 def find_cuda_home():
@@ -113,7 +114,7 @@ native = Pybind11Extension(
     ["csrc/bindings.cpp", "csrc/cpu_merge.cpp", "csrc/direct_path.cpp", "csrc/model_set.cpp",
      "csrc/reductions.cpp", "csrc/parallel.cpp",
      "csrc/crc32c.cpp", "csrc/mapped_file.cpp", "csrc/read_ahead.cpp",
-     "csrc/write_behind.cpp"],
+     "csrc/write_behind.cpp", "csrc/host_pipeline.cpp"],
     include_dirs=["csrc"],
     extra_compile_args=COMMON_FLAGS + OPT_FLAGS,
     extra_link_args=["-pthread"],

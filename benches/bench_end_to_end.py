@@ -125,6 +125,40 @@ def test_mergealign_fast(benchmark, trio_1b, inputs, tmp_path, fsync):
            **ratios)
 
 
+HOST_PIPELINE_SECTION = ("GPU writer's host pipeline with the CPU standing in for the GPU, "
+                         "1.1B trio, --no-fsync, seconds of the merge alone (torch imported "
+                         "first), settled page cache, medians")
+
+
+@pytest.mark.parametrize("writer", ["cpu", "pipeline"])
+def test_gpu_host_pipeline_on_the_cpu(benchmark, trio_1b, inputs, tmp_path, writer):
+    """The GPU writer's host pipeline (fill threads, the cpu kernel, writer thread) against the
+    plain CPU writer, each in a child process timed from inside (target: within 1.3x)."""
+    out = tmp_path / "out"
+    script = Path(__file__).with_name("host_pipeline_run.py")
+    cmd = [sys.executable, str(script), str(trio_1b["base"]), str(trio_1b["domain"]),
+           str(trio_1b["aligned"]), str(out), "--writer", writer]
+    printed = []
+
+    def once():
+        printed.append(subprocess.run(cmd, capture_output=True, text=True,
+                                      check=True).stdout.strip())
+
+    def setup():
+        drop_file(out)
+        settle_page_cache(inputs)
+
+    benchmark.pedantic(once, setup=setup, rounds=ROUNDS_FAST, warmup_rounds=1)
+    seconds = float(np.median([float(p.split(" s")[0]) for p in printed]))
+    RESULTS[f"host pipeline {writer}"] = seconds
+    benchmark.extra_info.update(merge_s=seconds, runs=printed)
+    plain = RESULTS.get("host pipeline cpu")
+    record(HOST_PIPELINE_SECTION, "plain CPU writer" if writer == "cpu" else
+           "GPU writer, CPU standing in", merge=f"{seconds:.2f}s",
+           **({"x_cpu_writer": f"{seconds / plain:.2f}"} if writer != "cpu" and plain else {}),
+           last_run=printed[-1])
+
+
 def test_naive_torch(benchmark, trio_1b, inputs, tmp_path):
     out = tmp_path / "out"
     script = Path(__file__).with_name("naive_torch_merge.py")

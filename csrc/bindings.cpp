@@ -9,12 +9,14 @@
 #include <fcntl.h>
 
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "cpu_merge.h"
 #include "direct_path.h"
 #include "reductions.h"
 #include "crc32c.h"
+#include "host_pipeline.h"
 #include "mapped_file.h"
 #include "read_ahead.h"
 #include "write_behind.h"
@@ -414,11 +416,8 @@ PYBIND11_MODULE(_native, m) {
       "copy_guarded",
       [](uintptr_t dst, uintptr_t src, int64_t bytes) {
         py::gil_scoped_release no_gil;
-        auto copy = [&]() __attribute__((noinline)) {
-          std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
-                      size_t(bytes));
-        };
-        return run_guarded(copy) ? 0 : EFAULT;
+        return copy_guarded(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                            bytes);
       },
       py::arg("dst"), py::arg("src"), py::arg("bytes"),
       "memcpy from a mapped input with the kernel's SIGBUS guard: 0, or EFAULT when an input "
@@ -458,6 +457,51 @@ PYBIND11_MODULE(_native, m) {
       .def("submit", &WriteBehind::submit, py::arg("fd"), py::arg("offset"), py::arg("length"))
       .def("drain", &WriteBehind::drain, py::call_guard<py::gil_scoped_release>())
       .def("stop", &WriteBehind::stop, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<HostBuffer>(m, "HostBuffer")
+      .def(py::init<int64_t>(), py::arg("bytes"))
+      .def_property_readonly("address", &HostBuffer::address)
+      .def_property_readonly("size", &HostBuffer::size)
+      .def("release", &HostBuffer::release);
+  m.def(
+      "fill_staging",
+      [](const std::vector<std::tuple<uintptr_t, uintptr_t, int64_t, int, int64_t>>& pieces,
+         int threads) {
+        std::vector<StagePiece> native_pieces;
+        for (const auto& [src, dst, bytes, fd, offset] : pieces) {
+          native_pieces.push_back({src, dst, bytes, fd, offset});
+        }
+        py::gil_scoped_release no_gil;
+        return fill_staging(native_pieces, threads);
+      },
+      py::arg("pieces"), py::arg("threads"),
+      "Copy (src, dst, bytes, fd, file_offset) pieces on `threads` threads: pread from fd when "
+      "fd >= 0, else memory at src with the input fault guard.  0, EFAULT when an input ended "
+      "early or a page vanished, or a read's errno.");
+  py::class_<StagedWriter>(m, "StagedWriter")
+      .def(py::init<>())
+      .def(
+          "submit",
+          [](StagedWriter& w, int fd, int64_t file_offset, uintptr_t data, int64_t count,
+             int dtype, int64_t delay_us) {
+            check_dtype(dtype);
+            return w.submit({fd, file_offset, data, count, dtype, delay_us});
+          },
+          py::arg("fd"), py::arg("file_offset"), py::arg("data"), py::arg("count"),
+          py::arg("dtype"), py::arg("delay_us") = 0)
+      .def(
+          "wait",
+          [](StagedWriter& w, int64_t ticket) {
+            StagedWriter::Done done;
+            {
+              py::gil_scoped_release no_gil;
+              done = w.wait(ticket);
+            }
+            return py::make_tuple(done.error, done.crc, done.nonfinite);
+          },
+          py::arg("ticket"), "(errno or 0, CRC-32C, NaN/inf count) of a submitted job.")
+      .def("stop", &StagedWriter::stop, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("busy_seconds", &StagedWriter::busy_seconds);
 
   py::class_<ReadAhead::Range>(m, "ReadAheadRange")
       .def(py::init([](int file, int64_t offset, int64_t length, int64_t position) {

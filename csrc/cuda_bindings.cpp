@@ -16,24 +16,36 @@ PYBIND11_MODULE(_cuda, m) {
   // Operands and Recipe are the types of mergealign_fast._native, which must be imported first.
   m.def(
       "merge_recipe",
-      [](const MergeOperands& ops, uintptr_t out, const Recipe& recipe, uintptr_t stream) {
+      [](const MergeOperands& ops, uintptr_t out, const Recipe& recipe, uintptr_t stream,
+         int device) {
         py::gil_scoped_release no_gil;
-        return merge_recipe_cuda(ops, recipe, reinterpret_cast<unsigned char*>(out), stream);
+        return merge_recipe_cuda(ops, recipe, reinterpret_cast<unsigned char*>(out), stream,
+                                 device);
       },
-      py::arg("ops"), py::arg("out"), py::arg("recipe"), py::arg("stream"),
-      "Enqueue a merge method's Recipe on a CUDA stream; returns a cudaError_t value "
-      "(0 = launched).");
+      py::arg("ops"), py::arg("out"), py::arg("recipe"), py::arg("stream"), py::arg("device") = -1,
+      "Enqueue a merge method's Recipe on a CUDA stream of `device` (-1: the current one); "
+      "returns a cudaError_t value (0 = launched).");
 
   m.def(
       "merge",
       [](const MergeOperands& ops, uintptr_t out, double w_domain, double w_align,
-         uintptr_t stream) {
+         uintptr_t stream, int device) {
         const MergeOperands weighted = with_weights(ops, w_domain, w_align);
         py::gil_scoped_release no_gil;
-        return merge_cuda(weighted, reinterpret_cast<unsigned char*>(out), stream);
+        return merge_cuda(weighted, reinterpret_cast<unsigned char*>(out), stream, device);
       },
       py::arg("ops"), py::arg("out"), py::arg("w_domain"), py::arg("w_align"), py::arg("stream"),
-      "Enqueue the fused merge on a CUDA stream; returns a cudaError_t value (0 = launched).");
+      py::arg("device") = -1,
+      "Enqueue the fused merge on a CUDA stream of `device`; returns a cudaError_t value "
+      "(0 = launched).");
+  m.def("copy_async", &cuda_copy_async, py::arg("dst"), py::arg("src"), py::arg("bytes"),
+        py::arg("stream"), py::arg("device") = -1, py::call_guard<py::gil_scoped_release>(),
+        "cudaMemcpyAsync (kind Default) on a stream; returns a cudaError_t value.");
+  m.def("host_register", &cuda_host_register, py::arg("address"), py::arg("bytes"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Page-lock host memory for DMA (cudaHostRegister, portable); a cudaError_t value.");
+  m.def("host_unregister", &cuda_host_unregister, py::arg("address"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("device_count", [] {
     int count = 0;
     const int err = cuda_device_count(&count);

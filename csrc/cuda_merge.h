@@ -10,13 +10,22 @@
 namespace mergealign {
 
 // Enqueue out[i] = merge_one(...) for i < ops.count on `stream` (a cudaStream_t as an integer;
-// 0 is the legacy default stream).  All pointers are device pointers of any alignment.  Returns
+// 0 is the legacy default stream) of GPU `device` (made current for the launch and then put
+// back; -1: the current device).  All pointers are device pointers of any alignment.  Returns
 // a cudaError_t value: 0 when the launch was accepted.
-int merge_cuda(const MergeOperands& ops, unsigned char* out, uintptr_t stream);
+int merge_cuda(const MergeOperands& ops, unsigned char* out, uintptr_t stream, int device);
 
 // The same for any merge method's recipe; ops.first_index keys the random masks.
 int merge_recipe_cuda(const MergeOperands& ops, const Recipe& recipe, unsigned char* out,
-                      uintptr_t stream);
+                      uintptr_t stream, int device);
+
+// cudaMemcpyAsync of `bytes` between any two addresses (host staging registered with
+// cuda_host_register, device memory) on `stream` of `device`; a cudaError_t value.
+int cuda_copy_async(uintptr_t dst, uintptr_t src, int64_t bytes, uintptr_t stream, int device);
+
+// cudaHostRegister / cudaHostUnregister of host memory (page-locked for DMA at its exact size).
+int cuda_host_register(uintptr_t address, int64_t bytes);
+int cuda_host_unregister(uintptr_t address);
 
 // cudaGetDeviceCount; returns a cudaError_t value (no driver or no device is not a crash).
 int cuda_device_count(int* count);

@@ -86,11 +86,8 @@ struct Bf16 {
     v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(int(0xffff0000u))));
   }
   // f32_to_bf16 on 8 lanes, the result in the high half of each 32-bit lane (the low half is
-  // left over): round to nearest even.  Its NaN rule needs no code here: on this path the inputs
-  // are bf16, so a NaN result is an input NaN (low 16 bits zero) or x86's default NaN 0xffc00000,
-  // quieted by setting bit 22, which is the bf16 quiet bit; adding 0x7fff to zero low bits cannot
-  // carry, so the rounding keeps exactly the sign, exponent, payload and quiet bit f32_to_bf16
-  // keeps.  (The bit-for-bit test feeds every NaN payload and sign.)
+  // left over): round to nearest even.  NaN lanes arrive canonical (merge8 makes them
+  // 0x7fc00000), and 0x7fc00000 + 0x7fff cannot carry: the high half is the canonical 0x7fc0.
   static __m256i round8_high(__m256 v) {
     const __m256i x = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
@@ -138,11 +135,12 @@ struct F32 {
   }
 };
 
-// merge_one on 8 lanes, in its order: (base + w_d (domain - base)) + w_a (aligned - base).
+// merge_one on 8 lanes, in its order: (base + w_d (domain - base)) + w_a (aligned - base), a
+// NaN made the canonical NaN every store writes (merge_math.h).
 inline __m256 merge8(__m256 b, __m256 d, __m256 a, __m256 wd, __m256 wa) {
   const __m256 domain_step = _mm256_mul_ps(wd, _mm256_sub_ps(d, b));
   const __m256 align_step = _mm256_mul_ps(wa, _mm256_sub_ps(a, b));
-  return _mm256_add_ps(_mm256_add_ps(b, domain_step), align_step);
+  return canonical_nan8(_mm256_add_ps(_mm256_add_ps(b, domain_step), align_step));
 }
 
 // Lanes that are NaN or at least `limit` in magnitude (they store as NaN or ±inf).

@@ -48,16 +48,28 @@ MA_HD float bits_float(uint32_t u) {
 
 MA_HD float bf16_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
+// ---- NaN ------------------------------------------------------------------------------------
+// Every NaN a merge stores is one canonical quiet NaN per dtype: 0x7fc00000 (fp32), 0x7fc0
+// (bf16), 0x7e00 (fp16).  Hardware disagrees otherwise: x86 keeps the sign and payload of an
+// operand NaN and makes inf - inf the negative 0xffc00000 (bf16 0xffc0), NVIDIA GPUs make every
+// NaN result 0x7fffffff, and bf16 conversions on a GPU give 0x7fff.  One pattern makes "the same
+// bits on every backend" hold for NaN results too.
+constexpr uint32_t kCanonicalNanF32 = 0x7fc00000u;
+constexpr uint16_t kCanonicalNanBf16 = 0x7fc0u;
+constexpr uint16_t kCanonicalNanF16 = 0x7e00u;
+
+MA_HD bool is_nan_bits(uint32_t x) { return (x & 0x7fffffffu) > 0x7f800000u; }
+
+MA_HD float canonical_nan(float f) {
+  return is_nan_bits(float_bits(f)) ? bits_float(kCanonicalNanF32) : f;
+}
+
 MA_HD uint16_t f32_to_bf16(float f) {
   const uint32_t x = float_bits(f);
   // Round to nearest even: add 0x7fff plus the lowest kept bit, then truncate.  Values above the
   // largest bf16 carry into the exponent and become inf, as IEEE rounding requires.
   const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-  // A NaN must stay a NaN even when its payload lives only in the dropped 16 bits: keep the sign
-  // and exponent and force the quiet bit.
-  const uint32_t quiet_nan = (x >> 16) | 0x0040u;
-  const bool is_nan = (x & 0x7fffffffu) > 0x7f800000u;
-  return uint16_t(is_nan ? quiet_nan : rounded);
+  return uint16_t(is_nan_bits(x) ? kCanonicalNanBf16 : rounded);
 }
 
 // ---- IEEE half ------------------------------------------------------------------------------
@@ -100,8 +112,7 @@ MA_HD uint16_t f32_to_f16(float f) {
   const bool overflows = ax >= 0x477ff000u;
   uint32_t h = select_u32(ax < 0x38800000u, subnormal, normal);
   h = select_u32(overflows, 0x7c00u, h);
-  h = select_u32(is_nan, 0x7e00u | ((ax >> 13) & 0x3ffu), h);
-  return uint16_t(sign | h);
+  return uint16_t(select_u32(is_nan, kCanonicalNanF16, sign | h));
 }
 
 // ---- loads and stores by dtype --------------------------------------------------------------
@@ -121,8 +132,10 @@ MA_HD float load_as_f32(const unsigned char* p, int64_t i, int dtype) {
   return dtype == kBF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
+// Rounded once to `dtype`, a NaN stored as the dtype's canonical NaN.
 MA_HD void store_from_f32(unsigned char* p, int64_t i, int dtype, float v) {
   if (dtype == kF32) {
+    v = canonical_nan(v);
     memcpy(p + 4 * i, &v, 4);
     return;
   }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -65,6 +66,12 @@ bool run_guarded(const Work& work) {
   work();
   t_input_fault = nullptr;
   return true;
+}
+
+// memcpy from a mapped input: 0, or EFAULT when one of its pages vanished.
+inline int copy_guarded(void* dst, const void* src, int64_t bytes) {
+  auto copy = [&]() __attribute__((noinline)) { std::memcpy(dst, src, size_t(bytes)); };
+  return run_guarded(copy) ? 0 : EFAULT;
 }
 
 // parallel_slices for passes that only read the inputs: a thread whose input pages vanish

@@ -60,11 +60,19 @@ inline __attribute__((target("avx2,f16c"))) void load_half_tile_f16c(
   for (; i < count; ++i) dst[i] = load_as_f32(src, i, kF16);
 }
 
+// NaN lanes replaced by the canonical NaN (merge_math.h): F16C and the bf16 rounding keep an
+// operand NaN's sign and payload, and a canonical fp32 NaN converts to the canonical bf16/fp16.
+inline __attribute__((target("avx2,f16c"))) __m256 canonical_nan8(__m256 v) {
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(int(kCanonicalNanF32)));
+  return _mm256_blendv_ps(v, nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 inline __attribute__((target("avx2,f16c"))) void store_half_tile_f16c(
     unsigned char* dst, int64_t count, const float* src) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_load_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    const __m128i h = _mm256_cvtps_ph(canonical_nan8(_mm256_load_ps(src + i)),
+                                      _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), h);
   }
   for (; i < count; ++i) store_from_f32(dst, i, kF16, src[i]);

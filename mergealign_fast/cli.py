@@ -184,7 +184,9 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N to merge "
                    "on a GPU, streaming through a fixed device-memory budget")
     p.add_argument("--gpu-memory", default="2GiB", metavar="SIZE",
-                   help="device memory the GPU merge may use (default 2GiB)")
+                   help="device memory the GPU merge may use, and at most as much pinned "
+                   "host memory (default 2GiB; staging is capped at 4 x 64 MiB and at the "
+                   "largest tensor)")
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
                    help="GPU kernel (default auto: cuda, then triton)")
 

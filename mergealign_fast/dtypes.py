@@ -136,14 +136,16 @@ def bf16_bits_to_f32(bits: Any) -> Any:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+# The one NaN a merge stores per dtype (csrc/merge_math.h says why): raw bits.
+CANONICAL_NAN_BITS = {DType.F32: 0x7FC00000, DType.BF16: 0x7FC0, DType.F16: 0x7E00}
+
+
 def f32_to_bf16_bits(values: Any) -> Any:
-    """float32 -> bf16 bit patterns (uint16 numpy array), round-to-nearest-even, NaN kept NaN:
-    the rounding of csrc/merge_math.h."""
+    """float32 -> bf16 bit patterns (uint16 numpy array), round-to-nearest-even, NaN as the
+    canonical bf16 NaN: the rounding of csrc/merge_math.h."""
     import numpy as np
 
     x = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = ((x + np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        rounded[nan] = ((x[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+    rounded[np.isnan(values)] = CANONICAL_NAN_BITS[DType.BF16]
     return rounded

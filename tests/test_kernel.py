@@ -374,7 +374,7 @@ def test_direct_path_and_tiles_give_identical_bits():
     assert direct == digest({"MERGEALIGN_TILES_ONLY": "1", "MERGEALIGN_NO_F16C": "1"})
 
 
-def _recipes():
+def recipes_reaching_every_branch():
     """Recipes reaching every branch of merge_math.h's per-element functions: each kind, each
     sparsification per term, sign election and normalisation on and off, a rescale, lambda."""
     from mergealign_fast.kernels import cpu
@@ -410,7 +410,8 @@ def _recipes():
     return made
 
 
-@pytest.mark.parametrize("name, recipe", _recipes(), ids=[n for n, _ in _recipes()])
+@pytest.mark.parametrize("name, recipe", recipes_reaching_every_branch(),
+                         ids=[n for n, _ in recipes_reaching_every_branch()])
 @pytest.mark.parametrize("dtypes", [("bf16",) * 4, ("fp16",) * 4, ("fp32",) * 4,
                                     ("bf16", "fp16", "fp32", "bf16"),
                                     ("fp32", "bf16", "fp16", "fp16")])

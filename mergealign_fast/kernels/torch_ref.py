@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..dtypes import DType, to_torch
+from ..dtypes import CANONICAL_NAN_BITS, DType, to_torch
 from .buffer import Buffer
 
 
@@ -43,4 +43,10 @@ def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,
     wd = torch.tensor(w_domain, dtype=torch.float32)
     wa = torch.tensor(w_align, dtype=torch.float32)
     merged = (b + wd * (d - b)) + wa * (a - b)
-    as_torch(out).copy_(merged.to(to_torch(DType(out.dtype))))
+    dtype = DType(out.dtype)
+    stored = merged.to(to_torch(dtype))
+    # Every NaN as the dtype's canonical NaN, as the kernels store it (csrc/merge_math.h).
+    bits = stored.view(torch.int32 if dtype is DType.F32 else torch.int16)
+    canonical = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=torch.int64).to(bits.dtype)
+    as_torch(out).copy_(torch.where(torch.isnan(merged), canonical.to(bits.device), bits)
+                        .view(stored.dtype))

@@ -2,9 +2,10 @@
 
 It mirrors the native arithmetic exactly: inputs widened to fp32, ((b + w_d(d-b)) + w_a(a-b))
 without fused multiply-adds (launched with enable_fp_fusion=False), int64 offsets, and one
-rounding at the store.  bf16 rounding is spelt out with integer operations, as in merge_math.h,
-because Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) would otherwise
-truncate; fp16 and fp32 stores use Triton's own round-to-nearest-even conversion.
+rounding at the store, every NaN stored as the dtype's canonical NaN.  bf16 rounding is spelt
+out with integer operations, as in merge_math.h, because Triton's CPU interpreter
+(TRITON_INTERPRET=1, used by the tests) would otherwise truncate; fp16 stores use Triton's own
+round-to-nearest-even conversion.
 
 triton and torch are imported on first use only.
 """
@@ -40,8 +41,9 @@ def unavailable_reason() -> Optional[str]:
 
 def merge_tensors_triton(base, domain, aligned, out, w_domain: float, w_align: float) -> None:
     """The kernel on torch tensors (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    import torch
     import triton
+
+    from ..dtypes import from_torch
 
     n = out.numel()
     if n == 0:
@@ -50,9 +52,19 @@ def merge_tensors_triton(base, domain, aligned, out, w_domain: float, w_align: f
     options = {} if interpreting() else {"enable_fp_fusion": False}
     from .triton_kernels import _merge_kernel
 
-    _merge_kernel[grid](base.reshape(-1), domain.reshape(-1), aligned.reshape(-1), out.reshape(-1),
-                    n, float(w_domain), float(w_align), BLOCK=BLOCK,
-                    OUT_IS_BF16=out.dtype == torch.bfloat16, **options)
+    # Launched on the output's device and its current stream, whichever device is current.
+    with _on_device(out.device):
+        _merge_kernel[grid](base.reshape(-1), domain.reshape(-1), aligned.reshape(-1),
+                            out.reshape(-1), n, float(w_domain), float(w_align), BLOCK=BLOCK,
+                            OUT_KIND=int(from_torch(out.dtype)), **options)
+
+
+def _on_device(device):
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def merge(base: Buffer, domain: Buffer, aligned: Buffer, out: Buffer,

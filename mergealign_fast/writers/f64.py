@@ -31,7 +31,7 @@ def merge_f64(settings: TensorSettings, b, *models):
         merged, total = s.w_base * b, s.w_base
         for w, m in zip(s.weights, models):
             merged, total = merged + w * m, total + w
-        return merged / total if s.normalize else merged
+        return _canonical_nan(merged / total if s.normalize else merged)
     combined = s.weights[0] * (models[0] - b)
     for w, m in zip(s.weights[1:], models[1:]):
         combined = combined + w * (m - b)
@@ -40,7 +40,14 @@ def merge_f64(settings: TensorSettings, b, *models):
         weights += w
     if s.normalize and weights != 0:
         combined = combined / weights
-    return b + s.lambda_ * combined
+    return _canonical_nan(b + s.lambda_ * combined)
+
+
+def _canonical_nan(merged):
+    """NaN stored as numpy's one quiet NaN (0x7ff8000000000000), as the kernels store theirs."""
+    import numpy as np
+
+    return np.where(np.isnan(merged), np.nan, merged)
 
 
 def _read_window(files, tensor: PlannedTensor, start: int, count: int) -> List:
