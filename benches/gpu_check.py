@@ -16,7 +16,8 @@ GPU writer with the cpu kernel standing in) so CI tests the script itself; it cl
 2. kernel GB/s (3 inputs read + 1 output written) beside a device-to-device copy of the same
    bytes: bf16/fp16/fp32, aligned and not, the recipe kernel; per-call overhead at 4M elements;
 3. streaming merges of a generated 1.1B trio: pinned host<->device bandwidth alone and both ways
-   at once, the host pipeline alone (the CPU standing in: fill + merge + CRC + write), the GPU
+   at once, DMA from a registered input mapping against the staged pread fill, the host
+   pipeline alone (the CPU standing in: fill + merge + CRC + write), the GPU
    writer at 16/32/64 MiB stages, warm and cold, per-stage seconds, device memory reserved and
    pinned memory measured, bitwise against the CPU merge; every method through the GPU writer;
 4. race stress on the GPU: tiny budgets (tensors split into many chunks), random
@@ -314,7 +315,6 @@ def kernel_bandwidth(names):
         src = torch.empty(2 * n * dtype.itemsize, dtype=torch.uint8, device=device())
         dst = torch.empty_like(src)
         copy = nbytes / time_ms(lambda: dst.copy_(src)) / 1e6
-        del src, dst
         for shift in (0, 1):
             inputs = [x[shift:shift + n] for x in storage[:3]]
             out = storage[3][shift:shift + n]
@@ -416,6 +416,50 @@ def pinned_bandwidth():
     return rates
 
 
+def mapped_vs_staged(trio) -> None:
+    """The two ways to feed the uploads, on 1 GiB of an input file (warm page cache): register
+    the file's mapping with the driver (read-only) and DMA from it, or fill pinned staging with
+    pread (what the GPU writer does) and DMA from that.  The GPU writer stages; this row says
+    whether registering would be faster."""
+    from mergealign_fast.io.checkpoint import open_checkpoint
+
+    native = cpu_backend.native()
+    path = max(open_checkpoint(trio["base"]).files, key=lambda f: f.stat().st_size)
+    mapped = native.MappedFile(str(path))
+    n = min(1 << 30, mapped.size) // 4096 * 4096
+    staging = native.HostBuffer(n)
+    dev = torch.empty(n, dtype=torch.uint8, device=device())
+    stream = torch.cuda.Stream() if on_gpu() else None
+    timings = {}
+    try:
+        if on_gpu():
+            start = time.perf_counter()
+            cuda_backend.host_register(mapped.address, n, read_only=True)
+            timings["register mapping"] = time.perf_counter() - start
+            start = time.perf_counter()
+            cuda_backend.copy_async(dev.data_ptr(), mapped.address, n, stream.cuda_stream, -1)
+            stream.synchronize()
+            timings["DMA from mapping"] = time.perf_counter() - start
+            cuda_backend.host_unregister(mapped.address)
+            cuda_backend.host_register(staging.address, staging.size)
+        start = time.perf_counter()
+        native.fill_staging([(0, staging.address, n, mapped.fd, 0)], cpu_backend.default_threads())
+        timings["pread fill"] = time.perf_counter() - start
+        if on_gpu():
+            start = time.perf_counter()
+            cuda_backend.copy_async(dev.data_ptr(), staging.address, n, stream.cuda_stream, -1)
+            stream.synchronize()
+            timings["DMA from staging"] = time.perf_counter() - start
+            cuda_backend.host_unregister(staging.address)
+    finally:
+        mapped.close()
+        staging.release()
+    log(f"feeding uploads, {n / 2**30:.2f} GiB: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({n / v / 1e9:.1f} GB/s)" for k, v in timings.items()))
+    TABLE.append(("registered mapping vs staged fill (1 GiB)", "; ".join(
+        f"{k} {v * 1e3:.0f} ms" for k, v in timings.items()), "-", "-"))
+
+
 def drop_page_cache() -> bool:
     from mergealign_fast.bench import can_drop_caches, drop_caches
 
@@ -460,6 +504,7 @@ def streaming_merge(names, root: Path):
         f"{time.perf_counter() - started:.0f} s")
     budget = 2 << 30 if not SMOKE else SLOTS * 8 * 4096
     rates = pinned_bandwidth()
+    mapped_vs_staged(trio)
     cpu_start = time.perf_counter()
     merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], root / "out-cpu",
                       force=True, fsync=False, max_shard_size=5 << 30)

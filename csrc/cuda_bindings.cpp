@@ -42,7 +42,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("stream"), py::arg("device") = -1, py::call_guard<py::gil_scoped_release>(),
         "cudaMemcpyAsync (kind Default) on a stream; returns a cudaError_t value.");
   m.def("host_register", &cuda_host_register, py::arg("address"), py::arg("bytes"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("read_only") = false, py::call_guard<py::gil_scoped_release>(),
         "Page-lock host memory for DMA (cudaHostRegister, portable); a cudaError_t value.");
   m.def("host_unregister", &cuda_host_unregister, py::arg("address"),
         py::call_guard<py::gil_scoped_release>());

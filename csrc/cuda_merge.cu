@@ -260,10 +260,11 @@ int cuda_copy_async(uintptr_t dst, uintptr_t src, int64_t bytes, uintptr_t strea
   });
 }
 
-int cuda_host_register(uintptr_t address, int64_t bytes) {
+int cuda_host_register(uintptr_t address, int64_t bytes, bool read_only) {
   // Portable: pinned for every device and context, whichever device the caller has current.
-  return cudaHostRegister(reinterpret_cast<void*>(address), size_t(bytes),
-                          cudaHostRegisterPortable);
+  // ReadOnly: the memory may be mapped without write permission (a model file's mapping).
+  const unsigned flags = cudaHostRegisterPortable | (read_only ? cudaHostRegisterReadOnly : 0u);
+  return cudaHostRegister(reinterpret_cast<void*>(address), size_t(bytes), flags);
 }
 
 int cuda_host_unregister(uintptr_t address) {

@@ -23,8 +23,9 @@ int merge_recipe_cuda(const MergeOperands& ops, const Recipe& recipe, unsigned c
 // cuda_host_register, device memory) on `stream` of `device`; a cudaError_t value.
 int cuda_copy_async(uintptr_t dst, uintptr_t src, int64_t bytes, uintptr_t stream, int device);
 
-// cudaHostRegister / cudaHostUnregister of host memory (page-locked for DMA at its exact size).
-int cuda_host_register(uintptr_t address, int64_t bytes);
+// cudaHostRegister / cudaHostUnregister of page-aligned host memory (page-locked for DMA at its
+// exact size; read_only for memory mapped without write permission).
+int cuda_host_register(uintptr_t address, int64_t bytes, bool read_only);
 int cuda_host_unregister(uintptr_t address);
 
 // cudaGetDeviceCount; returns a cudaError_t value (no driver or no device is not a crash).

@@ -418,26 +418,28 @@ def recipes_reaching_every_branch():
 def test_the_per_element_path_the_gpu_runs_matches_the_cpu_kernel(name, recipe, dtypes):
     """The CUDA kernels evaluate merge_math.h element by element (merge_element); the CPU runs
     its own bulk versions (tiles, direct path).  Run the per-element path on the CPU and
-    require the same bits, magnitude ties and random draws across 2^32 included."""
+    require the same bits, magnitude ties and random draws across 2^32 included, over odd
+    lengths and inputs one element off their alignment."""
     from mergealign_fast.dtypes import as_dtype
     from mergealign_fast.kernels import cpu
 
     native = cpu.native()
     rng = np.random.default_rng(5)
-    count = 4099
     arrays = []
     for dtype in dtypes[:3]:
-        x = (rng.standard_normal(count) * 0.02).astype(np.float32)
-        x[:8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 0.01, -0.01, 1e-40]  # specials, ties
+        x = (rng.standard_normal(4100) * 0.02).astype(np.float32)
+        x[:9] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 0.01, -0.01, 1e-40, 1e-40]  # specials, ties
         arrays.append(x.view(np.uint32).__rshift__(16).astype(np.uint16) if dtype == "bf16"
                       else x.astype(np.float16 if dtype == "fp16" else np.float32))
     out_dtype = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}[dtypes[3]]
     codes = [int(as_dtype(d)) for d in dtypes]
-    for first in (0, 2**32 - 100):
-        ops = native.Operands(arrays[0].ctypes.data, codes[0], arrays[1].ctypes.data, codes[1],
-                              arrays[2].ctypes.data, codes[2], count, codes[3], first)
-        bulk, single = np.empty(count, out_dtype), np.empty(count, out_dtype)
-        with np.errstate(all="ignore"):
-            native.merge_recipe(ops, bulk.ctypes.data, recipe, 2)
-            native.merge_elementwise(ops, single.ctypes.data, recipe)
-        assert bulk.tobytes() == single.tobytes(), (name, dtypes, first)
+    for count, shift in ((1, 0), (7, 1), (300, 1), (4099, 0), (4099, 1)):
+        b, d, a = (x[shift:shift + count] for x in arrays)
+        for first in (0, 2**32 - 100):
+            ops = native.Operands(b.ctypes.data, codes[0], d.ctypes.data, codes[1],
+                                  a.ctypes.data, codes[2], count, codes[3], first)
+            bulk, single = np.empty(count, out_dtype), np.empty(count, out_dtype)
+            with np.errstate(all="ignore"):
+                native.merge_recipe(ops, bulk.ctypes.data, recipe, 2)
+                native.merge_elementwise(ops, single.ctypes.data, recipe)
+            assert bulk.tobytes() == single.tobytes(), (name, dtypes, count, shift, first)

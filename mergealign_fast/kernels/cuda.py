@@ -99,9 +99,10 @@ def copy_async(dst: int, src: int, nbytes: int, stream: int, device: int) -> Non
     _check(module, module.copy_async(dst, src, nbytes, stream, device))
 
 
-def host_register(address: int, nbytes: int) -> None:
+def host_register(address: int, nbytes: int, read_only: bool = False) -> None:
+    """Page-lock host memory for DMA (read_only: a read-only mapping, e.g. of an input file)."""
     module = _module()
-    error = module.host_register(address, nbytes)
+    error = module.host_register(address, nbytes, read_only)
     if error != 0:
         raise RuntimeError(f"cannot pin {nbytes:,} bytes of host memory: "
                            f"{module.error_string(error)}")
