@@ -37,7 +37,7 @@ HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/tiles.h", "csrc/d
            "csrc/cpu_merge.h", "csrc/reductions.h", "csrc/crc32c.h", "csrc/mapped_file.h",
            "csrc/cuda_merge.h", "csrc/operands_from_python.h", "csrc/read_ahead.h",
            "csrc/write_behind.h", "csrc/model_set.h", "csrc/host_pipeline.h",
-           "csrc/file_write.h"]
+           "csrc/file_io.h"]
 
 
 def find_cuda_home():

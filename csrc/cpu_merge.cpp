@@ -19,7 +19,7 @@
 
 #include "crc32c.h"
 #include "direct_path.h"
-#include "file_write.h"
+#include "file_io.h"
 #include "merge_math.h"
 #include "model_set.h"
 #include "parallel.h"

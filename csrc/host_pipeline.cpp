@@ -12,7 +12,7 @@
 
 #include "cpu_merge.h"
 #include "crc32c.h"
-#include "file_write.h"
+#include "file_io.h"
 #include "merge_math.h"
 #include "parallel.h"
 
@@ -25,6 +25,14 @@ constexpr int64_t kPageBytes = 4096;
 // Fill granule: each thread copies a contiguous run of whole 64 KiB pieces, so two threads never
 // share a page of a staging buffer or of a mapped input (a shared page would be faulted twice).
 constexpr int64_t kFillGranule = 64 << 10;
+
+// Bytes [skip, skip + length) of a piece into its staging: read from its file, or copied from
+// memory with the input guard.
+int copy_piece(const StagePiece& p, int64_t skip, int64_t length) {
+  unsigned char* dst = reinterpret_cast<unsigned char*>(p.dst) + skip;
+  if (p.fd >= 0) return read_fully(p.fd, dst, length, p.file_offset + skip);
+  return copy_guarded(dst, reinterpret_cast<const unsigned char*>(p.src) + skip, length);
+}
 
 }  // namespace
 
@@ -42,33 +50,6 @@ void HostBuffer::release() {
   if (data_ != nullptr) ::munmap(data_, size_t(size_));
   data_ = nullptr;
 }
-
-namespace {
-
-// pread until `bytes` are in `dst`: 0, EFAULT when the file ends first, or the read's errno.
-int read_fully(int fd, unsigned char* dst, int64_t bytes, int64_t offset) {
-  while (bytes > 0) {
-    const ssize_t n = ::pread(fd, dst, size_t(bytes), off_t(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (n == 0) return EFAULT;
-    dst += n;
-    bytes -= n;
-    offset += n;
-  }
-  return 0;
-}
-
-// Bytes [skip, skip + length) of a piece into its staging.
-int copy_piece(const StagePiece& p, int64_t skip, int64_t length) {
-  unsigned char* dst = reinterpret_cast<unsigned char*>(p.dst) + skip;
-  if (p.fd >= 0) return read_fully(p.fd, dst, length, p.file_offset + skip);
-  return copy_guarded(dst, reinterpret_cast<const unsigned char*>(p.src) + skip, length);
-}
-
-}  // namespace
 
 int fill_staging(const std::vector<StagePiece>& pieces, int threads) {
   std::vector<int64_t> starts;  // byte position of each piece in the concatenation
