@@ -238,3 +238,25 @@ class _BrokenFiles:
                 return getattr(self.target, name)
 
         self.inner.write([ReadOnly(targets[0], self.fd)], tensor, chunk, recipes)
+
+
+def test_a_failed_device_call_is_one_line_naming_the_tensor(tiny_trio, tmp_path):
+    """A CUDA call that fails mid-merge (an illegal address, a lost device) ends the merge with
+    one line naming the tensor, the pipeline closed and nothing published."""
+    from mergealign_fast.writers.gpu import GpuWriter
+
+    plan = plan_merge(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
+                      tmp_path / "out", MergeOptions())
+    writer = GpuWriter(plan, TINY_BUDGET, backend="cpu", device="cpu")
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA call failed: an illegal memory access was encountered")
+        return real(*args)
+
+    real, writer.kernel = writer.kernel, failing
+    with pytest.raises(MergeError, match=r"^tensor \S+: CUDA call failed: an illegal memory"):
+        execute(plan, writer=writer)
+    assert writer.device_memory is None and not (tmp_path / "out").exists()

@@ -213,16 +213,27 @@ class GpuWriter:
         if self.lanes.cuda:
             from ..kernels import cuda
 
-            cuda.host_register(self.host.address, self.host.size)
+            try:
+                cuda.host_register(self.host.address, self.host.size)
+            except RuntimeError as exc:
+                self.host.release()
+                raise MergeError(f"{exc} for the GPU staging; give a smaller --gpu-memory") \
+                    from None
             self.pinned = True
         # What the buffers hold (the figures the budget bounds), kept after close() frees them.
         self.device_bytes = total if separate_device else 0
         self.pinned_bytes = self.host.size if self.pinned else 0
         # A torch tensor over the device memory: kernels that take tensors (Triton) get typed
         # views of it, and the CUDA backend reads its device from it.
-        self.device_memory = (self.torch.empty(total, dtype=self.torch.uint8, device=self.device)
-                              if separate_device else _host_tensor(self.torch, self.host.address,
-                                                                   total))
+        try:
+            self.device_memory = (
+                self.torch.empty(total, dtype=self.torch.uint8, device=self.device)
+                if separate_device else _host_tensor(self.torch, self.host.address, total))
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError among them
+            self.close()
+            raise MergeError(f"{self.device}: cannot allocate {total:,} bytes of staging "
+                             f"({str(exc).splitlines()[0]}); give a smaller --gpu-memory") \
+                from None
         device_base = self.device_memory.data_ptr()
         self.slots = [_Slot(self.host.address + s * self.slot_bytes,
                             device_base + s * self.slot_bytes, self.slot_in_bytes, self.lanes)
@@ -242,6 +253,12 @@ class GpuWriter:
         task arithmetic runs on any backend's kernel, other methods on merge_recipe."""
         if len(targets) != 1:
             raise MergeError("sweeps of several weightings run on the CPU (--device cpu)")
+        try:
+            self._write(targets[0], tensor, chunk, recipes[0])
+        except RuntimeError as exc:  # a CUDA call that failed: one line, naming the tensor
+            raise MergeError(f"tensor {tensor.name}: {str(exc).splitlines()[0]}") from None
+
+    def _write(self, target, tensor: PlannedTensor, chunk: Chunk, recipe) -> None:
         slot = self.slots[self.turn]
         previous = self.slots[(self.turn - 1) % SLOTS]
         self.turn = (self.turn + 1) % SLOTS
@@ -249,8 +266,8 @@ class GpuWriter:
         self._waited(slot.uploaded)  # its last upload is done: the input staging is free
         in_dtypes = list(chunk.dtypes)
         self._fill(slot, tensor, chunk, in_dtypes)
-        self._enqueue(slot, tensor, chunk, in_dtypes, recipes[0])
-        slot.downloading = (targets[0], chunk.file_offset, tensor, chunk.count)
+        self._enqueue(slot, tensor, chunk, in_dtypes, recipe)
+        slot.downloading = (target, chunk.file_offset, tensor, chunk.count)
         self._hand_over(previous)  # its download finished while this chunk was filled
 
     def _regions(self, start: int, dtypes: List[DType], count: int):
@@ -368,8 +385,9 @@ class GpuWriter:
         try:
             self.lanes.synchronize()
         finally:
-            self.writer_thread.stop()
-            for slot in self.slots:
+            if hasattr(self, "writer_thread"):
+                self.writer_thread.stop()
+            for slot in getattr(self, "slots", ()):
                 slot.downloading = slot.writing = None
             if self.pinned:
                 from ..kernels import cuda
