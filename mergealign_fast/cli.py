@@ -375,6 +375,10 @@ def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     group.add_argument("--limit", type=int, default=None, metavar="N",
                        help="first N items of each task and prompt file (for quick looks)")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    group.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
+                       help="model backend of the harness: hf (transformers) or vllm (GPU, "
+                            "faster generation); default auto: vllm on --device cuda when "
+                            "installed, else hf")
     group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                        help=f"prompts per forward pass (default {DEFAULT_BATCH_SIZE})")
     group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
@@ -531,7 +535,7 @@ def _eval_settings(args: argparse.Namespace):
         benign=Path(args.benign) if args.benign else None, judge=args.judge,
         refusal_phrases=Path(args.refusal_phrases) if args.refusal_phrases else None,
         limit=args.limit, device=args.device, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens)
+        max_new_tokens=args.max_new_tokens, engine=args.engine)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

@@ -106,6 +106,32 @@ def test_without_harness_eval_says_what_to_install(monkeypatch, tmp_path, capsys
     assert not (tmp_path / "r.json").exists()
 
 
+def test_the_engine_is_vllm_only_where_it_can_run(monkeypatch):
+    """auto takes vllm on a GPU when it is installed, transformers otherwise; asking for vllm
+    where it cannot run is one line before any model loads."""
+    import importlib.util
+
+    from mergealign_fast.evaluation.harness import resolve_engine
+
+    real = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if installed else None)
+                            if name == "vllm" else real(name, *a))
+        assert resolve_engine("auto", "cpu") == "hf"
+        assert resolve_engine("auto", "cuda") == ("vllm" if installed else "hf")
+        assert resolve_engine("auto", "cuda:1") == "hf"  # vllm picks GPUs by environment
+        assert resolve_engine("hf", "cuda") == "hf"
+        with pytest.raises(MergeError, match="--engine vllm runs on --device cuda"):
+            resolve_engine("vllm", "cpu")
+    assert resolve_engine("vllm", "cuda") == "vllm"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(MergeError, match="--engine vllm: vllm is not installed"):
+        resolve_engine("vllm", "cuda")
+    with pytest.raises(MergeError, match="--engine 'tgi': choose one of auto, hf, vllm"):
+        resolve_engine("tgi", "cuda")
+
+
 # ---- the real harness on tiny models -------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -186,6 +212,7 @@ def test_eval_scores_tasks_through_the_harness_and_safety_through_the_refusal_ju
     assert results["domain"]["safety"]["refusal_rate"]["rate"] == 0.0
     assert results["aligned"]["safety"]["auc"]["value"] == 1.0
     assert results["aligned"]["settings"]["chat_template"] is True
+    assert results["aligned"]["settings"]["engine"] == "hf"  # no GPU here: transformers
     printed = capsys.readouterr().out
     assert "clinic_mc" in printed and "over-refusal (benign)" in printed
 
@@ -207,6 +234,7 @@ def test_a_guard_model_judges_through_its_chat_template(world, tmp_path):
     (["--judge", "base"], "neither \"safe\" nor \"unsafe\""),
     (["--judge", "nowhere"], "--judge nowhere: neither 'refusal' nor a guard model folder"),
     (["--limit", "0"], "--limit must be at least 1"),
+    (["--engine", "vllm"], "--engine vllm runs on --device cuda"),
 ])
 def test_bad_eval_input_is_one_line_before_any_model_is_evaluated(world, tmp_path, capsys,
                                                                   change, problem):

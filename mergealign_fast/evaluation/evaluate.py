@@ -37,6 +37,7 @@ class EvalSettings:
     device: str = "cpu"
     batch_size: int = DEFAULT_BATCH_SIZE
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    engine: str = "auto"  # the harness model for the evaluated models (harness.resolve_engine)
 
     def problems(self) -> List[str]:
         found = []
@@ -80,6 +81,9 @@ class Evaluator:
         phrases = read_phrases(settings.refusal_phrases) if settings.refusal_phrases else []
         self.refusal = RefusalJudge(phrases)
         harness.quiet_tokenizers()
+        # The evaluated models may run on vllm; a guard model judges through transformers
+        # (two vllm engines in one process would each claim most of the GPU).
+        self.engine = harness.resolve_engine(settings.engine, settings.device)
         self.manager = (harness.task_manager(settings.tasks, settings.include_path)
                         if settings.tasks else None)
         self.judge = (self.refusal if settings.judge == "refusal" or not self.harmful else
@@ -89,7 +93,8 @@ class Evaluator:
         """The results of one model; to `answers_path` (JSONL), every scored task item and
         every prompt with its answer and verdict."""
         started = time.perf_counter()
-        model = harness.open_model(Path(folder), self.settings.device, self.settings.batch_size)
+        model = harness.open_model(Path(folder), self.settings.device, self.settings.batch_size,
+                                   self.engine)
         result: dict = {"model": str(folder), "settings": self._settings_record(model)}
         records = []
         if self.settings.tasks:
@@ -109,7 +114,7 @@ class Evaluator:
         s = self.settings
         return {"tasks": list(s.tasks), "limit": s.limit, "judge": self.judge.name,
                 "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
-                "device": s.device, "harness": harness.version()}
+                "device": s.device, "engine": self.engine, "harness": harness.version()}
 
     def _prompt_sets(self) -> Dict[str, List[str]]:
         limit = self.settings.limit

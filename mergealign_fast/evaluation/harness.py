@@ -1,6 +1,6 @@
 """lm-evaluation-harness, the one place this package talks to it: task look-up, a model opened
-once as the harness's `hf` model (for its tasks and for generation), task scores, and batched
-greedy generation through the model's own chat template."""
+once as the harness's `hf` or `vllm` model (for its tasks and for generation), task scores, and
+batched greedy generation through the model's own chat template."""
 
 from __future__ import annotations
 
@@ -58,15 +58,47 @@ def task_manager(tasks: Sequence[str], include_path: Optional[Path]):
     return manager
 
 
-def open_model(folder: Path, device: str, batch_size: int):
-    """The harness's `hf` model for a local folder; MergeError if it does not load."""
-    _harness()
-    from lm_eval.models.huggingface import HFLM
+ENGINES = ("auto", "hf", "vllm")
+# vllm's share of the GPU's memory: the rest stays free for a guard model or another process.
+VLLM_GPU_MEMORY = 0.8
 
+
+def resolve_engine(engine: str, device: str) -> str:
+    """The harness model backend: `hf` (transformers, any device) or `vllm` (GPU only; much
+    faster generation); auto takes vllm on a GPU when it is installed.  MergeError when vllm is
+    asked for and cannot run."""
+    import importlib.util
+
+    if engine not in ENGINES:
+        raise MergeError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    installed = importlib.util.find_spec("vllm") is not None
+    if engine == "vllm":
+        if device != "cuda":
+            raise MergeError(f"--engine vllm runs on --device cuda (vllm picks its GPU from "
+                             f"CUDA_VISIBLE_DEVICES), not {device}")
+        if not installed:
+            raise MergeError("--engine vllm: vllm is not installed (pip install vllm, on a "
+                             "machine with a GPU)")
+    if engine == "auto":
+        return "vllm" if installed and device == "cuda" else "hf"
+    return engine
+
+
+def open_model(folder: Path, device: str, batch_size: int, engine: str = "hf"):
+    """The harness's model (`hf` or `vllm`, resolve_engine) for a local folder; MergeError if it
+    does not load."""
+    _harness()
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise MergeError(f"{folder}: not a model folder (no config.json)")
     try:
+        if engine == "vllm":
+            from lm_eval.models.vllm_causallms import VLLM
+
+            return VLLM(pretrained=str(folder), dtype="auto", batch_size=batch_size,
+                        gpu_memory_utilization=VLLM_GPU_MEMORY)
+        from lm_eval.models.huggingface import HFLM
+
         return HFLM(pretrained=str(folder), device=device, batch_size=batch_size,
                     dtype="float32" if device == "cpu" else "auto")
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; one line for each
