@@ -111,3 +111,23 @@ def test_smallest_pipeline_trains_merges_and_tunes(tmp_path):
     assert table["lambda-1"]["domain"] == table["domain"]["domain"]  # w_a = 0: the expert
     answers = (tmp_path / "tune" / "answers" / "lambda-0.5.jsonl").read_text().splitlines()
     assert len([a for a in map(json.loads, answers) if a["set"] == "harmful"]) == 8
+
+
+@pytest.mark.slow
+def test_low_rank_fine_tunes_change_the_layers_by_low_rank_products_only(tmp_path):
+    """Try L's fine-tunes (LoRA-style): each task vector is zero outside the projections of the
+    transformer layers, and of rank <= the size's low_rank within them."""
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    from examples.miniature.train import SIZES, train_trio
+
+    trio = train_trio(tmp_path / "trio", "ci-low-rank", log=lambda *_: None)
+    base = load_file(trio["base"] / "model.safetensors")
+    for role in ("domain", "aligned"):
+        tuned = load_file(trio[role] / "model.safetensors")
+        changed = {n for n in base if not np.array_equal(base[n], tuned[n])}
+        assert changed and all(n.endswith("proj.weight") and ".layers." in n for n in changed)
+        for name in changed:
+            tau = tuned[name].astype(np.float64) - base[name]
+            assert np.linalg.matrix_rank(tau, tol=1e-5) <= SIZES["ci-low-rank"].low_rank, name

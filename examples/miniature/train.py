@@ -38,6 +38,9 @@ class Size:
     tune_steps: int
     batch: int
     corpus: int  # lines drawn per corpus
+    # > 0: fine-tunes change each projection of the transformer layers by a rank-`low_rank`
+    # product only (LoRA's form), embeddings, norms and lm_head frozen; 0: every weight.
+    low_rank: int = 0
 
 
 SIZES = {
@@ -48,6 +51,12 @@ SIZES = {
     # choices are in benches/results/miniature-tries.md.
     "default": Size(hidden=128, intermediate=352, layers=4, heads=4, base_steps=2000,
                     tune_steps=3000, batch=32, corpus=3000),
+    # Try L: the default model, fine-tuned LoRA-style (rank 16 of 128, a higher rate as LoRA
+    # needs): task vectors of low rank in the layers and none in embeddings or lm_head.
+    "low-rank": Size(hidden=128, intermediate=352, layers=4, heads=4, base_steps=2000,
+                     tune_steps=3000, batch=32, corpus=3000, low_rank=16),
+    "ci-low-rank": Size(hidden=32, intermediate=64, layers=1, heads=2, base_steps=40,
+                        tune_steps=30, batch=16, corpus=200, low_rank=4),
     # Twice as wide, half as deep (~1.7M parameters): the expert learned less (54%).
     "wide": Size(hidden=256, intermediate=704, layers=2, heads=4, base_steps=2000,
                  tune_steps=1500, batch=32, corpus=3000),
@@ -81,6 +90,49 @@ def make_model(size: Size, vocab_size: int):
     return LlamaForCausalLM(config)
 
 
+# LoRA-style fine-tunes learn faster per step than full ones need: 3x the full rate.
+LOW_RANK_LR = 3e-3
+
+
+def _low_rank_delta(linear, rank: int):
+    """A parametrization of `linear.weight` as W + B·A (A: rank x in, small random; B: out x
+    rank, zero at first), so training changes the projection by a rank-`rank` product only."""
+    import torch
+
+    class LowRankDelta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            out_features, in_features = linear.weight.shape
+            self.a = torch.nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
+            self.b = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+        def forward(self, weight):
+            return weight + self.b @ self.a
+
+    return LowRankDelta()
+
+
+def with_low_rank_deltas(model, rank: int) -> List:
+    """Freeze `model` and give every projection of its transformer layers a low-rank delta;
+    returns the projections (merge_low_rank_deltas folds the deltas into their weights)."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    projections = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    for linear in projections:
+        parametrize.register_parametrization(linear, "weight", _low_rank_delta(linear, rank))
+    return projections
+
+
+def merge_low_rank_deltas(projections) -> None:
+    from torch.nn.utils import parametrize
+
+    for linear in projections:
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+
+
 def train(model, tokenizer, lines: List[str], steps: int, batch: int, lr: float,
           seed: int) -> float:
     """Causal-LM training on whole lines (each [BOS] line [EOS]); returns the last loss."""
@@ -89,7 +141,8 @@ def train(model, tokenizer, lines: List[str], steps: int, batch: int, lr: float,
     torch.manual_seed(seed)
     rng = random.Random(seed)
     encoded = [tokenizer(line)["input_ids"] + [tokenizer.eos_token_id] for line in lines]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.05, 1 - step / steps))
     model.train()
@@ -145,7 +198,13 @@ def train_trio(out: Path, size_name: str = "default", log=print) -> Dict[str, Pa
         corpora[role] = lines + general_corpus(rng, int(len(lines) * REPLAY))
     for role, lines in corpora.items():
         tuned = copy.deepcopy(base)
-        loss = train(tuned, tokenizer, lines, size.tune_steps, size.batch, TUNE_LR, SEED + 1)
+        if size.low_rank:
+            torch.manual_seed(SEED + 2)  # the deltas' random halves: the same for both roles
+            projections = with_low_rank_deltas(tuned, size.low_rank)
+        loss = train(tuned, tokenizer, lines, size.tune_steps, size.batch,
+                     LOW_RANK_LR if size.low_rank else TUNE_LR, SEED + 1)
+        if size.low_rank:
+            merge_low_rank_deltas(projections)
         save(tuned, tokenizer, folders[role], aligned=role == "aligned")
         log(f"{role}: loss {loss:.3f}, {time.perf_counter() - started:.0f} s")
     (out / "world.json").write_text(json.dumps({"seed": SEED, "size": size_name,
