@@ -81,12 +81,13 @@ StagedWriter::~StagedWriter() { stop(); }
 int64_t StagedWriter::submit(const Job& job) {
   Job own = job;
   own.fd = ::dup(job.fd);
+  const int dup_error = own.fd < 0 ? errno : 0;  // before anything else can change errno
   int64_t ticket;
   {
     std::lock_guard<std::mutex> hold(lock_);
     ticket = next_ticket_++;
     if (own.fd < 0 || stopping_) {
-      done_[ticket] = Done{own.fd < 0 ? errno : ECANCELED, 0, 0};
+      done_[ticket] = Done{own.fd < 0 ? dup_error : ECANCELED, 0, 0};
       if (own.fd >= 0) ::close(own.fd);
       finished_.notify_all();
       return ticket;
