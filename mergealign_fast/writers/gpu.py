@@ -63,6 +63,8 @@ MIN_CHUNK_ELEMENTS = 4096
 STRESS_SECONDS = 1e-3
 # torch.cuda._sleep spins this many GPU cycles at most (~1 ms at the H200's ~1.98 GHz).
 STRESS_CYCLES = 2_000_000
+# The stages on the device's streams, each timed from its start to the event that ends it.
+GPU_STAGES = ("upload", "kernel", "download")
 
 
 def _align_down(n: int) -> int:
@@ -129,7 +131,8 @@ class _Lanes:
         return self.torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def event(self):
-        return self.torch.cuda.Event() if self.cuda else _SyncEvent()
+        """An event that orders streams and times them (torch's timing events cost ~1 us)."""
+        return self.torch.cuda.Event(enable_timing=True) if self.cuda else _SyncEvent()
 
     def wait(self, stream, event) -> None:
         if self.cuda:
@@ -169,6 +172,8 @@ class _Slot:
         self.device_in, self.device_out = device, device + in_bytes
         self.uploaded, self.computed, self.downloaded = (lanes.event(), lanes.event(),
                                                          lanes.event())
+        # When each GPU stage began (after its waits): the stage seconds of stage_seconds.
+        self.began = {stage: lanes.event() for stage in GPU_STAGES}
         self.downloading = None  # (target, file offset, tensor, count) of a download in flight
         self.writing = None  # (target, tensor, ticket, bytes) of a write in flight
 
@@ -199,7 +204,7 @@ class GpuWriter:
         self.slot_bytes = self.chunk * (in_bytes + out_bytes)
         self.lanes = _Lanes(torch, self.device, self.threads)
         self.rng = random.Random(stress) if stress is not None else None
-        self.seconds: Dict[str, float] = {"fill": 0.0, "wait": 0.0, "gpu": 0.0}
+        self.seconds: Dict[str, float] = dict.fromkeys(("fill", *GPU_STAGES, "wait"), 0.0)
         self._allocate(device_copies or self.device.type == "cuda")
         self.writer_thread = self.native.StagedWriter()
         self.turn = 0
@@ -300,24 +305,35 @@ class GpuWriter:
         lanes, count = self.lanes, chunk.count
         _, in_bytes = self._regions(slot.host_in, dtypes, count)
         out_bytes = count * tensor.out_dtype.itemsize
-        began = time.perf_counter()
         with lanes.on(lanes.h2d):
             lanes.wait(lanes.h2d, slot.computed)  # the kernel has finished reading device_in
             lanes.pause(lanes.h2d, self.rng)
-            lanes.copy(slot.device_in, slot.host_in, in_bytes, lanes.h2d)
+            self._stage(slot, "upload",
+                        lambda: lanes.copy(slot.device_in, slot.host_in, in_bytes, lanes.h2d))
             slot.uploaded.record()
         with lanes.on(lanes.compute):
             lanes.wait(lanes.compute, slot.uploaded)
             lanes.wait(lanes.compute, slot.downloaded)  # device_out has been copied out
             lanes.pause(lanes.compute, self.rng)
-            self._merge(slot, tensor, chunk, dtypes, recipe)
+            self._stage(slot, "kernel", lambda: self._merge(slot, tensor, chunk, dtypes, recipe))
             slot.computed.record()
         with lanes.on(lanes.d2h):
             lanes.wait(lanes.d2h, slot.computed)
             lanes.pause(lanes.d2h, self.rng)
-            lanes.copy(slot.host_out, slot.device_out, out_bytes, lanes.d2h)
+            self._stage(slot, "download",
+                        lambda: lanes.copy(slot.host_out, slot.device_out, out_bytes, lanes.d2h))
             slot.downloaded.record()
-        self.seconds["gpu"] += time.perf_counter() - began
+
+    def _stage(self, slot: _Slot, stage: str, work) -> None:
+        """Run a GPU stage's work on the current stream: on a GPU its start is recorded (the
+        seconds are read at hand-over, once the stage is done), on the CPU it is timed now."""
+        if self.lanes.cuda:
+            slot.began[stage].record()
+            work()
+            return
+        began = time.perf_counter()
+        work()
+        self.seconds[stage] += time.perf_counter() - began
 
     def _merge(self, slot: _Slot, tensor: PlannedTensor, chunk: Chunk, dtypes, recipe) -> None:
         addresses, _ = self._regions(slot.device_in, dtypes, chunk.count)
@@ -342,6 +358,9 @@ class GpuWriter:
             return
         target, offset, tensor, count = slot.downloading
         self._waited(slot.downloaded)
+        if self.lanes.cuda:  # every stage of the slot is done: read their GPU times
+            for stage, ended in zip(GPU_STAGES, (slot.uploaded, slot.computed, slot.downloaded)):
+                self.seconds[stage] += slot.began[stage].elapsed_time(ended) / 1e3
         delay_us = self.rng.randrange(int(STRESS_SECONDS * 1e6)) if self.rng else 0
         ticket = self.writer_thread.submit(target.fd, offset, slot.host_out, count,
                                            int(tensor.out_dtype), delay_us)
@@ -374,8 +393,9 @@ class GpuWriter:
 
     @property
     def stage_seconds(self) -> Dict[str, float]:
-        """Seconds spent filling, enqueueing (on the CPU: computing and copying), waiting, and
-        writing (the writer thread's busy time)."""
+        """Seconds of each stage summed over the chunks: fill (host threads), upload, kernel
+        and download (GPU time between events; on the CPU the synchronous calls), write (the
+        writer thread's busy time), and wait (the merge's thread blocked on a stage)."""
         return {**self.seconds, "write": self.writer_thread.busy_seconds}
 
     def close(self) -> None:
