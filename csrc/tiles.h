@@ -35,8 +35,9 @@ constexpr int64_t kTile = 256;
 // ---- IEEE half through F16C ----------------------------------------------------------------
 // The portable conversions of merge_math.h cost ~10 integer operations per element; on one
 // thread an fp16 merge was compute-bound at 16 GB/s against 34 GB/s for bf16.  F16C converts 8
-// values per instruction with the same round-to-nearest-even (and quiets NaNs as merge_math.h
-// does), so results are bit-identical; it is used when the CPU has it, decided once.
+// values per instruction with the same round-to-nearest-even (NaNs made canonical first, as
+// merge_math.h stores them), so results are bit-identical; it is used when the CPU has it,
+// decided once.
 
 #ifdef MA_HAVE_F16C_PATH
 // MERGEALIGN_NO_F16C=1 forces the portable path (the tests compare the two bit for bit).
