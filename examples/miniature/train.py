@@ -55,6 +55,10 @@ SIZES = {
     # needs): task vectors of low rank in the layers and none in embeddings or lm_head.
     "low-rank": Size(hidden=128, intermediate=352, layers=4, heads=4, base_steps=2000,
                      tune_steps=3000, batch=32, corpus=3000, low_rank=16),
+    # Try M: the default model, its base pretrained three times as long (6000 steps): the
+    # paper's regime is a strong base that small fine-tunes move little.
+    "long-base": Size(hidden=128, intermediate=352, layers=4, heads=4, base_steps=6000,
+                      tune_steps=3000, batch=32, corpus=3000),
     "ci-low-rank": Size(hidden=32, intermediate=64, layers=1, heads=2, base_steps=40,
                         tune_steps=30, batch=16, corpus=200, low_rank=4),
     # Twice as wide, half as deep (~1.7M parameters): the expert learned less (54%).
