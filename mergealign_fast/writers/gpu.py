@@ -4,7 +4,7 @@ Each chunk of a tensor (at most STAGE_BYTES of inputs and output) passes five st
 SLOTS chunks are in flight at once, each in a slot of its own (pinned host staging + device
 buffers, three inputs and one output):
 
-    fill:     mapped inputs -> pinned in[s]   native threads, GIL released, SIGBUS guarded
+    fill:     input files -> pinned in[s]     native threads (pread), GIL released
     upload:   pinned in[s] -> device in[s]    copy stream
     kernel:   device in[s] -> device out[s]   compute stream
     download: device out[s] -> pinned out[s]  second copy stream
