@@ -3,7 +3,12 @@ its intervals are drawn over facts, and the whole pipeline runs at its smallest 
 save, load with transformers, merge with the engine, `tune` through the real harness)."""
 
 import json
+import os
+import platform
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +77,34 @@ def test_domain_intervals_are_drawn_over_facts():
     assert low < 0.5 < high
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 pins")
+def test_the_experiment_pins_torch_to_avx2_before_torch_loads():
+    """The kept table is AVX2 arithmetic on any x86-64 CPU (AVX-512 kernels train another trio);
+    once torch is loaded the pins cannot act, and the function says so."""
+    pytest.importorskip("torch")
+    code = ("from examples.miniature.train import pin_cpu_arithmetic as pin; first = pin(); "
+            "import torch; print(first, pin(), torch.backends.cpu.get_cpu_capability())")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    assert shown[:2] == ["True", "False"]
+    assert shown[2] in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+
+
+def test_success_counts_merges_only_against_the_parents():
+    """A merge succeeds when it keeps 90% of the expert's domain score and 90% of the aligned
+    model's AUC without over-refusing more; parents and controls are never counted."""
+    from examples.miniature.experiment import CONTROLS, Row, success
+
+    def made(method, domain, auc, over=0.05):
+        return Row(method, "-", domain, (0, 1), 0.0, 0.0, (0, 1), over, (0, 1), 0.0, auc, (0, 1))
+    rows = [made("base", 0.25, 0.5), made("domain expert", 1.0, 0.5), made("aligned", 0.25, 1.0),
+            made("general-text fine-tune", 1.0, 1.0), made(CONTROLS[0][0], 1.0, 1.0),
+            made("MergeAlign", 0.9, 0.9), made("TIES", 0.89, 0.95), made("SLERP", 0.95, 0.89),
+            made("DARE-TIES", 0.95, 0.95, over=0.06)]
+    assert [r.method for r in success(rows)] == ["MergeAlign"]
+
+
 @pytest.mark.slow
 def test_smallest_pipeline_trains_merges_and_tunes(tmp_path):
     """Train the CI-size trio, merge it (every merged tensor is the float64 formula of the
@@ -89,6 +122,10 @@ def test_smallest_pipeline_trains_merges_and_tunes(tmp_path):
     from mergealign_fast.reference import merge_error_bound, merge_ref
 
     trio = train_trio(tmp_path / "trio", "ci", log=lambda *_: None)
+    control = load_file(trio.pop("general") / "model.safetensors")  # fine-tuned, not a merge
+    base = load_file(trio["base"] / "model.safetensors")
+    assert set(control) == set(base)
+    assert all(not np.array_equal(control[n], base[n]) for n in base)
     out = tmp_path / "merged"
     merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], out, domain_weight=0.5,
                       align_weight=0.5)

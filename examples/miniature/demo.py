@@ -8,25 +8,26 @@ by side.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 from mergealign_fast import MergeError
 
-# The cache of the trained trio and its results; a new name whenever the experiment changes (v3:
-# per-tensor merges added, and v2's trio was trained on an earlier world), so a cache never
-# shows an older experiment's table.
-TRAINED_FOLDER = "miniature-v3"
+# The cache of the trained trio and its results; a new name whenever the experiment changes (v4:
+# the general-text control added, v3: per-tensor merges, v2's trio was trained on an earlier
+# world), so a cache never shows an older experiment's table.
+TRAINED_FOLDER = "miniature-v4"
 SHOWN = {"harmful": 2, "benign": 2}  # answers shown per prompt set
 
 
 def _require_showcase() -> None:
+    """Find the modules without importing them: torch must load after the experiment pins its
+    CPU code path (train.pin_cpu_arithmetic)."""
     for module in ("torch", "transformers", "lm_eval", "matplotlib"):
-        try:
-            __import__(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             raise MergeError(f"demo --trained needs the showcase extra ({module} is missing): "
-                             "pip install -e '.[showcase]'") from None
+                             "pip install -e '.[showcase]'")
 
 
 def _answers(path: Path) -> dict:
