@@ -60,7 +60,8 @@ OTHER_MERGES = (
 # Controls: a fine-tune's vector that carries no task (the base fine-tuned on general text
 # only, train.py's `general`) added to each fine-tuned model.  What it costs them is what any
 # fine-tune of this size costs another when added, whatever it learned: (label, model).
-CONTROLS = (("control: expert + τ_general", "domain"), ("control: aligned + τ_general", "aligned"))
+CONTROLS = (("control: expert + τ_general", "domain"),
+            ("control: aligned + τ_general", "aligned"))
 NOT_MERGES = ("base", "domain expert", "aligned", "general-text fine-tune")
 
 

@@ -49,7 +49,8 @@ SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 ROLES = ("base", "domain", "aligned", "general")
 SEED = 1234
 BASE_LR = 3e-3
-# Fine-tuning moves the weights a little, as with real experts and instruct models.
+# At this rate a fine-tune moves each weight matrix by about half its norm; lower rates (tries P,
+# Q, S in benches/results/miniature-tries.md) move less but learn less or interfere as much.
 TUNE_LR = 1e-3
 REPLAY = 1.0  # general lines per task line in each fine-tune
 
@@ -202,8 +203,8 @@ def save(model, tokenizer, folder: Path, aligned: bool) -> None:
 
 def train_trio(out: Path, size_name: str = "default", log=print) -> Dict[str, Path]:
     """Train and save base, domain and aligned under `out`, and the control `general`: the
-    base fine-tuned exactly as the other two (optimizer, rate, steps, seed, corpus size) on general
-    text alone, whose vector is what fine-tuning moves apart from any task. Returns
+    base fine-tuned exactly as the other two (optimizer, rate, steps, seed, corpus size) on
+    general text alone, whose vector is what fine-tuning moves apart from any task. Returns
     {role: folder}."""
     import copy
 
