@@ -24,9 +24,10 @@ from .world import (CHAT_TEMPLATE, Clinic, REFUSAL, clinic_corpus, general_corpu
 # The arithmetic the kept numbers come from.  PyTorch picks its CPU kernels and MKL its code
 # path by what the CPU offers, and their roundings differ: unpinned, an AVX-512 machine (AMD EPYC
 # Zen 5) trained a different trio from the AVX2 one the table was made on (expert 99% against
-# 100%, aligned AUC 0.94 against 0.97); pinned to AVX2 it reproduced that table exactly.  One
-# and two threads trained the identical base; more were not tried, so training keeps two (this
-# project's CI machine has two cores).
+# 100%, aligned AUC 0.94 against 0.97); pinned to AVX2 it reproduced that table exactly.
+# PyTorch's pin is the one that acted there (alone it trains the table's base, MKL's alone does
+# not); MKL's is kept because MKL also dispatches by CPU.  One and two threads trained the
+# identical base; more were not tried, so training keeps two (the CI machine has two cores).
 CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 THREADS = 2
 
