@@ -62,7 +62,8 @@ OTHER_MERGES = (
 # fine-tune of this size costs another when added, whatever it learned: (label, model).
 CONTROLS = (("control: expert + τ_general", "domain"),
             ("control: aligned + τ_general", "aligned"))
-NOT_MERGES = ("base", "domain expert", "aligned", "general-text fine-tune")
+CONTROL_MODEL = "general-text fine-tune"
+NOT_MERGES = ("base", "domain expert", "aligned", CONTROL_MODEL)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def run(trio: Dict[str, Path], results: Path, clinic: Clinic, log=print) -> List
     rows = [row(names[c], "-", sweep / "answers" / f"{c}.jsonl", clinic_prompts) for c in names]
     control = work / "answers" / "general.jsonl"
     evaluator.evaluate(trio["general"], control)
-    rows.append(row(NOT_MERGES[3], "-", control, clinic_prompts))
+    rows.append(row(CONTROL_MODEL, "-", control, clinic_prompts))
     rows += [row("MergeAlign", f"λ={lam:g}", sweep / "answers" / f"lambda-{lam:g}.jsonl",
                  clinic_prompts) for lam in LAMBDAS]
     merges = [(method, setting, how, trio["domain"], trio["aligned"], w_d, w_a)
@@ -228,13 +229,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 def run_experiment(results: Path, trio_root: Optional[Path] = None, size: str = "default",
                    log=print) -> List[Row]:
-    from .train import ROLES, THREADS, pin_cpu_arithmetic, train_trio
+    from .train import ROLES, pin_cpu_arithmetic, train_trio
 
-    pinned = pin_cpu_arithmetic()
-    import torch
-
-    torch.set_num_threads(THREADS)
-    if not pinned:
+    if not pin_cpu_arithmetic():
         log("torch was loaded before the experiment: its CPU code path is not pinned, so the "
             "numbers may differ from the kept table")
     results.mkdir(parents=True, exist_ok=True)

@@ -33,17 +33,20 @@ THREADS = 2
 
 
 def pin_cpu_arithmetic() -> bool:
-    """Pin PyTorch's and MKL's CPU code paths before torch loads, so the trio and its table do
-    not depend on the CPU's generation; returns False when torch was already loaded (the pins
-    then cannot take effect and results are this CPU's own)."""
+    """Pin PyTorch's and MKL's CPU code paths before torch loads, then torch's thread count, so
+    the trio and its table do not depend on the CPU; returns False when torch was already
+    loaded (the code-path pins then cannot take effect and results are this CPU's own)."""
     import os
     import sys
 
-    if "torch" in sys.modules:
-        return False
-    for name, value in CPU_PINS.items():
-        os.environ.setdefault(name, value)
-    return True
+    pinned = "torch" not in sys.modules
+    if pinned:
+        for name, value in CPU_PINS.items():
+            os.environ.setdefault(name, value)
+    import torch
+
+    torch.set_num_threads(THREADS)
+    return pinned
 
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
@@ -214,7 +217,6 @@ def train_trio(out: Path, size_name: str = "default", log=print) -> Dict[str, Pa
 
     size = SIZES[size_name]
     torch.manual_seed(SEED)
-    torch.set_num_threads(THREADS)
     clinic = Clinic.make(SEED)
     rng = random.Random(SEED)
     tokenizer = build_tokenizer(vocabulary(clinic))
