@@ -91,6 +91,27 @@ def test_the_experiment_pins_torch_to_avx2_before_torch_loads():
     assert shown[2] in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
 
 
+def test_a_trio_folder_without_a_model_is_one_line_before_any_work(tmp_path):
+    """A trio trained before the control existed (or cut short) is named with what it lacks,
+    before torch loads or the results folder is made."""
+    trio = tmp_path / "trio"
+    for role in ("base", "domain"):
+        (trio / role).mkdir(parents=True)
+        (trio / role / "config.json").write_text("{}")
+    (trio / "world.json").write_text("{}")
+    results = tmp_path / "results"
+    code = ("import sys; from examples.miniature.experiment import main; "
+            f"sys.argv = ['x', {str(results)!r}, '--trio', {str(trio)!r}]; "
+            "code = main(); print('torch' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2 and done.stdout.split() == ["False"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: {trio}: no trained aligned, general model in it (train the trio again into an "
+        "empty folder)"]
+    assert not results.exists()
+
+
 def test_success_counts_merges_only_against_the_parents():
     """A merge succeeds when it keeps 90% of the expert's domain score and 90% of the aligned
     model's AUC without over-refusing more; parents and controls are never counted."""

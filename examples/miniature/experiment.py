@@ -17,12 +17,13 @@ import argparse
 import json
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergealign_fast import Method, merge_checkpoints
+from mergealign_fast import MergeError, Method, merge_checkpoints
 from mergealign_fast.methods import Rule
 from mergealign_fast.evaluation.evaluate import EvalSettings, Evaluator
 from mergealign_fast.evaluation.stats import difference, wilson
@@ -231,13 +232,18 @@ def run_experiment(results: Path, trio_root: Optional[Path] = None, size: str = 
                    log=print) -> List[Row]:
     from .train import ROLES, pin_cpu_arithmetic, train_trio
 
+    root = trio_root or results / "work" / "trio"
+    trained_here = (root / "world.json").exists()
+    missing = [r for r in ROLES if trained_here and not (root / r / "config.json").exists()]
+    if missing:  # e.g. a trio trained before the control existed: found before any work
+        raise MergeError(f"{root}: no trained {', '.join(missing)} model in it (train the "
+                         "trio again into an empty folder)")
     if not pin_cpu_arithmetic():
         log("torch was loaded before the experiment: its CPU code path is not pinned, so the "
             "numbers may differ from the kept table")
     results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    root = trio_root or results / "work" / "trio"
-    if (root / "world.json").exists():
+    if trained_here:
         trio = {r: root / r for r in ROLES}
         trained = ""
     else:
@@ -258,7 +264,11 @@ def main() -> int:
     parser.add_argument("--trio", type=Path, default=None, help="reuse a trained trio")
     parser.add_argument("--size", default="default")
     args = parser.parse_args()
-    run_experiment(args.results, args.trio, args.size)
+    try:
+        run_experiment(args.results, args.trio, args.size)
+    except MergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print((args.results / "miniature.md").read_text())
     return 0
 
