@@ -9,8 +9,7 @@ sharded copies) are written once; then every merge of the grid runs through the 
 each tree in turn, in a child process with that tree first on sys.path, and the SHA-256 of
 every file each output holds (the manifest, which records the version and the time, aside) is
 compared.  The grid: every method of the command line on every dtype (with the flags each
-takes), mergekit configs (model sets, slices, gradients and filters, tokenizer unions,
-passthrough), model-set merges through the Python API, and sweeps.  Exit 1 when any output
+takes), mergekit configs (model sets, slices, gradients and filters, passthrough), model-set merges through the Python API, and sweeps.  Exit 1 when any output
 differs, naming it.
 """
 
@@ -142,16 +141,6 @@ models:
     parameters: {{weight: 0.2, density: 0.7}}
 parameters: {{lambda: 0.9}}
 """,
-    "union-tokenizer": """
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - model: {domain}
-    parameters: {{weight: 0.5}}
-  - model: {aligned}
-    parameters: {{weight: 0.5}}
-tokenizer_source: base
-""",
 }
 
 
@@ -181,6 +170,8 @@ def jobs(inputs: dict, work: Path):
             flags = ["--lambda", "0.8", "--normalize"] if flags is None else flags
             weights = [] if method in UNWEIGHTED else ["--domain-weight", "0.6",
                                                        "--align-weight", "0.3"]
+            if method == "resta":  # the expert is kept whole: only β, the alignment weight
+                weights = ["--align-weight", "0.3"]
             yield (f"merge {dtype} {label}", [CLI, "merge", *trio, "-o", "{out}", "--method",
                                               method, *weights, *flags, "--no-fsync",
                                               "--quiet", "--max-shard-size", "300KB"])
