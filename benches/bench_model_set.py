@@ -20,8 +20,8 @@ import pytest
 from bench_end_to_end import RESULTS, bench_command
 from conftest import record
 
-from mergealign_fast.demo import default_cache_dir
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio
+from mergealign_fast.tools.demo import default_cache_dir
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio
 
 SECTION = ("four models into a base, 1.1B-parameter bf16 models (5 x 2.2 GB), warm; ours "
            "--no-fsync (median of 3), mergekit one run")

@@ -22,8 +22,8 @@ import pytest
 from bench_end_to_end import RESULTS, bench_command
 from conftest import record
 
-from mergealign_fast.demo import default_cache_dir
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio
+from mergealign_fast.tools.demo import default_cache_dir
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio
 
 SECTION = ("union vocabulary, task arithmetic of the 1.1B-parameter bf16 trio, the domain "
            "expert with 512 added tokens, warm; ours --no-fsync (median of 3), mergekit one run")

@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import drop_file, machine_line  # noqa: E402
 
-from mergealign_fast.bench import can_drop_caches, drop_caches  # noqa: E402
-from mergealign_fast.demo import default_cache_dir  # noqa: E402
-from mergealign_fast.synthetic import LLAMA_3B, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.tools.bench import can_drop_caches, drop_caches  # noqa: E402
+from mergealign_fast.tools.demo import default_cache_dir  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_3B, ensure_synthetic_trio  # noqa: E402
 
 MIB = 1 << 20
 

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import drop_file, machine_line, settle_memory  # noqa: E402
 
-from mergealign_fast.demo import default_cache_dir  # noqa: E402
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.tools.demo import default_cache_dir  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
 
 MERGES = {
     "merge --no-fsync": ["--no-fsync"],
@@ -31,7 +31,7 @@ MERGES = {
     "ties d=0.3 --no-fsync": ["--method", "ties", "--density", "0.3", "--no-fsync"],
 }
 
-CLI = "import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli import main; " \
+CLI = "import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli.main import main; " \
       "sys.exit(main(sys.argv[2:]))"
 
 # 64 Mi elements per input: 128 MiB of bf16, far beyond the caches, as in bench_kernel.py.

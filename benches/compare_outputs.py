@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CLI = ("import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli import main; "
+CLI = ("import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli.main import main; "
        "sys.exit(main(sys.argv[2:]))")
 MODELS = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
           "from mergealign_fast import merge_models; "
@@ -147,7 +147,7 @@ parameters: {{lambda: 0.9}}
 def build_inputs(work: Path) -> dict:
     """{name: folder} of the grid's models, written by the tree on sys.path (the new one)."""
     from mergealign_fast.dtypes import DType
-    from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+    from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
     roles = ("base", "domain", "aligned", "e3", "e4")
     found = {}

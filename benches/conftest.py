@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mergealign_fast.demo import default_cache_dir
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio
+from mergealign_fast.tools.demo import default_cache_dir
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio
 
 SUMMARY: dict = {}
 

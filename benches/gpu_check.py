@@ -45,15 +45,15 @@ sys.path.insert(1, str(ROOT / "tests"))  # the recipe grid of the kernel tests
 
 from mergealign_fast import Method, merge_checkpoints, merge_tensors  # noqa: E402
 from mergealign_fast.dtypes import DType, to_torch  # noqa: E402
-from mergealign_fast.engine import execute  # noqa: E402
+from mergealign_fast.engine.loop import execute  # noqa: E402
 from mergealign_fast.kernels import cpu as cpu_backend  # noqa: E402
 from mergealign_fast.kernels import cuda as cuda_backend  # noqa: E402
 from mergealign_fast.kernels import describe_backends  # noqa: E402
 from mergealign_fast.kernels.buffer import Buffer  # noqa: E402
-from mergealign_fast.manifest import verify_output  # noqa: E402
+from mergealign_fast.output.manifest import verify_output  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
-from mergealign_fast.synthetic import LLAMA_1B, LLAMA_TINY, ensure_synthetic_trio  # noqa: E402
-from mergealign_fast.writers.gpu import DEVICE_ROUNDING, SLOTS, GpuWriter  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_1B, LLAMA_TINY, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.engine.writers.gpu import DEVICE_ROUNDING, SLOTS, GpuWriter  # noqa: E402
 
 DTYPES = [DType.BF16, DType.F16, DType.F32]
 TABLE = []  # (check, result, target, verdict)
@@ -461,7 +461,7 @@ def mapped_vs_staged(trio) -> None:
 
 
 def drop_page_cache() -> bool:
-    from mergealign_fast.bench import can_drop_caches, drop_caches
+    from mergealign_fast.tools.bench import can_drop_caches, drop_caches
 
     if not can_drop_caches():
         return False

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergealign_fast.engine import execute  # noqa: E402
+from mergealign_fast.engine.loop import execute  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
-from mergealign_fast.writers.gpu import STAGE_BYTES, GpuWriter  # noqa: E402
+from mergealign_fast.engine.writers.gpu import STAGE_BYTES, GpuWriter  # noqa: E402
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mergealign_fast.synthetic import LLAMA_DEMO, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_DEMO, ensure_synthetic_trio  # noqa: E402
 from test_engine import all_tensors_bytes  # noqa: E402
 from test_resilience import kill_and_resume, merge_cmd  # noqa: E402
 

@@ -12,7 +12,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 
-from mergealign_fast import mergekit_backend
+from mergealign_fast.mergekit import backend as mergekit_backend
 
 
 def main(config_path: str, out: str) -> None:

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from mergealign_fast.io.vocabulary import VOCABULARY_TENSOR
+from mergealign_fast.vocabulary import VOCABULARY_TENSOR
 
 OUT = Path(os.environ.get("MERGEKIT_SUITE_OUT", "mergekit-suite.jsonl"))
 BACKEND = os.environ.get("MERGEKIT_SUITE_BACKEND") == "1"
@@ -85,7 +85,7 @@ def _wrapped(original):
 def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> None:
     """mergekit's run with our kernels into out_path (the test checks it), compared with a run
     of mergekit's own method."""
-    from mergealign_fast import mergekit_backend
+    from mergealign_fast.mergekit import backend as mergekit_backend
 
     method = merge_config.merge_method
     if method not in {*mergekit_backend.METHOD_NAMES, *mergekit_backend.SPEC_METHODS}:
@@ -146,7 +146,7 @@ def _compare(ours: Path, theirs: Path) -> dict:
     import numpy as np
     from mergealign_fast.dtypes import DType
     from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-    from mergealign_fast.reference import decode_to_f64
+    from mergealign_fast.methods.oracle import decode_to_f64
 
     mine, other = open_checkpoint(ours), open_checkpoint(theirs)
     names = {name: name for name in mine.tensors}
@@ -197,7 +197,7 @@ def _token_order(ours: Path, theirs: Path):
     adds tokens in its hash map's order, we in each model's id order), a function giving, for a
     vocabulary tensor of n rows, our row of each of their rows; None when the ids agree."""
     import numpy as np
-    from mergealign_fast.io.vocabulary import token_ids
+    from mergealign_fast.vocabulary import token_ids
 
     try:
         mine, other = token_ids(ours / "tokenizer.json"), token_ids(theirs / "tokenizer.json")

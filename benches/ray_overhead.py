@@ -23,12 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import machine_line  # noqa: E402
 
-from mergealign_fast.cluster import connect, merge_on_ray, sweep_on_ray  # noqa: E402
-from mergealign_fast.demo import default_cache_dir  # noqa: E402
-from mergealign_fast.engine import execute, execute_many  # noqa: E402
+from mergealign_fast.engine.cluster import connect, merge_on_ray, sweep_on_ray  # noqa: E402
+from mergealign_fast.tools.demo import default_cache_dir  # noqa: E402
+from mergealign_fast.engine.loop import execute, execute_many  # noqa: E402
 from mergealign_fast.plan import MergeOptions, parse_size, plan_merge  # noqa: E402
-from mergealign_fast.sweep import plan_sweep  # noqa: E402
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.plan.sweep import plan_sweep  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
 
 LAMBDAS = (0.25, 0.5, 0.75)
 

@@ -23,8 +23,8 @@ from cold_trio import (inputs_of, ours, read_and_write_floor, read_floor,  # noq
                        write_floor)
 from conftest import drop_file, machine_line  # noqa: E402
 
-from mergealign_fast.demo import default_cache_dir  # noqa: E402
-from mergealign_fast.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
+from mergealign_fast.tools.demo import default_cache_dir  # noqa: E402
+from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
 
 TOUCH = """
 import mmap, sys, time

@@ -20,11 +20,11 @@ from ._version import __version__
 # Public name -> the module that defines it.
 _EXPORTS = {
     "DType": "dtypes", "MergeError": "errors", "PlanError": "errors",
-    "MergeOptions": "plan", "MergeResult": "engine", "merge_checkpoints": "engine",
-    "merge_models": "engine",
-    "Method": "methods", "sweep_checkpoints": "sweep",
-    "merge_tensors": "tensors",  # pulls in numpy; the merge command does not need it
-    "merge_set_tensors": "tensors",
+    "MergeOptions": "plan", "MergeResult": "engine.loop", "merge_checkpoints": "engine.loop",
+    "merge_models": "engine.loop",
+    "Method": "methods", "sweep_checkpoints": "plan.sweep",
+    "merge_tensors": "engine.in_memory",  # pulls in numpy; the merge command does not need it
+    "merge_set_tensors": "engine.in_memory",
 }
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.dtypes import f32_to_bf16_bits
-from mergealign_fast.reference import decode_to_f64
-from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+from mergealign_fast.methods.oracle import decode_to_f64
+from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 
 def random_values(rng: np.random.Generator, count: int, dtype: DType,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.dtypes import SAFETENSORS_ITEMSIZE
-from mergealign_fast.manifest import verify_output
+from mergealign_fast.output.manifest import verify_output
 
 DTYPES = ["BF16", "F16", "F32", "I64", "F8_E4M3", "BOGUS"]
 CORRUPTIONS = ["none", "truncate", "length_past_end", "huge_length", "flip_byte", "bad_utf8",

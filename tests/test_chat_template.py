@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 from test_cli import assert_clean_error, run_cli
 
 pytest.importorskip("transformers")

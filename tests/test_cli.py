@@ -82,7 +82,8 @@ def test_demo_merges_and_checks_the_built_in_example(tmp_path):
 
 def test_demo_trained_outside_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys):
     """The miniature experiment is research code in examples/, not installed with the package."""
-    from mergealign_fast import cli, demo
+    from mergealign_fast.cli import main as cli
+    from mergealign_fast.tools import demo
 
     monkeypatch.setattr(demo, "__file__", str(tmp_path / "site-packages" / "pkg" / "demo.py"))
     assert cli.main(["demo", "--trained", "--cache-dir", str(tmp_path / "cache")]) == 2

@@ -5,14 +5,15 @@ cannot run."""
 import numpy as np
 import pytest
 
-from mergealign_fast import della, fusion, merge_checkpoints, merge_models, ram
+from mergealign_fast.methods.windows import della, fusion, ram
+from mergealign_fast import merge_checkpoints, merge_models
 from mergealign_fast.dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.mergekit_config import load
+from mergealign_fast.mergekit.config import load
 from mergealign_fast.methods import Method, resolve, set_method
 from mergealign_fast.plan import SET_ROLE
-from mergealign_fast.reference import decode_to_f64, della_ref, method_error_bound
+from mergealign_fast.methods.oracle import decode_to_f64, della_ref, method_error_bound
 
 from conftest import write_checkpoint
 
@@ -182,7 +183,7 @@ def test_arcee_fusion_within_the_fp32_bound_of_its_statement(tmp_path):
 def test_order_statistics_are_exact(tmp_path):
     """The two histogram passes find the same values as a sort, with heavy ties and both
     signs, on windows of any size."""
-    from mergealign_fast.order_stats import OrderStatistics, sortable_bits, value_of
+    from mergealign_fast.methods.windows.order_stats import OrderStatistics, sortable_bits, value_of
 
     rng = np.random.default_rng(2)
     values = np.round(rng.standard_normal(2_003) * 4) / 4  # many equal values
@@ -224,7 +225,7 @@ def test_run_configs(tmp_path):
         if name == "ramplus_tl":
             assert (s.r, s.alpha) == (0.05, 1.0)
             assert any("`weight` does not apply to ramplus_tl" in w for w in run.warnings)
-        from mergealign_fast.cli import main
+        from mergealign_fast.cli.main import main
 
         assert main(["run", str(config), str(tmp_path / f"out-{name}")]) == 0
         assert (tmp_path / f"out-{name}" / "model.safetensors").exists()
@@ -306,7 +307,7 @@ def test_a_della_sweep_is_its_merges(tmp_path):
 def test_odd_shapes(tmp_path, method):
     """A scalar, a column, an empty tensor and a one-row tensor beside an ordinary one: each
     within the fp32 bound of its statement (the empty one empty)."""
-    from mergealign_fast import sce
+    from mergealign_fast.methods.windows import sce
 
     shapes = {"scalar": (), "column": (5, 1), "empty": (0, 4), "row": (1, 7), "w": (6, 5)}
     count = 1 if method == "arcee_fusion" else 3

@@ -14,9 +14,9 @@ import pytest
 
 from mergealign_fast import MergeError, Method, PlanError, merge_checkpoints, merge_tensors
 from mergealign_fast.kernels import cpu
-from mergealign_fast.manifest import MANIFEST, verify_output
+from mergealign_fast.output.manifest import MANIFEST, verify_output
 from mergealign_fast.output import partial_dir_for
-from mergealign_fast.sweep import sweep_checkpoints
+from mergealign_fast.plan.sweep import sweep_checkpoints
 
 from conftest import small_model, write_checkpoint
 from test_engine import FailingNative, all_tensors_bytes, leftovers
@@ -268,15 +268,15 @@ def test_lambdas_that_differ_past_six_digits_get_their_own_folders(tiny_trio, tm
 # ---- the command line's own edges -------------------------------------------------------------
 
 def test_ctrl_c_while_loading_is_one_line(monkeypatch, capsys):
-    from mergealign_fast import entry
+    from mergealign_fast.cli import entry
 
     class Interrupting:
         def find_spec(self, name, path=None, target=None):
-            if name == "mergealign_fast.cli":
+            if name == "mergealign_fast.cli.main":
                 raise KeyboardInterrupt
             return None
 
-    monkeypatch.delitem(sys.modules, "mergealign_fast.cli", raising=False)
+    monkeypatch.delitem(sys.modules, "mergealign_fast.cli.main", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handlers alone
     assert entry.main() == entry.EXIT_INTERRUPTED
@@ -308,7 +308,7 @@ def test_verify_checks_the_side_files_and_names_a_missing_folder(tiny_trio, tmp_
 
 
 def test_inspect_says_when_it_cannot_plot_and_when_cosine_is_undefined(tiny_trio, tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; from mergealign_fast.cli import main;"
+    code = ("import sys; sys.modules['matplotlib'] = None; from mergealign_fast.cli.main import main;"
             " sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "inspect", tiny_trio["base"],
                            tiny_trio["base"], tiny_trio["aligned"], "-o", tmp_path / "report"],
@@ -349,9 +349,9 @@ def nan_trio(root):
 
 @pytest.mark.parametrize("writer", ["cpu", "gpu writer on the cpu"])
 def test_nan_and_inf_in_the_output_are_counted(tmp_path, writer):
-    from mergealign_fast.engine import execute
+    from mergealign_fast.engine.loop import execute
     from mergealign_fast.plan import MergeOptions, plan_merge
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     trio = nan_trio(tmp_path)
     plan = plan_merge(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
@@ -494,18 +494,18 @@ def test_an_interrupt_wrapped_by_class_creation_is_still_an_interrupt(monkeypatc
     """A SIGTERM that lands while an import creates a dataclass reaches us as a RuntimeError
     whose cause is the interrupt (Python 3.11): still one line, exit 143 (found by the torture
     test)."""
-    from mergealign_fast import entry
+    from mergealign_fast.cli import entry
 
     class Interrupting:
         def find_spec(self, name, path=None, target=None):
-            if name == "mergealign_fast.cli":
+            if name == "mergealign_fast.cli.main":
                 try:
                     raise entry.Terminated()
                 except entry.Terminated as exc:
                     raise RuntimeError("Error calling __set_name__") from exc
             return None
 
-    monkeypatch.delitem(sys.modules, "mergealign_fast.cli", raising=False)
+    monkeypatch.delitem(sys.modules, "mergealign_fast.cli.main", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert entry.main([]) == entry.EXIT_TERMINATED

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mergealign_fast import MergeError, PlanError, merge_checkpoints, merge_tensors, stream
+from mergealign_fast import MergeError, PlanError, merge_checkpoints, merge_tensors
+from mergealign_fast.io import stream
 from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.kernels import cpu
-from mergealign_fast.oracle_check import check_against_oracle
-from mergealign_fast.synthetic import LLAMA_TINY, write_synthetic_model
+from mergealign_fast.tools.oracle_check import check_against_oracle
+from mergealign_fast.tools.synthetic import LLAMA_TINY, write_synthetic_model
 
 ROLES = ("base", "domain", "aligned")
 
@@ -231,9 +232,9 @@ def test_an_unknown_option_is_named_before_anything_is_read(tiny_trio, tmp_path)
 
 
 def test_both_writers_follow_the_writer_protocol():
-    from mergealign_fast.writers import Writer
-    from mergealign_fast.writers.cpu import CpuWriter
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers import Writer
+    from mergealign_fast.engine.writers.cpu import CpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     for writer in (CpuWriter, GpuWriter):
         assert all(callable(getattr(writer, name, None))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mergealign_fast.cli import main
+from mergealign_fast.cli.main import main
 from mergealign_fast.errors import MergeError
 from mergealign_fast.evaluation.judges import RefusalJudge, guard_verdict
 from mergealign_fast.evaluation.prompts import read_prompts

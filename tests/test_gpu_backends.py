@@ -22,10 +22,10 @@ import torch  # noqa: E402
 
 from mergealign_fast import MergeError, merge_checkpoints, merge_tensors  # noqa: E402
 from mergealign_fast.dtypes import DType, to_torch  # noqa: E402
-from mergealign_fast.engine import execute  # noqa: E402
+from mergealign_fast.engine.loop import execute  # noqa: E402
 from mergealign_fast.methods import Method  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
-from mergealign_fast.reference import merge_error_bound, merge_ref  # noqa: E402
+from mergealign_fast.methods.oracle import merge_error_bound, merge_ref  # noqa: E402
 
 from conftest import random_values  # noqa: E402
 from test_engine import all_tensors_bytes  # noqa: E402
@@ -104,7 +104,7 @@ def test_cuda_extension_is_built_for_hopper_and_reports_a_missing_gpu():
 
 
 def test_importing_the_package_loads_no_gpu_code():
-    code = ("import sys, mergealign_fast, mergealign_fast.kernels, mergealign_fast.engine; "
+    code = ("import sys, mergealign_fast, mergealign_fast.kernels, mergealign_fast.engine.loop; "
             "print([m for m in ('torch', 'triton', 'mergealign_fast._cuda') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -119,7 +119,7 @@ SMALL_BUDGET = 4 * 8 * 4096 + 2048
 
 
 def gpu_writer_merge(trio, out, budget, backend, method=None, **writer_options):
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     plan = plan_merge(trio["base"], trio["domain"], trio["aligned"], out,
                       MergeOptions(domain_weight=0.3, align_weight=0.9, max_shard_size=100_000,
@@ -303,7 +303,7 @@ def test_inf_minus_inf_is_the_canonical_nan_on_every_path():
 @pytest.fixture(scope="module")
 def wide_trio(tmp_path_factory):
     """One layer and a 4M-element embedding: a tensor larger than a small budget's chunk."""
-    from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
+    from mergealign_fast.tools.synthetic import LlamaShape, ensure_synthetic_trio
 
     shape = LlamaShape(hidden=128, intermediate=256, layers=1, heads=2, kv_heads=1,
                        vocab=32768)
@@ -315,8 +315,8 @@ def test_device_and_pinned_memory_stay_within_the_budget_with_the_allocator_roun
         wide_trio, tmp_path, budget):
     """On a GPU the staging is SLOTS slots of the chunk on the device (torch rounds the one
     allocation up to 2 MiB) and as much pinned (page-rounded): both within --gpu-memory."""
-    from mergealign_fast.writers.gpu import (DEVICE_ROUNDING, SLOTS, STAGE_BYTES,
-                                             chunk_elements_for)
+    from mergealign_fast.engine.writers.gpu import (DEVICE_ROUNDING, SLOTS, STAGE_BYTES,
+                                                    chunk_elements_for)
 
     plan = plan_merge(wide_trio["base"], wide_trio["domain"], wide_trio["aligned"],
                       tmp_path / "out", MergeOptions())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mergealign_fast import MergeError, merge_checkpoints
-from mergealign_fast.engine import execute
+from mergealign_fast.engine.loop import execute
 from mergealign_fast.kernels import cpu
-from mergealign_fast.manifest import verify_output
+from mergealign_fast.output.manifest import verify_output
 from mergealign_fast.methods import Method
 from mergealign_fast.plan import MergeOptions, plan_merge
 
@@ -77,7 +77,7 @@ def test_fill_from_a_truncated_input_is_efault_not_sigbus(tmp_path):
 
 
 def test_staged_writer_writes_checksums_and_counts_in_order(tmp_path):
-    from mergealign_fast.manifest import file_crc32c
+    from mergealign_fast.output.manifest import file_crc32c
 
     rng = np.random.default_rng(1)
     chunks = [rng.standard_normal(n).astype(np.float32) for n in (1000, 1, 4096)]
@@ -137,7 +137,7 @@ TINY_BUDGET = 4 * 8 * 4096
 
 
 def merge_both_ways(trio, tmp_path, method, **writer_options):
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     extra = {"method": method} if method else {}
     merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "cpu",
@@ -178,7 +178,7 @@ def test_input_truncated_under_the_gpu_writer_is_reported_not_a_crash(tiny_trio,
                                                                      monkeypatch):
     """The fill reads the mapped inputs under the SIGBUS guard: a truncated input is the
     one-line "input changed" error, and nothing is published."""
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     trio = {r: tmp_path / r for r in tiny_trio}
     for role, folder in tiny_trio.items():
@@ -208,7 +208,7 @@ def test_input_truncated_under_the_gpu_writer_is_reported_not_a_crash(tiny_trio,
 def test_close_after_an_error_stops_the_writer_and_frees_the_staging(tiny_trio, tmp_path):
     """An error between stages (here: a chunk handed to a file descriptor that is closed) must
     leave no thread or buffer behind: close() waits, stops the writer, frees the memory."""
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     plan = plan_merge(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                       tmp_path / "out", MergeOptions())
@@ -243,7 +243,7 @@ class _BrokenFiles:
 def test_a_failed_device_call_is_one_line_naming_the_tensor(tiny_trio, tmp_path):
     """A CUDA call that fails mid-merge (an illegal address, a lost device) ends the merge with
     one line naming the tensor, the pipeline closed and nothing published."""
-    from mergealign_fast.writers.gpu import GpuWriter
+    from mergealign_fast.engine.writers.gpu import GpuWriter
 
     plan = plan_merge(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                       tmp_path / "out", MergeOptions())

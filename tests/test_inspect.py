@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mergealign_fast.dtypes import DType
-from mergealign_fast.inspect_vectors import inspect_checkpoints, layer_of, write_reports
+from mergealign_fast.tools.inspect_vectors import inspect_checkpoints, layer_of, write_reports
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.reference import decode_to_f64
-from mergealign_fast.synthetic import LLAMA_TINY, write_synthetic_model
+from mergealign_fast.methods.oracle import decode_to_f64
+from mergealign_fast.tools.synthetic import LLAMA_TINY, write_synthetic_model
 
 from conftest import small_model, write_checkpoint
 
@@ -74,7 +74,7 @@ def test_cli_prints_a_summary_and_rejects_mismatched_models(tiny_trio, tmp_path)
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_statistics_do_not_depend_on_chunking(tiny_trio, monkeypatch, threads):
-    from mergealign_fast import stream
+    from mergealign_fast.io import stream
 
     whole = inspect_checkpoints(tiny_trio["base"], tiny_trio["domain"], tiny_trio["aligned"],
                                 threads=threads)

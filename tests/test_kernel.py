@@ -13,7 +13,7 @@ import torch
 
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, f32_to_bf16_bits, storage_numpy_dtype
-from mergealign_fast.reference import merge_error_bound, merge_ref, spacing
+from mergealign_fast.methods.oracle import merge_error_bound, merge_ref, spacing
 
 from conftest import as_f64, random_values
 

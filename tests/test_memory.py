@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mergealign_fast.dtypes import DType
-from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LlamaShape, ensure_synthetic_trio
 
 # One 96M-element embedding dominates: 192 MB per model in bf16.
 BIG_EMBEDDING = LlamaShape(hidden=3072, intermediate=64, layers=1, heads=1, kv_heads=1,

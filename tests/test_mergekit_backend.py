@@ -10,7 +10,7 @@ pytest.importorskip("mergekit")
 
 import yaml  # noqa: E402
 
-from mergealign_fast import mergekit_backend  # noqa: E402
+from mergealign_fast.mergekit import backend as mergekit_backend  # noqa: E402
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements  # noqa: E402
 
 CONFIGS = {
@@ -240,7 +240,7 @@ def test_inside_mergekit_gives_the_model_of_the_run_command(tiny_trio, tmp_path_
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+    from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
     extra = ensure_synthetic_trio(tmp_path_factory.mktemp("extra"), LLAMA_TINY, seed=4) \
         if "models" in name else {}  # two more fine-tunes of the same shapes

@@ -165,7 +165,7 @@ def test_random_seed_seeds_dare_where_the_config_sets_none(config, tmp_path):
 
 
 def test_the_console_script_is_mergekit_yaml_s_command_line(config, tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import sys; from mergealign_fast.entry "
+    done = subprocess.run([sys.executable, "-c", "import sys; from mergealign_fast.cli.entry "
                            "import mergekit_yaml; sys.exit(mergekit_yaml())", str(config),
                            str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -16,8 +16,7 @@ from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.methods import METHODS, Method, keep_count, resolve, slerp_coefficients
 from mergealign_fast.dtypes import f32_to_bf16_bits
-from mergealign_fast.reference import (method_error_bound, method_ref,
-                                       random_draw24)
+from mergealign_fast.methods.oracle import method_error_bound, method_ref, random_draw24
 
 from conftest import as_f64, random_values
 
@@ -227,7 +226,8 @@ def test_checkpoint_merge_equals_per_tensor_merges_across_windows_and_threads(
     """A chunked, threaded checkpoint merge draws the same masks and thresholds as one call on
     the whole tensor: DARE keys by element index, the selections sum exact counts, the ties
     kept are found across windows."""
-    from mergealign_fast import merge_checkpoints, stream
+    from mergealign_fast import merge_checkpoints
+    from mergealign_fast.io import stream
     from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 
     monkeypatch.setattr(stream, "WINDOW_BYTES", 4096)  # many windows per tensor

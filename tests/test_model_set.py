@@ -18,7 +18,7 @@ from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.kernels import cpu
 from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, resolve, set_method
 from mergealign_fast.plan import MAX_SET_MODELS, SET_ROLE
-from mergealign_fast.reference import decode_to_f64, method_error_bound, method_ref
+from mergealign_fast.methods.oracle import decode_to_f64, method_error_bound, method_ref
 
 from conftest import random_values, write_checkpoint
 
@@ -162,7 +162,7 @@ def test_the_same_bits_on_any_thread_count_and_chunking(tmp_path, monkeypatch):
                for f in folders[1:]]
     outputs = []
     for threads, window in [(1, 1 << 25), (2, 4096)]:
-        from mergealign_fast import stream
+        from mergealign_fast.io import stream
         monkeypatch.setattr(stream, "WINDOW_BYTES", window)
         out = tmp_path / f"out{threads}"
         merge_models(folders[0], entries, out, method="dare_ties", threads=threads)

@@ -8,14 +8,15 @@ import zlib
 import numpy as np
 import pytest
 
-from mergealign_fast import merge_checkpoints, merge_tensors, per_vector, sweep_checkpoints
+from mergealign_fast import merge_checkpoints, merge_tensors, sweep_checkpoints
+from mergealign_fast.methods.windows import per_vector
 from mergealign_fast.dtypes import DType
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.mergekit_config import load
+from mergealign_fast.mergekit.config import load
 from mergealign_fast.methods import Method, resolve
 from mergealign_fast.plan import MergeOptions, plan_set
-from mergealign_fast.reference import decode_to_f64, method_error_bound, method_ref
+from mergealign_fast.methods.oracle import decode_to_f64, method_error_bound, method_ref
 
 from conftest import write_checkpoint
 

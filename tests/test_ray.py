@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from mergealign_fast.cluster import _groups
-from mergealign_fast.manifest import verify_output
+from mergealign_fast.engine.cluster import _groups
+from mergealign_fast.output.manifest import verify_output
 from mergealign_fast.output import partial_dir_for
-from mergealign_fast.synthetic import LLAMA_TINY, LlamaShape, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LLAMA_TINY, LlamaShape, ensure_synthetic_trio
 from ray_cluster import cluster_env, run_cli, start_head, stop
 
 pytest.importorskip("ray")

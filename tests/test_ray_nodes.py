@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 from ray_cluster import (RAY, cluster_env, node_options, run_cli, start_head, stop,
                          wait_for_nodes)
 

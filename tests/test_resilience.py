@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from mergealign_fast import MergeError, merge_checkpoints
-from mergealign_fast.manifest import MANIFEST, verify_output
+from mergealign_fast.output.manifest import MANIFEST, verify_output
 from mergealign_fast.output import partial_dir_for
 from mergealign_fast.kernels import cpu
 from mergealign_fast.methods import Method
-from mergealign_fast.synthetic import LlamaShape, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LlamaShape, ensure_synthetic_trio
 
 from test_engine import FailingNative, all_tensors_bytes, leftovers
 
@@ -292,7 +292,7 @@ def test_disk_filling_during_the_merge_is_a_clear_error_and_resumable(medium_tri
     """Another writer takes the space after the checks: the shard that cannot be reserved
     fails with ENOSPC, completed shards stay in the partial folder, and once space is freed
     --resume finishes the job."""
-    from mergealign_fast.engine import execute
+    from mergealign_fast.engine.loop import execute
     from mergealign_fast.plan import MergeOptions, parse_size, plan_merge
 
     out = small_fs / "out"

@@ -11,10 +11,10 @@ from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, f32_to_bf16_bits
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.mergekit_config import load
+from mergealign_fast.mergekit.config import load
 from mergealign_fast.methods import TRIO_MODELS, Method, resolve
 from mergealign_fast.plan import SET_ROLE
-from mergealign_fast.reference import method_error_bound, method_ref
+from mergealign_fast.methods.oracle import method_error_bound, method_ref
 
 from conftest import as_f64
 
@@ -41,7 +41,7 @@ def tiny_set(tmp_path_factory):
     """The tiny trio's shape with two more fine-tunes of its base, in fp32: TIES then finds no
     ties at its thresholds (in bf16 they are common, and mergekit keeps an arbitrary subset of
     them where we keep the first in index order)."""
-    from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+    from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
     return ensure_synthetic_trio(tmp_path_factory.mktemp("tiny_set"), LLAMA_TINY, seed=3,
                                  roles=SET, dtype=DType.F32)
@@ -385,7 +385,7 @@ def test_two_model_methods_name_the_model_count(tiny_set, tmp_path):
 def test_models_stored_in_different_dtypes_merge_to_float32_as_in_mergekit(tmp_path):
     """Without `dtype`, torch promotes bf16 + fp32 to fp32 in mergekit: so does `run` (the
     `merge` command keeps the base model's dtype, its documented rule)."""
-    from mergealign_fast.synthetic import LLAMA_TINY, write_synthetic_model
+    from mergealign_fast.tools.synthetic import LLAMA_TINY, write_synthetic_model
 
     trio = {}
     for role, dtype in (("base", DType.BF16), ("domain", DType.F32), ("aligned", DType.BF16)):

@@ -4,13 +4,14 @@ threshold, through `run`, and refused off the CPU path."""
 import numpy as np
 import pytest
 
-from mergealign_fast import merge_checkpoints, merge_models, sce
+from mergealign_fast import merge_checkpoints, merge_models
+from mergealign_fast.methods.windows import sce
 from mergealign_fast.dtypes import DType
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.mergekit_config import load
+from mergealign_fast.mergekit.config import load
 from mergealign_fast.methods import Method
-from mergealign_fast.reference import method_error_bound
+from mergealign_fast.methods.oracle import method_error_bound
 
 from conftest import write_checkpoint
 
@@ -76,7 +77,7 @@ def test_selection_counts_exactly_k(tmp_path):
     """The threshold passes find the k-th largest variance exactly (ties included)."""
     from mergealign_fast.methods import resolve
     from mergealign_fast.plan import SET_ROLE
-    from mergealign_fast.stream import InputMaps, tensor_chunks
+    from mergealign_fast.io.stream import InputMaps, tensor_chunks
 
     _, taus = _models(tmp_path, 3, (50, 40), seed=4, quantum=0.02)
     var = np.stack(taus).var(axis=0).astype(np.float32)

@@ -235,10 +235,10 @@ def test_a_merge_by_slices_is_mergekit_s_merge(three_llamas, tmp_path, text):
     against mergekit's)."""
     pytest.importorskip("mergekit")
     from mergealign_fast.dtypes import DType
-    from mergealign_fast.mergekit_config import load
+    from mergealign_fast.mergekit.config import load
     from mergealign_fast.plan import MergeOptions
-    from mergealign_fast.reference import decode_to_f64, method_error_bound, method_ref
-    from mergealign_fast.slices import plan_sliced_merge
+    from mergealign_fast.methods.oracle import decode_to_f64, method_error_bound, method_ref
+    from mergealign_fast.plan.slices import plan_sliced_merge
 
     config = tmp_path / "config.yml"
     config.write_text(text.format(**three_llamas))

@@ -17,7 +17,7 @@ from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint
 from mergealign_fast.methods import Method, keep_count, resolve
-from mergealign_fast.reference import method_error_bound, method_ref
+from mergealign_fast.methods.oracle import method_error_bound, method_ref
 
 mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
@@ -260,7 +260,8 @@ def test_sce_the_same_as_mergekit(select_topk, tmp_path):
     """mergekit's sce over a base and three models, fp32.  Its variances are torch's fp32
     reduction, ours fp32 sums in model order: an element at the selection's threshold may fall
     on the other side, so all but a handful of elements must agree within the fp32 bound."""
-    from mergealign_fast import merge_models, sce
+    from mergealign_fast import merge_models
+    from mergealign_fast.methods.windows import sce
 
     from conftest import write_checkpoint
 
@@ -362,7 +363,7 @@ def _ours(tmp_path, count, method, parameters, per_model=None):
                                               ("ramplus_tl", {"r": 0.05, "alpha": 1.0})])
 def test_ram_the_same_as_mergekit(name, parameters, tmp_path):
     """RAM and RAM+ over a base and three sparse fine-tunes, fp32: deterministic in both."""
-    from mergealign_fast import ram
+    from mergealign_fast.methods.windows import ram
 
     base, models = _sparse_set(tmp_path, 3, seed=len(name) + len(parameters))
     ours = _ours(tmp_path, 3, name, parameters)
@@ -397,7 +398,7 @@ def test_della_the_same_as_mergekit(name, tmp_path):
     come from other generators, so the fraction of elements moved and the L1 of the update must
     agree statistically."""
     from mergealign_fast.methods import resolve, set_method
-    from mergealign_fast.reference import della_ref
+    from mergealign_fast.methods.oracle import della_ref
     from mergealign_fast.plan import SET_ROLE
 
     base, models = _sparse_set(tmp_path, 3, seed=21)

@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mergealign_fast import merge_checkpoints
-from mergealign_fast import entry
-from mergealign_fast.manifest import MANIFEST, verify_output
+from mergealign_fast.cli import entry
+from mergealign_fast.output.manifest import MANIFEST, verify_output
 from mergealign_fast.output import PARTIAL_SUFFIX
-from mergealign_fast.synthetic import LLAMA_TINY, ensure_synthetic_trio
+from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 ROLES = ("base", "domain", "aligned")
 WEIGHTS = [(0.5, 0.5), (0.3, 0.9)]

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import MergeError, PlanError
-from ..engine import execute
+from ..engine.loop import execute
 from ..plan import MergeOptions, MergePlan, plan_merge
 from ..progress import Progress, human_bytes
-from ..sweep import lambda_folder, plan_sweep, sweep_checkpoints
+from ..plan.sweep import lambda_folder, plan_sweep, sweep_checkpoints
 from .evaluate import EvalSettings, Evaluator, write_json_atomic
 from .report import write_reports
 
@@ -172,7 +172,7 @@ def _tune_on_ray(address: str, first: MergePlan, pending: List[Cell], inputs: Di
                  progress: bool) -> None:
     """Each cell a Ray task that merges on the node that evaluates it (a GPU task where the
     evaluation is on a GPU); at most `size` cells at once, so the merges fit the disk."""
-    from ..cluster import Task, check_nodes, connect, input_files, run_tasks, task_resources
+    from ..engine.cluster import Task, check_nodes, connect, input_files, run_tasks, task_resources
 
     cpus, gpus = task_resources(evaluator.settings.device, first.options.threads)
     ray = connect(address)

@@ -1,0 +1,288 @@
+"""Input streaming: the memory-mapped input files, and any tensor's three inputs in windows.
+
+Every pass over input data goes through `tensor_chunks`: the merge's writers (CPU and GPU), the
+methods' statistics passes and `inspect`.  A merge hands its whole reading order to one native
+read-ahead thread (`InputMaps.read_ahead`), which keeps the storage busy a fixed depth ahead of
+the chunks; a pass outside a merge asks the kernel to read each next window ahead.  A window's
+pages are released from this process once used (they stay in the page cache), so resident input
+memory stays at a few windows whatever the model size.  An input truncated or replaced while
+mapped is caught in the kernel (InputChanged) and by comparing file identities before a merge is
+published (`check_inputs_unchanged`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+from ..dtypes import DType
+from ..errors import MergeError
+from .checkpoint import Checkpoint, TensorLocation
+from ..kernels import cpu
+
+if TYPE_CHECKING:
+    from ..vocabulary.tokens import TensorRows
+
+# Output bytes per native call.  Between calls the window's input pages are released, so resident
+# input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of
+# output a call lasts ~8 ms, so the Python loop and thread start-up (~0.1 ms) cost about 1%.
+WINDOW_BYTES = 32 << 20
+
+# The read-ahead thread (csrc/read_ahead.h) keeps this many input bytes requested beyond the
+# merge's position, asked for in pieces of READ_AHEAD_PIECE per input, interleaved as the merge
+# reads them.  Set from the cold 3B-trio measurements in benches/RESULTS.md.
+READ_AHEAD_BYTES = 512 << 20
+READ_AHEAD_PIECE = 8 << 20
+# MERGEALIGN_READ_AHEAD: how the thread asks (advise: posix_fadvise WILLNEED, read: pread into a
+# scratch buffer) or off (the kernel's own readahead only); MERGEALIGN_READ_AHEAD_BYTES: the
+# depth, for measuring others (benches/cold_trio.py).
+READ_AHEAD_MODES = {"advise": 0, "read": 1}
+
+
+def read_ahead_settings() -> Optional[Tuple[int, int]]:
+    """(mode code, depth in bytes) of the read-ahead thread from the environment, None when it
+    is off; a value it cannot use is a MergeError (checked before a merge creates anything)."""
+    mode = os.environ.get("MERGEALIGN_READ_AHEAD", "advise")
+    if mode == "off":
+        return None
+    if mode not in READ_AHEAD_MODES:
+        raise MergeError(f"MERGEALIGN_READ_AHEAD={mode}: expected one of "
+                         f"{', '.join([*READ_AHEAD_MODES, 'off'])}")
+    depth = READ_AHEAD_BYTES
+    if os.environ.get("MERGEALIGN_READ_AHEAD_BYTES"):
+        from ..plan import parse_size  # plan imports this module
+
+        try:
+            depth = parse_size(os.environ["MERGEALIGN_READ_AHEAD_BYTES"])
+        except ValueError as exc:
+            raise MergeError(f"MERGEALIGN_READ_AHEAD_BYTES: {exc}") from None
+    return READ_AHEAD_MODES[mode], depth
+
+
+class InputChanged(MergeError):
+    """An input's pages vanished while the kernel read them (truncated while mapped)."""
+
+
+class InputMaps:
+    """Every file of the given checkpoints, memory-mapped once (a folder given twice shares
+    maps)."""
+
+    def __init__(self, checkpoints: Iterable[Checkpoint]):
+        self.checkpoints = list(checkpoints)
+        self.maps: Dict[Path, object] = {}
+        self.reader = None  # the native ReadAhead, once read_ahead() started it
+        self._positions: Dict[tuple, Tuple[int, int]] = {}  # tensor -> (position, bytes/element)
+        self._stack = ExitStack()
+        native = cpu.native()
+        for checkpoint in self.checkpoints:
+            for loc in checkpoint.tensors.values():
+                if loc.file not in self.maps:
+                    self.maps[loc.file] = self._open(native, loc.file)
+
+    def _open(self, native, path: Path):
+        try:
+            mapped = native.MappedFile(str(path))
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot map: {exc.strerror}") from None
+        self._stack.callback(mapped.close)
+        return mapped
+
+    def check_unchanged(self) -> None:
+        """Each input is still the file whose header was read (before any compute)."""
+        for checkpoint in self.checkpoints:
+            for loc in checkpoint.tensors.values():
+                if self.maps[loc.file].size < loc.entry.end:
+                    raise MergeError(f"{loc.file}: file shrank since its header was read "
+                                     f"(now {self.maps[loc.file].size} bytes)")
+
+    def read_ahead(self, tensors: Sequence[Sequence[TensorLocation]],
+                   settings: Tuple[int, int]) -> None:
+        """Start a native thread reading the inputs of `tensors` (each a tensor's sources, in the
+        order the merge will read them) ahead of the merge; settings: (mode, depth) from
+        read_ahead_settings().  The merge's chunks report where it is (tensor_chunks).  The
+        thread stops with the maps."""
+        mode, depth = settings
+        native = cpu.native()
+        files = {path: i for i, path in enumerate(self.maps)}
+        ranges, position = [], 0
+        for sources in tensors:
+            key = _tensor_key(sources)
+            count = sources[0].entry.count
+            if key in self._positions or count == 0:
+                continue
+            itemsizes = [loc.entry.nbytes // count for loc in sources]
+            per_element = sum(itemsizes)
+            self._positions[key] = (position, per_element)
+            step = max(1, READ_AHEAD_PIECE // max(itemsizes))
+            for start in range(0, count, step):
+                n = min(step, count - start)
+                for loc, size in zip(sources, itemsizes):
+                    ranges.append(native.ReadAheadRange(
+                        files[loc.file], loc.entry.begin + start * size, n * size,
+                        position + start * per_element))
+            position += count * per_element
+        self.reader = native.ReadAhead([m.fd for m in self.maps.values()], ranges, depth, mode)
+        self._stack.callback(self.reader.stop)  # registered last: stops before the maps close
+
+    def reached(self, sources: Sequence[TensorLocation], element: int) -> None:
+        """The merge is reading `sources` up to `element`: the reader may run further."""
+        known = self._positions.get(_tensor_key(sources)) if self.reader is not None else None
+        if known is not None:
+            position, per_element = known
+            self.reader.reached(position + element * per_element)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [start, start+count) of one tensor: where its inputs lie and, for a merge,
+    where its output goes."""
+
+    start: int
+    count: int
+    inputs: Tuple[Tuple[object, int, int], ...]  # (mapped file, byte offset, byte length) each
+    dtypes: Tuple[DType, ...]  # base, then the models (the trio: domain, aligned)
+    file_offset: int  # of the chunk's first output byte in the shard (0 for read-only passes)
+    input_cast: int = -1  # MergeOptions.input_cast
+
+    def addresses(self) -> Tuple[int, ...]:
+        return tuple(mapped.address + offset for mapped, offset, _ in self.inputs)
+
+    def operands(self, out_dtype: Optional[DType] = None):
+        """The native Operands of this chunk, a trio (out_dtype: of a merge; None for
+        statistics)."""
+        (b, d, a), (db, dd, da) = self.addresses(), self.dtypes
+        return cpu.native().Operands(b, int(db), d, int(dd), a, int(da), self.count,
+                                     int(out_dtype or DType.F32), self.start, self.input_cast)
+
+    def set_operands(self, out_dtype: DType):
+        """The native SetOperands of this chunk: a base and any number of models."""
+        addresses = self.addresses()
+        return cpu.native().SetOperands(addresses[0], int(self.dtypes[0]), list(addresses[1:]),
+                                        [int(d) for d in self.dtypes[1:]], self.count,
+                                        int(out_dtype), self.start, self.input_cast)
+
+    def release_inputs(self) -> None:
+        """Drop the chunk's input pages from this process (they stay in the page cache)."""
+        for mapped, offset, length in self.inputs:
+            mapped.release(offset, length)
+
+
+class ResidentInput:
+    """A chunk input that is the caller's memory (merge_tensors' buffers): nothing to release."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def release(self, offset: int, length: int) -> None:
+        """Nothing: the caller owns the memory."""
+
+
+class HeldInput:
+    """A chunk input in memory of its own (rows gathered by token, inputs scaled or merged in
+    numpy): an address, a dtype, a byte count, and a release that drops, once, the source
+    pages it was made from (`touched`: (mapped file, offset, length) each, one list shared by
+    the chunk's inputs)."""
+
+    def __init__(self, values, dtype: DType, touched: list):
+        self.values = values
+        self.address = values.ctypes.data
+        self.dtype = dtype
+        self.nbytes = values.nbytes
+        self._touched = touched
+
+    def release(self, offset: int, length: int) -> None:
+        while self._touched:
+            mapped, start, nbytes = self._touched.pop()
+            mapped.release(start, nbytes)
+
+
+def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
+    return tuple((loc.file, loc.entry.begin) for loc in sources)
+
+
+def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
+                  file_offset: int = 0, out_itemsize: int = 0, input_cast: int = -1,
+                  rows: Optional[TensorRows] = None) -> Iterator[Chunk]:
+    """The tensor whose inputs are `sources` (base, domain, aligned) in chunks of at most
+    max_elements.  Each chunk tells the maps' reader where the merge is; without a reader (a
+    pass outside a merge) it asks the kernel to read the next chunk ahead.  A merge gives where
+    the tensor's output starts in its shard and the output element size, to place each chunk's
+    output.  A vocabulary tensor merged by token (`rows`) is gathered window by window."""
+    if rows is not None:
+        yield from _gathered_chunks(sources, rows, maps, max_elements, file_offset,
+                                    out_itemsize, input_cast)
+        return
+    mapped = [maps.maps[loc.file] for loc in sources]
+    dtypes = tuple(DType[loc.entry.dtype] for loc in sources)
+    count = sources[0].entry.count
+    for start in range(0, count, max_elements):
+        n = min(max_elements, count - start)
+        inputs = tuple((m, loc.entry.begin + start * dtype.itemsize, n * dtype.itemsize)
+                       for m, loc, dtype in zip(mapped, sources, dtypes))
+        if maps.reader is not None:
+            # The chunk's end: the merge needs all of it now, so the depth counts from there
+            # (a GPU chunk can be a whole tensor of hundreds of MB).
+            maps.reached(sources, start + n)
+        else:
+            for m, offset, length in inputs:
+                m.prefetch(offset + length, length)
+        yield Chunk(start, n, inputs, dtypes, file_offset + start * out_itemsize, input_cast)
+
+
+def _gathered_chunks(sources: Sequence[TensorLocation], rows: TensorRows, maps: InputMaps,
+                     max_elements: int, file_offset: int, out_itemsize: int,
+                     input_cast: int) -> Iterator[Chunk]:
+    """tensor_chunks of a vocabulary tensor: whole output rows, each input's gathered by token
+    into memory of its own (vocabularies.TensorRows)."""
+    step = max(1, max_elements // max(1, rows.width))
+    for first in range(0, rows.shape[0], step):
+        n = min(step, rows.shape[0] - first)
+        gathered = rows.gather(maps, sources, first, n)
+        start = first * rows.width
+        yield Chunk(start, n * rows.width, tuple((g, 0, g.nbytes) for g in gathered),
+                    tuple(g.dtype for g in gathered), file_offset + start * out_itemsize,
+                    input_cast)
+
+
+def pass_chunks(sources: Sequence[TensorLocation], maps: InputMaps, input_cast: int = -1,
+                rows: Optional[TensorRows] = None) -> Iterator[Chunk]:
+    """The chunks of a read-only pass (statistics, inspect): windows of as many elements as a
+    window of fp32 output holds."""
+    return tensor_chunks(sources, maps, WINDOW_BYTES // 4, input_cast=input_cast, rows=rows)
+
+
+def file_identity(st: os.stat_result) -> tuple:
+    """(device, inode, size, mtime, ctime) of a file: what 'unchanged' means.  The ctime is set
+    by the kernel on every write or metadata change and cannot be set back (touch -d sets only
+    atime and mtime), so a file rewritten in place with its mtime restored is still noticed."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def input_identities(checkpoints: Iterable[Checkpoint]) -> Dict[Path, tuple]:
+    """file_identity of every input file."""
+    return {path: file_identity(os.stat(path)) for checkpoint in checkpoints
+            for path in checkpoint.files}
+
+
+def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:
+    """Refuse to publish a merge whose inputs were replaced, truncated or rewritten meanwhile:
+    its tensors could mix old and new data."""
+    for path, identity in before.items():
+        try:
+            now = os.stat(path)
+        except OSError:
+            raise MergeError(f"input {path} was removed during the merge") from None
+        if (now.st_dev, now.st_ino) != identity[:2]:
+            raise MergeError(f"input {path} was replaced during the merge")
+        if file_identity(now) != identity:
+            raise MergeError(f"input {path} was modified during the merge "
+                             f"(size {identity[2]:,} -> {now.st_size:,} bytes)")

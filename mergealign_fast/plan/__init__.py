@@ -1,0 +1,792 @@
+"""Everything checked before the first byte is computed, and the output layout.
+
+`plan_merge` reads only headers.  It collects every problem it finds (names, shapes, dtypes,
+output folder, disk space) and raises them together as one PlanError, one line per problem, so a
+user fixes them all in one round instead of discovering them one per hour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import MergeError, PlanError
+from ..io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
+                             group_by_size, layer_index, open_checkpoint, same_bytes,
+                             shard_file_name)
+from ..io.safetensors_format import EncodedTensor, encode_header
+from ..vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, VocabularySpec,
+                          vocab_size_holder, vocabulary_problems)
+from ..kernels import resolve_backend
+from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
+from ..methods import (METHODS, NUMPY_METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings,
+                       check_weights, layer_position, resolve, settings_problems)
+from ..output import out_dir_problems, resolve_out_dir
+
+if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
+    from ..vocabulary.tokens import TensorRows, Vocabulary
+
+ROLES = ("base", "domain", "aligned")
+# A model set's roles: base, then "model 1", "model 2", ... in the order they were given.
+SET_ROLE = "model {}"
+# transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+# Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
+DEFAULT_GPU_MEMORY = 2 << 30
+F64 = "F64"
+# The methods an F64 tensor can be merged with: those whose recipe needs no statistics pass
+# (the passes run in the fp32 kernel); writers/f64.py computes them in float64.
+F64_METHODS = ("task_arithmetic", "linear")
+# The native kernel's model count (csrc/merge_operands.h kMaxModels).
+MAX_SET_MODELS = 32
+# Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
+DISK_HEADROOM_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    domain_weight: float = 0.5
+    align_weight: float = 0.5
+    out_dtype: Optional[DType] = None  # None: each tensor keeps the base model's dtype
+    # With out_dtype None, mergekit's rule instead: a tensor the models store in different
+    # dtypes is written in float32, the dtype torch promotes such a mix to (`run` sets it).
+    promote_mixed: bool = False
+    # mergekit's `dtype`: every input rounded to this dtype before the merge, whose arithmetic
+    # stays fp32 with one rounding at the store (None: the values as stored).
+    input_dtype: Optional[DType] = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    tokenizer_from: str = "aligned"  # base | domain | aligned | none
+    # Vocabularies merged by token (vocabularies.py): the output vocabulary's source, or None:
+    # rows merged by index, the models must number their tokens alike.
+    vocabulary: Optional[VocabularySpec] = None
+    # mergekit's --unsafe-truncate-embeddings: vocabulary tensors (embeddings, output head and
+    # its bias) whose models differ in rows only are cut to the fewest rows (each model's
+    # first ones) instead of refused; the config keeps its vocab_size.  A vocabulary merged by
+    # token takes precedence.
+    truncate_vocabulary: bool = False
+    force: bool = False
+    threads: Optional[int] = None
+    fsync: bool = True
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
+    backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
+    resume: bool = False  # finish an interrupted merge into the same OUT
+    method: Method = Method()  # methods.py; the weights above are its w_d and w_a
+
+    def __post_init__(self):
+        """Sizes may be given as text ("5GB", "2GiB") and the dtype by any of its names, as on
+        the command line; a value that cannot be read is a ValueError naming the option."""
+        for name in ("max_shard_size", "gpu_memory"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_size(value))
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a byte count or a size like '5GB' "
+                                 f"(got {value!r})")
+        for name in ("out_dtype", "input_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
+        if isinstance(self.vocabulary, str):  # "union" or a role: VocabularySpec's source
+            object.__setattr__(self, "vocabulary", VocabularySpec(self.vocabulary))
+
+    @property
+    def input_cast(self) -> int:
+        """The native kernels' input_cast code (-1: none)."""
+        return -1 if self.input_dtype is None else int(self.input_dtype)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: Tuple[int, ...]
+    out_dtype: Optional[DType]  # None for a copied tensor
+    sources: Tuple[TensorLocation, ...]  # base, then each model (the trio: domain, aligned)
+    # A tensor the kernels cannot merge (integer, bool, F64 buffers) but whose bytes are the
+    # same in the three models is copied through as it is: its safetensors dtype.
+    copied_dtype: Optional[str] = None
+    # F64 in the three models and not the same: merged in float64 (writers/f64.py).
+    merged_in_f64: bool = False
+    # A vocabulary tensor gathered by token (vocabularies.TensorRows), None: read as stored.
+    rows: Optional[TensorRows] = field(default=None, compare=False)
+
+    @property
+    def is_copied(self) -> bool:
+        return self.copied_dtype is not None
+
+    @property
+    def on_native_kernel(self) -> bool:
+        """Merged chunk by chunk by a writer's kernel (neither copied nor merged in float64)."""
+        return self.out_dtype is not None
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_safetensors_dtype(self) -> str:
+        if self.merged_in_f64:
+            return F64
+        return self.copied_dtype or self.out_dtype.safetensors_name
+
+    @property
+    def out_itemsize(self) -> int:
+        if not self.on_native_kernel:
+            return dtypes.SAFETENSORS_ITEMSIZE[self.out_safetensors_dtype]
+        return self.out_dtype.itemsize
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.count * self.out_itemsize
+
+    def source_dtype(self, role_index: int) -> DType:
+        return DType[self.sources[role_index].entry.dtype]
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    filename: str
+    header: bytes
+    tensors: List[PlannedTensor]
+    data_offsets: List[int]  # of each tensor, relative to the end of the header
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    inputs: Dict[str, Checkpoint]
+    out_dir: Path
+    options: MergeOptions
+    shards: List[PlannedShard]
+    config: Optional[dict]  # config.json of the output, dtype already set
+    # Copied into OUT as they are: tokenizer, generation and chat files, remote code.
+    copied_files: List[Path] = field(default_factory=list)
+    settings: Dict[str, TensorSettings] = field(default_factory=dict)  # method, per tensor
+    # Made for OUT, not copied: the model card and recipe of a mergekit config (model_card.py).
+    written_files: Dict[str, bytes] = field(default_factory=dict)
+    # --resume found OUT already complete from this very merge: nothing to compute.
+    complete: bool = False
+    # The models besides the base, by role: the trio's domain and aligned, or a model set's
+    # "model 1", "model 2", ... (plan_set).
+    model_roles: Tuple[str, ...] = TRIO_MODELS
+    # What the user is told before the merge runs (a vocabulary truncated).
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def is_set(self) -> bool:
+        """A base and a set of models (plan_set) rather than the trio."""
+        return self.model_roles != TRIO_MODELS
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Output tensor data, headers excluded: what the progress bar counts."""
+        return sum(t.out_nbytes for s in self.shards for t in s.tensors)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(loc.entry.nbytes for s in self.shards for t in s.tensors for loc in t.sources)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def dominant_dtype(self) -> DType:
+        weight = Counter()
+        for shard in self.shards:
+            for t in shard.tensors:
+                if t.on_native_kernel:
+                    weight[t.out_dtype] += t.out_nbytes
+        return weight.most_common(1)[0][0] if weight else DType.BF16
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5*10^9, '2GiB' -> 2*2^30, '500MB', '1024' (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or 2GiB")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+
+
+# ---- input checks -----------------------------------------------------------------------------
+
+def _name_problems(models: Dict[str, Checkpoint]) -> List[str]:
+    base = models["base"]
+    problems = []
+    for role in list(models)[1:]:
+        other = models[role]
+        for name in sorted(set(base.tensors) - set(other.tensors)):
+            problems.append(f"tensor {name}: in base ({base.folder}) but missing from {role} "
+                            f"({other.folder})")
+        for name in sorted(set(other.tensors) - set(base.tensors)):
+            problems.append(f"tensor {name}: in {role} ({other.folder}) but not in base "
+                            f"({base.folder})")
+    return problems
+
+
+def _describe_shape_difference(name: str, role: str, base_shape, other_shape) -> str:
+    line = f"tensor {name}: shape differs: base {list(base_shape)} vs {role} {list(other_shape)}"
+    same_rank = len(base_shape) == len(other_shape) and len(base_shape) >= 1
+    if same_rank and tuple(base_shape[1:]) == tuple(other_shape[1:]):
+        extra = other_shape[0] - base_shape[0]
+        who, rows = (role, extra) if extra > 0 else ("base", -extra)
+        line += f" ({who} has {rows} extra rows"
+        line += (": added vocabulary? merge by token: merge --vocab, a config's "
+                 "tokenizer_source)") if VOCABULARY_TENSOR.search(name) else ")"
+    return line
+
+
+def _tensor_problems(models: Dict[str, Checkpoint], gathered=()) -> List[str]:
+    """Problems of the tensors every model has, but those `gathered` by token (whose own
+    problems vocabulary_tensors found)."""
+    problems = []
+    base = models["base"]
+    others = list(models)[1:]
+    common = [n for n in base.tensors if all(n in models[r].tensors for r in others)
+              and n not in gathered]
+    for name in common:
+        problems += tensor_group_problems(name, {r: models[r].tensors[name] for r in models})
+    return problems
+
+
+def tensor_group_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
+    """What keeps the tensors of one output (by role, base first) from being merged: dtypes
+    the kernels cannot merge, shapes that differ from the base's."""
+    problems = _unmergeable_dtype_problems(name, locations)
+    base_shape = locations["base"].entry.shape
+    for role, location in list(locations.items())[1:]:
+        if location.entry.shape != base_shape:
+            problems.append(_describe_shape_difference(name, role, base_shape,
+                                                       location.entry.shape))
+    return problems
+
+
+def _is_copied(locations) -> bool:
+    """A tensor the kernels cannot merge that is the same bytes in every model: copied."""
+    entries = [loc.entry for loc in locations]
+    return (dtypes.from_safetensors(entries[0].dtype) is None
+            and all((e.dtype, e.shape) == (entries[0].dtype, entries[0].shape) for e in entries)
+            and same_bytes(locations))
+
+
+def _all_f64(locations) -> bool:
+    """F64 of one shape in every model: merged in float64 (or copied when identical)."""
+    entries = [loc.entry for loc in locations]
+    return all((e.dtype, e.shape) == (F64, entries[0].shape) for e in entries)
+
+
+def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
+    unmergeable = {r: loc for r, loc in locations.items()
+                   if dtypes.from_safetensors(loc.entry.dtype) is None}
+    found = list(locations.values())
+    if not unmergeable or _all_f64(found) or _is_copied(found):
+        return []
+    return [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be merged "
+            "(supported: BF16, F16, F32, and F64 in every model; other dtypes are copied "
+            "when the models hold the same bytes, and these differ)"
+            for loc in unmergeable.values()]
+
+
+def _checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = None):
+    """(the checkpoints, every problem with them together (names, shapes, dtypes), the output
+    vocabulary when merged by token (else None), the tensors gathered by token, the vocabulary
+    tensors truncated)."""
+    models, problems = _open_inputs(folders)
+    vocabulary, gathered, cut = None, {}, []
+    if len(models) == len(folders):
+        if options is not None and options.vocabulary is not None:
+            from ..vocabulary.tokens import vocabulary_tensors
+
+            vocabulary = _vocabulary(folders, options)
+            gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)
+            problems += found
+        elif options is not None and options.truncate_vocabulary:
+            cut = _truncate_vocabulary_tensors(models)
+        else:
+            problems += vocabulary_problems(folders)
+        problems += _name_problems(models) + _tensor_problems(models, gathered)
+    return models, problems, vocabulary, gathered, cut
+
+
+def _truncate_vocabulary_tensors(models: Dict[str, Checkpoint]) -> List[str]:
+    """Cut each vocabulary tensor whose models differ in rows only to the fewest rows (a row
+    is contiguous, so the first rows are a prefix of the stored bytes); returns their names."""
+    base = models["base"]
+    cut = []
+    for name in base.tensors:
+        locations = [m.tensors.get(name) for m in models.values()]
+        if not VOCABULARY_TENSOR.search(name) or None in locations:
+            continue
+        shapes = {loc.entry.shape for loc in locations}
+        if len(shapes) == 1 or any(not s or s[1:] != locations[0].entry.shape[1:]
+                                   for s in shapes):
+            continue
+        rows = min(s[0] for s in shapes)
+        for model in models.values():
+            loc = model.tensors[name]
+            row_bytes = loc.entry.nbytes // loc.entry.shape[0]
+            model.tensors[name] = TensorLocation(loc.file, replace(
+                loc.entry, shape=(rows, *loc.entry.shape[1:]),
+                end=loc.entry.begin + rows * row_bytes))
+        cut.append(f"{name} to {rows} rows")
+    return cut
+
+
+def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
+    """The output vocabulary of a merge by token; its chat template, when the union has none,
+    from the model whose tokenizer OUT would otherwise get."""
+    from ..vocabulary.tokens import build_vocabulary
+
+    return build_vocabulary(folders, options.vocabulary, template_from=options.tokenizer_from)
+
+
+def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
+    """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
+    models, problems, *_ = _checked_inputs({"base": Path(base), "domain": Path(domain),
+                                              "aligned": Path(aligned)})
+    if problems:
+        raise PlanError(problems)
+    return models
+
+
+def opened_inputs(folders: Dict[str, Path], given, out_dir: Path,
+                  options: MergeOptions) -> Dict[str, Checkpoint]:
+    """The checkpoints of a merge whose tensors are not matched by name (slices.py), after the
+    options, OUT and the vocabularies are checked; PlanError lists every problem."""
+    problems = _option_problems(options, tuple(folders)) + _output_problems(given, out_dir,
+                                                                            folders, options)
+    models, open_problems = _open_inputs(folders)
+    if len(models) == len(folders):
+        open_problems += vocabulary_problems(folders)
+    if problems or open_problems:
+        raise PlanError(problems + open_problems)
+    return models
+
+
+def _open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
+    models, problems = {}, []
+    for role, folder in folders.items():
+        try:
+            models[role] = open_checkpoint(folder)
+        except MergeError as exc:
+            problems.append(f"{role}: {exc}")
+    return models, problems
+
+
+# ---- output checks ----------------------------------------------------------------------------
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _output_problems(given, out: Path, folders: Dict[str, Path],
+                     options: MergeOptions) -> List[str]:
+    """Problems with OUT (`given` as typed, `out` resolved).  A non-empty OUT is left to
+    _completed_output when resuming: it may be this very merge, finished."""
+    problems = out_dir_problems(given, out)
+    if problems:  # OUT itself cannot be published to: what else is true of it does not matter
+        return problems
+    for role, folder in folders.items():
+        src = folder.resolve()
+        if _is_within(out, src) or _is_within(src, out):
+            problems.append(f"output {given} overlaps the {role} model folder {folder}: "
+                            "choose another output folder")
+    if out.exists() and not out.is_dir():
+        problems.append(f"output {given} exists and is not a directory")
+    elif _is_occupied(out) and not (options.force or options.resume):
+        problems.append(f"output {given} exists and is not empty: use --force to replace it")
+    return problems
+
+
+def _is_occupied(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def _completed_output(plan: "MergePlan", given) -> bool:
+    """With --resume and without --force, a non-empty OUT must be this merge, complete (True);
+    PlanError otherwise."""
+    if plan.options.force or not _is_occupied(plan.out_dir):
+        return False
+    recorded = read_manifest(plan.out_dir)
+    if not recorded:
+        raise PlanError([f"output {given} exists and is not empty: use --force to replace it"])
+    if recorded.get("fingerprint") != plan_fingerprint(plan):
+        changes = "; ".join(merge_differences(recorded, plan))
+        raise PlanError([f"output {given} holds another merge ({changes}): use --force to "
+                         "replace it"])
+    return True
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_problem(out_dir: Path, needed: int) -> Optional[str]:
+    free = shutil.disk_usage(_existing_ancestor(out_dir.parent)).free
+    if needed + DISK_HEADROOM_BYTES > free:
+        return (f"not enough free disk for {out_dir}: the merge writes {needed:,} bytes, "
+                f"{free:,} bytes are free on that filesystem")
+    return None
+
+
+# ---- layout -----------------------------------------------------------------------------------
+
+def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],
+                     promote_mixed: bool = False):
+    base = models["base"]
+    # Base file order, then offset order: the merge reads the base front to back.
+    names = sorted(base.tensors, key=lambda n: (str(base.tensors[n].file),
+                                                base.tensors[n].entry.begin))
+    for name in names:
+        yield planned_tensor(name, tuple(m.tensors[name] for m in models.values()), out_dtype,
+                             promote_mixed)
+
+
+def planned_tensor(name: str, sources: Tuple[TensorLocation, ...], out_dtype: Optional[DType],
+                   promote_mixed: bool = False) -> PlannedTensor:
+    """The output tensor `name` made from `sources` (checked already: _tensor_problems)."""
+    stored = sources[0].entry.dtype
+    if dtypes.from_safetensors(stored) is None:
+        # F64 in every model, or the same bytes.  Only F64 needs its bytes compared here
+        # (identical: copied; else merged in float64).
+        if stored != F64 or same_bytes(sources):
+            return PlannedTensor(name, sources[0].entry.shape, None, sources,
+                                 copied_dtype=stored)
+        return PlannedTensor(name, sources[0].entry.shape, None, sources, merged_in_f64=True)
+    dtype = DType[stored] if out_dtype is None else out_dtype
+    if out_dtype is None and promote_mixed and len({s.entry.dtype for s in sources}) > 1:
+        dtype = DType.F32  # any mix of bf16, fp16 and fp32 promotes to fp32 in torch
+    return PlannedTensor(name, sources[0].entry.shape, dtype, sources)
+
+
+def _gathered_by_token(tensor: PlannedTensor, rows: Optional[TensorRows]) -> PlannedTensor:
+    """A vocabulary tensor re-indexed by token: the output vocabulary's rows, merged on the
+    native kernel from its gathered rows (never copied as a model stores it)."""
+    if rows is None:
+        return tensor
+    out_dtype = rows.dtype if tensor.out_dtype is None else tensor.out_dtype
+    return replace(tensor, shape=rows.shape, out_dtype=out_dtype, copied_dtype=None, rows=rows)
+
+
+def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[PlannedShard]:
+    groups = group_by_size(tensors, lambda t: t.out_nbytes, max_shard_size)
+    shards = []
+    for i, group in enumerate(groups):
+        encoded = [EncodedTensor(t.name, t.out_safetensors_dtype, t.shape, t.out_nbytes)
+                   for t in group]
+        header, offsets = encode_header(encoded, {"format": "pt"})
+        shards.append(PlannedShard(shard_file_name(i, len(groups)), header, group, offsets))
+    return shards
+
+
+def _side_files(folders: Dict[str, Path], tokenizer_from: str):
+    """(config.json to copy or None, files to copy as they are, problems)."""
+    source = None if tokenizer_from == "none" else folders[tokenizer_from]
+    return side_files_of(source, folders["base"])
+
+
+def side_files_of(source: Optional[Path], fallback: Path):
+    """(config.json or None, files to copy, problems) with the tokenizer of `source` (None: no
+    tokenizer) and config.json from `source`, else from `fallback`."""
+    copied = [source / n for n in TOKENIZER_FILES if (source / n).is_file()] if source else []
+    # config.json follows the tokenizer (an instruct model's config carries its chat eos ids),
+    # falling back to the base model's.
+    candidates = ([source] if source else []) + [fallback]
+    config = next((f / CONFIG_FILE for f in candidates if (f / CONFIG_FILE).is_file()), None)
+    problems = []
+    for described in [config] + [f for f in copied if f.name == "tokenizer_config.json"]:
+        if described is not None:
+            code, missing = _remote_code(described)
+            copied += [f for f in code if f.name not in {c.name for c in copied}]
+            problems += missing
+    return config, copied, problems
+
+
+def _auto_map_modules(described: Path) -> List[str]:
+    """The local modules an `auto_map` in a config or tokenizer_config names ("modeling_x" of
+    "modeling_x.XModel"; a "repo--module.Class" reference lives in another repository)."""
+    try:
+        auto_map = json.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return []  # an unreadable config is reported where it is read
+    references = [r for value in auto_map.values()
+                  for r in (value if isinstance(value, list) else [value]) if isinstance(r, str)]
+    return sorted({r.rsplit(".", 1)[0] for r in references if "--" not in r and "." in r})
+
+
+def _remote_code(described: Path) -> Tuple[List[Path], List[str]]:
+    """(the folder's Python files, problems) for a config whose auto_map names remote code
+    (trust_remote_code=True): every .py file goes along, since the named modules import their
+    neighbours."""
+    modules = _auto_map_modules(described)
+    if not modules:
+        return [], []
+    folder = described.parent
+    missing = [f"{described}: auto_map names {m}.py, which is not in {folder}: transformers "
+               "could not load the merged model's code" for m in modules
+               if not (folder / f"{m}.py").is_file()]
+    return sorted(folder.glob("*.py")), missing
+
+
+def output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
+    """The source config.json with its dtype entry set to what the merge writes."""
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError([f"{path}: cannot read: {exc}"]) from None
+    if not isinstance(config, dict):
+        raise PlanError([f"{path}: must hold a JSON object"])
+    # transformers 4.x reads "torch_dtype", 5.x "dtype": set whichever the source uses.
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype.torch_name
+    return config
+
+
+def _device_problems(options: MergeOptions) -> List[str]:
+    """The GPU path's backend must be able to run before anything is read."""
+    kind = options.device.split(":")[0]
+    if kind == "cpu":
+        if options.backend not in ("auto", "cpu"):
+            return [f"backend {options.backend!r} needs --device cuda; merges on the CPU use the "
+                    "native cpu kernel"]
+        return []
+    if kind != "cuda":
+        return [f"device {options.device!r}: choose cpu or cuda (cuda:N for another GPU)"]
+    try:
+        resolve_backend(options.backend, "cuda")
+    except MergeError as exc:
+        return [str(exc)]
+    return []
+
+
+def _method_problems(options: MergeOptions) -> List[str]:
+    """The method's parameters, and on a GPU a backend that runs methods: the CUDA kernel
+    (whether it can run here is _device_problems' question)."""
+    method = options.method
+    problems = method.problems()
+    on_gpu = options.device.split(":")[0] == "cuda"
+    if on_gpu and not method.is_plain_task_arithmetic and options.backend in ("triton", "torch"):
+        problems.append(f"method {method.name} on {options.device} needs --backend cuda (or "
+                        f"auto): {options.backend} runs task_arithmetic only")
+    return problems
+
+
+def tensor_settings(options: MergeOptions, names: List[str],
+                    roles: Tuple[str, ...] = TRIO_MODELS) -> Dict[str, TensorSettings]:
+    """The method's parameters for each tensor (mergekit layer gradients run over the layers
+    found in the names).  A model set's weights come from the method's rules only."""
+    layers = [i for i in map(layer_index, names) if i is not None]
+    num_layers = max(layers) + 1 if layers else 0
+    weights = (options.domain_weight, options.align_weight) if roles == TRIO_MODELS \
+        else (math.nan,) * len(roles)
+    return {name: resolve(options.method, name, layer_position(name, num_layers), weights, roles)
+            for name in names}
+
+
+def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
+    problems = _method_problems(options)
+    is_set = roles[1:] != TRIO_MODELS
+    weighted = options.method.name in METHODS and "weight" in options.method.info.parameters
+    if weighted and not options.method.rules and not is_set:  # else checked per tensor
+        try:
+            check_weights(options.domain_weight, options.align_weight)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if is_set:
+        problems += _set_problems(options, len(roles) - 1)
+    if options.max_shard_size <= 0:
+        problems.append(f"max shard size must be positive (got {options.max_shard_size})")
+    threads = options.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        problems.append(f"threads must be a whole number of at least 1 (got {threads!r})")
+    problems += _device_problems(options)
+    if options.tokenizer_from not in (*roles, "none"):
+        problems.append(f"tokenizer source {options.tokenizer_from!r}: choose "
+                        f"{', '.join(roles)} or none")
+    if options.vocabulary is not None:
+        problems += _vocabulary_problems(options, roles)
+    if options.method.vectors != "tensor" or options.method.name in NUMPY_METHODS:
+        problems += _numpy_window_problems(options, is_set)
+    return problems
+
+
+def _numpy_window_problems(options: MergeOptions, is_set: bool) -> List[str]:
+    """What a merge window by window in numpy (per_vector.py, NUMPY_METHODS) cannot be given."""
+    name, vectors = options.method.name, options.method.vectors
+    what = name if vectors == "tensor" else f"{name} by {vectors}"
+    problems = []
+    if is_set and vectors != "tensor":
+        problems.append(f"{what} merges two models besides the base (the trio)")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"{what} runs on the CPU path: leave out --device {options.device}")
+    return problems
+
+
+def _vocabulary_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
+    """What a merge by token cannot be given: a source that is none of its models, a GPU."""
+    spec = options.vocabulary
+    problems = []
+    if spec.source != UNION and spec.source not in roles:
+        problems.append(f"vocabulary source {spec.source!r}: choose {UNION} or one of "
+                        f"{', '.join(roles)}")
+    problems += [f"tokenizer.tokens.{token}: {source.role!r} is none of the merged models"
+                 for token, source in spec.tokens if source.kind in ("model", "model_token")
+                 and source.role not in roles]
+    if spec.pad_to_multiple_of is not None and (isinstance(spec.pad_to_multiple_of, bool) or
+                                                not isinstance(spec.pad_to_multiple_of, int)
+                                                or spec.pad_to_multiple_of < 1):
+        problems.append(f"pad_to_multiple_of must be a whole number of at least 1 (got "
+                        f"{spec.pad_to_multiple_of!r})")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"vocabularies merged by token are gathered on the CPU path: leave out "
+                        f"--device {options.device}")
+    return problems
+
+
+def _set_problems(options: MergeOptions, model_count: int) -> List[str]:
+    """What a merge of a base and a set of models cannot do."""
+    name = options.method.name
+    problems = []
+    if name not in SET_METHODS:
+        problems.append(f"{name} merges two models (the trio); of {model_count} models: "
+                        f"{', '.join(SET_METHODS)}")
+    fewest = 2 if name == "model_stock" else 1
+    if model_count < fewest:
+        problems.append(f"{name} needs at least {fewest} model(s) besides the base "
+                        f"(got {model_count})")
+    if model_count > MAX_SET_MODELS:
+        problems.append(f"{model_count} models besides the base: at most {MAX_SET_MODELS} "
+                        "in one merge")
+    if options.device.split(":")[0] != "cpu":
+        problems.append(f"merges of {model_count} models run on the CPU: leave out "
+                        f"--device {options.device}")
+    return problems
+
+
+def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
+    """Check everything and lay out the output; PlanError lists every problem found."""
+    return _plan({"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)},
+                 out_dir, options)
+
+
+def plan_set(base, models: Sequence, out_dir, options: MergeOptions) -> MergePlan:
+    """plan_merge for a base and any number of models (roles "model 1", "model 2", ...): the
+    method (SET_METHODS) takes each model's weight and density from its rules."""
+    folders = {"base": Path(base)}
+    folders.update((SET_ROLE.format(i + 1), Path(m)) for i, m in enumerate(models))
+    return _plan(folders, out_dir, options)
+
+
+def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan:
+    roles = tuple(folders)
+    given, out_dir = out_dir, resolve_out_dir(out_dir)
+    problems = _option_problems(options, roles) + _output_problems(given, out_dir, folders,
+                                                                   options)
+    if problems and options.vocabulary is not None:
+        raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
+    models, input_problems, vocabulary, gathered, cut = _checked_inputs(folders, options)
+    if problems or input_problems:
+        raise PlanError(problems + input_problems)
+    tensors = [_gathered_by_token(t, gathered.get(t.name))
+               for t in _planned_tensors(models, options.out_dtype, options.promote_mixed)]
+    settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
+    plan = laid_out(folders, models, tensors, settings, given, out_dir, options, vocabulary)
+    if cut:
+        plan.notes.append(f"UNSAFE vocabulary truncation (--unsafe-truncate-embeddings): "
+                          f"{', '.join(cut)}; rows past them are dropped, so the models must "
+                          "number their tokens alike")
+    return plan
+
+
+def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
+             tensors: List[PlannedTensor], settings: Dict[str, TensorSettings], given,
+             out_dir: Path, options: MergeOptions,
+             vocabulary: Optional[Vocabulary] = None) -> MergePlan:
+    """The plan of checked inputs whose output tensors and their settings are known: the
+    settings' own problems, then the layout, side files, config and output checks (with a
+    vocabulary merged by token, its tokenizer and vocab_size)."""
+    roles = tuple(folders)
+    if options.method.rules:  # rules can make any one tensor's values wrong
+        problems = [p for name, s in settings.items()
+                    for p in settings_problems(s, f"tensor {name}")]
+    else:  # one set of values for every tensor: say it once
+        problems = settings_problems(next(iter(settings.values())), options.method.name) \
+            if settings else []
+    problems += [f"tensor {t.name} is F64 in every model: it is merged in float64 by "
+                 f"{', '.join(F64_METHODS)} only, not {settings[t.name].name}"
+                 for t in tensors if t.merged_in_f64 and settings[t.name].name not in F64_METHODS]
+    problems += _cast_problems(tensors, options)
+    if problems:
+        raise PlanError(problems)
+    shards = layout_shards(tensors, options.max_shard_size)
+    config_path, copied, side_problems = _side_files(folders, options.tokenizer_from)
+    if side_problems:
+        raise PlanError(side_problems)
+    plan = MergePlan(models, out_dir, options, shards, None, copied, settings,
+                     model_roles=roles[1:])
+    plan.config = output_config(config_path, plan.dominant_dtype)
+    if vocabulary is not None:
+        _with_vocabulary(plan, vocabulary)
+    return checked_output(plan, given)
+
+
+def _with_vocabulary(plan: MergePlan, vocabulary: Vocabulary) -> None:
+    """OUT's tokenizer is the merged vocabulary's (re-saved when it is not its source's files)
+    and its config's vocab_size the rows of its matrices."""
+    if vocabulary.rebuilt or plan.options.tokenizer_from == "none":
+        plan.copied_files = [f for f in plan.copied_files if f.name not in REPLACED_BY_TOKENIZER]
+        plan.written_files.update(vocabulary.tokenizer_files)
+    if plan.config is not None:
+        vocab_size_holder(plan.config)["vocab_size"] = vocabulary.size
+
+
+def _cast_problems(tensors: List[PlannedTensor], options: MergeOptions) -> List[str]:
+    """Inputs cast to `dtype` first are merged on the CPU: the GPU path reads them as stored."""
+    cast = options.input_dtype
+    if cast is None or options.device.split(":")[0] == "cpu" or cast is DType.F32:
+        return []
+    changed = {loc.entry.dtype for t in tensors if t.on_native_kernel for loc in t.sources
+               if loc.entry.dtype != cast.safetensors_name}
+    if not changed:
+        return []
+    return [f"dtype {cast.torch_name} rounds the {', '.join(sorted(changed))} inputs before the "
+            f"merge, which only the CPU path does: leave out --device {options.device} (or give "
+            "dtype: float32)"]
+
+
+def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None
+                   ) -> MergePlan:
+    """The last checks of a laid-out plan: OUT as `given` (with `folders`, the inputs, when
+    they were not checked yet), this very merge already complete (--resume), the disk."""
+    if folders is not None:
+        problems = _output_problems(given, plan.out_dir, folders, plan.options)
+        if problems:
+            raise PlanError(problems)
+    plan.complete = plan.options.resume and _completed_output(plan, given)
+    disk = None if plan.complete else disk_problem(plan.out_dir, plan.output_bytes)
+    if disk:
+        raise PlanError([disk])
+    return plan
