@@ -31,8 +31,9 @@ MERGES = {
     "ties d=0.3 --no-fsync": ["--method", "ties", "--density", "0.3", "--no-fsync"],
 }
 
-CLI = "import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli.main import main; " \
-      "sys.exit(main(sys.argv[2:]))"
+# `python -m mergealign_fast` of the tree (the same in every layout the package has had).
+CLI = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
+       "runpy.run_module('mergealign_fast', run_name='__main__')")
 
 # 64 Mi elements per input: 128 MiB of bf16, far beyond the caches, as in bench_kernel.py.
 KERNEL = """

@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CLI = ("import sys; sys.path.insert(0, sys.argv[1]); from mergealign_fast.cli.main import main; "
-       "sys.exit(main(sys.argv[2:]))")
+# `python -m mergealign_fast` of the tree (the same in every layout the package has had).
+CLI = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
+       "runpy.run_module('mergealign_fast', run_name='__main__')")
 MODELS = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
           "from mergealign_fast import merge_models; "
           "a = json.loads(sys.argv[2]); merge_models(a['base'], [tuple(m) for m in a['models']], "
