@@ -22,7 +22,7 @@ import pytest
 
 from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.methods.oracle import decode_to_f64, merge_error_bound, merge_ref
+from mergealign_fast.methods.core.oracle import decode_to_f64, merge_error_bound, merge_ref
 
 from conftest import drop_file, record, settle_memory
 

@@ -146,7 +146,7 @@ def _compare(ours: Path, theirs: Path) -> dict:
     import numpy as np
     from mergealign_fast.dtypes import DType
     from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-    from mergealign_fast.methods.oracle import decode_to_f64
+    from mergealign_fast.methods.core.oracle import decode_to_f64
 
     mine, other = open_checkpoint(ours), open_checkpoint(theirs)
     names = {name: name for name in mine.tensors}

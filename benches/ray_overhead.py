@@ -26,7 +26,8 @@ from conftest import machine_line  # noqa: E402
 from mergealign_fast.engine.cluster import connect, merge_on_ray, sweep_on_ray  # noqa: E402
 from mergealign_fast.tools.demo import default_cache_dir  # noqa: E402
 from mergealign_fast.engine.loop import execute, execute_many  # noqa: E402
-from mergealign_fast.plan import MergeOptions, parse_size, plan_merge  # noqa: E402
+from mergealign_fast.plan import MergeOptions, plan_merge
+from mergealign_fast.units import parse_size  # noqa: E402
 from mergealign_fast.plan.sweep import plan_sweep  # noqa: E402
 from mergealign_fast.tools.synthetic import LLAMA_1B, ensure_synthetic_trio  # noqa: E402
 

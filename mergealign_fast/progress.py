@@ -6,13 +6,7 @@ import sys
 import time
 from typing import Optional, TextIO
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+from .units import human_bytes
 
 
 class Progress:

@@ -6,7 +6,7 @@ import pytest
 
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
 from mergealign_fast.dtypes import f32_to_bf16_bits
-from mergealign_fast.methods.oracle import decode_to_f64
+from mergealign_fast.methods.core.oracle import decode_to_f64
 from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 

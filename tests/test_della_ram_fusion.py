@@ -11,9 +11,10 @@ from mergealign_fast.dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit.config import load
-from mergealign_fast.methods import Method, resolve, set_method
-from mergealign_fast.plan import SET_ROLE
-from mergealign_fast.methods.oracle import decode_to_f64, della_ref, method_error_bound
+from mergealign_fast.methods.core.parameters import Method, set_method
+from mergealign_fast.methods.core.settings import resolve
+from mergealign_fast.methods.core.spec import SET_ROLE
+from mergealign_fast.methods.core.oracle import decode_to_f64, della_ref, method_error_bound
 
 from conftest import write_checkpoint
 

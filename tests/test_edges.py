@@ -16,7 +16,7 @@ from mergealign_fast import MergeError, Method, PlanError, merge_checkpoints, me
 from mergealign_fast.kernels import cpu
 from mergealign_fast.output.manifest import MANIFEST, verify_output
 from mergealign_fast.output import partial_dir_for
-from mergealign_fast.plan.sweep import sweep_checkpoints
+from mergealign_fast.api import sweep_checkpoints
 
 from conftest import small_model, write_checkpoint
 from test_engine import FailingNative, all_tensors_bytes, leftovers
@@ -231,7 +231,7 @@ def test_a_weight_beyond_float32_is_refused(tiny_trio, tmp_path, weight):
     (Method("ties", t=0.3), "t does not apply to ties"),
     (Method("slerp", domain_density=0.5), "domain_density does not apply to slerp"),
     (Method("task_arithmetic", seed=4), "seed does not apply to task_arithmetic"),
-    (Method("ties", base_weight=0.2), "base_weight applies to linear and karcher only"),
+    (Method("ties", base_weight=0.2), "base_weight applies to karcher and linear only"),
 ])
 def test_a_parameter_the_method_does_not_take_is_refused_as_on_the_command_line(
         tiny_trio, tmp_path, method, message):
@@ -470,7 +470,7 @@ def test_f64_tensors_in_a_sweep_equal_their_single_merges(tmp_path):
 def test_f64_tensors_with_a_method_that_needs_passes_are_refused(tmp_path):
     trio = f64_trio(tmp_path)
     with pytest.raises(PlanError, match="tensor scale is F64 in every model: it is merged "
-                                        "in float64 by task_arithmetic, linear only, not ties"):
+                                        "in float64 by linear, task_arithmetic only, not ties"):
         merge_checkpoints(trio["base"], trio["domain"], trio["aligned"], tmp_path / "out",
                           method=Method("ties", domain_density=0.5))
 

@@ -23,9 +23,9 @@ import torch  # noqa: E402
 from mergealign_fast import MergeError, merge_checkpoints, merge_tensors  # noqa: E402
 from mergealign_fast.dtypes import DType, to_torch  # noqa: E402
 from mergealign_fast.engine.loop import execute  # noqa: E402
-from mergealign_fast.methods import Method  # noqa: E402
+from mergealign_fast.methods.core.parameters import Method  # noqa: E402
 from mergealign_fast.plan import MergeOptions, plan_merge  # noqa: E402
-from mergealign_fast.methods.oracle import merge_error_bound, merge_ref  # noqa: E402
+from mergealign_fast.methods.core.oracle import merge_error_bound, merge_ref  # noqa: E402
 
 from conftest import random_values  # noqa: E402
 from test_engine import all_tensors_bytes  # noqa: E402

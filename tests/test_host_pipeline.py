@@ -13,7 +13,7 @@ from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.engine.loop import execute
 from mergealign_fast.kernels import cpu
 from mergealign_fast.output.manifest import verify_output
-from mergealign_fast.methods import Method
+from mergealign_fast.methods.core.parameters import Method
 from mergealign_fast.plan import MergeOptions, plan_merge
 
 from test_engine import all_tensors_bytes

@@ -12,7 +12,7 @@ import pytest
 from mergealign_fast.dtypes import DType
 from mergealign_fast.tools.inspect_vectors import inspect_checkpoints, layer_of, write_reports
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
-from mergealign_fast.methods.oracle import decode_to_f64
+from mergealign_fast.methods.core.oracle import decode_to_f64
 from mergealign_fast.tools.synthetic import LLAMA_TINY, write_synthetic_model
 
 from conftest import small_model, write_checkpoint

@@ -13,7 +13,7 @@ import torch
 
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, f32_to_bf16_bits, storage_numpy_dtype
-from mergealign_fast.methods.oracle import merge_error_bound, merge_ref, spacing
+from mergealign_fast.methods.core.oracle import merge_error_bound, merge_ref, spacing
 
 from conftest import as_f64, random_values
 
@@ -378,7 +378,8 @@ def recipes_reaching_every_branch():
     """Recipes reaching every branch of merge_math.h's per-element functions: each kind, each
     sparsification per term, sign election and normalisation on and off, a rescale, lambda."""
     from mergealign_fast.kernels import cpu
-    from mergealign_fast.methods import KEEP_LARGEST, KEEP_RANDOM, MODELS, NEAR_SWAP, VECTORS
+    from mergealign_fast.methods.core.spec import (KEEP_LARGEST, KEEP_RANDOM, MODELS, NEAR_SWAP,
+                                                   VECTORS)
 
     native = cpu.native()
     made = []

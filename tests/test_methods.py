@@ -14,9 +14,13 @@ import torch
 
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType, storage_numpy_dtype
-from mergealign_fast.methods import METHODS, Method, keep_count, resolve, slerp_coefficients
+from mergealign_fast import methods
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.recipes import keep_count
+from mergealign_fast.methods.core.settings import resolve
+from mergealign_fast.methods.core.geometry import slerp_coefficients
 from mergealign_fast.dtypes import f32_to_bf16_bits
-from mergealign_fast.methods.oracle import method_error_bound, method_ref, random_draw24
+from mergealign_fast.methods.core.oracle import method_error_bound, method_ref, random_draw24
 
 from conftest import as_f64, random_values
 
@@ -289,7 +293,8 @@ def test_random_masks_of_tiles_straddling_2_to_the_32():
     every other tile the bulk one; both must draw the numpy reference's mask."""
     from mergealign_fast.kernels import cpu
     from mergealign_fast.kernels.buffer import Buffer
-    from mergealign_fast.methods import DRAW_RANGE, KEEP_RANDOM, VECTORS, stream_key
+    from mergealign_fast.methods.core.recipes import DRAW_RANGE, stream_key
+    from mergealign_fast.methods.core.spec import KEEP_RANDOM, VECTORS
 
     native = cpu.native()
     count = 4096
@@ -320,7 +325,7 @@ def test_a_checkpoint_tensor_without_elements_merges(tmp_path, name):
     for i, role in enumerate(("base", "domain", "aligned")):
         write_checkpoint(tmp_path / role, {"w": np.full(4, float(i), dtype=np.float32),
                                            "empty": np.zeros((0, 3), dtype=np.float32)})
-    method = Method(name, domain_density=0.5) if "density" in METHODS[name].parameters \
+    method = Method(name, domain_density=0.5) if "density" in methods.get(name).parameters \
         else Method(name)
     merge_checkpoints(tmp_path / "base", tmp_path / "domain", tmp_path / "aligned",
                       tmp_path / "out", method=method, fsync=False)

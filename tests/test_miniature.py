@@ -140,7 +140,7 @@ def test_smallest_pipeline_trains_merges_and_tunes(tmp_path):
     from mergealign_fast.dtypes import DType
     from mergealign_fast.evaluation.evaluate import EvalSettings, Evaluator
     from mergealign_fast.evaluation.tune import tune
-    from mergealign_fast.methods.oracle import merge_error_bound, merge_ref
+    from mergealign_fast.methods.core.oracle import merge_error_bound, merge_ref
 
     trio = train_trio(tmp_path / "trio", "ci", log=lambda *_: None)
     control = load_file(trio.pop("general") / "model.safetensors")  # fine-tuned, not a merge

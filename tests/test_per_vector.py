@@ -14,9 +14,10 @@ from mergealign_fast.dtypes import DType
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit.config import load
-from mergealign_fast.methods import Method, resolve
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.settings import resolve
 from mergealign_fast.plan import MergeOptions, plan_set
-from mergealign_fast.methods.oracle import decode_to_f64, method_error_bound, method_ref
+from mergealign_fast.methods.core.oracle import decode_to_f64, method_error_bound, method_ref
 
 from conftest import write_checkpoint
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mergealign_fast.errors import PlanError
-from mergealign_fast.plan import MergeOptions, parse_size, plan_merge
+from mergealign_fast.plan import MergeOptions, plan_merge
+from mergealign_fast.units import parse_size
 
 from conftest import small_model, write_checkpoint
 

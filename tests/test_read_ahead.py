@@ -13,7 +13,7 @@ from mergealign_fast.errors import MergeError
 from mergealign_fast.io.checkpoint import open_checkpoint
 from mergealign_fast.io.safetensors_format import read_header
 from mergealign_fast.kernels import cpu
-from mergealign_fast.methods import Method
+from mergealign_fast.methods.core.parameters import Method
 from mergealign_fast.io.stream import InputMaps, read_ahead_settings, tensor_chunks
 
 MIB = 1 << 20

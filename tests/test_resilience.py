@@ -16,7 +16,7 @@ from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.output.manifest import MANIFEST, verify_output
 from mergealign_fast.output import partial_dir_for
 from mergealign_fast.kernels import cpu
-from mergealign_fast.methods import Method
+from mergealign_fast.methods.core.parameters import Method
 from mergealign_fast.tools.synthetic import LlamaShape, ensure_synthetic_trio
 
 from test_engine import FailingNative, all_tensors_bytes, leftovers
@@ -293,7 +293,8 @@ def test_disk_filling_during_the_merge_is_a_clear_error_and_resumable(medium_tri
     fails with ENOSPC, completed shards stay in the partial folder, and once space is freed
     --resume finishes the job."""
     from mergealign_fast.engine.loop import execute
-    from mergealign_fast.plan import MergeOptions, parse_size, plan_merge
+    from mergealign_fast.plan import MergeOptions, plan_merge
+    from mergealign_fast.units import parse_size
 
     out = small_fs / "out"
     plan = plan_merge(medium_trio["base"], medium_trio["domain"], medium_trio["aligned"], out,

@@ -12,9 +12,11 @@ from mergealign_fast.dtypes import DType, f32_to_bf16_bits
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit.config import load
-from mergealign_fast.methods import TRIO_MODELS, Method, resolve
-from mergealign_fast.plan import SET_ROLE
-from mergealign_fast.methods.oracle import method_error_bound, method_ref
+from mergealign_fast.methods.core.spec import TRIO_MODELS
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.settings import resolve
+from mergealign_fast.methods.core.spec import SET_ROLE
+from mergealign_fast.methods.core.oracle import method_error_bound, method_ref
 
 from conftest import as_f64
 
@@ -421,7 +423,7 @@ def _assert_same_as_mergekit(config, tmp_path):
     roles = tuple(SET_ROLE.format(i + 1) for i in range(len(run.models))) or TRIO_MODELS
     assert set(ours.tensors) == set(theirs.tensors)
     for name, loc in ours.tensors.items():
-        from mergealign_fast.methods import layer_position
+        from mergealign_fast.methods.core.settings import layer_position
 
         assert loc.entry.dtype == theirs.tensors[name].entry.dtype, name
         settings = resolve(run.method, name, layer_position(name, 2), (0.0,) * len(roles),

@@ -10,8 +10,8 @@ from mergealign_fast.dtypes import DType
 from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit.config import load
-from mergealign_fast.methods import Method
-from mergealign_fast.methods.oracle import method_error_bound
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.oracle import method_error_bound
 
 from conftest import write_checkpoint
 
@@ -75,8 +75,8 @@ def test_ties_at_the_threshold_kept_in_index_order_on_any_window(tmp_path, monke
 
 def test_selection_counts_exactly_k(tmp_path):
     """The threshold passes find the k-th largest variance exactly (ties included)."""
-    from mergealign_fast.methods import resolve
-    from mergealign_fast.plan import SET_ROLE
+    from mergealign_fast.methods.core.settings import resolve
+    from mergealign_fast.methods.core.spec import SET_ROLE
     from mergealign_fast.io.stream import InputMaps, tensor_chunks
 
     _, taus = _models(tmp_path, 3, (50, 40), seed=4, quantum=0.02)
@@ -103,7 +103,7 @@ def test_run_reads_select_topk_and_ignores_weights(tmp_path):
                       f"  - model: {tmp_path / 'm1'}\n    parameters: {{weight: 0.3}}\n"
                       f"  - model: {tmp_path / 'm2'}\n")
     run = load(config)
-    from mergealign_fast.methods import resolve
+    from mergealign_fast.methods.core.settings import resolve
 
     assert resolve(run.method, "w", 0.0, (float("nan"),) * 2).select_topk == 0.25
     assert any("`weight` does not apply to sce" in w for w in run.warnings)

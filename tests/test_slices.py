@@ -164,7 +164,7 @@ dtype: float32
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
     from mergealign_fast import merge_tensors
-    from mergealign_fast.methods import Method
+    from mergealign_fast.methods.core.parameters import Method
 
     out = _tensors(tmp_path / "out")
     aligned, domain = _tensors(tiny_trio["aligned"]), _tensors(tiny_trio["domain"])
@@ -237,7 +237,7 @@ def test_a_merge_by_slices_is_mergekit_s_merge(three_llamas, tmp_path, text):
     from mergealign_fast.dtypes import DType
     from mergealign_fast.mergekit.config import load
     from mergealign_fast.plan import MergeOptions
-    from mergealign_fast.methods.oracle import decode_to_f64, method_error_bound, method_ref
+    from mergealign_fast.methods.core.oracle import decode_to_f64, method_error_bound, method_ref
     from mergealign_fast.plan.slices import plan_sliced_merge
 
     config = tmp_path / "config.yml"

@@ -10,8 +10,9 @@ import pytest
 from mergealign_fast import MergeError, merge_checkpoints
 from mergealign_fast.output.manifest import verify_output
 from mergealign_fast.kernels import cpu
-from mergealign_fast.methods import Method
-from mergealign_fast.plan.sweep import parse_lambdas, sweep_checkpoints
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.plan.sweep import parse_lambdas
+from mergealign_fast.api import sweep_checkpoints
 
 from test_engine import FailingNative, all_tensors_bytes, leftovers
 

@@ -13,10 +13,11 @@ import pytest
 
 from mergealign_fast.io import stream
 from mergealign_fast.dtypes import DType, bf16_bits_to_f32
-from mergealign_fast.engine.loop import execute, merge_models
+from mergealign_fast.engine.loop import execute
+from mergealign_fast.api import merge_models
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.plan import MergeOptions, plan_merge
-from mergealign_fast.methods.oracle import spacing
+from mergealign_fast.methods.core.oracle import spacing
 from mergealign_fast.cli.main import main
 from test_cli import assert_clean_error, run_cli
 

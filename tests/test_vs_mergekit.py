@@ -16,8 +16,10 @@ import torch
 from mergealign_fast import merge_tensors
 from mergealign_fast.dtypes import DType
 from mergealign_fast.io.checkpoint import open_checkpoint
-from mergealign_fast.methods import Method, keep_count, resolve
-from mergealign_fast.methods.oracle import method_error_bound, method_ref
+from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.recipes import keep_count
+from mergealign_fast.methods.core.settings import resolve
+from mergealign_fast.methods.core.oracle import method_error_bound, method_ref
 
 mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
@@ -122,8 +124,8 @@ SET_CASES = {
 @pytest.mark.parametrize("case", SET_CASES)
 def test_four_models_the_same_as_mergekit(case, tmp_path):
     from mergealign_fast import merge_models
-    from mergealign_fast.methods import set_method
-    from mergealign_fast.plan import SET_ROLE
+    from mergealign_fast.methods.core.parameters import set_method
+    from mergealign_fast.methods.core.spec import SET_ROLE
 
     from conftest import write_checkpoint
 
@@ -189,8 +191,8 @@ def test_karcher_of_five_models_through_run_the_same_as_mergekit(tmp_path):
     loc = open_checkpoint(tmp_path / "out").tensors["w"]
     ours = np.fromfile(loc.file, np.float32, loc.entry.count, offset=loc.entry.begin)
     reference = theirs("karcher", [base, *models], 0, {}).double().numpy()
-    from mergealign_fast.methods import set_method
-    from mergealign_fast.plan import SET_ROLE
+    from mergealign_fast.methods.core.parameters import set_method
+    from mergealign_fast.methods.core.spec import SET_ROLE
 
     roles = tuple(SET_ROLE.format(i + 1) for i in range(4))
     fifth = {"weight": 0.2}
@@ -397,9 +399,10 @@ def test_della_the_same_as_mergekit(name, tmp_path):
     """Density 1 drops nothing: deterministic, within the bound.  Density 0.5 ± 0.2: the masks
     come from other generators, so the fraction of elements moved and the L1 of the update must
     agree statistically."""
-    from mergealign_fast.methods import resolve, set_method
-    from mergealign_fast.methods.oracle import della_ref
-    from mergealign_fast.plan import SET_ROLE
+    from mergealign_fast.methods.core.settings import resolve
+    from mergealign_fast.methods.core.parameters import set_method
+    from mergealign_fast.methods.core.oracle import della_ref
+    from mergealign_fast.methods.core.spec import SET_ROLE
 
     base, models = _sparse_set(tmp_path, 3, seed=21)
     weights = [0.6, 0.3, 0.5]

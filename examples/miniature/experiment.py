@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergealign_fast import MergeError, Method, merge_checkpoints
-from mergealign_fast.methods import Rule
+from mergealign_fast.methods.core.parameters import Rule
 from mergealign_fast.evaluation.evaluate import EvalSettings, Evaluator
 from mergealign_fast.evaluation.stats import difference, wilson
 from mergealign_fast.evaluation.tune import tune

@@ -8,27 +8,30 @@ import os
 import platform
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 from .. import dtypes
 from .._version import __version__
-from ..engine.loop import MergeResult, execute_on
+from ..engine.loop import MergeResult
+from ..api import execute_on
 from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
                     interrupted_while_starting)
-from ..errors import MergeError, PlanError
+from ..errors import MergeError
 from ..evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from ..tools.inspect_vectors import inspect_checkpoints, summary, write_reports
 from ..kernels import cpu, cuda, describe_backends
 from ..output.manifest import verify_output
-from ..mergekit.config import load as load_mergekit_config
-from ..methods import METHODS, RESCALES, VECTOR_MODES, Method
-from ..mergekit.model_card import card_files
+from ..mergekit.run import plan_config
+from .. import methods
+from ..methods.core.parameters import PARAMETERS, RESCALES, Method, base_weighing
+from ..methods.core.spec import VECTOR_MODES
 from ..output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
-from ..plan import ROLES, MergeOptions, parse_size, plan_merge, plan_set
-from ..progress import human_bytes
-from ..plan.sweep import parse_lambdas, sweep_checkpoints
+from ..plan import ROLES, MergeOptions, plan_merge
+from ..units import parse_mergekit_size, parse_size
+from ..units import human_bytes
+from ..plan.sweep import parse_lambdas
+from ..api import sweep_checkpoints
 
 EXIT_BAD_INPUT = 2
 
@@ -81,87 +84,85 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     _add_method_args(p)
 
 
+# The method flags whose help and values are not one parameter's (methods/core/parameters.py
+# gives the rest).
+_FLAG_SETTINGS = {"density": dict(type=float, metavar="P"),
+                  "domain_density": dict(type=float, metavar="P", help="density of τ_d alone"),
+                  "align_density": dict(type=float, metavar="P", help="density of τ_a alone"),
+                  "lambda_": dict(type=float, metavar="L"), "seed": dict(type=int),
+                  "t": dict(type=float), "gamma": dict(type=float, metavar="G"),
+                  "select_topk": dict(type=float, metavar="P"),
+                  "epsilon": dict(type=float, metavar="E"), "r": dict(type=float, metavar="R"),
+                  "alpha": dict(type=float, metavar="A"), "rescale": dict(choices=RESCALES)}
+# The weight flags belong to merge and inspect (a sweep sets the weights), but --base-weight.
+_WEIGHT_FLAGS = ("domain_weight", "align_weight")
+
+
+def _flag(field: str) -> str:
+    return f"--{field.rstrip('_').replace('_', '-')}"
+
+
+def _taken_by(parameter: str) -> str:
+    return ", ".join(s.name for s in methods.specs() if parameter in s.parameters)
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("merge method (see README: Merge methods)")
-    group.add_argument("--method", default="task_arithmetic", choices=list(METHODS),
+    """--method and a flag per method parameter, with the methods that take it (the
+    registry says which)."""
+    group = p.add_argument_group("merge method (see docs/methods.md)")
+    group.add_argument("--method", default="task_arithmetic", choices=list(methods.names()),
                        help="default task_arithmetic: MergeAlign's base + w_d τ_d + w_a τ_a")
-    group.add_argument("--density", type=float, default=None, metavar="P",
-                       help="ties/dare/resta: fraction of each task vector kept (default 1)")
-    group.add_argument("--domain-density", type=float, default=None, metavar="P",
-                       help="density of τ_d alone")
-    group.add_argument("--align-density", type=float, default=None, metavar="P",
-                       help="density of τ_a alone")
-    group.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="L",
-                       help="task_arithmetic/ties/dare: scale of the combined vector (default 1)")
-    group.add_argument("--normalize", dest="normalize", action="store_true", default=None,
-                       help="divide by the summed weights (default: on for linear and ties)")
-    group.add_argument("--no-normalize", dest="normalize", action="store_false",
-                       help="do not divide by the summed weights")
-    group.add_argument("--rescale", choices=RESCALES, default=None,
-                       help="after dropping: l1 (default for dare, mergekit's), inverse_density "
-                            "(1/p, default for resta) or none (default for ties)")
-    group.add_argument("--seed", type=int, default=None,
-                       help="dare/resta: seed of the random masks (default 0)")
-    group.add_argument("--t", type=float, default=None,
-                       help="slerp/slerp_vectors/chipalign: 0 = aligned, 1 = domain (default "
-                            "0.5); nearswap: the distance within which domain's value is taken")
-    group.add_argument("--base-weight", type=float, default=None, metavar="W",
-                       help="linear: weight of the base model itself (default 0)")
-    group.add_argument("--gamma", type=float, default=None, metavar="G",
-                       help="breadcrumbs: fraction of the largest |τ| dropped (default 0.01)")
-    group.add_argument("--select-topk", type=float, default=None, metavar="P",
-                       help="sce: fraction of elements kept, by variance across the models "
-                            "(default 1: all)")
-    group.add_argument("--epsilon", type=float, default=None, metavar="E",
-                       help="della: the keep probability runs from density - E (smallest |τ| "
-                            "of a row) to density + E (largest; default 0.15); ram: the |τ| "
-                            "above which a model's change counts (default 1e-5)")
-    group.add_argument("--r", type=float, default=None, metavar="R",
-                       help="ramplus_tl: unshared changes scaled by up to 1 + R·alpha "
-                            "(default 0.1)")
-    group.add_argument("--alpha", type=float, default=None, metavar="A",
-                       help="ramplus_tl: the cap on the ratio of shared to unshared changes "
-                            "(default 0.2)")
+    for parameter in PARAMETERS.values():
+        for flag, _ in parameter.flags:
+            if flag in _WEIGHT_FLAGS:
+                continue
+            if parameter.kind == "bool":
+                group.add_argument(f"--{flag}", dest=flag, action="store_true", default=None,
+                                   help=f"{parameter.help} ({_taken_by(parameter.name)})")
+                group.add_argument(f"--no-{flag}", dest=flag, action="store_false",
+                                   help="do not " + parameter.help)
+                continue
+            settings = dict(_FLAG_SETTINGS.get(flag, dict(type=float, metavar="W")))
+            text = settings.pop("help", None) or parameter.help
+            if flag == "base_weight":
+                text, taken = "weight of the base model itself (default 0)", \
+                    " and ".join(base_weighing())
+            else:
+                taken = _taken_by(parameter.name)
+            group.add_argument(_flag(flag), dest=flag, default=None,
+                               help=f"{text} ({taken})", **settings)
     group.add_argument("--vectors", choices=VECTOR_MODES, default=None,
-                       help="nuslerp/model_stock: what one vector is: the whole tensor "
-                            "(default), each row (last dimension) or column (first dimension)")
-
-
-# Command-line flag -> the method parameter it sets (methods.METHODS lists what each accepts).
-_METHOD_FLAGS = {"density": "density", "domain_density": "density",
-                 "align_density": "density", "lambda_": "lambda", "normalize": "normalize",
-                 "rescale": "rescale", "seed": "seed", "t": "t", "base_weight": "weight",
-                 "domain_weight": "weight", "align_weight": "weight", "gamma": "gamma",
-                 "select_topk": "select_topk", "epsilon": "epsilon", "r": "r",
-                 "alpha": "alpha"}
+                       help="what one vector is: the whole tensor (default), each row (last "
+                            "dimension) or column (first dimension) ("
+                            + ", ".join(s.name for s in methods.specs() if s.vectors) + ")")
 
 
 def _method_from_args(args: argparse.Namespace):
     """The Method the flags describe; MergeError for a flag the method does not take."""
-    accepted = METHODS[args.method].parameters
-    problems = [f"--{flag.rstrip('_').replace('_', '-')} does not apply to {args.method} (it "
-                f"takes: {', '.join(accepted) or 'nothing'})"
-                for flag, parameter in _METHOD_FLAGS.items()
-                if getattr(args, flag, None) is not None and parameter not in accepted]
-    if args.base_weight is not None and args.method not in ("linear", "karcher"):
-        problems.append("--base-weight applies to linear and karcher only")
-    if args.method == "resta" and getattr(args, "domain_weight", None) is not None:
-        problems.append("--domain-weight does not apply to resta: the expert is kept whole "
-                        "(--align-weight is β)")
+    spec = methods.get(args.method)
+    accepted = spec.parameters
+    given = {flag: getattr(args, flag, None) for p in PARAMETERS.values() for flag, _ in p.flags}
+    problems = [f"{_flag(flag)} does not apply to {args.method} (it takes: "
+                f"{', '.join(accepted) or 'nothing'})"
+                for p in PARAMETERS.values() for flag, _ in p.flags
+                if given[flag] is not None and p.name not in accepted]
+    if args.base_weight is not None and not spec.contract.weighs_base:
+        problems.append(f"--base-weight applies to {' and '.join(base_weighing())} only")
+    if spec.flag_problems is not None:
+        problems += spec.flag_problems(given)
     if problems:
         raise MergeError("\n".join(dict.fromkeys(problems)))
 
     def first_given(*values):
         return next((v for v in values if v is not None), None)
 
-    given = {"domain_density": first_given(args.domain_density, args.density),
-             "align_density": first_given(args.align_density, args.density),
-             "lambda_": args.lambda_, "normalize": args.normalize, "rescale": args.rescale,
-             "seed": args.seed, "t": args.t, "base_weight": args.base_weight,
-             "gamma": args.gamma, "vectors": args.vectors, "select_topk": args.select_topk,
-             "epsilon": args.epsilon, "r": args.r, "alpha": args.alpha}
+    fields = {"domain_density": first_given(args.domain_density, args.density),
+              "align_density": first_given(args.align_density, args.density),
+              "vectors": args.vectors}
+    fields.update((field, given[flag]) for p in PARAMETERS.values() for flag, field in p.flags
+                  if field and field not in fields and flag not in _WEIGHT_FLAGS)
     # Flags not given keep Method's own defaults (one home for them).
-    method = Method(args.method, **{k: v for k, v in given.items() if v is not None})
+    method = Method(args.method, **{k: v for k, v in fields.items() if v is not None})
     problems = method.problems()
     if problems:
         raise MergeError("\n".join(problems))
@@ -325,17 +326,6 @@ def _add_mergekit_yaml_args(p: argparse.ArgumentParser) -> None:
     _add_ray_arg(group)
 
 
-def parse_mergekit_size(text: str) -> int:
-    """mergekit's sizes: a whole number with an optional K, M or B suffix, decimal (5B = 5e9
-    bytes: its writer compares them with bytes, whatever its help says about parameters)."""
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) <= 0:
-        raise ValueError(f"--out-shard-size {text!r}: expected a whole number with an optional "
-                         "K, M or B suffix (e.g. 5B)")
-    return int(digits) * scale
-
-
 def _run_mergekit_yaml(args: argparse.Namespace) -> int:
     if not args.safe_serialization:
         raise MergeError("--no-safe-serialization: this engine writes safetensors only")
@@ -470,59 +460,16 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
                 seed: Optional[int] = None, allow_crimes: bool = True,
                 truncate_vocabulary: bool = False) -> int:
     """`run`, and `mergekit-yaml` with its flags: a mergekit config through the engine."""
-    config = load_mergekit_config(args.config, seed=seed, allow_crimes=allow_crimes)
-    for warning in config.warnings:
-        print(f"mergealign-fast: warning: {warning}", file=sys.stderr)
-    # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
-    nan = float("nan")
-    options = _run_options(args, domain_weight=nan, align_weight=nan,
-                           out_dtype=config.out_dtype, promote_mixed=True, device=device,
-                           input_dtype=config.input_dtype,
-                           method=config.method,
-                           tokenizer_from=config.tokenizer_from if copy_tokenizer else "none",
-                           vocabulary=config.vocabulary, truncate_vocabulary=truncate_vocabulary)
-    try:
-        if config.slices:
-            from ..plan.slices import plan_passthrough
-
-            plan = plan_passthrough(list(config.slices), config.base, args.out,
-                                    replace(options, domain_weight=0.0, align_weight=0.0))
-        elif config.merged_slices:
-            from ..plan.slices import plan_sliced_merge
-
-            plan = plan_sliced_merge(config.folders, config.merged_slices, args.out, options)
-        elif config.models:
-            plan = plan_set(config.base, config.models, args.out, options)
-        else:
-            plan = plan_merge(config.base, config.domain, config.aligned, args.out, options)
-    except PlanError as exc:
-        raise PlanError([*config.problems, *exc.problems]) from None
-    if config.problems:
-        raise PlanError(list(config.problems))
-    for note in plan.notes:
-        print(f"mergealign-fast: warning: {note}", file=sys.stderr)
-    if config.chat_template is not None:
-        _set_chat_template(plan, config)
-    if args.write_model_card:
-        plan.written_files.update(card_files(plan.out_dir, plan.options.method.name,
-                                             config.base_name, config.model_names,
-                                             Path(args.config).read_text(encoding="utf-8")))
+    options = _run_options(args, device=device, truncate_vocabulary=truncate_vocabulary)
+    plan = plan_config(args.config, args.out, options, seed=seed, allow_crimes=allow_crimes,
+                       copy_tokenizer=copy_tokenizer, write_model_card=args.write_model_card,
+                       tell=_tell)
     _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
     return 0
 
 
-def _set_chat_template(plan, config) -> None:
-    """The config's chat_template into OUT's tokenizer files (checked before any compute)."""
-    from ..mergekit.chat_template import resolve_template, template_files
-
-    merged = config.merged_folders
-    models = list(dict.fromkeys(p.resolve() for p in merged))
-    template = resolve_template(config.chat_template, models)
-    if template is None:
-        print("mergealign-fast: note: chat_template auto: none of the models carries a "
-              "template; the tokenizer files are copied as they are", file=sys.stderr)
-        return
-    plan.written_files.update(template_files(template, plan.copied_files, plan.written_files))
+def _tell(kind: str, text: str) -> None:
+    print(f"mergealign-fast: {kind}: {text}", file=sys.stderr)
 
 
 def _eval_settings(args: argparse.Namespace):

@@ -11,9 +11,13 @@ from ..dtypes import DType
 from ..kernels import cpu, get_kernel
 from ..kernels.buffer import Buffer
 from ..kernels.cpu import default_threads
-from ..methods import (NUMPY_METHODS, SET_METHODS, Method, SetPasses, TensorPasses, check_weights,
-                       layer_position, numpy_method, resolve, set_method, set_recipe,
-                       settings_problems, tensor_recipe)
+from .routes import BY_VECTORS, IN_WINDOWS, WindowedTensor, route_of, window_elements
+from .. import methods
+from ..methods.core.spec import WINDOWS
+from ..methods.core.parameters import Method, check_weights, set_method
+from ..methods.core.passes import SetPasses, TensorPasses
+from ..methods.core.settings import layer_position, resolve, settings_problems
+from ..methods.core.recipes import set_recipe, tensor_recipe
 
 
 def _is_torch(x: Any) -> bool:
@@ -125,14 +129,14 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
 def _merge_with_method(inputs: dict, out: Buffer, method: Method, name: str, w_domain: float,
                        w_align: float, threads: int, shape) -> None:
     """One tensor through the method's reduction passes and the recipe kernel, or window by
-    window in numpy (vector by vector, NUMPY_METHODS) as a merge of model folders does."""
+    window in numpy (engine/routes.py), as a merge of model folders does."""
     native = cpu.native()
     b, d, a = inputs["base"], inputs["domain"], inputs["aligned"]
     settings = resolve(method, name, layer_position(name, 0), (w_domain, w_align))
     problems = settings_problems(settings, f"tensor {name}" if name else method.name)
     if problems:
         raise ValueError("; ".join(problems))
-    if settings.by_vectors(shape) or settings.name in NUMPY_METHODS:
+    if route_of(settings, shape) in (BY_VECTORS, IN_WINDOWS):
         _merge_in_windows(settings, [b, d, a], out, name, tuple(shape), threads)
         return
 
@@ -151,8 +155,8 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                       out_dtype: Any = None, threads: Optional[int] = None,
                       name: str = "", roles: Optional[Sequence[str]] = None) -> Any:
     """One tensor of a base and any number of models (1 to 32) in memory, by a model-set
-    method (methods.SET_METHODS: a native recipe, or window by window in numpy) or
-    arcee_fusion (one model): what merge_models does to each tensor of model folders, bit for
+    method (methods.set_names(): a native recipe, or window by window in numpy) or another
+    numpy-window method of one model (arcee_fusion): what merge_models does to each tensor of model folders, bit for
     bit.
 
     `parameters` are the shared ones (lambda, normalize, rescale, seed, ...), `per_model` one
@@ -161,7 +165,7 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
     checkpoint merge (roles: "model 1", "model 2", ... as merge_models names them; a config of
     one or two models runs as the trio, "domain" and "aligned").  Inputs as merge_tensors'
     (CPU only); out_dtype defaults to base's."""
-    from ..plan import SET_ROLE
+    from ..methods.core.spec import SET_ROLE
 
     if not models:
         raise ValueError("merge_set_tensors needs at least one model besides the base")
@@ -173,11 +177,12 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
         raise ValueError(f"shapes differ: {shapes}")
     if _common_device(*tensors) != "cpu":
         raise ValueError("merge_set_tensors needs CPU tensors (its passes read host memory)")
-    if method not in SET_METHODS and method not in NUMPY_METHODS:
-        raise ValueError(f"merge_set_tensors merges by {', '.join(SET_METHODS)} or "
-                         f"{', '.join(m for m in NUMPY_METHODS if m not in SET_METHODS)} "
-                         f"(got {method!r})")
-    if method not in SET_METHODS and len(models) != 1:
+    on_sets = methods.set_names()
+    one_model = [s.name for s in methods.specs() if s.route == WINDOWS and s.name not in on_sets]
+    if method not in on_sets and method not in one_model:
+        raise ValueError(f"merge_set_tensors merges by {', '.join(on_sets)} or "
+                         f"{', '.join(one_model)} (got {method!r})")
+    if method not in on_sets and len(models) != 1:
         raise ValueError(f"{method} merges a base and one model (got {len(models)})")
     roles = tuple(roles or (SET_ROLE.format(i + 1) for i in range(len(models))))
     chosen = set_method(method, parameters, {**dict(zip(roles, per_model or [{}] * len(models))),
@@ -197,7 +202,7 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
                          f"{out_dtype.short_name}")
     _check_no_partial_overlap(out_buf, dict(zip(labels, buffers)))
     threads = threads or default_threads()
-    if method in NUMPY_METHODS:
+    if route_of(settings, ()) == IN_WINDOWS:
         _merge_in_windows(settings, buffers, out_buf, name, tuple(shapes["base"]), threads)
         return out
     native = cpu.native()
@@ -217,17 +222,13 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
 
 def _merge_in_windows(settings, buffers, out: Buffer, name: str, shape, threads: int) -> None:
     """A tensor merged window by window in numpy (vector by vector: per_vector.py; a method of
-    NUMPY_METHODS) over in-memory buffers: the windows, passes and roundings of a merge of
+    a method's merge_windows) over in-memory buffers: the windows, passes and roundings of a merge of
     model folders (engine.py), each merged window rounded into `out` by the kernel."""
-    from types import SimpleNamespace
-
-    from ..methods.windows import per_vector
     from ..io.stream import Chunk, ResidentInput
+    from ..methods.windows import per_vector
 
-    by_vectors = settings.by_vectors(shape)
-    method = None if by_vectors else numpy_method(settings.name)
-    elements = per_vector.window_elements(shape, settings.vectors) if by_vectors \
-        else method.window_elements(shape)
+    by_vectors = route_of(settings, shape) == BY_VECTORS
+    elements = window_elements(settings, shape)
     inputs = [ResidentInput(b.address) for b in buffers]
 
     def windows(placed: bool = False):
@@ -243,9 +244,8 @@ def _merge_in_windows(settings, buffers, out: Buffer, name: str, shape, threads:
             settings, per_vector.vector_sums(settings, shape, windows()))
         merged = (per_vector.scaled_chunk(settings, shape, found, chunk) for chunk in windows())
     else:
-        # What the numpy modules read of a tensor: its name, shape, count and model count.
-        tensor = SimpleNamespace(name=name, shape=shape, count=out.count, sources=buffers)
-        merged = method.merge_chunks(settings, tensor, windows)
+        tensor = WindowedTensor(name, tuple(shape), out.count, tuple(buffers))
+        merged = settings.spec.merge_windows(settings, tensor, windows)
     recipe = per_vector.merge_recipe(cpu.native())
     for chunk in merged:
         held = [Buffer(x.address, DType.F32, chunk.count) for x, _, _ in chunk.inputs]

@@ -14,24 +14,24 @@ import errno
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import MergeError, PlanError
+from ..errors import MergeError
 from ..io.checkpoint import TensorLocation
 from ..kernels import cpu
 from ..kernels.cpu import default_threads
 from ..output.manifest import nonfinite_counts, read_manifest, verify_output
-from ..methods import (NUMPY_METHODS, SetPasses, TensorPasses, numpy_method, set_method, set_recipe,
-                       tensor_recipe)
+from ..methods.core.passes import SetPasses, TensorPasses
+from ..methods.core.recipes import set_recipe, tensor_recipe
 from ..output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, partial_dir_for,
                       publish, settle_leftover_partial)
-from ..plan import (SET_ROLE, MergeOptions, MergePlan, PlannedShard, PlannedTensor, plan_merge,
-                    plan_set)
+from ..plan import MergePlan, PlannedShard, PlannedTensor
 from ..progress import Progress
 from ..io.stream import (Chunk, InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                          pass_chunks, read_ahead_settings, tensor_chunks)
+from .routes import BY_VECTORS, COPY, IN_WINDOWS, RECIPE, planned_route, window_elements
 from .writers import Writer, make_writer
 from .writers.f64 import write_f64_tensor
 
@@ -104,19 +104,20 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
                   progress: Progress) -> None:
     """One tensor into every target: merged chunk by chunk by the writer's kernel, or (a tensor
     the kernels cannot merge) copied, or merged in float64."""
-    if not tensor.on_native_kernel:
+    route = planned_route(tensor, plans[0].settings.get(tensor.name))
+    if route not in (BY_VECTORS, IN_WINDOWS, RECIPE):
         writer.drain()  # checksums are built in file order
-        if tensor.is_copied:
+        if route == COPY:
             copy_tensor(targets, tensor.sources[0], file_offset)
         else:
             write_f64_tensor(targets, tensor, [p.settings[tensor.name] for p in plans],
                              file_offset)
         progress.advance(tensor.out_nbytes * len(targets))
         return
-    if plans[0].settings[tensor.name].by_vectors(tensor.shape):
+    if route == BY_VECTORS:
         _write_per_vector(targets, tensor, file_offset, plans, maps, writer, progress)
         return
-    if plans[0].settings[tensor.name].name in NUMPY_METHODS:
+    if route == IN_WINDOWS:
         _write_numpy_method(targets, tensor, file_offset, plans, maps, writer, progress)
         return
     threads = plans[0].options.threads or default_threads()
@@ -130,7 +131,7 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
 
 
 class _NumpyWindows:
-    """The windows of a tensor merged in numpy (per_vector.py, NUMPY_METHODS): a fresh stream of
+    """The windows of a tensor merged in numpy (engine/routes.py: vectors, windows): a fresh stream of
     them for each pass, placed in the output for the merge pass; an input changed under the
     reading is said with the tensor's name."""
 
@@ -166,7 +167,7 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
     from ..methods.windows import per_vector  # numpy: not loaded by merges that do not need it
 
     settings = [plan.settings[tensor.name] for plan in plans]
-    elements = per_vector.window_elements(tensor.shape, settings[0].vectors)
+    elements = window_elements(settings[0], tensor.shape)
     with _NumpyWindows(tensor, file_offset, plans, maps, elements) as windows:
         sums = per_vector.vector_sums(settings[0], tensor.shape, windows())
         coefficients = [per_vector.vector_coefficients(s, sums) for s in settings]
@@ -181,8 +182,8 @@ def _write_per_vector(targets: Sequence[ShardFile], tensor: PlannedTensor, file_
 def _write_numpy_method(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offset: int,
                         plans: Sequence[MergePlan], maps: InputMaps, writer: Writer,
                         progress: Progress) -> None:
-    """A tensor merged window by window in numpy (methods.NUMPY_METHODS: sce.py, della.py,
-    ram.py, fusion.py): the method's passes, then the merged windows, rounded and written by
+    """A tensor merged window by window in numpy (its method's merge_windows: SCE, DELLA,
+    RAM, Arcee Fusion): the method's passes, then the merged windows, rounded and written by
     the writer's kernel.  The plans of a sweep that resolve to the same settings share them."""
     from ..methods.windows import per_vector  # numpy: not loaded by merges that do not need it
 
@@ -191,10 +192,9 @@ def _write_numpy_method(targets: Sequence[ShardFile], tensor: PlannedTensor, fil
         alike.setdefault(plan.settings[tensor.name], []).append(target)
     recipe = per_vector.merge_recipe(cpu.native())
     for settings, group in alike.items():
-        method = numpy_method(settings.name)
-        elements = method.window_elements(tensor.shape)
+        elements = window_elements(settings, tensor.shape)
         with _NumpyWindows(tensor, file_offset, plans, maps, elements) as windows:
-            for chunk in method.merge_chunks(settings, tensor, windows):
+            for chunk in settings.spec.merge_windows(settings, tensor, windows):
                 writer.write(group, tensor, chunk, [recipe] * len(group))
                 progress.advance(chunk.count * tensor.out_itemsize * len(group))
 
@@ -375,74 +375,3 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
     return [MergeResult(p.out_dir, seconds, p.input_bytes, p.output_bytes, p.tensor_count,
                         len(p.shards), nonfinite=nonfinite_counts(partial.shards))
             for p, partial in zip(plans, partials)]
-
-
-PathLike = Union[str, os.PathLike]
-
-
-def merge_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out: PathLike, *,
-                      options: Optional[MergeOptions] = None, progress: bool = False,
-                      ray_address: Optional[str] = None, **changes) -> MergeResult:
-    """Merge three Hugging Face model folders into `out` (see the README for the formula).
-
-    The merge's settings are a MergeOptions (plan.py lists each with its default); give one as
-    `options`, or change any of its fields by keyword: domain_weight=0.7, method=Method("ties"),
-    device="cuda", resume=True, ...  Everything is checked first (PlanError lists every
-    problem); then the merge streams through the native kernel in bounded memory and `out`
-    appears only when complete.  progress=True shows a progress bar on stderr.  ray_address
-    ("" for this machine's Ray instance) splits the merge by shard across a Ray cluster
-    (cluster.py): the same files.
-    """
-    options = replace(options or MergeOptions(), **changes)
-    return execute_on(plan_merge(base, domain, aligned, out, options), ray_address, progress)
-
-
-ModelEntry = Union[PathLike, Tuple[PathLike, Dict[str, object]]]
-
-
-def merge_models(base: ModelEntry, models: Sequence[ModelEntry], out: PathLike, *,
-                 method: str = "task_arithmetic", parameters: Optional[Dict[str, object]] = None,
-                 options: Optional[MergeOptions] = None, progress: bool = False,
-                 ray_address: Optional[str] = None, **changes) -> MergeResult:
-    """Merge any number of model folders into `base`, as a mergekit config does: `method` is
-    one of methods.SET_METHODS (task_arithmetic, linear, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties, multislerp, model_stock, karcher, sce).
-
-    Each of `models` is a folder or (folder, {"weight": 0.4, "density": 0.5}); a value may be
-    a list, a gradient over the layers.  `parameters` are the shared ones (lambda, normalize,
-    rescale, seed; a weight or density there applies to every model); linear weighs the base
-    too: give it as (folder, {"weight": w}).  One pass reads each input once, in bounded memory,
-    bitwise the same on any thread count.  `options`, **changes, progress and ray_address as
-    for merge_checkpoints (the trio's weights there are not used; the tokenizer is the base's
-    unless tokenizer_from names "model N" or "none"; vocabulary="union" or "model N" merges
-    the vocabulary tensors by token)."""
-    entries = [_model_entry(e) for e in [base, *models]]
-    per_model = {SET_ROLE.format(i): params for i, (_, params) in enumerate(entries) if i}
-    per_model["base"] = entries[0][1]
-    try:
-        chosen = set_method(method, parameters, per_model)
-    except ValueError as exc:
-        raise PlanError([str(exc)]) from None
-    if options is None:  # the tokenizer and config of the base, as in mergekit
-        changes.setdefault("tokenizer_from", "base")
-    options = replace(options or MergeOptions(), method=chosen, **changes)
-    plan = plan_set(entries[0][0], [folder for folder, _ in entries[1:]], out, options)
-    return execute_on(plan, ray_address, progress)
-
-
-def _model_entry(entry: ModelEntry) -> Tuple[PathLike, Dict[str, object]]:
-    if isinstance(entry, tuple):
-        folder, parameters = entry
-        return folder, dict(parameters or {})
-    return entry, {}
-
-
-def execute_on(plan: MergePlan, ray_address: Optional[str],
-               show_progress: bool = False) -> MergeResult:
-    """A checked plan run in this process (ray_address None), or split by shard across a Ray
-    cluster (cluster.py; "" for this machine's Ray instance)."""
-    if ray_address is not None:
-        from .cluster import merge_on_ray
-
-        return merge_on_ray(plan, ray_address, show_progress=show_progress)
-    return execute(plan, show_progress=show_progress)

@@ -17,8 +17,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..errors import MergeError, PlanError
 from ..engine.loop import execute
 from ..plan import MergeOptions, MergePlan, plan_merge
-from ..progress import Progress, human_bytes
-from ..plan.sweep import lambda_folder, plan_sweep, sweep_checkpoints
+from ..progress import Progress
+from ..units import human_bytes
+from ..plan.sweep import lambda_folder, plan_sweep
+from ..api import sweep_checkpoints
 from .evaluate import EvalSettings, Evaluator, write_json_atomic
 from .report import write_reports
 

@@ -53,7 +53,7 @@ def read_ahead_settings() -> Optional[Tuple[int, int]]:
                          f"{', '.join([*READ_AHEAD_MODES, 'off'])}")
     depth = READ_AHEAD_BYTES
     if os.environ.get("MERGEALIGN_READ_AHEAD_BYTES"):
-        from ..plan import parse_size  # plan imports this module
+        from ..units import parse_size  # plan imports this module
 
         try:
             depth = parse_size(os.environ["MERGEALIGN_READ_AHEAD_BYTES"])

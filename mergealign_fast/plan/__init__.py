@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
+from ..units import parse_size
 from ..io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
                              group_by_size, layer_index, open_checkpoint, same_bytes,
                              shard_file_name)
@@ -27,24 +27,21 @@ from ..vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, Vocab
                           vocab_size_holder, vocabulary_problems)
 from ..kernels import resolve_backend
 from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
-from ..methods import (METHODS, NUMPY_METHODS, SET_METHODS, TRIO_MODELS, Method, TensorSettings,
-                       check_weights, layer_position, resolve, settings_problems)
+from .. import methods
+from ..methods.core.spec import SET_ROLE, TRIO_MODELS, WINDOWS
+from ..methods.core.parameters import Method, check_weights
+from ..methods.core.settings import TensorSettings, layer_position, resolve, settings_problems
 from ..output import out_dir_problems, resolve_out_dir
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
     from ..vocabulary.tokens import TensorRows, Vocabulary
 
 ROLES = ("base", "domain", "aligned")
-# A model set's roles: base, then "model 1", "model 2", ... in the order they were given.
-SET_ROLE = "model {}"
 # transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 # Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
 DEFAULT_GPU_MEMORY = 2 << 30
 F64 = "F64"
-# The methods an F64 tensor can be merged with: those whose recipe needs no statistics pass
-# (the passes run in the fp32 kernel); writers/f64.py computes them in float64.
-F64_METHODS = ("task_arithmetic", "linear")
 # The native kernel's model count (csrc/merge_operands.h kMaxModels).
 MAX_SET_MODELS = 32
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
@@ -212,16 +209,6 @@ class MergePlan:
                 if t.on_native_kernel:
                     weight[t.out_dtype] += t.out_nbytes
         return weight.most_common(1)[0][0] if weight else DType.BF16
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5*10^9, '2GiB' -> 2*2^30, '500MB', '1024' (bytes)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or 2GiB")
-    number, prefix, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 # ---- input checks -----------------------------------------------------------------------------
@@ -608,7 +595,9 @@ def tensor_settings(options: MergeOptions, names: List[str],
 def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]:
     problems = _method_problems(options)
     is_set = roles[1:] != TRIO_MODELS
-    weighted = options.method.name in METHODS and "weight" in options.method.info.parameters
+    if not methods.is_method(options.method.name):
+        return problems  # (said by Method.problems)
+    weighted = "weight" in options.method.spec.parameters
     if weighted and not options.method.rules and not is_set:  # else checked per tensor
         try:
             check_weights(options.domain_weight, options.align_weight)
@@ -628,13 +617,14 @@ def _option_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[str]
                         f"{', '.join(roles)} or none")
     if options.vocabulary is not None:
         problems += _vocabulary_problems(options, roles)
-    if options.method.vectors != "tensor" or options.method.name in NUMPY_METHODS:
+    if options.method.vectors != "tensor" or options.method.spec.route == WINDOWS:
         problems += _numpy_window_problems(options, is_set)
     return problems
 
 
 def _numpy_window_problems(options: MergeOptions, is_set: bool) -> List[str]:
-    """What a merge window by window in numpy (per_vector.py, NUMPY_METHODS) cannot be given."""
+    """What a merge vector by vector or window by window in numpy (engine/routes.py) cannot
+    be given."""
     name, vectors = options.method.name, options.method.vectors
     what = name if vectors == "tensor" else f"{name} by {vectors}"
     problems = []
@@ -668,12 +658,12 @@ def _vocabulary_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[
 
 def _set_problems(options: MergeOptions, model_count: int) -> List[str]:
     """What a merge of a base and a set of models cannot do."""
-    name = options.method.name
+    name, contract = options.method.name, options.method.spec.contract
     problems = []
-    if name not in SET_METHODS:
+    if not contract.on_sets:
         problems.append(f"{name} merges two models (the trio); of {model_count} models: "
-                        f"{', '.join(SET_METHODS)}")
-    fewest = 2 if name == "model_stock" else 1
+                        f"{', '.join(methods.set_names())}")
+    fewest = contract.fewest
     if model_count < fewest:
         problems.append(f"{name} needs at least {fewest} model(s) besides the base "
                         f"(got {model_count})")
@@ -694,7 +684,7 @@ def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOpti
 
 def plan_set(base, models: Sequence, out_dir, options: MergeOptions) -> MergePlan:
     """plan_merge for a base and any number of models (roles "model 1", "model 2", ...): the
-    method (SET_METHODS) takes each model's weight and density from its rules."""
+    method (one defined for model sets) takes each model's weight and density from its rules."""
     folders = {"base": Path(base)}
     folders.update((SET_ROLE.format(i + 1), Path(m)) for i, m in enumerate(models))
     return _plan(folders, out_dir, options)
@@ -736,8 +726,9 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
         problems = settings_problems(next(iter(settings.values())), options.method.name) \
             if settings else []
     problems += [f"tensor {t.name} is F64 in every model: it is merged in float64 by "
-                 f"{', '.join(F64_METHODS)} only, not {settings[t.name].name}"
-                 for t in tensors if t.merged_in_f64 and settings[t.name].name not in F64_METHODS]
+                 f"{', '.join(s.name for s in methods.specs() if s.f64)} only, not "
+                 f"{settings[t.name].name}"
+                 for t in tensors if t.merged_in_f64 and settings[t.name].spec.f64 is None]
     problems += _cast_problems(tensors, options)
     if problems:
         raise PlanError(problems)

@@ -27,9 +27,10 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
 from ..io.checkpoint import Checkpoint, TensorLocation, open_checkpoint
-from ..methods import Method
+from ..methods.core.parameters import Method
 from ..output import resolve_out_dir
-from ..methods import TRIO_MODELS, resolve
+from ..methods.core.spec import TRIO_MODELS
+from ..methods.core.settings import resolve
 from . import (MergeOptions, MergePlan, PlannedTensor, checked_output, laid_out, layout_shards,
                opened_inputs, output_config, planned_tensor, side_files_of, tensor_group_problems,
                tensor_settings)

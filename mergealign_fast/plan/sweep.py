@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
-from ..engine.loop import MergeResult, PathLike, execute_many
 from ..errors import PlanError
+from ..units import PathLike
 from . import MergeOptions, MergePlan, disk_problem, plan_merge
 
 
@@ -56,7 +56,7 @@ def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: Pa
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
         method = options.method
-        if "t" in method.info.parameters:  # the SLERP family: t is how far toward the domain
+        if "t" in method.spec.parameters:  # the SLERP family: t is how far toward the domain
             method = replace(method, t=lam)
         one = replace(options, domain_weight=lam, align_weight=round(1.0 - lam, 12),
                       method=method)
@@ -66,19 +66,3 @@ def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: Pa
     if problem:
         raise PlanError([problem])
     return plans
-
-
-def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_root: PathLike,
-                      lambdas: Sequence[float], *, options: Optional[MergeOptions] = None,
-                      progress: bool = False, ray_address: Optional[str] = None,
-                      **changes) -> List[MergeResult]:
-    """Write out_root/lambda-<λ> for each λ (plan_sweep) in one pass.  `options` and `changes`
-    are merge_checkpoints'; the weights (and t) are the sweep's.  With `ray_address` ("" for a
-    local Ray instance) each λ is a task on a Ray cluster instead (cluster.py)."""
-    shared = replace(options or MergeOptions(), **changes)
-    plans = plan_sweep(base, domain, aligned, out_root, lambdas, shared)
-    if ray_address is not None:
-        from ..engine.cluster import sweep_on_ray
-
-        return sweep_on_ray(plans, ray_address, show_progress=progress)
-    return execute_many(plans, show_progress=progress)

@@ -218,7 +218,7 @@ def io_rows(trio: Dict[str, Path], work: Path, rounds: int, cold: bool) -> List[
 
 def merge_rows(trio: Dict[str, Path], work: Path, rounds: int, cold: bool,
                threads: int) -> List[Row]:
-    from ..engine.loop import merge_checkpoints
+    from ..api import merge_checkpoints
 
     out = work / "merged"
     files = _input_files(trio)

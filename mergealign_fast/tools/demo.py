@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..engine.loop import merge_checkpoints
+from ..api import merge_checkpoints
 from ..errors import MergeError
 from .oracle_check import check_against_oracle
-from ..progress import human_bytes
+from ..units import human_bytes
 from .synthetic import LLAMA_DEMO, ensure_synthetic_trio
 
 DEMO_FOLDER = "demo-llama-156m-v1"

@@ -21,7 +21,7 @@ from ..dtypes import from_safetensors
 from ..io.checkpoint import layer_index
 from ..kernels import cpu
 from ..kernels.cpu import default_threads
-from ..methods import check_weights
+from ..methods.core.parameters import check_weights
 from ..plan import ROLES, check_inputs
 from ..io.stream import InputMaps, pass_chunks
 

@@ -9,9 +9,9 @@ from typing import Optional
 import numpy as np
 
 from ..dtypes import DType
-from ..methods.oracle import decode_to_f64
+from ..methods.core.oracle import decode_to_f64
 from ..io.checkpoint import open_checkpoint, read_elements
-from ..methods.oracle import merge_error_bound, merge_ref
+from ..methods.core.oracle import merge_error_bound, merge_ref
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The native kernels compute in fp32; a float64 tensor that differs between the models (rare:
 some research checkpoints, some buffers) is merged here instead, with numpy, in float64 and
-stored as F64, for the methods whose recipe needs no statistics pass (plan.F64_METHODS).  It is
+stored as F64, for the methods whose recipe needs no statistics pass (those whose spec has an f64 formula).  It is
 read with pread, window by window (bounded memory; a file truncated meanwhile gives a short
 read, not a crash).
 """
@@ -13,7 +13,7 @@ import os
 from typing import List, Sequence
 
 from ...io import stream
-from ...methods import TensorSettings
+from ...methods.core.settings import TensorSettings
 from ...output import ShardFile, write_fully
 from ...plan import PlannedTensor
 from ...io.stream import InputChanged
@@ -23,24 +23,8 @@ F64_ITEMSIZE = 8
 
 def merge_f64(settings: TensorSettings, b, *models):
     """The method's value in float64 (numpy arrays; the models in the order of
-    settings.weights): task arithmetic base + λ·Σ w_m τ_m [/ Σw when normalized], or linear
-    (w_b base + Σ w_m model_m) [/ (w_b + Σw) when normalized]."""
-    s = settings
-    # Summed left to right in model order, as the kernels sum.
-    if s.name == "linear":
-        merged, total = s.w_base * b, s.w_base
-        for w, m in zip(s.weights, models):
-            merged, total = merged + w * m, total + w
-        return _canonical_nan(merged / total if s.normalize else merged)
-    combined = s.weights[0] * (models[0] - b)
-    for w, m in zip(s.weights[1:], models[1:]):
-        combined = combined + w * (m - b)
-    weights = s.weights[0]
-    for w in s.weights[1:]:
-        weights += w
-    if s.normalize and weights != 0:
-        combined = combined / weights
-    return _canonical_nan(b + s.lambda_ * combined)
+    settings.weights), by its spec's f64 formula (task arithmetic, linear)."""
+    return _canonical_nan(settings.spec.f64(settings, b, *models))
 
 
 def _canonical_nan(merged):

@@ -24,14 +24,17 @@ computes each window in fp32, and the kernel rounds it to the output dtype once.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
 
 from ...kernels import cpu
-from .. import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, TensorSettings, stream_key
+from ..core.recipes import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, stream_key
 from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
 from ...io.stream import Chunk
+
+if TYPE_CHECKING:  # annotations only: the settings module reads the registry
+    from ..core.settings import TensorSettings
 
 # The most bytes of packed masks held between a tensor's rescale and merge passes (a bit an
 # element a model: a 256 Mi-element tensor of eight models).

@@ -17,14 +17,16 @@ rounded by the kernel to the output dtype once.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
 
-from .. import TensorSettings
 from .order_stats import OrderStatistics, sortable_bits, value_of
 from .per_vector import WINDOW_ELEMENTS, decoded, quiet, result_chunk, workspace
 from ...io.stream import Chunk
+
+if TYPE_CHECKING:  # annotations only: the settings module reads the registry
+    from ..core.settings import TensorSettings
 
 SOFTMAX_EPS = 1e-8  # mergekit's: added to both softmaxes before the KL divergence
 QUARTERS = (1, 2, 3)  # q1, the median, q3: at index floor(q·(n - 1)) for q = k/4

@@ -10,7 +10,7 @@ view, or of the second), so a window is a matrix: rows are summed along it, colu
 The merge is two passes over the window stream, memory bounded as every pass: one sums, per
 vector in float64 (in index order: the same sums on any machine and thread count), Σx², Σy² and
 Σxy of the two task vectors (or models); then each vector's coefficients (c_b, c_d, c_a) come
-from the scalar formulas of methods.py, and each window's inputs are scaled into fp32 arrays
+from the scalar formulas of the method (its spec's ByVectors), and each window's inputs are scaled into fp32 arrays
 b' = c_b·b, d' = c_d·(d - b), a' = c_a·(a - b) (task vectors) or c·x (models), which the native
 kernel sums as a linear merge with weights 1: (b' + d') + a', the roundings of the whole-tensor
 kernel's (base + w_d·τ_d) + w_a·τ_a.
@@ -19,20 +19,20 @@ kernel's (base + w_d·τ_d) + w_a·τ_a.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
 
 from ...dtypes import DType, bf16_bits_to_f32, f32_to_bf16_bits, storage_numpy_dtype
 from ...kernels import cpu
-from .. import TensorSettings, model_stock_t, nuslerp_coefficients, nuslerp_t, pair_cosine
 from ...io.stream import Chunk, HeldInput, InputChanged
+
+if TYPE_CHECKING:  # annotations only: the settings module reads the registry
+    from ..core.settings import TensorSettings
 
 # Elements per window: a window's copies (stored, fp32, float64 differences and products,
 # scaled fp32) take ~54 bytes an element, so 1 Mi elements keep them near 55 MB.
 WINDOW_ELEMENTS = 1 << 20
-# Each vector's statistics on the task vectors (τ = model - base) or on the models themselves.
-ON_MODELS = ("nuslerp_models",)
 
 
 def line_width(shape: Sequence[int], vectors: str) -> int:
@@ -136,7 +136,7 @@ def vector_sums(s: TensorSettings, shape: Sequence[int], windows: Iterator[Chunk
         x, y = (workspace.get(name, chunk.count, np.float64) for name in ("x64", "y64"))
         product = workspace.get("product", chunk.count, np.float64).reshape(-1, width)
         with quiet():
-            if s.name in ON_MODELS:
+            if s.spec.vectors.on_models:
                 x[:], y[:] = d, a
             else:
                 np.subtract(d, b, out=x, dtype=np.float64)
@@ -153,19 +153,12 @@ def vector_sums(s: TensorSettings, shape: Sequence[int], windows: Iterator[Chunk
 
 
 def vector_coefficients(s: TensorSettings, sums) -> np.ndarray:
-    """(n, 3) float32: each vector's (c_b, c_d, c_a), from the scalar formulas of methods.py."""
+    """(n, 3) float32: each vector's (c_b, c_d, c_a), from the method's scalar formula."""
     dd, aa, da = sums
+    coefficients = s.spec.vectors.coefficients
     out = np.empty((len(dd), 3), dtype=np.float64)
-    if s.name == "model_stock":
-        for v in range(len(dd)):
-            t = model_stock_t([pair_cosine(dd[v], aa[v], da[v])], 2)
-            out[v] = (1.0 - t, t / 2, t / 2)
-    else:
-        t = nuslerp_t(s.w_domain, s.w_align)
-        base = 0.0 if s.name in ON_MODELS else 1.0
-        for v in range(len(dd)):
-            c_a, c_d = nuslerp_coefficients(t, aa[v], dd[v], da[v])
-            out[v] = (base, c_d, c_a)
+    for v in range(len(dd)):
+        out[v] = coefficients(s, dd[v], aa[v], da[v])
     return out.astype(np.float32)
 
 
@@ -196,12 +189,13 @@ def scaled_chunk(s: TensorSettings, shape: Sequence[int], coefficients: np.ndarr
     b, d, a = (x.reshape(-1, width) for x in decoded(chunk))
     out = [workspace.get(f"scaled{i}", chunk.count, np.float32).reshape(-1, width)
            for i in range(3)]
+    form = s.spec.vectors.form
     with quiet():
-        if s.name in ON_MODELS:
+        if form == "models_only":
             out[0][:] = 0.0
             np.multiply(c[..., 1], d, out=out[1])
             np.multiply(c[..., 2], a, out=out[2])
-        elif s.name == "model_stock":
+        elif form == "models":
             for j, x in enumerate((b, d, a)):
                 np.multiply(c[..., j], x, out=out[j])
         else:

@@ -17,13 +17,15 @@ and hands it to the kernel, which rounds it to the output dtype once.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
 
-from .. import TensorSettings
 from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
 from ...io.stream import Chunk
+
+if TYPE_CHECKING:  # annotations only: the settings module reads the registry
+    from ..core.settings import TensorSettings
 
 
 def window_elements(shape: Sequence[int]) -> int:

@@ -22,14 +22,16 @@ the output dtype once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from .. import TensorSettings
 from .order_stats import OrderStatistics
 from .per_vector import quiet, result_chunk, task_vectors, workspace
 from ...io.stream import Chunk
+
+if TYPE_CHECKING:  # annotations only: the settings module reads the registry
+    from ..core.settings import TensorSettings
 
 SCE_WEIGHT_EPS = 1e-6  # mergekit's: weights summing below it are uniform
 SCE_DIVISOR_EPS = 1e-6  # mergekit's clamp of the erased weights' sum

@@ -1,14 +1,17 @@
 """The float64 oracle for every method, and the error bound a correct kernel must meet.
 
-Tests and benchmarks import these; nothing here is used on the fast path.
+Tests and benchmarks import these; nothing here is used on the fast path.  One convention: a
+method's oracle (its spec's `oracle`, defined in its module from the pieces here) takes the
+resolved settings, the tensor's name, the base and the models as flat float64 arrays and
+returns (the float64 result, the error scale S that bounds every fp32 intermediate).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import methods
-from ..dtypes import DType, bf16_bits_to_f32
+from ...dtypes import DType, bf16_bits_to_f32
+from . import geometry, recipes, spec
 
 
 def decode_to_f64(raw: np.ndarray, dtype: DType) -> np.ndarray:
@@ -102,9 +105,9 @@ def _descending_ranks(magnitude: np.ndarray) -> np.ndarray:
 
 def _kept(tau32: np.ndarray, density: float, sparsify: int, key, gamma: float = 0.0
           ) -> np.ndarray:
-    if sparsify == methods.KEEP_ALL or density >= 1.0:
+    if sparsify == spec.KEEP_ALL or density >= 1.0:
         return np.ones(tau32.shape, dtype=bool)
-    if sparsify == methods.KEEP_BAND:
+    if sparsify == spec.KEEP_BAND:
         # Model Breadcrumbs as mergekit counts it: of |τ| in ascending order, ranks
         # [below, below + kept) with kept = int(density·n), below = n - kept - int(γ·n) (≥ 0).
         n = tau32.size
@@ -112,77 +115,69 @@ def _kept(tau32: np.ndarray, density: float, sparsify: int, key, gamma: float = 
         below = max(0, n - kept - int(gamma * n))
         ranks = _descending_ranks(np.abs(tau32))
         return (ranks >= n - below - kept) & (ranks < n - below)
-    if sparsify == methods.KEEP_LARGEST:
+    if sparsify == spec.KEEP_LARGEST:
         if density <= 0.0 or tau32.size == 0:
             return np.zeros(tau32.shape, dtype=bool)
         magnitude = np.abs(tau32)
-        k = methods.keep_count(density, tau32.size)
+        k = recipes.keep_count(density, tau32.size)
         threshold = np.partition(magnitude, tau32.size - k)[tau32.size - k]
         above = magnitude > threshold
         ties = magnitude == threshold  # the first ones in index order make the count exactly k
         return above | (ties & (np.cumsum(ties) <= k - above.sum()))
     draws = random_draw24(key[0], key[1], np.arange(tau32.size))
-    return draws < np.uint32(int(round(density * methods.DRAW_RANGE)))
+    return draws < np.uint32(int(round(density * recipes.DRAW_RANGE)))
 
 
 def _rescale_factor(tau32: np.ndarray, kept: np.ndarray, density: float, rescale: str,
                     sparsify: int) -> float:
-    if rescale == "none" or sparsify == methods.KEEP_ALL or density >= 1.0:
+    if rescale == "none" or sparsify == spec.KEEP_ALL or density >= 1.0:
         return 1.0
     if rescale == "inverse_density":
         return 1.0 / density if density > 0 else 1.0
     before = np.abs(tau32.astype(np.float64)).sum()
     after = np.abs(tau32.astype(np.float64))[kept].sum()
-    if before < methods.RESCALE_EPS or after < methods.RESCALE_EPS:
+    if before < recipes.RESCALE_EPS or after < recipes.RESCALE_EPS:
         return 1.0
     return before / after
 
 
 def method_ref(settings, tensor_name: str, base, *models):
     """(float64 result, float64 error scale S) of a merge method on flat arrays: the base and
-    each model of settings.roles (the trio: domain, aligned).
+    each model of settings.roles (the trio: domain, aligned), by the method's own oracle.
 
     S bounds the magnitude of every fp32 intermediate: a correct kernel is within (6 + n)u·S
     for n models, plus half an output spacing (method_error_bound)."""
     b = np.asarray(base, dtype=np.float64).ravel()
     xs = [np.asarray(x, dtype=np.float64).ravel() for x in models]
-    s = settings
-    if s.name == "linear":
-        coefficients = (s.w_base, *s.weights)
-        divisor = sum(coefficients) if s.normalize else 1.0
-        return _combination(coefficients, (b, *xs), divisor)
-    if s.name in methods.GEODESIC:
-        return _geodesic_ref(s, b, *xs)
-    if s.name == "model_stock":
-        return _model_stock_ref(b, xs)
-    if s.name == "nearswap":
-        return _nearswap_ref(s.t, b, xs[0])
-    if s.name in ("multislerp", "multislerp_models"):
-        return _multislerp_ref(s, b, xs)
-    if s.name == "karcher":
-        return _karcher_ref((s.w_base, *s.weights), [b, *xs], s.max_iter, s.tol)
-    if s.is_plain_task_arithmetic:
-        d, a = xs
-        return _combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a),
-                            1.0, exact=b + s.w_domain * (d - b) + s.w_align * (a - b),
-                            scale=np.abs(b) + np.abs(s.w_domain * (d - b))
-                            + np.abs(s.w_align * (a - b)))
-    return _vectors_ref(s, tensor_name, b, xs)
+    return settings.spec.oracle(settings, tensor_name, b, xs)
 
 
-def _nearswap_ref(t: float, b: np.ndarray, d: np.ndarray):
+def task_arithmetic_ref(s, b: np.ndarray, xs):
+    """The MergeAlign formula b + w_d (d - b) + w_a (a - b) and its scale."""
+    d, a = xs
+    return combination((1.0 - s.w_domain - s.w_align, s.w_domain, s.w_align), (b, d, a), 1.0,
+                       exact=b + s.w_domain * (d - b) + s.w_align * (a - b),
+                       scale=np.abs(b) + np.abs(s.w_domain * (d - b)) + np.abs(s.w_align * (a - b)))
+
+
+def task_vector_sum(b: np.ndarray, coefficients, taus):
+    """b + Σ c_m τ_m and its scale."""
+    return b + sum(c * t for c, t in zip(coefficients, taus)), \
+        np.abs(b) + sum(np.abs(c * t) for c, t in zip(coefficients, taus))
+
+
+def nearswap_ref(t: float, b: np.ndarray, d: np.ndarray):
     """NearSwap from its definition; the scale counts both products and w's own roundings
     (|d - b| and the division, 2u relative) times |d - b|."""
     distance = np.abs(d - b)
-    w = np.clip(t / np.maximum(distance, methods.NEAR_SWAP_EPS), 0.0, 1.0)
+    w = np.clip(t / np.maximum(distance, geometry.NEAR_SWAP_EPS), 0.0, 1.0)
     return w * d + (1.0 - w) * b, np.abs(w * d) + np.abs((1.0 - w) * b) + w * distance
 
 
-def _multislerp_ref(s, b: np.ndarray, xs):
+def multislerp_ref(s, b: np.ndarray, xs, on_models: bool):
     """Multi-SLERP as its definition states it: unit vectors, their normalized weighted mean,
     the tangent-space average, the exponential map back, the weighted mean norm.  The scale:
     each model's term at its coefficient (the fp32 kernel sums c_m·x_m), plus the base."""
-    on_models = s.name == "multislerp_models"
     vectors = [x if on_models else x - b for x in xs]
     weights = np.asarray(s.weights, dtype=np.float64)
     if len(vectors) == 1:
@@ -190,11 +185,11 @@ def _multislerp_ref(s, b: np.ndarray, xs):
     if s.normalize:
         weights = weights / weights.sum()
     norms = np.array([np.linalg.norm(v) for v in vectors])
-    weighted_units = [w * v / (n + methods.MULTISLERP_EPS)
+    weighted_units = [w * v / (n + geometry.MULTISLERP_EPS)
                       for w, v, n in zip(weights, vectors, norms)]
     mean = sum(weighted_units) / np.linalg.norm(sum(weighted_units))
     tangent = sum(wu - np.dot(wu, mean) * mean for wu in weighted_units)
-    angle = np.linalg.norm(tangent) + methods.MULTISLERP_EPS
+    angle = np.linalg.norm(tangent) + geometry.MULTISLERP_EPS
     average_norm = np.dot(weights, norms)
     merged = (mean * np.cos(angle) + tangent * (np.sin(angle) / angle)) * average_norm
     origin = np.zeros_like(b) if on_models else b
@@ -202,7 +197,7 @@ def _multislerp_ref(s, b: np.ndarray, xs):
     return origin + merged, np.abs(origin) + stretch * sum(np.abs(wu) for wu in weighted_units)
 
 
-def _karcher_ref(alphas, xs, max_iter: int, tol: float):
+def karcher_ref(alphas, xs, max_iter: int, tol: float):
     """The weighted Karcher mean as its iteration states it, on the arrays themselves (the
     kernel applies coefficients found on the Gram matrix).  Scale: each model's term."""
     norms = [np.linalg.norm(x) for x in xs]
@@ -227,39 +222,39 @@ def _karcher_ref(alphas, xs, max_iter: int, tol: float):
     return scale * mean, sum(np.abs(scale / norms[i] * xs[i]) for i in valid)
 
 
-def _combination(coefficients, arrays, divisor, exact=None, scale=None):
+def combination(coefficients, arrays, divisor, exact=None, scale=None):
     if exact is None:
         exact = sum(c * x for c, x in zip(coefficients, arrays)) / divisor
         scale = sum(np.abs(c * x) for c, x in zip(coefficients, arrays)) / abs(divisor)
     return exact, scale
 
 
-def _slerp_ref(t: float, x: np.ndarray, y: np.ndarray):
+def slerp_ref(t: float, x: np.ndarray, y: np.ndarray):
     """(c_x, c_y) with slerp from x (t = 0) to y (t = 1) = c_x·x + c_y·y, from the definition:
     the angle between the normalised vectors, linear interpolation when they are (nearly)
     collinear, a norm below the epsilon taken as 1 (mergekit's conventions)."""
     norms = [float(np.sqrt(v @ v)) for v in (x, y)]
-    nx, ny = (n if n > methods.SLERP_NORM_EPS else 1.0 for n in norms)
+    nx, ny = (n if n > geometry.SLERP_NORM_EPS else 1.0 for n in norms)
     cos = float(np.clip((x / nx) @ (y / ny), -1.0, 1.0))
-    if abs(cos) > methods.SLERP_DOT_THRESHOLD:
+    if abs(cos) > geometry.SLERP_DOT_THRESHOLD:
         return 1.0 - t, t
     angle = np.arccos(cos)
     return np.sin((1.0 - t) * angle) / np.sin(angle), np.sin(t * angle) / np.sin(angle)
 
 
-def _chipalign_ref(t: float, d: np.ndarray, a: np.ndarray):
+def chipalign_ref(t: float, d: np.ndarray, a: np.ndarray):
     """(c_d, c_a) of ChipAlign from its definition: the geodesic between the unit-norm aligned
     and domain tensors at t, rescaled by the geometric mean ‖aligned‖^(1-t)·‖domain‖^t; a tensor
     without direction (zero norm) gives the linear blend."""
     na, nd = float(np.sqrt(a @ a)), float(np.sqrt(d @ d))
-    if min(na, nd) <= methods.SLERP_NORM_EPS:
+    if min(na, nd) <= geometry.SLERP_NORM_EPS:
         return t, 1.0 - t
-    c_unit_a, c_unit_d = _slerp_ref(t, a / na, d / nd)
+    c_unit_a, c_unit_d = slerp_ref(t, a / na, d / nd)
     magnitude = na ** (1.0 - t) * nd ** t
     return magnitude * c_unit_d / nd, magnitude * c_unit_a / na
 
 
-def _nuslerp_ref(w_domain: float, w_align: float, x: np.ndarray, y: np.ndarray):
+def nuslerp_ref(w_domain: float, w_align: float, x: np.ndarray, y: np.ndarray):
     """(c_x, c_y) of mergekit's nuslerp from x to y, t the second weight's share, from its
     definition: the angle of the normalised vectors (norms clamped up to 1e-7), the linear blend
     only when exactly collinear (1 - cos² <= 1e-16)."""
@@ -273,7 +268,7 @@ def _nuslerp_ref(w_domain: float, w_align: float, x: np.ndarray, y: np.ndarray):
     return np.sin((1.0 - t) * angle) / np.sin(angle), np.sin(t * angle) / np.sin(angle)
 
 
-def _model_stock_ref(b, xs):
+def model_stock_ref(b, xs):
     """Model Stock from its definition: t = n·c / (1 + (n-1)·c), c the mean cosine of the
     task vectors' pairs (norm products clamped up to 1e-6); (1-t)·base + t·mean."""
     taus = [x - b for x in xs]
@@ -284,33 +279,16 @@ def _model_stock_ref(b, xs):
     n = len(xs)
     c = sum(cosines) / len(cosines)
     t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
-    return _combination((1.0 - t, *[t / n] * n), (b, *xs), 1.0)
+    return combination((1.0 - t, *[t / n] * n), (b, *xs), 1.0)
 
 
-def _geodesic_ref(s, b, d, a):
-    if s.name in ("slerp_vectors", "nuslerp"):
-        td, ta = d - b, a - b
-        c_a, c_d = _nuslerp_ref(s.w_domain, s.w_align, ta, td) if s.name == "nuslerp" \
-            else _slerp_ref(s.t, ta, td)
-        return b + c_d * td + c_a * ta, np.abs(b) + np.abs(c_d * td) + np.abs(c_a * ta)
-    if s.name == "slerp":
-        c_a, c_d = _slerp_ref(s.t, a, d)
-    elif s.name == "nuslerp_models":
-        c_a, c_d = _nuslerp_ref(s.w_domain, s.w_align, a, d)
-    else:
-        c_d, c_a = _chipalign_ref(s.t, d, a)
-    return _combination((0.0, c_d, c_a), (b, d, a), 1.0)
-
-
-def _vectors_ref(s, tensor_name, b, xs):
+def vectors_ref(s, tensor_name, b, xs):
     weights, densities = list(s.weights), list(s.densities)
-    if s.name == "resta":
-        weights[0], densities[1] = 1.0, 1.0
     b32 = b.astype(np.float32)
     terms32, terms64, scales = [], [], []
     for x, weight, density, gamma, role in zip(xs, weights, densities, s.gammas, s.roles):
         tau32 = x.astype(np.float32) - b32
-        key = methods.stream_key(s.seed, tensor_name, role)
+        key = recipes.stream_key(s.seed, tensor_name, role)
         kept = _kept(tau32, density, s.sparsify, key, gamma)
         factor = _rescale_factor(tau32, kept, density, s.rescale, s.sparsify)
         f32 = np.float32(factor)
@@ -329,7 +307,7 @@ def _vectors_ref(s, tensor_name, b, xs):
     else:
         mixed = sum(terms64)
         total = sum(weights)
-        divisor = total if abs(total) >= methods.DIVISOR_EPS else 1.0
+        divisor = total if abs(total) >= recipes.DIVISOR_EPS else 1.0
     if not s.normalize:
         divisor = 1.0
     exact = b + s.lambda_ * mixed / divisor
@@ -355,7 +333,7 @@ def della_ref(s, tensor_name: str, shape, base: np.ndarray, models) -> tuple:
     a stable argsort of |τ| along each line, p in float64, numpy's draws; and the scale of the
     merge's fp32 evaluation (|base| + |λ|·Σ|terms| / |divisor|: every rounding of the merge is
     of a value at most that)."""
-    from .windows.della import line_shape
+    from ..windows.della import line_shape
 
     length, stride = line_shape(shape)
     taus = [np.asarray(x, np.float64) - base for x in models]
@@ -368,14 +346,14 @@ def della_ref(s, tensor_name: str, shape, base: np.ndarray, models) -> tuple:
                           np.arange(length, dtype=np.float64)[None, :, None]
                           * np.ones(lines.shape), axis=1)
         p = (density - epsilon) + ranks.reshape(-1) / max(1, length - 1) * 2 * epsilon
-        key = methods.stream_key(s.seed, tensor_name, s.roles[m])
+        key = recipes.stream_key(s.seed, tensor_name, s.roles[m])
         keep = random_draw24(key[0], key[1], np.arange(tau.size)) < np.rint(
-            p * methods.DRAW_RANGE)
+            p * recipes.DRAW_RANGE)
         keep = np.full(tau.shape, density >= 1.0) if not 0.0 < density < 1.0 else keep
         factor = 1.0
         if s.rescale == "l1" and 0.0 < density < 1.0:
             before, after = np.abs(tau).sum(), np.abs(tau[keep]).sum()
-            if before >= methods.RESCALE_EPS and after >= methods.RESCALE_EPS:
+            if before >= recipes.RESCALE_EPS and after >= recipes.RESCALE_EPS:
                 factor = before / after
         terms.append(s.weights[m] * factor * tau * keep)
     terms = np.stack(terms)
@@ -386,7 +364,7 @@ def della_ref(s, tensor_name: str, shape, base: np.ndarray, models) -> tuple:
         divisor = (weights * agrees).sum(axis=0)
         divisor[divisor == 0] = 1.0
     else:
-        divisor = weights.sum() if abs(weights.sum()) >= methods.DIVISOR_EPS else 1.0
+        divisor = weights.sum() if abs(weights.sum()) >= recipes.DIVISOR_EPS else 1.0
     if not s.normalize:
         divisor = 1.0
     total = (terms * agrees).sum(axis=0) / divisor
