@@ -18,7 +18,8 @@ def test_the_entry_point_guards_interrupts_before_loading_anything():
             "print(sorted(m for m in sys.modules if m.startswith('mergealign_fast')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(["mergealign_fast", "mergealign_fast._version",
-                                      "mergealign_fast.cli", "mergealign_fast.cli.entry"])
+                                      "mergealign_fast.cli", "mergealign_fast.cli.entry",
+                                      "mergealign_fast.cli.interrupts"])
 
 
 def test_the_merge_command_loads_no_numpy_or_torch():

@@ -15,7 +15,7 @@ from .. import dtypes
 from .._version import __version__
 from ..engine.loop import MergeResult
 from ..api import execute_on
-from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
+from .interrupts import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_in,
                     interrupted_while_starting)
 from ..errors import MergeError
 from ..evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS

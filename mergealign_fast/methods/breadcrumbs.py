@@ -4,7 +4,7 @@ its smallest are dropped, int(density·n) kept, as mergekit counts them — then
 
 from __future__ import annotations
 
-from .core.recipes import vectors_merge
+from .core.generalized import vectors_merge
 from .core.spec import KEEP_BAND, Contract, Defaults, MergekitForm, MethodSpec
 from .ties import VECTOR_PARAMETERS
 

@@ -5,7 +5,7 @@ same merge on any thread count or window size."""
 
 from __future__ import annotations
 
-from .core.recipes import vectors_merge
+from .core.generalized import vectors_merge
 from .core.spec import KEEP_RANDOM, Contract, Defaults, MergekitForm, MethodSpec
 from .ties import VECTOR_PARAMETERS
 

@@ -7,7 +7,8 @@ dropped.  On a model set, mergekit's base + λ·Σ w_m τ_m (summed first, then 
 
 from __future__ import annotations
 
-from .core.recipes import vectors_merge, weights_recipe
+from .core.generalized import vectors_merge
+from .core.recipes import weights_recipe
 from .core.spec import TASK_ARITHMETIC, Contract, MergekitForm, MethodSpec
 
 

@@ -4,7 +4,7 @@ weights).  The threshold comes from two native histogram passes, not a sort (cor
 
 from __future__ import annotations
 
-from .core.recipes import vectors_merge
+from .core.generalized import vectors_merge
 from .core.spec import KEEP_LARGEST, Contract, Defaults, MergekitForm, MethodSpec
 
 VECTOR_PARAMETERS = ("weight", "density", "lambda", "normalize", "rescale")

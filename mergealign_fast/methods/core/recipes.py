@@ -165,26 +165,3 @@ def _rescale(terms, densities, rescale: str, passes) -> None:
     for term, on, (before, after) in zip(terms, active, passes.l1(terms)):
         if on and before >= RESCALE_EPS and after >= RESCALE_EPS:
             term.scale = before / after
-
-
-def _vectors_trio(native, s, tensor_name: str, count: int, passes):
-    recipe = native.Recipe()
-    return vectors_recipe(recipe, [recipe.domain, recipe.align], s, tensor_name, count, passes)
-
-
-def _vectors_set(native, s, tensor_name: str, count: int, passes):
-    recipe = native.SetRecipe()
-    terms = [recipe.term(m) for m in range(len(s.roles))]
-    return vectors_recipe(recipe, terms, s, tensor_name, count, passes)
-
-
-def _vectors_oracle(s, tensor_name: str, b, xs):
-    from . import oracle
-
-    return oracle.vectors_ref(s, tensor_name, b, xs)
-
-
-def vectors_merge() -> dict:
-    """The MethodSpec fields of a generalized task arithmetic method (TIES, DARE, Model
-    Breadcrumbs): the recipe of the trio and of a model set, and the float64 oracle."""
-    return {"recipe": _vectors_trio, "set_recipe": _vectors_set, "oracle": _vectors_oracle}
