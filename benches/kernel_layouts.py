@@ -20,7 +20,7 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from mergealign_fast.kernels import cpu
-from mergealign_fast.tensors import merge_tensors
+from mergealign_fast.engine.in_memory import merge_tensors
 
 native, n = cpu.native(), 32 << 20
 x = np.random.default_rng(0).standard_normal(3 * n, dtype=np.float32) * np.float32(0.02)

@@ -145,7 +145,7 @@ def test_a_sweep_on_ray_is_the_sweep_and_a_rerun_skips_finished_cells(tiny_trio,
 # Plans a merge, then cuts an input short before the tasks read it: an error only a task finds.
 CUT_SHORT_AFTER_PLANNING = """
 import sys
-from mergealign_fast.cluster import merge_on_ray
+from mergealign_fast.engine.cluster import merge_on_ray
 from mergealign_fast.errors import MergeError
 from mergealign_fast.plan import plan_merge
 

@@ -166,7 +166,7 @@ def _tables_in_child(folders: Dict[str, Path], spec: VocabularySpec,
     return value
 
 
-CHILD = ("import sys; from mergealign_fast.vocabularies import answer_child; "
+CHILD = ("import sys; from mergealign_fast.vocabulary.tokens import answer_child; "
          "answer_child(sys.argv[1])")
 
 
