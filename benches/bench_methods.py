@@ -99,7 +99,7 @@ def test_mergekit(benchmark, trio_1b, inputs, tmp_path, method):
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])
 def test_mergekit_with_our_kernels(benchmark, trio_1b, inputs, tmp_path, method):
-    """mergekit's own pipeline with mergealign_fast.mergekit_backend registered: what a user who
+    """mergekit's own pipeline with mergealign_fast.mergekit.backend registered: what a user who
     stays inside mergekit gets."""
     script = Path(__file__).with_name("mergekit_backend_run.py")
     wall, cpu, rss = time_config_run(

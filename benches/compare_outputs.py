@@ -9,8 +9,8 @@ sharded copies) are written once; then every merge of the grid runs through the 
 each tree in turn, in a child process with that tree first on sys.path, and the SHA-256 of
 every file each output holds (the manifest, which records the version and the time, aside) is
 compared.  The grid: every method of the command line on every dtype (with the flags each
-takes), mergekit configs (model sets, slices, gradients and filters, passthrough), model-set merges through the Python API, and sweeps.  Exit 1 when any output
-differs, naming it.
+takes), mergekit configs (model sets, slices, gradients and filters, passthrough), model-set
+merges through the Python API, and sweeps.  Exit 1 when any output differs, naming it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python benches/mergekit_backend_run.py CONFIG.yml OUT
 
-The config's merge_method gets the mergealign_ prefix (mergealign_fast.mergekit_backend): mergekit
+The config's merge_method gets the mergealign_ prefix (mergealign_fast.mergekit.backend): mergekit
 plans, loads and writes as usual, our kernel does each tensor's arithmetic.
 """
 

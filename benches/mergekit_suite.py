@@ -21,7 +21,7 @@ tensor's largest magnitude.  Outputs whose tensors are named otherwise (mergekit
 LLaVA models under transformers' newer names) are compared under that renaming.
 
 With MERGEKIT_SUITE_BACKEND=1 the suite runs the other way: every configuration whose method
-mergealign_fast.mergekit_backend registers runs inside mergekit with our kernels (the method
+mergealign_fast.mergekit.backend registers runs inside mergekit with our kernels (the method
 renamed mergealign_<method>), mergekit's test checks that output, and a second run with
 mergekit's own method is compared with it as above (records say "via": "backend").
 """
@@ -88,7 +88,7 @@ def _through_backend(run_merge, merge_config, out_path, options, **kwargs) -> No
     from mergealign_fast.mergekit import backend as mergekit_backend
 
     method = merge_config.merge_method
-    if method not in {*mergekit_backend.METHOD_NAMES, *mergekit_backend.SPEC_METHODS}:
+    if method not in {s.name for s in mergekit_backend.registered_specs()}:
         return run_merge(merge_config, out_path=out_path, options=options, **kwargs)
     mergekit_backend.register()
     record = {"test": _current_test["id"], "method": method, "via": "backend"}

@@ -6,20 +6,9 @@ window or thread count).  Numpy, window by window, on the CPU path (methods/wind
 
 from __future__ import annotations
 
-from .core.spec import WINDOWS, Contract, Defaults, MergekitForm, MethodSpec
+from .core.spec import Contract, Defaults, MergekitForm, MethodSpec, in_windows
 from .ties import VECTOR_PARAMETERS
 
-
-def merge_windows(s, tensor, windows):
-    from .windows import della
-
-    return della.merge_chunks(s, tensor, windows)
-
-
-def window_elements(shape):
-    from .windows import della
-
-    return della.window_elements(shape)
 
 
 def settings_problems(s, where: str):
@@ -38,8 +27,7 @@ METHODS = tuple(MethodSpec(
     name, summary, VECTOR_PARAMETERS + ("epsilon", "seed"),
     # mergekit's defaults: della normalizes and rescales (l1), ε = 0.15; della_linear rescales.
     Defaults(normalize=elects, rescale="l1", sign_election=elects, epsilon=0.15),
-    Contract(on_sets=True), route=WINDOWS, merge_windows=merge_windows,
-    window_elements=window_elements, per_model=("epsilon",),
+    Contract(on_sets=True), **in_windows("della"), per_model=("epsilon",),
     settings_problems=settings_problems,
     mergekit=MergekitForm(needs_weights=True, registers="theirs"), parameters_doc=doc)
     for name, summary, elects, doc in (

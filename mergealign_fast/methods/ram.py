@@ -6,24 +6,13 @@ CPU path (methods/windows/ram.py)."""
 
 from __future__ import annotations
 
-from .core.spec import WINDOWS, Contract, Defaults, MergekitForm, MethodSpec
+from .core.spec import Contract, Defaults, MergekitForm, MethodSpec, in_windows
 
-
-def merge_windows(s, tensor, windows):
-    from .windows import ram
-
-    return ram.merge_chunks(s, tensor, windows)
-
-
-def window_elements(shape):
-    from .windows import ram
-
-    return ram.window_elements(shape)
 
 
 METHODS = tuple(MethodSpec(
-    name, summary, parameters, Defaults(epsilon=1e-5), Contract(on_sets=True), route=WINDOWS,
-    merge_windows=merge_windows, window_elements=window_elements,
+    name, summary, parameters, Defaults(epsilon=1e-5), Contract(on_sets=True),
+    **in_windows("ram"),
     mergekit=MergekitForm(registers="theirs"), parameters_doc=doc)
     for name, summary, parameters, doc in (
         ("ram", "Reinforced Agent Merging (mergekit's): per element, a change \\|τ\\| > ε made "

@@ -6,19 +6,8 @@ path (methods/windows/sce.py)."""
 
 from __future__ import annotations
 
-from .core.spec import WINDOWS, Contract, MergekitForm, MethodSpec, others_at_least
+from .core.spec import Contract, MergekitForm, MethodSpec, in_windows, others_at_least
 
-
-def merge_windows(s, tensor, windows):
-    from .windows import sce
-
-    return sce.merge_chunks(s, tensor, windows)
-
-
-def window_elements(shape):
-    from .windows import sce
-
-    return sce.window_elements(shape)
 
 
 METHODS = (MethodSpec(
@@ -26,7 +15,6 @@ METHODS = (MethodSpec(
     "elements whose τ vary most across the models (exact threshold, ties in index order), "
     "weigh each model by its mean τ², let the sign of Σ τ elect, base + the weighted mean of "
     "the τ that agree; numpy window by window on the CPU", ("select_topk",),
-    contract=Contract(on_sets=True), route=WINDOWS, merge_windows=merge_windows,
-    window_elements=window_elements,
+    contract=Contract(on_sets=True), **in_windows("sce"),
     mergekit=MergekitForm(config_roles=others_at_least("sce", 2), registers="theirs"),
     parameters_doc="`--select-topk` (1)"),)

@@ -140,3 +140,18 @@ def others_at_least(name: str, fewest: int, exactly: bool = False) -> Callable:
             return None
         return base, others
     return config_roles
+
+
+def in_windows(module: str) -> dict:
+    """The MethodSpec fields of a method merged in numpy windows by methods/windows/<module>.py
+    (its merge_chunks and window_elements), imported on first use: numpy is loaded only by the
+    merges that need it."""
+    def implementation():
+        import importlib
+
+        return importlib.import_module(f"mergealign_fast.methods.windows.{module}")
+
+    return {"route": WINDOWS,
+            "merge_windows": lambda s, tensor, windows: implementation().merge_chunks(
+                s, tensor, windows),
+            "window_elements": lambda shape: implementation().window_elements(shape)}
