@@ -1,6 +1,6 @@
 """Everything checked before the first byte is computed, and the output layout.
 
-`plan_merge` reads only headers.  It collects every problem it finds (names, shapes, dtypes,
+`plan_merge` reads only headers (the options: options.py; what a plan holds: model.py).  It collects every problem it finds (names, shapes, dtypes,
 output folder, disk space) and raises them together as one PlanError, one line per problem, so a
 user fixes them all in one round instead of discovering them one per hour.
 """
@@ -10,206 +10,32 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
-from ..units import parse_size
 from ..io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
                              group_by_size, layer_index, open_checkpoint, same_bytes,
                              shard_file_name)
 from ..io.safetensors_format import EncodedTensor, encode_header
-from ..vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, VocabularySpec,
-                          vocab_size_holder, vocabulary_problems)
+from ..vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, vocab_size_holder,
+                          vocabulary_problems)
 from ..kernels import resolve_backend
 from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
 from .. import methods
 from ..methods.core.spec import SET_ROLE, TRIO_MODELS, WINDOWS
-from ..methods.core.parameters import Method, check_weights
+from ..methods.core.parameters import check_weights
 from ..methods.core.settings import TensorSettings, layer_position, resolve, settings_problems
 from ..output import out_dir_problems, resolve_out_dir
+from .model import F64, MergePlan, PlannedShard, PlannedTensor  # noqa: F401
+from .options import (DEFAULT_GPU_MEMORY, DEFAULT_MAX_SHARD_SIZE, DISK_HEADROOM_BYTES,  # noqa: F401
+                      MAX_SET_MODELS, ROLES, MergeOptions)
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
     from ..vocabulary.tokens import TensorRows, Vocabulary
-
-ROLES = ("base", "domain", "aligned")
-# transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
-# Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
-DEFAULT_GPU_MEMORY = 2 << 30
-F64 = "F64"
-# The native kernel's model count (csrc/merge_operands.h kMaxModels).
-MAX_SET_MODELS = 32
-# Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
-DISK_HEADROOM_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    domain_weight: float = 0.5
-    align_weight: float = 0.5
-    out_dtype: Optional[DType] = None  # None: each tensor keeps the base model's dtype
-    # With out_dtype None, mergekit's rule instead: a tensor the models store in different
-    # dtypes is written in float32, the dtype torch promotes such a mix to (`run` sets it).
-    promote_mixed: bool = False
-    # mergekit's `dtype`: every input rounded to this dtype before the merge, whose arithmetic
-    # stays fp32 with one rounding at the store (None: the values as stored).
-    input_dtype: Optional[DType] = None
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    tokenizer_from: str = "aligned"  # base | domain | aligned | none
-    # Vocabularies merged by token (vocabularies.py): the output vocabulary's source, or None:
-    # rows merged by index, the models must number their tokens alike.
-    vocabulary: Optional[VocabularySpec] = None
-    # mergekit's --unsafe-truncate-embeddings: vocabulary tensors (embeddings, output head and
-    # its bias) whose models differ in rows only are cut to the fewest rows (each model's
-    # first ones) instead of refused; the config keeps its vocab_size.  A vocabulary merged by
-    # token takes precedence.
-    truncate_vocabulary: bool = False
-    force: bool = False
-    threads: Optional[int] = None
-    fsync: bool = True
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
-    backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
-    resume: bool = False  # finish an interrupted merge into the same OUT
-    method: Method = Method()  # methods.py; the weights above are its w_d and w_a
-
-    def __post_init__(self):
-        """Sizes may be given as text ("5GB", "2GiB") and the dtype by any of its names, as on
-        the command line; a value that cannot be read is a ValueError naming the option."""
-        for name in ("max_shard_size", "gpu_memory"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, parse_size(value))
-            elif isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be a byte count or a size like '5GB' "
-                                 f"(got {value!r})")
-        for name in ("out_dtype", "input_dtype"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
-        if isinstance(self.vocabulary, str):  # "union" or a role: VocabularySpec's source
-            object.__setattr__(self, "vocabulary", VocabularySpec(self.vocabulary))
-
-    @property
-    def input_cast(self) -> int:
-        """The native kernels' input_cast code (-1: none)."""
-        return -1 if self.input_dtype is None else int(self.input_dtype)
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: Tuple[int, ...]
-    out_dtype: Optional[DType]  # None for a copied tensor
-    sources: Tuple[TensorLocation, ...]  # base, then each model (the trio: domain, aligned)
-    # A tensor the kernels cannot merge (integer, bool, F64 buffers) but whose bytes are the
-    # same in the three models is copied through as it is: its safetensors dtype.
-    copied_dtype: Optional[str] = None
-    # F64 in the three models and not the same: merged in float64 (writers/f64.py).
-    merged_in_f64: bool = False
-    # A vocabulary tensor gathered by token (vocabularies.TensorRows), None: read as stored.
-    rows: Optional[TensorRows] = field(default=None, compare=False)
-
-    @property
-    def is_copied(self) -> bool:
-        return self.copied_dtype is not None
-
-    @property
-    def on_native_kernel(self) -> bool:
-        """Merged chunk by chunk by a writer's kernel (neither copied nor merged in float64)."""
-        return self.out_dtype is not None
-
-    @property
-    def count(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def out_safetensors_dtype(self) -> str:
-        if self.merged_in_f64:
-            return F64
-        return self.copied_dtype or self.out_dtype.safetensors_name
-
-    @property
-    def out_itemsize(self) -> int:
-        if not self.on_native_kernel:
-            return dtypes.SAFETENSORS_ITEMSIZE[self.out_safetensors_dtype]
-        return self.out_dtype.itemsize
-
-    @property
-    def out_nbytes(self) -> int:
-        return self.count * self.out_itemsize
-
-    def source_dtype(self, role_index: int) -> DType:
-        return DType[self.sources[role_index].entry.dtype]
-
-
-@dataclass(frozen=True)
-class PlannedShard:
-    filename: str
-    header: bytes
-    tensors: List[PlannedTensor]
-    data_offsets: List[int]  # of each tensor, relative to the end of the header
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + sum(t.out_nbytes for t in self.tensors)
-
-
-@dataclass
-class MergePlan:
-    inputs: Dict[str, Checkpoint]
-    out_dir: Path
-    options: MergeOptions
-    shards: List[PlannedShard]
-    config: Optional[dict]  # config.json of the output, dtype already set
-    # Copied into OUT as they are: tokenizer, generation and chat files, remote code.
-    copied_files: List[Path] = field(default_factory=list)
-    settings: Dict[str, TensorSettings] = field(default_factory=dict)  # method, per tensor
-    # Made for OUT, not copied: the model card and recipe of a mergekit config (model_card.py).
-    written_files: Dict[str, bytes] = field(default_factory=dict)
-    # --resume found OUT already complete from this very merge: nothing to compute.
-    complete: bool = False
-    # The models besides the base, by role: the trio's domain and aligned, or a model set's
-    # "model 1", "model 2", ... (plan_set).
-    model_roles: Tuple[str, ...] = TRIO_MODELS
-    # What the user is told before the merge runs (a vocabulary truncated).
-    notes: List[str] = field(default_factory=list)
-
-    @property
-    def is_set(self) -> bool:
-        """A base and a set of models (plan_set) rather than the trio."""
-        return self.model_roles != TRIO_MODELS
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def tensor_bytes(self) -> int:
-        """Output tensor data, headers excluded: what the progress bar counts."""
-        return sum(t.out_nbytes for s in self.shards for t in s.tensors)
-
-    @property
-    def input_bytes(self) -> int:
-        return sum(loc.entry.nbytes for s in self.shards for t in s.tensors for loc in t.sources)
-
-    @property
-    def tensor_count(self) -> int:
-        return sum(len(s.tensors) for s in self.shards)
-
-    @property
-    def dominant_dtype(self) -> DType:
-        weight = Counter()
-        for shard in self.shards:
-            for t in shard.tensors:
-                if t.on_native_kernel:
-                    weight[t.out_dtype] += t.out_nbytes
-        return weight.most_common(1)[0][0] if weight else DType.BF16
-
 
 # ---- input checks -----------------------------------------------------------------------------
 

@@ -1,0 +1,74 @@
+"""MergeOptions: every setting of a merge, with its default (one home for them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import dtypes
+from ..dtypes import DType
+from ..methods.core.parameters import Method
+from ..units import parse_size
+from ..vocabulary import VocabularySpec
+
+ROLES = ("base", "domain", "aligned")
+# transformers' default for save_pretrained(max_shard_size=...): 5 GB in decimal units.
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+# Device memory for streaming merges on a GPU, unless --gpu-memory says otherwise.
+DEFAULT_GPU_MEMORY = 2 << 30
+# The native kernel's model count (csrc/merge_operands.h kMaxModels).
+MAX_SET_MODELS = 32
+# Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
+DISK_HEADROOM_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    domain_weight: float = 0.5
+    align_weight: float = 0.5
+    out_dtype: Optional[DType] = None  # None: each tensor keeps the base model's dtype
+    # With out_dtype None, mergekit's rule instead: a tensor the models store in different
+    # dtypes is written in float32, the dtype torch promotes such a mix to (`run` sets it).
+    promote_mixed: bool = False
+    # mergekit's `dtype`: every input rounded to this dtype before the merge, whose arithmetic
+    # stays fp32 with one rounding at the store (None: the values as stored).
+    input_dtype: Optional[DType] = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    tokenizer_from: str = "aligned"  # base | domain | aligned | none
+    # Vocabularies merged by token (vocabularies.py): the output vocabulary's source, or None:
+    # rows merged by index, the models must number their tokens alike.
+    vocabulary: Optional[VocabularySpec] = None
+    # mergekit's --unsafe-truncate-embeddings: vocabulary tensors (embeddings, output head and
+    # its bias) whose models differ in rows only are cut to the fewest rows (each model's
+    # first ones) instead of refused; the config keeps its vocab_size.  A vocabulary merged by
+    # token takes precedence.
+    truncate_vocabulary: bool = False
+    force: bool = False
+    threads: Optional[int] = None
+    fsync: bool = True
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
+    backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
+    resume: bool = False  # finish an interrupted merge into the same OUT
+    method: Method = Method()  # methods.py; the weights above are its w_d and w_a
+
+    def __post_init__(self):
+        """Sizes may be given as text ("5GB", "2GiB") and the dtype by any of its names, as on
+        the command line; a value that cannot be read is a ValueError naming the option."""
+        for name in ("max_shard_size", "gpu_memory"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_size(value))
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a byte count or a size like '5GB' "
+                                 f"(got {value!r})")
+        for name in ("out_dtype", "input_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
+        if isinstance(self.vocabulary, str):  # "union" or a role: VocabularySpec's source
+            object.__setattr__(self, "vocabulary", VocabularySpec(self.vocabulary))
+
+    @property
+    def input_cast(self) -> int:
+        """The native kernels' input_cast code (-1: none)."""
+        return -1 if self.input_dtype is None else int(self.input_dtype)
