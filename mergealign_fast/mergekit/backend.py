@@ -41,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without mergekit
 
 PREFIX = "mergealign_"
 # The trio's two model roles: a group of more models is a model set.
-TRIO_MODEL_COUNT = 2
+TRIO_MODEL_COUNT = len(TRIO_MODELS)
 # mergekit's types of our parameter kinds (rescale is a switch there: l1 or none).
 _TYPES = {"number": float, "bool": bool, "count": int, "rescale": bool}
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..methods.core.spec import SET_ROLE, MethodSpec
+from ..methods.core.spec import SET_ROLE, TRIO_MODELS, MethodSpec
 
 # The models besides the base that the trio holds.
-TRIO_OTHERS = 2
+TRIO_OTHERS = len(TRIO_MODELS)
 
 
 def config_roles(spec: MethodSpec, base: Optional[Path], folders: List[Path],

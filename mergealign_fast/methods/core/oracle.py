@@ -70,7 +70,7 @@ def merge_error_bound(base, domain, aligned, w_domain: float, w_align: float,
     return fp32_error + 0.5 * spacing(np.abs(exact) + fp32_error, out_dtype)
 
 
-# ---- merge methods (methods.py) ---------------------------------------------------------------
+# ---- merge methods (methods/) -----------------------------------------------------------------
 # Discrete decisions (which elements a trim or a drop keeps, which sign wins an election) are
 # taken on the fp32 values the method's definition names (τ = fp32(x - b), the fp32 weighted
 # terms); everything else is float64.  An oracle that decided in float64 would disagree with

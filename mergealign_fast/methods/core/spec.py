@@ -122,10 +122,6 @@ class MethodSpec:
     def vector_modes(self) -> Tuple[str, ...]:
         return self.vectors.modes if self.vectors else ("tensor",)
 
-    @property
-    def on_gpu(self) -> bool:
-        """Whether the GPU path merges it (the CUDA kernel runs native recipes)."""
-        return self.route == FUSED
 
 
 def others_at_least(name: str, fewest: int, exactly: bool = False) -> Callable:
@@ -133,10 +129,10 @@ def others_at_least(name: str, fewest: int, exactly: bool = False) -> Callable:
     least `fewest`, or exactly) before the common map."""
     def config_roles(base, folders, others, problem):
         if len(others) != fewest if exactly else len(others) < fewest:
-            count = "exactly one other model" if exactly and fewest == 1 else \
-                f"at least {('one', 'two', 'three')[fewest - 1]} other models"
-            problem(f"{name} takes base_model and {count} (got {len(others)}"
-                    f"{' others' if exactly else ''})")
+            models = f"{('one', 'two', 'three')[fewest - 1]} other model{'s' * (fewest > 1)}"
+            count = f"exactly {models} (got {len(others)} others)" if exactly \
+                else f"at least {models} (got {len(others)})"
+            problem(f"{name} takes base_model and {count}")
             return None
         return base, others
     return config_roles
