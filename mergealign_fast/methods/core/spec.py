@@ -123,7 +123,6 @@ class MethodSpec:
         return self.vectors.modes if self.vectors else ("tensor",)
 
 
-
 def others_at_least(name: str, fewest: int, exactly: bool = False) -> Callable:
     """A MergekitForm.config_roles that only counts a config's models besides base_model (at
     least `fewest`, or exactly) before the common map."""
