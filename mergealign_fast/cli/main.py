@@ -24,7 +24,8 @@ from ..kernels import cpu, cuda, describe_backends
 from ..output.manifest import verify_output
 from ..mergekit.run import plan_config
 from .. import methods
-from ..methods.core.parameters import PARAMETERS, RESCALES, Method, base_weighing
+from ..methods.core.parameters import (PARAMETERS, RESCALES, Method, Rule, base_weighing,
+                                       own_parameters, setting_of)
 from ..methods.core.spec import VECTOR_MODES
 from ..output import PARTIAL_SUFFIX, partial_dir_for, resolve_out_dir
 from ..plan import ROLES, MergeOptions, plan_merge
@@ -93,7 +94,11 @@ _FLAG_SETTINGS = {"density": dict(type=float, metavar="P"),
                   "t": dict(type=float), "gamma": dict(type=float, metavar="G"),
                   "select_topk": dict(type=float, metavar="P"),
                   "epsilon": dict(type=float, metavar="E"), "r": dict(type=float, metavar="R"),
-                  "alpha": dict(type=float, metavar="A"), "rescale": dict(choices=RESCALES)}
+                  "alpha": dict(type=float, metavar="A"), "rescale": dict(choices=RESCALES),
+                  "base_weight": dict(type=float, metavar="W")}
+# The flag of a method's own parameter, by its kind.
+_KIND_SETTINGS = {"number": dict(type=float, metavar="X"), "count": dict(type=int, metavar="N"),
+                  "rescale": dict(choices=RESCALES)}
 # The weight flags belong to merge and inspect (a sweep sets the weights), but --base-weight.
 _WEIGHT_FLAGS = ("domain_weight", "align_weight")
 
@@ -103,7 +108,10 @@ def _flag(field: str) -> str:
 
 
 def _taken_by(parameter: str) -> str:
-    return ", ".join(s.name for s in methods.specs() if parameter in s.parameters)
+    """The methods taking it, and what it means for those that give it a meaning of their own."""
+    taking = [s for s in methods.specs() if parameter in s.parameters]
+    meanings = [f"{s.name}: {s.meanings[parameter]}" for s in taking if parameter in s.meanings]
+    return "; ".join([", ".join(s.name for s in taking)] + meanings)
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +130,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                 group.add_argument(f"--no-{flag}", dest=flag, action="store_false",
                                    help="do not " + parameter.help)
                 continue
-            settings = dict(_FLAG_SETTINGS.get(flag, dict(type=float, metavar="W")))
+            settings = dict(_FLAG_SETTINGS.get(flag) or _KIND_SETTINGS[parameter.kind])
             text = settings.pop("help", None) or parameter.help
             if flag == "base_weight":
                 text, taken = "weight of the base model itself (default 0)", \
@@ -161,8 +169,14 @@ def _method_from_args(args: argparse.Namespace):
               "vectors": args.vectors}
     fields.update((field, given[flag]) for p in PARAMETERS.values() for flag, field in p.flags
                   if field and field not in fields and flag not in _WEIGHT_FLAGS)
+    try:  # the method's own parameters travel as rules (Parameter's docstring)
+        own = tuple(Rule(p.name, None, setting_of(p.name, given[flag]))
+                    for p in own_parameters(spec).values() for flag, _ in p.flags
+                    if given[flag] is not None)
+    except ValueError as exc:
+        raise MergeError(f"{args.method}: {exc}") from None
     # Flags not given keep Method's own defaults (one home for them).
-    method = Method(args.method, **{k: v for k, v in fields.items() if v is not None})
+    method = Method(args.method, rules=own, **{k: v for k, v in fields.items() if v is not None})
     problems = method.problems()
     if problems:
         raise MergeError("\n".join(problems))

@@ -150,7 +150,7 @@ def _our_parameters(spec: MethodSpec) -> List:
                 {} if default is None else {"default": default})))
             continue
         default = {"normalize": spec.defaults.normalize, "lambda": 1.0, "seed": 0,
-                   "rescale": spec.defaults.rescale == "l1"}.get(name)
+                   "rescale": spec.defaults.rescale == "l1"}.get(name, parameter.default)
         found.append(ParameterSpec(name, _TYPES[parameter.kind], ParameterScope.SHARED,
                                    **({} if default is None else {"default": default})))
     if "lambda" in spec.parameters:  # the task arithmetic family: mergekit's memory switch

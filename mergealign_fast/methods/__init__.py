@@ -1,9 +1,10 @@
 """Merge methods: one module per method or family in this folder, found by this registry.
 
 To add a method, add `methods/<name>.py` with a `METHODS` tuple of `MethodSpec`s
-(methods/core/spec.py says what a spec holds) and its tests; everything else — the command
-line's `--method` choices and flags, mergekit config checks, the mergekit backend's
-registrations, the merge routes, docs/methods.md (`python -m mergealign_fast.methods.docs`) —
+(methods/core/spec.py says what a spec holds; a parameter no other method takes is declared
+there too, in `own_parameters`) and its tests; everything else — the command line's `--method`
+choices and flags, mergekit config checks, the mergekit backend's registrations, the merge
+routes, docs/methods.md (`python -m mergealign_fast.tools.method_table > docs/methods.md`) —
 reads the registry.  Subfolders hold what the methods share: `core/` (the parameter model, the
 native reduction passes and recipe pieces, the coefficient formulas, the float64 oracle's
 pieces) and `windows/` (numpy window by window merges).

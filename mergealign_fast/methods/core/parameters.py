@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from ... import methods as registry
 from .geometry import KARCHER_STEPS, KARCHER_TOL
-from .spec import MethodSpec
+from .spec import MethodSpec, Parameter
 
 # RAM+'s defaults (mergekit's): r scales the unshared elements by up to r·α.
 RAMPLUS_R = 0.1
@@ -23,20 +23,6 @@ RESCALES = ("l1", "inverse_density", "none")
 # The largest finite float32: the kernels compute in fp32, so a coefficient beyond it would be
 # infinite there (a weight of 1e39 made an all-inf model).
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One parameter: its kind ("number", "bool", "count": a whole number >= 0, "rescale"),
-    the Method fields it sets, and on the command line its flags (flag -> Method field or
-    merge option) and help."""
-
-    name: str
-    kind: str
-    fields: Tuple[str, ...]
-    help: str
-    flags: Tuple[Tuple[str, str], ...] = ()
-    per_model: bool = False  # set per model for every method that takes it
 
 
 PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
@@ -71,6 +57,23 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("alpha", "number", ("alpha",), "the cap on the ratio of shared to unshared "
               "changes (default 0.2)", (("alpha", "alpha"),)),
 )}
+
+
+def _add_own_parameters() -> None:
+    """The parameters method modules declare for themselves join the catalogue."""
+    for spec in registry.specs():
+        for parameter in spec.own_parameters:
+            if PARAMETERS.setdefault(parameter.name, parameter) is not parameter:
+                raise RuntimeError(f"{spec.name}: parameter {parameter.name!r} is declared "
+                                   "twice (the catalogue or another method has it)")
+
+
+_add_own_parameters()
+
+
+def own_parameters(spec: MethodSpec) -> Dict[str, Parameter]:
+    """The method's own parameters (held as rules of a Method), by name."""
+    return {p.name: p for p in spec.own_parameters}
 
 
 def is_fp32_finite(value) -> bool:

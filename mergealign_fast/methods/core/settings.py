@@ -37,6 +37,11 @@ class TensorSettings:
     epsilons: Tuple[float, ...] = ()  # per model, as densities
     r: float = RAMPLUS_R
     alpha: float = RAMPLUS_ALPHA
+    own: Tuple[Tuple[str, object], ...] = ()  # the method's own parameters (name, value)
+
+    def own_value(self, name: str):
+        """The value of one of the method's own parameters (MethodSpec.own_parameters)."""
+        return dict(self.own)[name]
 
     @property
     def w_domain(self) -> float:
@@ -140,7 +145,13 @@ def resolve(method: Method, tensor_name: str, position: float, weights: Sequence
                                    else method.epsilon)) for r in roles),
         r=float(value("r", None, method.r)),
         alpha=float(value("alpha", None, method.alpha)),
+        own=tuple((p.name, _OF_KIND.get(p.kind, float)(value(p.name, None, p.default)))
+                  for p in method.spec.own_parameters),
     )
+
+
+# How a resolved value of each kind is held (a gradient of counts interpolates to a float).
+_OF_KIND = {"bool": bool, "count": int, "rescale": str}
 
 
 def settings_problems(s: TensorSettings, where: str) -> List[str]:

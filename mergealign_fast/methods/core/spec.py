@@ -33,6 +33,23 @@ WINDOWS = "windows"  # window by window in numpy on the CPU path (merge_windows)
 
 
 @dataclass(frozen=True)
+class Parameter:
+    """One parameter: its kind ("number", "bool", "count": a whole number >= 0, "rescale"),
+    the Method fields it sets, and on the command line its flags (flag -> Method field or
+    merge option) and help.  The catalogue (methods/core/parameters.py) holds the shared ones;
+    a method's own parameter (MethodSpec.own_parameters) has no field but a `default`, and its
+    value travels as a Rule of the Method (shared by the models)."""
+
+    name: str
+    kind: str
+    fields: Tuple[str, ...]
+    help: str
+    flags: Tuple[Tuple[str, str], ...] = ()
+    per_model: bool = False  # set per model for every method that takes it
+    default: Optional[object] = None  # a method's own parameter: its value where none is set
+
+
+@dataclass(frozen=True)
 class Defaults:
     """A method's defaults where they differ between methods (mergekit's, where it has the
     method)."""
@@ -112,6 +129,12 @@ class MethodSpec:
     f64: Optional[Callable] = None  # (settings, base, *models) -> float64 merge (F64 tensors)
     fused_formula: bool = False  # the MergeAlign formula every backend runs without a recipe
     per_model: Tuple[str, ...] = ()  # parameters set per model beyond weight, density, gamma
+    # Parameters no other method takes, declared by the method's module (listed in
+    # `parameters` too); the catalogue adds them, so flags, config checks and help follow.
+    own_parameters: Tuple[Parameter, ...] = ()
+    # What a catalogue parameter means for this method where that differs from its help
+    # (added to the flag's help).
+    meanings: Dict[str, str] = field(default_factory=dict)
     settings_problems: Optional[Callable] = None  # (settings, where) -> [problem]
     flag_problems: Optional[Callable] = None  # ({flag: value given}) -> [problem]
     oracle: Optional[Callable] = None  # (settings, tensor_name, base, *models) -> (exact, scale)
