@@ -29,8 +29,9 @@ from typing import Iterator, Sequence, TYPE_CHECKING, Tuple
 import numpy as np
 
 from ...kernels import cpu
-from ..core.recipes import DIVISOR_EPS, DRAW_RANGE, RESCALE_EPS, stream_key
+from ..core.recipes import DRAW_RANGE, RESCALE_EPS, stream_key
 from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
+from .terms import combined
 from ...io.stream import Chunk
 
 if TYPE_CHECKING:  # annotations only: the settings module reads the registry
@@ -142,29 +143,13 @@ def merged_chunk(s: TensorSettings, masks: Masks, factors: np.ndarray, chunk: Ch
     f32, count = np.float32, chunk.count
     base, taus = task_vectors(chunk)
     terms = [workspace.get(f"term{m}", count, f32) for m in range(len(taus))]
-    total, divisor = (workspace.get(name, count, f32) for name in ("total", "divisor"))
     with quiet():
         for m, (tau, term) in enumerate(zip(taus, terms)):
             keep = masks(m, chunk.start, tau)
             np.multiply(tau, f32(s.weights[m] * factors[m]), out=term)
             term *= keep
-        total[:] = 0.0
-        for term in terms:
-            total += term
-        if s.sign_election:
-            negative = total < 0  # the elected sign: + unless the sum is negative
-            total[:] = 0.0
-            divisor[:] = 0.0
-            for term, weight in zip(terms, s.weights):
-                agrees = ((term < 0) == negative) & (term != 0)  # a zero has no sign
-                total += term * agrees
-                divisor += agrees * f32(weight)
-            divisor[divisor == 0] = 1.0
-        else:
-            summed = sum(s.weights)
-            divisor[:] = summed if abs(summed) >= DIVISOR_EPS else 1.0
-        if s.normalize:
-            total /= divisor
+    total = combined(s, terms)
+    with quiet():
         if s.lambda_ != 1.0:
             total *= f32(s.lambda_)
         total += base
