@@ -319,7 +319,7 @@ def copy_tensor(targets: Sequence[ShardFile], source: TensorLocation, file_offse
 
 # ---- publishing -----------------------------------------------------------------------------
 
-def _side_files(plan) -> Dict[str, bytes]:
+def side_files(plan) -> Dict[str, bytes]:
     """name -> content of every file of OUT besides the shards and the manifest."""
     files = {}
     if len(plan.shards) > 1:
@@ -338,7 +338,7 @@ def _write_side_files(partial: "PartialOutput") -> None:
     them like the shards)."""
     native = cpu.native()
     recorded = {}
-    for name, data in _side_files(partial.plan).items():
+    for name, data in side_files(partial.plan).items():
         write_file(partial.folder / name, data, partial.plan.options.fsync)
         buffer = ctypes.create_string_buffer(data, len(data))
         recorded[name] = {"size": len(data),

@@ -1,15 +1,16 @@
 """Everything checked before the first byte is computed, and the output layout.
 
-`plan_merge` reads only headers (the options: options.py; what a plan holds: model.py).  It collects every problem it finds (names, shapes, dtypes,
+`plan_merge` reads only headers.  It collects every problem it finds (names, shapes, dtypes,
 output folder, disk space) and raises them together as one PlanError, one line per problem, so a
-user fixes them all in one round instead of discovering them one per hour.
+user fixes them all in one round instead of discovering them one per hour.  Here: the options'
+checks, each tensor's settings and route, the layout in shards; beside it options.py (the
+options), model.py (what a plan holds), inputs.py (the inputs' checks), output.py (OUT's
+checks), side_files.py (the files besides the weights), slices.py (mergekit's slices), sweep.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
@@ -17,251 +18,26 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
-from ..io.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, Checkpoint, TensorLocation,
-                             group_by_size, layer_index, open_checkpoint, same_bytes,
+from ..io.checkpoint import (Checkpoint, TensorLocation, group_by_size, layer_index, same_bytes,
                              shard_file_name)
 from ..io.safetensors_format import EncodedTensor, encode_header
-from ..vocabulary import (REPLACED_BY_TOKENIZER, UNION, VOCABULARY_TENSOR, vocab_size_holder,
-                          vocabulary_problems)
+from ..vocabulary import REPLACED_BY_TOKENIZER, UNION, vocab_size_holder, vocabulary_problems
 from ..kernels import resolve_backend
-from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
 from .. import methods
 from ..methods.core.spec import SET_ROLE, TRIO_MODELS, WINDOWS
 from ..methods.core.parameters import check_weights
 from ..methods.core.settings import TensorSettings, layer_position, resolve, settings_problems
-from ..output import out_dir_problems, resolve_out_dir
+from ..output import resolve_out_dir
 from .model import F64, MergePlan, PlannedShard, PlannedTensor  # noqa: F401
 from .options import (DEFAULT_GPU_MEMORY, DEFAULT_MAX_SHARD_SIZE, DISK_HEADROOM_BYTES,  # noqa: F401
                       MAX_SET_MODELS, ROLES, MergeOptions)
+from .inputs import check_inputs, checked_inputs, open_inputs  # noqa: F401
+from .output import output_problems, checked_output
+from .side_files import output_config, side_files_for
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
     from ..vocabulary.tokens import TensorRows, Vocabulary
 
-# ---- input checks -----------------------------------------------------------------------------
-
-def _name_problems(models: Dict[str, Checkpoint]) -> List[str]:
-    base = models["base"]
-    problems = []
-    for role in list(models)[1:]:
-        other = models[role]
-        for name in sorted(set(base.tensors) - set(other.tensors)):
-            problems.append(f"tensor {name}: in base ({base.folder}) but missing from {role} "
-                            f"({other.folder})")
-        for name in sorted(set(other.tensors) - set(base.tensors)):
-            problems.append(f"tensor {name}: in {role} ({other.folder}) but not in base "
-                            f"({base.folder})")
-    return problems
-
-
-def _describe_shape_difference(name: str, role: str, base_shape, other_shape) -> str:
-    line = f"tensor {name}: shape differs: base {list(base_shape)} vs {role} {list(other_shape)}"
-    same_rank = len(base_shape) == len(other_shape) and len(base_shape) >= 1
-    if same_rank and tuple(base_shape[1:]) == tuple(other_shape[1:]):
-        extra = other_shape[0] - base_shape[0]
-        who, rows = (role, extra) if extra > 0 else ("base", -extra)
-        line += f" ({who} has {rows} extra rows"
-        line += (": added vocabulary? merge by token: merge --vocab, a config's "
-                 "tokenizer_source)") if VOCABULARY_TENSOR.search(name) else ")"
-    return line
-
-
-def _tensor_problems(models: Dict[str, Checkpoint], gathered=()) -> List[str]:
-    """Problems of the tensors every model has, but those `gathered` by token (whose own
-    problems vocabulary_tensors found)."""
-    problems = []
-    base = models["base"]
-    others = list(models)[1:]
-    common = [n for n in base.tensors if all(n in models[r].tensors for r in others)
-              and n not in gathered]
-    for name in common:
-        problems += tensor_group_problems(name, {r: models[r].tensors[name] for r in models})
-    return problems
-
-
-def tensor_group_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
-    """What keeps the tensors of one output (by role, base first) from being merged: dtypes
-    the kernels cannot merge, shapes that differ from the base's."""
-    problems = _unmergeable_dtype_problems(name, locations)
-    base_shape = locations["base"].entry.shape
-    for role, location in list(locations.items())[1:]:
-        if location.entry.shape != base_shape:
-            problems.append(_describe_shape_difference(name, role, base_shape,
-                                                       location.entry.shape))
-    return problems
-
-
-def _is_copied(locations) -> bool:
-    """A tensor the kernels cannot merge that is the same bytes in every model: copied."""
-    entries = [loc.entry for loc in locations]
-    return (dtypes.from_safetensors(entries[0].dtype) is None
-            and all((e.dtype, e.shape) == (entries[0].dtype, entries[0].shape) for e in entries)
-            and same_bytes(locations))
-
-
-def _all_f64(locations) -> bool:
-    """F64 of one shape in every model: merged in float64 (or copied when identical)."""
-    entries = [loc.entry for loc in locations]
-    return all((e.dtype, e.shape) == (F64, entries[0].shape) for e in entries)
-
-
-def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation]) -> List[str]:
-    unmergeable = {r: loc for r, loc in locations.items()
-                   if dtypes.from_safetensors(loc.entry.dtype) is None}
-    found = list(locations.values())
-    if not unmergeable or _all_f64(found) or _is_copied(found):
-        return []
-    return [f"tensor {name} in {loc.file}: dtype {loc.entry.dtype} cannot be merged "
-            "(supported: BF16, F16, F32, and F64 in every model; other dtypes are copied "
-            "when the models hold the same bytes, and these differ)"
-            for loc in unmergeable.values()]
-
-
-def _checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = None):
-    """(the checkpoints, every problem with them together (names, shapes, dtypes), the output
-    vocabulary when merged by token (else None), the tensors gathered by token, the vocabulary
-    tensors truncated)."""
-    models, problems = _open_inputs(folders)
-    vocabulary, gathered, cut = None, {}, []
-    if len(models) == len(folders):
-        if options is not None and options.vocabulary is not None:
-            from ..vocabulary.tokens import vocabulary_tensors
-
-            vocabulary = _vocabulary(folders, options)
-            gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)
-            problems += found
-        elif options is not None and options.truncate_vocabulary:
-            cut = _truncate_vocabulary_tensors(models)
-        else:
-            problems += vocabulary_problems(folders)
-        problems += _name_problems(models) + _tensor_problems(models, gathered)
-    return models, problems, vocabulary, gathered, cut
-
-
-def _truncate_vocabulary_tensors(models: Dict[str, Checkpoint]) -> List[str]:
-    """Cut each vocabulary tensor whose models differ in rows only to the fewest rows (a row
-    is contiguous, so the first rows are a prefix of the stored bytes); returns their names."""
-    base = models["base"]
-    cut = []
-    for name in base.tensors:
-        locations = [m.tensors.get(name) for m in models.values()]
-        if not VOCABULARY_TENSOR.search(name) or None in locations:
-            continue
-        shapes = {loc.entry.shape for loc in locations}
-        if len(shapes) == 1 or any(not s or s[1:] != locations[0].entry.shape[1:]
-                                   for s in shapes):
-            continue
-        rows = min(s[0] for s in shapes)
-        for model in models.values():
-            loc = model.tensors[name]
-            row_bytes = loc.entry.nbytes // loc.entry.shape[0]
-            model.tensors[name] = TensorLocation(loc.file, replace(
-                loc.entry, shape=(rows, *loc.entry.shape[1:]),
-                end=loc.entry.begin + rows * row_bytes))
-        cut.append(f"{name} to {rows} rows")
-    return cut
-
-
-def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
-    """The output vocabulary of a merge by token; its chat template, when the union has none,
-    from the model whose tokenizer OUT would otherwise get."""
-    from ..vocabulary.tokens import build_vocabulary
-
-    return build_vocabulary(folders, options.vocabulary, template_from=options.tokenizer_from)
-
-
-def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
-    """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
-    models, problems, *_ = _checked_inputs({"base": Path(base), "domain": Path(domain),
-                                              "aligned": Path(aligned)})
-    if problems:
-        raise PlanError(problems)
-    return models
-
-
-def opened_inputs(folders: Dict[str, Path], given, out_dir: Path,
-                  options: MergeOptions) -> Dict[str, Checkpoint]:
-    """The checkpoints of a merge whose tensors are not matched by name (slices.py), after the
-    options, OUT and the vocabularies are checked; PlanError lists every problem."""
-    problems = _option_problems(options, tuple(folders)) + _output_problems(given, out_dir,
-                                                                            folders, options)
-    models, open_problems = _open_inputs(folders)
-    if len(models) == len(folders):
-        open_problems += vocabulary_problems(folders)
-    if problems or open_problems:
-        raise PlanError(problems + open_problems)
-    return models
-
-
-def _open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
-    models, problems = {}, []
-    for role, folder in folders.items():
-        try:
-            models[role] = open_checkpoint(folder)
-        except MergeError as exc:
-            problems.append(f"{role}: {exc}")
-    return models, problems
-
-
-# ---- output checks ----------------------------------------------------------------------------
-
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _output_problems(given, out: Path, folders: Dict[str, Path],
-                     options: MergeOptions) -> List[str]:
-    """Problems with OUT (`given` as typed, `out` resolved).  A non-empty OUT is left to
-    _completed_output when resuming: it may be this very merge, finished."""
-    problems = out_dir_problems(given, out)
-    if problems:  # OUT itself cannot be published to: what else is true of it does not matter
-        return problems
-    for role, folder in folders.items():
-        src = folder.resolve()
-        if _is_within(out, src) or _is_within(src, out):
-            problems.append(f"output {given} overlaps the {role} model folder {folder}: "
-                            "choose another output folder")
-    if out.exists() and not out.is_dir():
-        problems.append(f"output {given} exists and is not a directory")
-    elif _is_occupied(out) and not (options.force or options.resume):
-        problems.append(f"output {given} exists and is not empty: use --force to replace it")
-    return problems
-
-
-def _is_occupied(out: Path) -> bool:
-    return out.is_dir() and any(out.iterdir())
-
-
-def _completed_output(plan: "MergePlan", given) -> bool:
-    """With --resume and without --force, a non-empty OUT must be this merge, complete (True);
-    PlanError otherwise."""
-    if plan.options.force or not _is_occupied(plan.out_dir):
-        return False
-    recorded = read_manifest(plan.out_dir)
-    if not recorded:
-        raise PlanError([f"output {given} exists and is not empty: use --force to replace it"])
-    if recorded.get("fingerprint") != plan_fingerprint(plan):
-        changes = "; ".join(merge_differences(recorded, plan))
-        raise PlanError([f"output {given} holds another merge ({changes}): use --force to "
-                         "replace it"])
-    return True
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def disk_problem(out_dir: Path, needed: int) -> Optional[str]:
-    free = shutil.disk_usage(_existing_ancestor(out_dir.parent)).free
-    if needed + DISK_HEADROOM_BYTES > free:
-        return (f"not enough free disk for {out_dir}: the merge writes {needed:,} bytes, "
-                f"{free:,} bytes are free on that filesystem")
-    return None
-
-
-# ---- layout -----------------------------------------------------------------------------------
 
 def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],
                      promote_mixed: bool = False):
@@ -309,72 +85,6 @@ def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[Pla
         header, offsets = encode_header(encoded, {"format": "pt"})
         shards.append(PlannedShard(shard_file_name(i, len(groups)), header, group, offsets))
     return shards
-
-
-def _side_files(folders: Dict[str, Path], tokenizer_from: str):
-    """(config.json to copy or None, files to copy as they are, problems)."""
-    source = None if tokenizer_from == "none" else folders[tokenizer_from]
-    return side_files_of(source, folders["base"])
-
-
-def side_files_of(source: Optional[Path], fallback: Path):
-    """(config.json or None, files to copy, problems) with the tokenizer of `source` (None: no
-    tokenizer) and config.json from `source`, else from `fallback`."""
-    copied = [source / n for n in TOKENIZER_FILES if (source / n).is_file()] if source else []
-    # config.json follows the tokenizer (an instruct model's config carries its chat eos ids),
-    # falling back to the base model's.
-    candidates = ([source] if source else []) + [fallback]
-    config = next((f / CONFIG_FILE for f in candidates if (f / CONFIG_FILE).is_file()), None)
-    problems = []
-    for described in [config] + [f for f in copied if f.name == "tokenizer_config.json"]:
-        if described is not None:
-            code, missing = _remote_code(described)
-            copied += [f for f in code if f.name not in {c.name for c in copied}]
-            problems += missing
-    return config, copied, problems
-
-
-def _auto_map_modules(described: Path) -> List[str]:
-    """The local modules an `auto_map` in a config or tokenizer_config names ("modeling_x" of
-    "modeling_x.XModel"; a "repo--module.Class" reference lives in another repository)."""
-    try:
-        auto_map = json.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return []  # an unreadable config is reported where it is read
-    references = [r for value in auto_map.values()
-                  for r in (value if isinstance(value, list) else [value]) if isinstance(r, str)]
-    return sorted({r.rsplit(".", 1)[0] for r in references if "--" not in r and "." in r})
-
-
-def _remote_code(described: Path) -> Tuple[List[Path], List[str]]:
-    """(the folder's Python files, problems) for a config whose auto_map names remote code
-    (trust_remote_code=True): every .py file goes along, since the named modules import their
-    neighbours."""
-    modules = _auto_map_modules(described)
-    if not modules:
-        return [], []
-    folder = described.parent
-    missing = [f"{described}: auto_map names {m}.py, which is not in {folder}: transformers "
-               "could not load the merged model's code" for m in modules
-               if not (folder / f"{m}.py").is_file()]
-    return sorted(folder.glob("*.py")), missing
-
-
-def output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
-    """The source config.json with its dtype entry set to what the merge writes."""
-    if path is None:
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PlanError([f"{path}: cannot read: {exc}"]) from None
-    if not isinstance(config, dict):
-        raise PlanError([f"{path}: must hold a JSON object"])
-    # transformers 4.x reads "torch_dtype", 5.x "dtype": set whichever the source uses.
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    for key in keys:
-        config[key] = dtype.torch_name
-    return config
 
 
 def _device_problems(options: MergeOptions) -> List[str]:
@@ -502,6 +212,20 @@ def _set_problems(options: MergeOptions, model_count: int) -> List[str]:
     return problems
 
 
+def opened_inputs(folders: Dict[str, Path], given, out_dir: Path,
+                  options: MergeOptions) -> Dict[str, Checkpoint]:
+    """The checkpoints of a merge whose tensors are not matched by name (slices.py), after the
+    options, OUT and the vocabularies are checked; PlanError lists every problem."""
+    problems = _option_problems(options, tuple(folders)) + output_problems(given, out_dir,
+                                                                            folders, options)
+    models, open_problems = open_inputs(folders)
+    if len(models) == len(folders):
+        open_problems += vocabulary_problems(folders)
+    if problems or open_problems:
+        raise PlanError(problems + open_problems)
+    return models
+
+
 def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
     """Check everything and lay out the output; PlanError lists every problem found."""
     return _plan({"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)},
@@ -519,11 +243,11 @@ def plan_set(base, models: Sequence, out_dir, options: MergeOptions) -> MergePla
 def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan:
     roles = tuple(folders)
     given, out_dir = out_dir, resolve_out_dir(out_dir)
-    problems = _option_problems(options, roles) + _output_problems(given, out_dir, folders,
+    problems = _option_problems(options, roles) + output_problems(given, out_dir, folders,
                                                                    options)
     if problems and options.vocabulary is not None:
         raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
-    models, input_problems, vocabulary, gathered, cut = _checked_inputs(folders, options)
+    models, input_problems, vocabulary, gathered, cut = checked_inputs(folders, options)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
     tensors = [_gathered_by_token(t, gathered.get(t.name))
@@ -559,7 +283,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)
-    config_path, copied, side_problems = _side_files(folders, options.tokenizer_from)
+    config_path, copied, side_problems = side_files_for(folders, options.tokenizer_from)
     if side_problems:
         raise PlanError(side_problems)
     plan = MergePlan(models, out_dir, options, shards, None, copied, settings,
@@ -592,18 +316,3 @@ def _cast_problems(tensors: List[PlannedTensor], options: MergeOptions) -> List[
     return [f"dtype {cast.torch_name} rounds the {', '.join(sorted(changed))} inputs before the "
             f"merge, which only the CPU path does: leave out --device {options.device} (or give "
             "dtype: float32)"]
-
-
-def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None
-                   ) -> MergePlan:
-    """The last checks of a laid-out plan: OUT as `given` (with `folders`, the inputs, when
-    they were not checked yet), this very merge already complete (--resume), the disk."""
-    if folders is not None:
-        problems = _output_problems(given, plan.out_dir, folders, plan.options)
-        if problems:
-            raise PlanError(problems)
-    plan.complete = plan.options.resume and _completed_output(plan, given)
-    disk = None if plan.complete else disk_problem(plan.out_dir, plan.output_bytes)
-    if disk:
-        raise PlanError([disk])
-    return plan

@@ -31,9 +31,11 @@ from ..methods.core.parameters import Method
 from ..output import resolve_out_dir
 from ..methods.core.spec import TRIO_MODELS
 from ..methods.core.settings import resolve
-from . import (MergeOptions, MergePlan, PlannedTensor, checked_output, laid_out, layout_shards,
-               opened_inputs, output_config, planned_tensor, side_files_of, tensor_group_problems,
-               tensor_settings)
+from . import (MergeOptions, MergePlan, PlannedTensor, laid_out, layout_shards, opened_inputs,
+               planned_tensor, tensor_settings)
+from .inputs import tensor_group_problems
+from .output import checked_output
+from .side_files import output_config, side_files_of
 
 # The layer a tensor belongs to, as transformers names them: "model.layers.3.", GPT-2's
 # "transformer.h.3.", "blocks.3.".

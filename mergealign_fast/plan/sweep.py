@@ -15,7 +15,8 @@ from typing import List, Sequence
 
 from ..errors import PlanError
 from ..units import PathLike
-from . import MergeOptions, MergePlan, disk_problem, plan_merge
+from . import MergeOptions, MergePlan, plan_merge
+from .output import disk_problem
 
 
 def lambda_label(lam: float) -> str:
