@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, TensorLocation
 from ..kernels import cpu
 
 if TYPE_CHECKING:
-    from ..vocabulary.tokens import TensorRows
+    from ..vocabulary.rows import TensorRows
 
 # Output bytes per native call.  Between calls the window's input pages are released, so resident
 # input pages stay below ~3 windows (96 MiB for bf16) however large a tensor is; at ~4 GB/s of

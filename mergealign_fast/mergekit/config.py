@@ -6,17 +6,17 @@ registry, mergekit's names), `parameters` (scalars, layer gradients, `filter` ru
 or shared, a model's own first: mergekit/parameters.py), `dtype`, `out_dtype`,
 `tokenizer_source` and the `tokenizer` section (mergekit/tokenizer.py), `chat_template`
 (chat_template.py), and `slices`: with passthrough a stack of layer ranges, one model each,
-or merged slice by slice with any other method (plan/slices.py).  The whole config is checked,
-and every problem reported, before any tensor is read; anything else (slices that merge other
-models per slice, `modules`, an unknown key or parameter, a hub name instead of a folder) is
-an error naming it.  Which model takes which role: mergekit/roles.py.
+or merged slice by slice with any other method (read: mergekit/slices.py; planned:
+plan/slices.py).  The whole config is checked, and every problem reported, before any tensor is
+read; anything else (slices that merge other models per slice, `modules`, an unknown key or
+parameter, a hub name instead of a folder) is an error naming it.  Which model takes which
+role: mergekit/roles.py.  What a config becomes: loaded.py's RunConfig.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,11 +24,10 @@ from .. import methods
 from ..dtypes import DType, parse_dtype
 from ..errors import PlanError
 from ..methods.core.parameters import Method, Rule
-from ..methods.core.spec import SET_ROLE
-from ..plan.slices import MergedSlice, SliceSource
-from ..vocabulary import VocabularySpec
 from .parameters import SHAPE_OPTIONS, ParameterReader
+from .loaded import RunConfig
 from .roles import config_roles
+from .slices import SliceReader
 from .tokenizer import TokenizerReader, _folder
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
@@ -38,57 +37,6 @@ MODEL_KEYS = {"model", "parameters"}
 # mergekit's merge_method for a stack of layer ranges or a copy: a config form, not a merge
 # method (nothing is computed but dtype conversions and scales).
 PASSTHROUGH = "passthrough"
-
-
-@dataclass
-class RunConfig:
-    """A mergekit config turned into the engine's inputs."""
-
-    base: Path
-    domain: Path
-    aligned: Path
-    method: Method
-    out_dtype: Optional[DType]
-    tokenizer_from: str  # base | domain | aligned | none
-    # Problems the reader could read past (a misspelled key taken as the key it is close to):
-    # reported together with the plan's own, so one run lists everything.
-    problems: Tuple[str, ...] = ()
-    # What mergekit would silently ignore (a parameter the method does not take), said once.
-    warnings: Tuple[str, ...] = ()
-    # The models as the config names them (for the model card): base_model ("" if none), and
-    # every entry of `models` in order.
-    base_name: str = ""
-    model_names: Tuple[str, ...] = ()
-    # `chat_template` as given: a name, "auto" or a Jinja template (chat_template.py).
-    chat_template: Optional[str] = None
-    # `slices` of a passthrough stack (slices.py); the three roles are then its donor model.
-    slices: Tuple[SliceSource, ...] = ()
-    # More than two models besides the base: the model set merged into `base` (plan_set),
-    # in the order listed; domain and aligned are then its first two.
-    models: Tuple[Path, ...] = ()
-    # `slices` merged slice by slice (slices.plan_sliced_merge): each slice's layer ranges by
-    # role and its method (the rules of its own parameters); `method` holds all of them.
-    merged_slices: Tuple[MergedSlice, ...] = ()
-    # `dtype`: what mergekit casts every input to before merging (MergeOptions.input_dtype).
-    input_dtype: Optional[DType] = None
-    # `tokenizer_source` / `tokenizer`: the vocabularies merged by token (vocabularies.py).
-    vocabulary: Optional[VocabularySpec] = None
-
-    @property
-    def folders(self) -> Dict[str, Path]:
-        """The merge's folders by role: the trio's, or a model set's."""
-        if self.models:
-            return {"base": self.base, **{SET_ROLE.format(i + 1): f
-                                          for i, f in enumerate(self.models)}}
-        return {"base": self.base, "domain": self.domain, "aligned": self.aligned}
-
-    @property
-    def merged_folders(self) -> List[Path]:
-        """Every model folder the merge reads."""
-        if self.slices:
-            return [s.folder for s in self.slices]
-        return [self.base, *self.models] if self.models else [self.base, self.domain,
-                                                               self.aligned]
 
 
 def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> RunConfig:
@@ -111,7 +59,7 @@ def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> R
     return _Reader(Path(path), raw, seed, allow_crimes).config()
 
 
-class _Reader(ParameterReader, TokenizerReader):
+class _Reader(ParameterReader, TokenizerReader, SliceReader):
     def __init__(self, path: Path, raw: dict, seed: Optional[int] = None,
                  allow_crimes: bool = True):
         self.path, self.raw = path, raw
@@ -250,119 +198,6 @@ class _Reader(ParameterReader, TokenizerReader):
                          merged_slices=merged_slices,
                          input_dtype=parse_dtype(str(self.raw["dtype"])) if self.raw.get("dtype")
                          else None, vocabulary=vocabulary)
-
-    def _sliced_config(self) -> RunConfig:
-        """`slices` merged slice by slice (slices.plan_sliced_merge): each output layer is the
-        merge of one layer of each source, as mergekit plans it.  Every slice lists the same
-        models in the same order (their layer ranges may differ), base_model among them."""
-        name = self._method_name()
-        base = self._base()
-        parsed = self._merged_slices(self.raw.get("slices"))
-        if not parsed:
-            raise PlanError(list(dict.fromkeys(self.read_past + self.problems)))
-        first = [source.folder.resolve() for source, _ in parsed[0][0]]
-        for i, (sources, _) in enumerate(parsed[1:], 1):
-            if [source.folder.resolve() for source, _ in sources] != first:
-                self.problem(f"slices[{i}]: every slice must merge the same models in the same "
-                             "order as slices[0] (other models per slice are not supported)")
-        if base is not None and base.resolve() not in first:
-            self.problem(f"base_model {base}: with slices it must be one of each slice's "
-                         "sources (its layer range is the slice's)")
-        models = [(source.folder, {}) for source, _ in parsed[0][0]]
-        roles = self._roles(name, base, models) if methods.is_method(name) else None
-        rules, merged = [], []
-        for sources, slice_parameters in parsed if roles is not None else ():
-            with_parameters = [(source.folder, parameters) for source, parameters in sources]
-            levels = [slice_parameters, self.raw.get("parameters")]
-            rules_here = self._method_rules(name, roles, with_parameters, levels)
-            self._check_weights(name, roles, with_parameters, levels)
-            ranges = {source.folder.resolve(): (source.start, source.end) for source, _ in sources}
-            merged.append(MergedSlice(tuple((role, *ranges[folder.resolve()])
-                                            for role, folder in roles.items()),
-                                      Method(name, vectors=self._vectors(name),
-                                             rules=tuple(rules_here))))
-            rules += rules_here
-        names = tuple(dict.fromkeys(source.name for source, _ in parsed[0][0]))
-        return self._finished(name, roles, base, list(dict.fromkeys(rules)), names,
-                              tuple(merged))
-
-    def _merged_slices(self, raw) -> List[Tuple[List[Tuple[SliceSource, dict]], dict]]:
-        """[(sources with their `parameters`, the slice's `parameters`)] of each slice."""
-        if not isinstance(raw, list) or not raw:
-            self.problem("`slices` must be a non-empty list")
-            return []
-        parsed = []
-        for i, item in enumerate(raw):
-            if not isinstance(item, dict) or set(item) - {"sources", "parameters"} \
-                    or not isinstance(item.get("sources"), list) or not item["sources"]:
-                self.problem(f"slices[{i}]: a slice takes `sources` (a non-empty list) and "
-                             f"optional `parameters` (got {item!r})")
-                continue
-            sources = [self._slice_source(f"slices[{i}]", s, ("model", "layer_range",
-                                                              "parameters"))
-                       for s in item["sources"]]
-            if None in sources:
-                continue
-            if len({s.end - s.start for s in sources}) > 1:
-                self.problem(f"slices[{i}]: every source must hold the same number of layers "
-                             f"(got {', '.join(f'{s.name} {s.end - s.start}' for s in sources)})")
-                continue
-            parsed.append(([(s, dict(raw_s.get("parameters") or {}))
-                            for s, raw_s in zip(sources, item["sources"])],
-                           item.get("parameters") or {}))
-        return parsed
-
-    def _stack_config(self) -> RunConfig:
-        """`slices` with passthrough: a stack of layer ranges (slices.py)."""
-        stack = self._slices(self.raw.get("slices"))
-        base_name = self.raw.get("base_model")
-        donor = self._reference(base_name, "base_model") if base_name is not None \
-            else (stack[0].folder if stack else None)
-        self._slices_vocabulary_problem()
-        if self.raw.get("parameters"):
-            self.problem("`parameters` with passthrough slices (e.g. scale) are not supported")
-        if not self.allow_crimes:
-            self._check_architectures({s.name: s.folder for s in stack})
-        out_dtype = self._out_dtype()
-        if self.problems:
-            raise PlanError(self.read_past + self.problems)
-        return RunConfig(donor, donor, donor, Method(), out_dtype, "base", tuple(self.read_past),
-                         tuple(dict.fromkeys(self.warnings)), str(base_name or ""),
-                         tuple(dict.fromkeys(s.name for s in stack)),
-                         self.raw.get("chat_template"), tuple(stack))
-
-    def _slices(self, raw) -> List[SliceSource]:
-        """The passthrough stack: one source per slice."""
-        if not isinstance(raw, list) or not raw:
-            self.problem("`slices` must be a non-empty list")
-            return []
-        stack = []
-        for i, item in enumerate(raw):
-            sources = item.get("sources") if isinstance(item, dict) else None
-            if not isinstance(sources, list) or len(sources) != 1:
-                self.problem(f"slices[{i}]: passthrough takes exactly one entry under "
-                             "`sources` (several are merged: give a merge_method)")
-                continue
-            source = self._slice_source(f"slices[{i}]", sources[0], ("model", "layer_range"))
-            if source is not None:
-                stack.append(source)
-        return stack
-
-    def _slice_source(self, where: str, source, keys: Tuple[str, ...]
-                      ) -> Optional[SliceSource]:
-        if not isinstance(source, dict) or set(source) - set(keys):
-            self.problem(f"{where}: a source takes {', '.join(f'`{k}`' for k in keys)} (got "
-                         f"{source!r})")
-            return None
-        span = source.get("layer_range")
-        if not (isinstance(span, list) and len(span) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
-                and 0 <= span[0] < span[1]):
-            self.problem(f"{where}: layer_range must be [first, end) with 0 <= first < end "
-                         f"(got {span!r})")
-            return None
-        folder = self._reference(source.get("model"), where)
-        return SliceSource(str(source["model"]), folder, span[0], span[1]) if folder else None
 
     def _check_keys(self) -> None:
         """Unknown and unsupported keys, one line each.  A misspelled key close to a known one

@@ -36,7 +36,8 @@ from .output import output_problems, checked_output
 from .side_files import output_config, side_files_for
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
-    from ..vocabulary.tokens import TensorRows, Vocabulary
+    from ..vocabulary.tokens import Vocabulary
+    from ..vocabulary.rows import TensorRows
 
 
 def _planned_tensors(models: Dict[str, Checkpoint], out_dtype: Optional[DType],

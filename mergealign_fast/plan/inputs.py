@@ -103,7 +103,7 @@ def checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = N
     vocabulary, gathered, cut = None, {}, []
     if len(models) == len(folders):
         if options is not None and options.vocabulary is not None:
-            from ..vocabulary.tokens import vocabulary_tensors
+            from ..vocabulary.rows import vocabulary_tensors
 
             vocabulary = _vocabulary(folders, options)
             gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)

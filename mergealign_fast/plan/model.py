@@ -17,7 +17,7 @@ from ..methods.core.spec import TRIO_MODELS
 from .options import MergeOptions
 
 if TYPE_CHECKING:  # numpy-backed: imported where a merge by token needs it (lean `merge`)
-    from ..vocabulary.tokens import TensorRows
+    from ..vocabulary.rows import TensorRows
 
 F64 = "F64"
 
