@@ -29,7 +29,6 @@ writer thread's, and torch.cuda._sleep on each stream), so the tests can shake t
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
@@ -42,6 +41,7 @@ from ...kernels import cpu, get_kernel, get_recipe_kernel
 from ...kernels.buffer import Buffer
 from ...plan import PlannedTensor
 from ...io.stream import Chunk, InputChanged
+from .gpu_lanes import GPU_STAGES, STRESS_SECONDS, Lanes, Slot
 
 # Four chunks in flight: one being filled, one on the GPU, one being written, and one spare so a
 # stage that runs long (a page-cache miss in the fill, a slow pwrite) does not stall the others.
@@ -59,14 +59,6 @@ ALIGNMENT = 256
 DEVICE_ROUNDING = 2 << 20
 # Smaller chunks would make each transfer too short to amortise its ~10 us launch cost.
 MIN_CHUNK_ELEMENTS = 4096
-# Random delays of the stress mode: up to 1 ms before each stage.
-STRESS_SECONDS = 1e-3
-# torch.cuda._sleep spins this many GPU cycles at most (~1 ms at the H200's ~1.98 GHz).
-STRESS_CYCLES = 2_000_000
-# The stages on the device's streams, each timed from its start to the event that ends it.
-GPU_STAGES = ("upload", "kernel", "download")
-
-
 def _align_down(n: int) -> int:
     return n // ALIGNMENT * ALIGNMENT
 
@@ -104,80 +96,6 @@ def chunk_elements_for(plan, budget: int, device_type: str, stage_bytes: int) ->
     return max(MIN_CHUNK_ELEMENTS, min(from_budget, from_stage, _align_up(largest)))
 
 
-class _SyncEvent:
-    """Stand-in for torch.cuda.Event on the CPU, where every operation is already complete."""
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class _Lanes:
-    """Streams, events and copies on a CUDA device, or synchronous stand-ins on the CPU."""
-
-    def __init__(self, torch, device, threads: int):
-        self.torch = torch
-        self.cuda = device.type == "cuda"
-        self.index = device.index if self.cuda and device.index is not None else -1
-        if self.cuda and self.index < 0:
-            self.index = torch.cuda.current_device()
-        make = (lambda: torch.cuda.Stream(self.index)) if self.cuda else (lambda: None)
-        self.h2d, self.compute, self.d2h = make(), make(), make()
-        self.threads = threads
-
-    def on(self, stream):
-        return self.torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
-
-    def event(self):
-        """An event that orders streams and times them (torch's timing events cost ~1 us)."""
-        return self.torch.cuda.Event(enable_timing=True) if self.cuda else _SyncEvent()
-
-    def wait(self, stream, event) -> None:
-        if self.cuda:
-            stream.wait_event(event)
-
-    def copy(self, dst: int, src: int, nbytes: int, stream) -> None:
-        if dst == src or nbytes == 0:
-            return  # a CPU "device" sharing the staging memory: nothing to move
-        if self.cuda:
-            from ...kernels import cuda
-
-            cuda.copy_async(dst, src, nbytes, stream.cuda_stream, self.index)
-        else:
-            cpu.native().copy_threads(dst, src, nbytes, self.threads)
-
-    def pause(self, stream, rng: Optional[random.Random]) -> None:
-        """The stress mode's random delay before a stage on `stream` (None: the host)."""
-        if rng is None:
-            return
-        if self.cuda and stream is not None:
-            with self.on(stream):
-                self.torch.cuda._sleep(rng.randrange(STRESS_CYCLES))
-        else:
-            time.sleep(rng.random() * STRESS_SECONDS)
-
-    def synchronize(self) -> None:
-        if self.cuda:
-            for stream in (self.h2d, self.compute, self.d2h):
-                stream.synchronize()
-
-
-class _Slot:
-    """One chunk's staging: `in_bytes` of inputs then the output, on the host and the device."""
-
-    def __init__(self, host: int, device: int, in_bytes: int, lanes: _Lanes):
-        self.host_in, self.host_out = host, host + in_bytes
-        self.device_in, self.device_out = device, device + in_bytes
-        self.uploaded, self.computed, self.downloaded = (lanes.event(), lanes.event(),
-                                                         lanes.event())
-        # When each GPU stage began (after its waits): the stage seconds of stage_seconds.
-        self.began = {stage: lanes.event() for stage in GPU_STAGES}
-        self.downloading = None  # (target, file offset, tensor, count) of a download in flight
-        self.writing = None  # (target, tensor, ticket, bytes) of a write in flight
-
-
 class GpuWriter:
     """Writer (writers/__init__.py) that computes on `device` within `budget` bytes of device
     memory (and as many of pinned host memory).  `device_copies` (CPU only): keep device
@@ -202,7 +120,7 @@ class GpuWriter:
         in_bytes, out_bytes = _bytes_per_element(_streamed_tensors(plan))
         self.slot_in_bytes = self.chunk * in_bytes
         self.slot_bytes = self.chunk * (in_bytes + out_bytes)
-        self.lanes = _Lanes(torch, self.device, self.threads)
+        self.lanes = Lanes(torch, self.device, self.threads)
         self.rng = random.Random(stress) if stress is not None else None
         self.seconds: Dict[str, float] = dict.fromkeys(("fill", *GPU_STAGES, "wait"), 0.0)
         self._allocate(device_copies or self.device.type == "cuda")
@@ -240,7 +158,7 @@ class GpuWriter:
                              f"({str(exc).splitlines()[0]}); give a smaller --gpu-memory") \
                 from None
         device_base = self.device_memory.data_ptr()
-        self.slots = [_Slot(self.host.address + s * self.slot_bytes,
+        self.slots = [Slot(self.host.address + s * self.slot_bytes,
                             device_base + s * self.slot_bytes, self.slot_in_bytes, self.lanes)
                       for s in range(SLOTS)]
 
@@ -285,7 +203,7 @@ class GpuWriter:
             offset = _align_up(offset + count * dtype.itemsize)
         return addresses, offset
 
-    def _fill(self, slot: _Slot, tensor: PlannedTensor, chunk: Chunk, dtypes) -> None:
+    def _fill(self, slot: Slot, tensor: PlannedTensor, chunk: Chunk, dtypes) -> None:
         self.lanes.pause(None, self.rng)
         targets, _ = self._regions(slot.host_in, dtypes, chunk.count)
         # Files are read with pread (no page faults), memory of our own (gathered rows) copied.
@@ -300,7 +218,7 @@ class GpuWriter:
             raise MergeError(f"reading tensor {tensor.name} failed: {os.strerror(err)}")
         chunk.release_inputs()
 
-    def _enqueue(self, slot: _Slot, tensor: PlannedTensor, chunk: Chunk, dtypes, recipe) -> None:
+    def _enqueue(self, slot: Slot, tensor: PlannedTensor, chunk: Chunk, dtypes, recipe) -> None:
         """Upload, merge and download the slot's chunk on the three streams (on the CPU: now)."""
         lanes, count = self.lanes, chunk.count
         _, in_bytes = self._regions(slot.host_in, dtypes, count)
@@ -324,7 +242,7 @@ class GpuWriter:
                         lambda: lanes.copy(slot.host_out, slot.device_out, out_bytes, lanes.d2h))
             slot.downloaded.record()
 
-    def _stage(self, slot: _Slot, stage: str, work) -> None:
+    def _stage(self, slot: Slot, stage: str, work) -> None:
         """Run a GPU stage's work on the current stream: on a GPU its start is recorded (the
         seconds are read at hand-over, once the stage is done), on the CPU it is timed now."""
         if self.lanes.cuda:
@@ -335,7 +253,7 @@ class GpuWriter:
         work()
         self.seconds[stage] += time.perf_counter() - began
 
-    def _merge(self, slot: _Slot, tensor: PlannedTensor, chunk: Chunk, dtypes, recipe) -> None:
+    def _merge(self, slot: Slot, tensor: PlannedTensor, chunk: Chunk, dtypes, recipe) -> None:
         addresses, _ = self._regions(slot.device_in, dtypes, chunk.count)
         buffers = [Buffer(a, d, chunk.count, owner=self._device_view(a, d, chunk.count))
                    for a, d in zip(addresses, dtypes)]
@@ -352,7 +270,7 @@ class GpuWriter:
         event.synchronize()
         self.seconds["wait"] += time.perf_counter() - began
 
-    def _hand_over(self, slot: _Slot) -> None:
+    def _hand_over(self, slot: Slot) -> None:
         """A slot's finished download to the writer thread."""
         if slot.downloading is None:
             return
@@ -367,7 +285,7 @@ class GpuWriter:
         slot.writing = (target, tensor, ticket, count * tensor.out_dtype.itemsize)
         slot.downloading = None
 
-    def _retire(self, slot: _Slot) -> None:
+    def _retire(self, slot: Slot) -> None:
         """Wait for a slot's write and add its CRC and NaN/inf count to its shard (in file
         order: slots retire in the order their chunks were written)."""
         if slot.writing is None:
