@@ -27,11 +27,11 @@ from typing import Iterator, List, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from ..core.recipes import RESCALE_EPS, keep_count
+from ..core.recipes import keep_count
 from ..core.spec import KEEP_LARGEST
 from .order_stats import OrderStatistics
 from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
-from .terms import combined
+from .terms import combined, l1_rescales
 from ...io.stream import Chunk
 
 if TYPE_CHECKING:  # annotations only: the settings module reads the registry
@@ -116,20 +116,8 @@ def rescale_factors(s: TensorSettings, found: Sequence[Trim], windows) -> np.nda
             if s.densities[m] > 0.0:
                 factors[m] = 1.0 / s.densities[m]
         return factors
-    before, after, kept = np.zeros(models), np.zeros(models), Kept(found)
-    for chunk in windows():
-        _, taus = task_vectors(chunk)
-        for m in rescaled:
-            magnitude = np.abs(taus[m], dtype=np.float64)
-            keep = kept(m, taus[m])
-            before[m] += float(magnitude.sum())
-            after[m] += float(magnitude.sum() if keep is None
-                              else np.add.reduce(magnitude, where=keep))
-        chunk.release_inputs()
-    for m in rescaled:
-        if before[m] >= RESCALE_EPS and after[m] >= RESCALE_EPS:
-            factors[m] = before[m] / after[m]
-    return factors
+    kept = Kept(found)
+    return l1_rescales(windows, models, rescaled, lambda m, start, tau: kept(m, tau))
 
 
 def merged_chunk(s: TensorSettings, kept: Kept, factors: np.ndarray, chunk: Chunk) -> Chunk:

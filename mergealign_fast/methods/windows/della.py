@@ -29,9 +29,9 @@ from typing import Iterator, Sequence, TYPE_CHECKING, Tuple
 import numpy as np
 
 from ...kernels import cpu
-from ..core.recipes import DRAW_RANGE, RESCALE_EPS, stream_key
+from ..core.recipes import DRAW_RANGE, stream_key
 from .per_vector import WINDOW_ELEMENTS, quiet, result_chunk, task_vectors, workspace
-from .terms import combined
+from .terms import combined, l1_rescales
 from ...io.stream import Chunk
 
 if TYPE_CHECKING:  # annotations only: the settings module reads the registry
@@ -123,19 +123,8 @@ def rescale_factors(s: TensorSettings, tensor, windows, masks: Masks) -> np.ndar
     factors = np.ones(models)
     if s.rescale != "l1" or not dropping:
         return factors
-    before, after = np.zeros(models), np.zeros(models)
-    for chunk in windows():
-        _, taus = task_vectors(chunk)
-        for m in dropping:
-            magnitude = np.abs(taus[m], dtype=np.float64)
-            keep = masks(m, chunk.start, taus[m], keep=True)
-            before[m] += float(magnitude.sum())
-            after[m] += float(np.add.reduce(magnitude, where=keep))
-        chunk.release_inputs()
-    for m in dropping:
-        if before[m] >= RESCALE_EPS and after[m] >= RESCALE_EPS:
-            factors[m] = before[m] / after[m]
-    return factors
+    return l1_rescales(windows, models, dropping,
+                       lambda m, start, tau: masks(m, start, tau, keep=True))
 
 
 def merged_chunk(s: TensorSettings, masks: Masks, factors: np.ndarray, chunk: Chunk) -> Chunk:

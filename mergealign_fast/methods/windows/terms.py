@@ -4,12 +4,12 @@ only — and, with normalize, divided by the weights that took part."""
 
 from __future__ import annotations
 
-from typing import List, TYPE_CHECKING
+from typing import Callable, List, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from ..core.recipes import DIVISOR_EPS
-from .per_vector import quiet, workspace
+from ..core.recipes import DIVISOR_EPS, RESCALE_EPS
+from .per_vector import quiet, task_vectors, workspace
 
 if TYPE_CHECKING:  # annotations only: the settings module reads the registry
     from ..core.settings import TensorSettings
@@ -41,3 +41,25 @@ def combined(s: TensorSettings, terms: List[np.ndarray]) -> np.ndarray:
         if s.normalize:
             total /= divisor
     return total
+
+
+def l1_rescales(windows, models: int, rescaled: Sequence[int],
+                kept: Callable[[int, int, np.ndarray], Optional[np.ndarray]]) -> np.ndarray:
+    """Each model's l1 rescale Σ|τ| / Σ|kept τ| over the tensor, in float64 in index order, for
+    the models in `rescaled` (1 for the others, or where either sum is below RESCALE_EPS);
+    kept(m, start, τ) is model m's keep mask of a window (None: all kept)."""
+    factors = np.ones(models)
+    before, after = np.zeros(models), np.zeros(models)
+    for chunk in windows() if rescaled else ():
+        _, taus = task_vectors(chunk)
+        for m in rescaled:
+            magnitude = np.abs(taus[m], dtype=np.float64)
+            keep = kept(m, chunk.start, taus[m])
+            before[m] += float(magnitude.sum())
+            after[m] += float(magnitude.sum() if keep is None
+                              else np.add.reduce(magnitude, where=keep))
+        chunk.release_inputs()
+    for m in rescaled:
+        if before[m] >= RESCALE_EPS and after[m] >= RESCALE_EPS:
+            factors[m] = before[m] / after[m]
+    return factors
