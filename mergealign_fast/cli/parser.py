@@ -9,7 +9,7 @@ from ..errors import MergeError
 from ..evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from .. import methods
 from ..methods.core.parameters import (PARAMETERS, RESCALES, Method, Rule, base_weighing,
-                                       own_parameters, setting_of)
+                                       setting_of)
 from ..methods.core.spec import VECTOR_MODES
 from ..plan import ROLES
 
@@ -148,7 +148,7 @@ def method_from_args(args: argparse.Namespace):
                   if field and field not in fields and flag not in _WEIGHT_FLAGS)
     try:  # the method's own parameters travel as rules (Parameter's docstring)
         own = tuple(Rule(p.name, None, setting_of(p.name, given[flag]))
-                    for p in own_parameters(spec).values() for flag, _ in p.flags
+                    for p in spec.own_parameters for flag, _ in p.flags
                     if given[flag] is not None)
     except ValueError as exc:
         raise MergeError(f"{args.method}: {exc}") from None

@@ -71,11 +71,6 @@ def _add_own_parameters() -> None:
 _add_own_parameters()
 
 
-def own_parameters(spec: MethodSpec) -> Dict[str, Parameter]:
-    """The method's own parameters (held as rules of a Method), by name."""
-    return {p.name: p for p in spec.own_parameters}
-
-
 def is_fp32_finite(value) -> bool:
     """A real number (not bool) that stays finite when rounded to float32."""
     return (not isinstance(value, bool) and isinstance(value, (int, float))
