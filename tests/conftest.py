@@ -1,5 +1,15 @@
 import os
 import subprocess
+import tempfile
+
+# No test reaches the internet: the Hub is a dead local port unless a test starts a local Hub
+# server (hub_server.py), and the Hub cache a fresh folder (huggingface_hub reads both when it
+# is imported, so they are set before any test imports it).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_TOKEN", None)
 
 import numpy as np
 import pytest

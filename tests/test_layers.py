@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mergealign_fast"
 # Lowest first: the first part of a module's name below mergealign_fast gives its layer.
 LAYERS = [("_version", "errors", "units", "dtypes", "progress", "_native", "_cuda"),
-          ("kernels",), ("io",), ("vocabulary",), ("methods",), ("output",), ("plan",),
+          ("kernels",), ("io",), ("sources",), ("vocabulary",), ("methods",), ("output",), ("plan",),
           ("engine",), ("mergekit",), ("api",), ("tools", "evaluation"), ("cli", "__main__")]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -104,11 +104,11 @@ def test_index_naming_a_tensor_the_shard_lacks(trio):
                in p for p in found)
 
 
-def test_folder_with_only_pytorch_bin(trio, tmp_path):
+def test_folder_with_a_broken_pytorch_bin(trio, tmp_path):
     (trio / "domain" / "model.safetensors").unlink()
     (trio / "domain" / "pytorch_model.bin").write_bytes(b"x")
     [line] = problems(trio)
-    assert "convert them to safetensors" in line
+    assert "pytorch_model.bin: not a PyTorch checkpoint" in line and line.startswith("domain:")
 
 
 def test_corrupt_header_is_reported_with_the_role(trio):

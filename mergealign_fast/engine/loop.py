@@ -29,6 +29,7 @@ from ..output import (PartialOutput, ShardFile, copy_tensor, create_shard_file, 
                       publish, settle_leftover_partial)
 from ..plan import MergePlan, PlannedShard, PlannedTensor
 from ..progress import Progress
+from ..sources import download_inputs
 from ..io.stream import (Chunk, InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                          pass_chunks, read_ahead_settings, tensor_chunks)
 from .routes import BY_VECTORS, COPY, IN_WINDOWS, RECIPE, planned_route, window_elements
@@ -337,6 +338,7 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
     started = time.perf_counter()
     _same_layout(plans)
     read_ahead_settings()  # a setting it cannot use is refused before anything is created
+    download_inputs(plans[0].files_read())  # Hub models: what the checked plan reads
     partials: List[PartialOutput] = []
     identities = input_identities(plans[0].inputs.values())
 

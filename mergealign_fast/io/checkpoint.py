@@ -1,16 +1,17 @@
-"""Hugging Face model folders: one model.safetensors, or shards listed by an index."""
+"""Hugging Face model folders: one model.safetensors, or shards listed by an index; or the same\nas PyTorch .bin files (torch_bin.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from ..errors import MergeError
-from .safetensors_format import FormatError, SafetensorsHeader, TensorEntry, read_header
+from . import readers
+from .safetensors_format import FormatError, TensorEntry, read_header
+from .torch_bin import WEIGHTS_FILE, WEIGHTS_INDEX, read_bin
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,16 +112,17 @@ COMPARE_WINDOW = 16 << 20
 
 def same_bytes(locations: Sequence[TensorLocation]) -> bool:
     """Whether the tensors at `locations` hold the same bytes (read in windows, not mapped: a
-    file truncated meanwhile gives a short read, not a crash)."""
+    file truncated meanwhile gives a short read, not a crash; a file still on the Hub is read
+    by range requests)."""
     sizes = {loc.entry.nbytes for loc in locations}
     if len(sizes) != 1:
         return False
     size = sizes.pop()
-    files = [open(loc.file, "rb") for loc in locations]
+    files = [readers.open_reader(loc.file) for loc in locations]
     try:
         for start in range(0, size, COMPARE_WINDOW):
             length = min(COMPARE_WINDOW, size - start)
-            chunks = [os.pread(f.fileno(), length, loc.entry.begin + start)
+            chunks = [f.read_at(loc.entry.begin + start, length)
                       for f, loc in zip(files, locations)]
             if any(len(c) != length or c != chunks[0] for c in chunks):
                 return False
@@ -130,8 +132,8 @@ def same_bytes(locations: Sequence[TensorLocation]) -> bool:
             f.close()
 
 
-def _index_weight_map(folder: Path) -> Dict[str, str]:
-    path = folder / INDEX_FILE
+def _index_weight_map(folder: Path, index_file: str = INDEX_FILE) -> Dict[str, str]:
+    path = folder / index_file
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -146,21 +148,41 @@ def _index_weight_map(folder: Path) -> Dict[str, str]:
     return weight_map
 
 
-def _locate_sharded(folder: Path) -> Dict[str, TensorLocation]:
-    weight_map = _index_weight_map(folder)
-    headers: Dict[str, SafetensorsHeader] = {}
+def _bin_locations(path: Path) -> Dict[str, TensorLocation]:
+    return {n: TensorLocation(path, e) for n, e in read_bin(path).tensors.items()}
+
+
+def _safetensors_locations(path: Path) -> Dict[str, TensorLocation]:
+    return {n: TensorLocation(path, e) for n, e in read_header(path).tensors.items()}
+
+
+def _locate_sharded(folder: Path, index_file: str,
+                    locations_of: Callable[[Path], Dict[str, TensorLocation]]
+                    ) -> Dict[str, TensorLocation]:
+    weight_map = _index_weight_map(folder, index_file)
+    in_shard: Dict[str, Dict[str, TensorLocation]] = {}
     for shard in sorted(set(weight_map.values())):
-        if not (folder / shard).is_file():
-            raise FormatError(f"{folder / INDEX_FILE}: lists shard {shard} which does not exist")
-        headers[shard] = read_header(folder / shard)
+        if not readers.is_file(folder / shard):
+            raise FormatError(f"{folder / index_file}: lists shard {shard} which does not exist")
+        in_shard[shard] = locations_of(folder / shard)
     tensors = {}
     for name, shard in weight_map.items():
-        entry = headers[shard].tensors.get(name)
-        if entry is None:
-            raise FormatError(f"{folder / INDEX_FILE}: tensor {name!r} is listed in {shard} "
+        location = in_shard[shard].get(name)
+        if location is None:
+            raise FormatError(f"{folder / index_file}: tensor {name!r} is listed in {shard} "
                               f"but that file does not contain it")
-        tensors[name] = TensorLocation(folder / shard, entry)
+        tensors[name] = location
     return tensors
+
+
+# Where a folder's weights are, in the order transformers looks for them: (the file or index,
+# whether it is an index, how one file's tensors are located).
+WEIGHT_LAYOUTS = (
+    (SINGLE_FILE, False, _safetensors_locations),
+    (INDEX_FILE, True, _safetensors_locations),
+    (WEIGHTS_FILE, False, _bin_locations),
+    (WEIGHTS_INDEX, True, _bin_locations),
+)
 
 
 def open_checkpoint(folder) -> Checkpoint:
@@ -168,22 +190,22 @@ def open_checkpoint(folder) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise MergeError(f"{folder}: not a directory")
-    # transformers loads model.safetensors when a folder has it, even beside an index: so do we,
-    # or the merge would combine other weights than the ones the user runs.
-    if (folder / SINGLE_FILE).is_file():
-        header = read_header(folder / SINGLE_FILE)
-        tensors = {n: TensorLocation(header.path, e) for n, e in header.tensors.items()}
-        files = [folder / SINGLE_FILE]  # listed even when it holds no tensor
-    elif (folder / INDEX_FILE).is_file():
-        tensors = _locate_sharded(folder)
-        files = sorted({folder / shard for shard in _index_weight_map(folder).values()})
-    elif (folder / ADAPTER_CONFIG).is_file():
-        raise MergeError(f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a full model: merge "
-                         "it into its base model first (peft: merge_and_unload(), then "
-                         "save_pretrained) and give that folder")
+    # transformers loads model.safetensors when a folder has it, even beside an index or .bin
+    # files: so do we, or the merge would combine other weights than the ones the user runs.
+    for file, is_index, locations_of in WEIGHT_LAYOUTS:
+        if readers.is_file(folder / file):
+            break
     else:
-        hint = ""
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            hint = " (only PyTorch .bin/.pt weights found: convert them to safetensors first)"
-        raise MergeError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        if readers.is_file(folder / ADAPTER_CONFIG):
+            raise MergeError(f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a full model: "
+                             "merge it into its base model first (peft: merge_and_unload(), "
+                             "then save_pretrained) and give that folder")
+        raise MergeError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE}, {WEIGHTS_FILE} or "
+                         f"{WEIGHTS_INDEX}")
+    if is_index:
+        tensors = _locate_sharded(folder, file, locations_of)
+        files = sorted({folder / shard for shard in _index_weight_map(folder, file).values()})
+    else:
+        tensors = locations_of(folder / file)
+        files = [folder / file]  # listed even when it holds no tensor
     return Checkpoint(folder, files, tensors)

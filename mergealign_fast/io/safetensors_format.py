@@ -6,7 +6,8 @@ start of the data) plus an optional "__metadata__" of string pairs.  Tensors mus
 exactly: no overlaps, no holes, nothing after the last one (the reference implementation rejects
 all three, so a file we accept is one every other loader accepts too).
 
-Only the header is read here; tensor data is memory-mapped by the engine.
+Only the header is read here (from disk, or by range requests from the Hub: readers.py);
+tensor data is memory-mapped by the engine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..dtypes import SAFETENSORS_ITEMSIZE
 from ..errors import MergeError
+from .readers import ByteReader, open_reader
 
 # The reference implementation refuses headers above 100 MB; a real 405B-model shard header is
 # well under 1 MB, so anything larger is a corrupt length field, not a big model.
@@ -67,19 +69,19 @@ def _reject_duplicates(pairs: List[Tuple[str, object]]) -> dict:
     return seen
 
 
-def _read_header_json(path: Path, file_size: int) -> Tuple[dict, int]:
+def _read_header_json(path: Path, reader: ByteReader) -> Tuple[dict, int]:
     """(parsed JSON object, header length) or FormatError."""
+    file_size = reader.size
     if file_size < 8:
         raise FormatError(f"{path}: file is {file_size} bytes, too short for a safetensors header")
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if length > MAX_HEADER_BYTES:
-            raise FormatError(f"{path}: header length {length} exceeds the "
-                              f"{MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
-        if length > file_size - 8:
-            raise FormatError(f"{path}: header length {length} is larger than the file "
-                              f"({file_size} bytes): truncated or not safetensors")
-        raw = f.read(length)
+    length = int.from_bytes(reader.read_at(0, 8), "little")
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header length {length} exceeds the "
+                          f"{MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)")
+    if length > file_size - 8:
+        raise FormatError(f"{path}: header length {length} is larger than the file "
+                          f"({file_size} bytes): truncated or not safetensors")
+    raw = reader.read_at(8, length)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,10 +141,14 @@ def read_header(path: os.PathLike) -> SafetensorsHeader:
     """Parse and check one safetensors file's header; FormatError names the file and problem."""
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        obj, length = _read_header_json(path, file_size)
+        reader = open_reader(path)
+        try:
+            file_size = reader.size
+            obj, length = _read_header_json(path, reader)
+        finally:
+            reader.close()
     except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

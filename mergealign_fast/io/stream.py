@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Sequence, 
 
 from ..dtypes import DType
 from ..errors import MergeError
+from . import readers
 from .checkpoint import Checkpoint, TensorLocation
 from ..kernels import cpu
 
@@ -79,7 +80,9 @@ class InputMaps:
         native = cpu.native()
         for checkpoint in self.checkpoints:
             for loc in checkpoint.tensors.values():
-                if loc.file not in self.maps:
+                # A Hub file not downloaded is one the merge does not read (download_inputs
+                # fetched every file it reads).
+                if loc.file not in self.maps and not readers.is_remote(loc.file):
                     self.maps[loc.file] = self._open(native, loc.file)
 
     def _open(self, native, path: Path):
@@ -94,7 +97,7 @@ class InputMaps:
         """Each input is still the file whose header was read (before any compute)."""
         for checkpoint in self.checkpoints:
             for loc in checkpoint.tensors.values():
-                if self.maps[loc.file].size < loc.entry.end:
+                if loc.file in self.maps and self.maps[loc.file].size < loc.entry.end:
                     raise MergeError(f"{loc.file}: file shrank since its header was read "
                                      f"(now {self.maps[loc.file].size} bytes)")
 
@@ -206,7 +209,8 @@ class HeldInput:
 
 
 def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
-    return tuple((loc.file, loc.entry.begin) for loc in sources)
+    # begin and end: two tensors of a .bin may share a storage and start (a view of a prefix).
+    return tuple((loc.file, loc.entry.begin, loc.entry.end) for loc in sources)
 
 
 def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elements: int, *,
@@ -270,7 +274,7 @@ def file_identity(st: os.stat_result) -> tuple:
 def input_identities(checkpoints: Iterable[Checkpoint]) -> Dict[Path, tuple]:
     """file_identity of every input file."""
     return {path: file_identity(os.stat(path)) for checkpoint in checkpoints
-            for path in checkpoint.files}
+            for path in checkpoint.files if not readers.is_remote(path)}
 
 
 def check_inputs_unchanged(before: Dict[Path, tuple]) -> None:

@@ -28,7 +28,9 @@ from .parameters import SHAPE_OPTIONS, ParameterReader
 from .loaded import RunConfig
 from .roles import config_roles
 from .slices import SliceReader
-from .tokenizer import TokenizerReader, _folder
+from ..errors import MergeError
+from ..sources import model_folder
+from .tokenizer import TokenizerReader
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "slices"}
@@ -224,10 +226,14 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         if "+" in value:
             self.problem(f"{where}: {value}: LoRA references (model+lora) are not supported")
             return None
-        folder = _folder(value)
+        try:
+            folder = model_folder(value)
+        except MergeError as exc:
+            self.problem(f"{where}: {exc}")
+            return None
         if not folder.is_dir():
-            self.problem(f"{where}: {value}: no such local folder (hub names are not "
-                         "downloaded: give a local path)")
+            self.problem(f"{where}: {value}: no such local folder, and not a Hugging Face Hub "
+                         "repo id")
             return None
         return folder
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
+from ..errors import MergeError
+from ..sources import model_folder
 from ..vocabulary import UNION, TokenSource, VocabularySpec
 
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
@@ -14,9 +16,12 @@ TOKEN_KEYS = {"source", "force"}
 
 
 def _folder(value) -> Path:
-    """A model reference as a local folder; a relative path is relative to the current
-    directory, as mergekit-yaml reads it."""
-    return Path(str(value)).expanduser()
+    """A model reference as its folder (a Hub repo id: its snapshot, sources.model_folder); a
+    relative path is relative to the current directory, as mergekit-yaml reads it."""
+    try:
+        return model_folder(str(value))
+    except MergeError:  # a repo no merged model is: "not one of the merged models"
+        return Path(str(value)).expanduser()
 
 
 class TokenizerReader:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 from ..errors import MergeError
 from ..io.checkpoint import open_checkpoint
 from ..kernels import cpu
+from ..io import readers
 from ..io.stream import input_identities
 
 MANIFEST = "mergealign-manifest.json"
@@ -57,8 +58,7 @@ def read_manifest(folder: Path) -> dict:
 def plan_fingerprint(plan) -> str:
     """Identity of a merge: its inputs (path, device, inode, size, mtime), options and layout.
     A partial merge is resumed only by a merge with the same fingerprint."""
-    stats = sorted((str(path.resolve()), identity)
-                   for path, identity in input_identities(plan.inputs.values()).items())
+    stats = sorted((str(path), identity) for path, identity in recorded_identities(plan).items())
     o = plan.options
     layout = [(s.filename, hashlib.sha256(s.header).hexdigest()) for s in plan.shards]
     identity = [stats, o.domain_weight, o.align_weight, repr(o.method), layout]
@@ -94,14 +94,40 @@ def vocabulary_record(spec) -> Optional[dict]:
             "tokens": {token: dataclasses.asdict(source) for token, source in spec.tokens}}
 
 
+def recorded_identities(plan) -> Dict[Path, tuple]:
+    """Each input file's identity: a local file's (stream.file_identity: device, inode, size,
+    mtime, ctime, of the resolved path), a Hub file's repo, commit and name (the same before
+    and after it is downloaded, so --resume knows it)."""
+    local = input_identities(plan.inputs.values())
+    identities = {}
+    for checkpoint in plan.inputs.values():
+        for path in checkpoint.files:
+            remote = readers.remote_file(path)
+            identities[path if remote else path.resolve()] = \
+                remote.identity() if remote else local[path]
+    return identities
+
+
+def _file_record(identity: tuple) -> dict:
+    if identity[0] == "hub":
+        return dict(zip(("source", "repo", "commit", "file"), identity))
+    return dict(zip(_IDENTITY_FIELDS, identity))
+
+
 def describe_inputs(plan) -> Dict[str, dict]:
-    """What the manifest says about each input model: its folder, and each file's identity
-    (stream.file_identity: device, inode, size, mtime, ctime)."""
+    """What the manifest says about each input model: its folder (and for a Hub model its repo
+    and commit), and each file's identity (recorded_identities)."""
+    identities = recorded_identities(plan)
     described = {}
     for role, checkpoint in plan.inputs.items():
-        identities = input_identities([checkpoint])
-        files = {f.name: dict(zip(_IDENTITY_FIELDS, identities[f])) for f in checkpoint.files}
+        files = {}
+        for f in checkpoint.files:
+            remote = readers.remote_file(f)
+            files[f.name] = _file_record(identities[f if remote else f.resolve()])
         described[role] = {"folder": str(checkpoint.folder.resolve()), "files": files}
+        first = readers.remote_file(checkpoint.files[0]) if checkpoint.files else None
+        if first is not None:
+            described[role].update(repo=first.repo_id, commit=first.commit)
     return described
 
 
@@ -149,7 +175,7 @@ def merge_differences(recorded: dict, plan) -> List[str]:
             if a is None or b is None:
                 lines.append(f"input {role}: {name} was {'added' if a is None else 'removed'}")
             elif not _same(a, b):
-                changed = ", ".join(k for k in _IDENTITY_FIELDS if a.get(k) != b.get(k))
+                changed = ", ".join(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
                 lines.append(f"input {role}: {current['folder']}/{name} changed since then "
                              f"({changed})")
     for key in _OPTION_FIELDS:

@@ -28,6 +28,7 @@ from ..methods.core.spec import SET_ROLE, TRIO_MODELS, WINDOWS
 from ..methods.core.parameters import check_weights
 from ..methods.core.settings import TensorSettings, layer_position, resolve, settings_problems
 from ..output import resolve_out_dir
+from ..sources import model_folders
 from .model import F64, MergePlan, PlannedShard, PlannedTensor  # noqa: F401
 from .options import (DEFAULT_GPU_MEMORY, DEFAULT_MAX_SHARD_SIZE, DISK_HEADROOM_BYTES,  # noqa: F401
                       MAX_SET_MODELS, ROLES, MergeOptions)
@@ -229,23 +230,26 @@ def opened_inputs(folders: Dict[str, Path], given, out_dir: Path,
 
 def plan_merge(base, domain, aligned, out_dir, options: MergeOptions = MergeOptions()) -> MergePlan:
     """Check everything and lay out the output; PlanError lists every problem found."""
-    return _plan({"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)},
-                 out_dir, options)
+    return _plan({"base": base, "domain": domain, "aligned": aligned}, out_dir, options)
 
 
 def plan_set(base, models: Sequence, out_dir, options: MergeOptions) -> MergePlan:
     """plan_merge for a base and any number of models (roles "model 1", "model 2", ...): the
     method (one defined for model sets) takes each model's weight and density from its rules."""
-    folders = {"base": Path(base)}
-    folders.update((SET_ROLE.format(i + 1), Path(m)) for i, m in enumerate(models))
-    return _plan(folders, out_dir, options)
+    specs = {"base": base}
+    specs.update((SET_ROLE.format(i + 1), m) for i, m in enumerate(models))
+    return _plan(specs, out_dir, options)
 
 
-def _plan(folders: Dict[str, Path], out_dir, options: MergeOptions) -> MergePlan:
-    roles = tuple(folders)
+def _plan(specs: Dict[str, object], out_dir, options: MergeOptions) -> MergePlan:
+    """The plan of the models `specs` names by role (folders or Hub repo ids)."""
+    roles = tuple(specs)
     given, out_dir = out_dir, resolve_out_dir(out_dir)
-    problems = _option_problems(options, roles) + output_problems(given, out_dir, folders,
-                                                                   options)
+    folders, problems = model_folders(specs)
+    problems += _option_problems(options, roles) + output_problems(given, out_dir, folders,
+                                                                    options)
+    if len(folders) < len(specs):
+        raise PlanError(problems)
     if problems and options.vocabulary is not None:
         raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
     models, input_problems, vocabulary, gathered, cut = checked_inputs(folders, options)

@@ -119,6 +119,12 @@ class MergePlan:
     def input_bytes(self) -> int:
         return sum(loc.entry.nbytes for s in self.shards for t in s.tensors for loc in t.sources)
 
+    def files_read(self) -> List[Path]:
+        """Every input file the merge reads (a sliced merge may leave some out), and the side
+        files it copies."""
+        read = {loc.file for s in self.shards for t in s.tensors for loc in t.sources}
+        return sorted(read) + list(self.copied_files)
+
     @property
     def tensor_count(self) -> int:
         return sum(len(s.tensors) for s in self.shards)

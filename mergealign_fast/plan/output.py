@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 from ..errors import PlanError
 from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
 from ..output import out_dir_problems
+from ..sources import pending_download_bytes
 from .model import MergePlan
 from .options import DISK_HEADROOM_BYTES, MergeOptions
 
@@ -63,12 +64,25 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def disk_problem(out_dir: Path, needed: int) -> Optional[str]:
-    free = shutil.disk_usage(_existing_ancestor(out_dir.parent)).free
-    if needed + DISK_HEADROOM_BYTES > free:
-        return (f"not enough free disk for {out_dir}: the merge writes {needed:,} bytes, "
-                f"{free:,} bytes are free on that filesystem")
-    return None
+def disk_problems(out_dir: Path, needed: int, downloads: Optional[Dict[Path, int]] = None
+                  ) -> List[str]:
+    """Free space for OUT's `needed` bytes and for the Hub downloads still to make ({cache
+    folder: bytes}), summed per filesystem: a cache on OUT's disk needs room for both."""
+    wanted: Dict[int, list] = {}
+    for folder, nbytes, what in [(out_dir.parent, needed, f"the merge writes to {out_dir}"),
+                                 *[(c, n, f"downloads into {c}")
+                                   for c, n in (downloads or {}).items()]]:
+        existing = _existing_ancestor(Path(folder))
+        entry = wanted.setdefault(existing.stat().st_dev, [0, existing, []])
+        entry[0] += nbytes
+        entry[2].append(f"{what}: {nbytes:,} bytes")
+    problems = []
+    for nbytes, existing, parts in wanted.values():
+        free = shutil.disk_usage(existing).free
+        if nbytes + DISK_HEADROOM_BYTES > free:
+            problems.append(f"not enough free disk for {out_dir}: {'; '.join(parts)}; "
+                            f"{free:,} bytes are free on that filesystem")
+    return problems
 
 
 def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None
@@ -80,7 +94,9 @@ def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = 
         if problems:
             raise PlanError(problems)
     plan.complete = plan.options.resume and _completed_output(plan, given)
-    disk = None if plan.complete else disk_problem(plan.out_dir, plan.output_bytes)
-    if disk:
-        raise PlanError([disk])
+    if not plan.complete:
+        downloads = pending_download_bytes(plan.files_read())
+        disk = disk_problems(plan.out_dir, plan.output_bytes, downloads)
+        if disk:
+            raise PlanError(disk)
     return plan

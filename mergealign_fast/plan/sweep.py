@@ -16,7 +16,8 @@ from typing import List, Sequence
 from ..errors import PlanError
 from ..units import PathLike
 from . import MergeOptions, MergePlan, plan_merge
-from .output import disk_problem
+from ..sources import pending_download_bytes
+from .output import disk_problems
 
 
 def lambda_label(lam: float) -> str:
@@ -63,7 +64,8 @@ def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: Pa
                       method=method)
         plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), one))
     needed = sum(p.output_bytes for p in plans)
-    problem = disk_problem(lambda_folder(out_root, lambdas[0]), needed)
-    if problem:
-        raise PlanError([problem])
+    problems = disk_problems(lambda_folder(out_root, lambdas[0]), needed,
+                             pending_download_bytes(plans[0].files_read()))
+    if problems:
+        raise PlanError(problems)
     return plans
