@@ -174,7 +174,9 @@ parameters:
     ("merge_method: slerp\nmodels:\n  - model: {domain}\n  - model: {aligned}\n",
      "needs `base_model`"),
     ("merge_method: ties\nmodels: [\n", "not valid YAML"),
-    ("merge_method: linear\nmodels:\n  - model: hub/name\n", "no such local folder"),
+    ("merge_method: linear\nmodels:\n  - model: hub/name\n", "hub/name: cannot reach"),
+    ("merge_method: linear\nmodels:\n  - model: /no/such/folder\n",
+     "no such local folder, and not a Hugging Face Hub repo id"),
 ])
 def test_config_mistakes_are_clear_errors(tiny_trio, tmp_path, text, message):
     with pytest.raises(PlanError, match=message):

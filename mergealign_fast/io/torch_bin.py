@@ -312,7 +312,9 @@ def read_bin(path) -> BinCheckpointFile:
         reader = open_reader(path)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    raw = io.BufferedReader(SeekableReader(reader), buffer_size=1 << 16)
+    # Small buffered reads: a file still on the Hub answers each with a range request (the
+    # zip's local headers are read one per tensor).
+    raw = io.BufferedReader(SeekableReader(reader), buffer_size=1 << 10)
     try:
         magic = reader.read_at(0, 4)
         if magic[:2] == b"PK":

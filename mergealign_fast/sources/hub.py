@@ -5,8 +5,8 @@ private repos), HF_HUB_OFFLINE, HF_ENDPOINT, revisions as branches, tags or comm
 snapshot_folder(repo, revision) resolves the revision to a commit, downloads the repo's small
 files into the cache's snapshot folder of that commit and registers each weight file there
 (io/readers.py): until it is downloaded, the plan reads its header by HTTP range requests.
-download() then fetches what the merge reads, with huggingface_hub's progress bars and
-resumable .incomplete files, and checks each new file's size and sha256.
+download() then fetches what the merge reads, with huggingface_hub's progress bars and its
+retries, and checks each new file's size and sha256.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from ..io.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, TOKENIZER_FILES, WEIGHT
 from ..units import human_bytes
 
 COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
-# Bytes asked for per range request while planning.  The first request must return the 8-byte
-# header length and, for most shards, the whole header with it: a 1.1B model's shard header is
-# about 20 KB, a 70B model's about 60 KB.
+# Bytes asked for by the first range request of a file while planning: it must return the
+# 8-byte header length and, for most shards, the whole header with it (a 1.1B model's shard
+# header is about 20 KB, a 70B model's about 60 KB).
 RANGE_BLOCK = 64 << 10
+# ... and by each later one: a .bin's zip local headers, 30 bytes and a name each, are read one
+# per tensor, so a 300-tensor shard costs 300 KB rather than 300 blocks.
+SMALL_RANGE = 1 << 10
 # sha256 is computed over a new download in pieces of this size: bounded memory.
 HASH_PIECE = 16 << 20
 
@@ -36,6 +39,8 @@ HASH_PIECE = 16 << 20
 def _hub():
     try:
         import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401  (submodules load lazily otherwise)
+        import huggingface_hub.errors  # noqa: F401
     except ImportError:
         raise MergeError("reading models from the Hugging Face Hub needs huggingface_hub: "
                          "pip install 'mergealign-fast[hub]'") from None
@@ -75,7 +80,7 @@ class RangeReader:
     def _fetch(self, offset: int, length: int) -> bytes:
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        last = min(self.size, offset + max(length, RANGE_BLOCK)) - 1
+        last = min(self.size, offset + max(length, RANGE_BLOCK if offset == 0 else SMALL_RANGE)) - 1
         headers = {**build_hf_headers(), "Range": f"bytes={offset}-{last}"}
         try:
             response = get_session().get(self._file.url, headers=headers, timeout=30)
@@ -255,6 +260,9 @@ def _cached_snapshot(repo_id: str, revision: Optional[str]) -> Path:
     names = [p.name for p in folder.iterdir()]
     weights = _weight_files(names, lambda index: _weight_map(folder / index))
     missing = [n for n in weights if not (folder / n).is_file()]
+    if not weights:
+        raise MergeError(f"{named}: its weights are not in the Hub cache ({folder}) and "
+                         "HF_HUB_OFFLINE is set: unset it to download them")
     if missing:
         raise MergeError(f"{named}: {len(missing)} weight files are not in the Hub cache "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) and "
@@ -278,8 +286,8 @@ def download(paths: Sequence[Path]) -> None:
                                 cache_dir=file.cache, endpoint=_endpoint())
         except Exception as exc:
             raise MergeError(f"{file.repo_id}: downloading {file.filename} failed "
-                             f"({_first_line(exc)}); run the same command again: the download "
-                             "resumes where it stopped") from None
+                             f"({_first_line(exc)}); run the same command again (the files "
+                             "already downloaded stay in the cache)") from None
         _check_download(path, file)
 
 
