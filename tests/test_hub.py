@@ -194,7 +194,7 @@ def test_offline_from_the_cache_huggingface_hub_filled(published, local_hub, tmp
         merge_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "y")
 
 
-def test_a_download_cut_off_resumes(published, local_hub, tmp_path):
+def test_a_download_cut_off_is_retried(published, local_hub, tmp_path):
     key = ("test/domain", "model.safetensors")
     local_hub.cut_after[key] = [100_000, 1]  # huggingface_hub resumes it by itself
     merge_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "out", fsync=False)
@@ -202,6 +202,7 @@ def test_a_download_cut_off_resumes(published, local_hub, tmp_path):
     assert local_hub.gets[key] >= 3  # the header's range read, the cut GET, the resumed one
 
 
+@pytest.mark.slow
 def test_a_download_that_keeps_failing_is_retried_by_the_next_run(published, local_hub, tmp_path):
     key = ("test/domain", "model.safetensors")
     local_hub.cut_after[key] = [50_000, 100]
@@ -326,3 +327,33 @@ def test_the_cli_with_hub_ids_and_the_environment(published, local_hub, tmp_path
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "domain: test/nothing: no such local folder, and no model repo" in done.stderr
+
+
+def test_check_reports_the_plan_and_differences_without_downloading(local_hub, tiny_trio,
+                                                                    tmp_path):
+    domain = tmp_path / "domain-src"
+    shutil.copytree(tiny_trio["domain"], domain)
+    config = json.loads((domain / "config.json").read_text())
+    config["rope_theta"] = 500000.0
+    (domain / "config.json").write_text(json.dumps(config))
+    for role, folder in {**tiny_trio, "domain": domain}.items():
+        local_hub.add_repo(f"test/{role}", folder)
+    env = {**os.environ, "HF_ENDPOINT": hub_constants.ENDPOINT,
+           "HF_HUB_CACHE": str(tmp_path / "cli-cache")}
+    done = subprocess.run([sys.executable, "-m", "mergealign_fast", "check", "test/base",
+                           "test/domain", "test/aligned", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout.splitlines()
+    assert any(line.startswith("* rope_theta") and "500000.0" in line for line in report)
+    assert any(line.startswith("  num_hidden_layers") for line in report)
+    assert "downloads 856.2 KB first" in done.stdout or "to download" in done.stdout
+    assert report[-1] == "check: no problems: the merge can run"
+    assert not [k for k in local_hub.gets_without_range if k[1].endswith(".safetensors")]
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([sys.executable, "-m", "mergealign_fast", "check", "test/base",
+                           "test/domain@nope", "test/aligned"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "domain: test/domain@nope: the repo has no such revision" in done.stderr
+    assert done.stdout.splitlines()[-1].startswith("check: 1 problems")

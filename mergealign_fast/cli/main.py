@@ -139,6 +139,28 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
     return 0
 
 
+def _run_check(args: argparse.Namespace) -> int:
+    """`check`: the report on stdout, each problem as an error line; exit 2 with problems."""
+    from ..tools.check import check
+
+    given = args.models
+    if len(given) == 1 and given[0].endswith((".yml", ".yaml")):
+        lines, problems = check(lambda: plan_config(given[0], args.out, MergeOptions(),
+                                                    tell=_tell))
+    elif len(given) == 3:
+        lines, problems = check(lambda: plan_merge(*given, args.out, MergeOptions()),
+                                dict(zip(("base", "domain", "aligned"), given)))
+    else:
+        raise MergeError("check takes a mergekit YAML config, or the trio's three models "
+                         f"(got {len(given)} arguments)")
+    print("\n".join(lines))
+    for line in problems:
+        print(f"mergealign-fast: error: {line}", file=sys.stderr)
+    print("check: " + (f"{len(problems)} problems: the merge cannot run as given" if problems
+                       else "no problems: the merge can run"))
+    return EXIT_BAD_INPUT if problems else 0
+
+
 def _tell(kind: str, text: str) -> None:
     print(f"mergealign-fast: {kind}: {text}", file=sys.stderr)
 
@@ -296,6 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_inspect(args)
         if args.command == "verify":
             return _run_verify(args.out)
+        if args.command == "check":
+            return _run_check(args)
         if args.command == "bench":
             return _run_bench(args)
         if args.command == "demo":

@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--align-weight", type=float, default=0.5,
                          help="w_a of that merge (default 0.5)")
     inspect.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    check = sub.add_parser("check", help="the plan of a merge and every problem with it, "
+                           "downloading no weight and computing nothing")
+    check.add_argument("models", nargs="+", metavar="CONFIG | BASE DOMAIN ALIGNED",
+                       help="a mergekit YAML config, or the trio's three models (folders or "
+                       "Hub repo ids, repo@revision)")
+    check.add_argument("-o", "--out", default="merged",
+                       help="the output folder the merge would write (default ./merged)")
     verify = sub.add_parser("verify", help="check a merged folder against its manifest")
     verify.add_argument("out", help="a folder written by mergealign-fast merge")
     sub.add_parser("env", help="print the build and the available backends")
