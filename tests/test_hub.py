@@ -357,3 +357,16 @@ def test_check_reports_the_plan_and_differences_without_downloading(local_hub, t
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "domain: test/domain@nope: the repo has no such revision" in done.stderr
     assert done.stdout.splitlines()[-1].startswith("check: 1 problems")
+
+
+def test_inspect_and_sweep_take_hub_ids(published, local_hub, tmp_path):
+    from mergealign_fast import sweep_checkpoints
+    from mergealign_fast.tools.inspect_vectors import inspect_checkpoints
+
+    folders, _ = published
+    hub_view = inspect_checkpoints("test/base", "test/domain", "test/aligned")
+    local_view = inspect_checkpoints(*folders.values())
+    assert hub_view.tensors == local_view.tensors
+    results = sweep_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "sweep",
+                                [0.25, 0.75], fsync=False)
+    assert [verify_output(r.out_dir) for r in results] == [[], []]

@@ -44,9 +44,11 @@ def _add_ray_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """Options shared by merge and sweep."""
-    p.add_argument("base", help="base model folder (Hugging Face layout)")
-    p.add_argument("domain", help="domain-expert model folder, fine-tuned from base")
-    p.add_argument("aligned", help="aligned/instruct model folder, fine-tuned from base")
+    p.add_argument("base", help="base model: a folder (Hugging Face layout) or a Hub repo id "
+                   "(org/name, org/name@revision)")
+    p.add_argument("domain", help="domain-expert model (folder or repo id), fine-tuned from base")
+    p.add_argument("aligned", help="aligned/instruct model (folder or repo id), fine-tuned "
+                   "from base")
     p.add_argument("--dtype", default=None, metavar="{bf16,fp16,fp32}",
                    help="output dtype (default: each tensor keeps the base model's dtype)")
     p.add_argument("--tokenizer-from", default="aligned", choices=[*ROLES, "none"],
@@ -198,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lambdas", required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
     run = sub.add_parser("run", help="run a mergekit YAML config (models, base_model, "
                          "merge_method, parameters, dtype) through this engine")
-    run.add_argument("config", help="mergekit YAML file; model paths are local folders, "
-                     "relative to the current directory (as mergekit-yaml reads them)")
+    run.add_argument("config", help="mergekit YAML file; models are local folders, relative "
+                     "to the current directory (as mergekit-yaml reads them), or Hub repo ids")
     run.add_argument("out", help="output folder (created; see --force)")
     _add_writing_args(run)
     run.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="norms, cosine and sign conflicts of the domain and "
                              "alignment vectors, per tensor and per layer")
     for role in ("base", "domain", "aligned"):
-        inspect.add_argument(role, help=f"{role} model folder")
+        inspect.add_argument(role, help=f"{role} model folder or Hub repo id")
     inspect.add_argument("-o", "--out", default="mergealign-inspect",
                          help="folder for vectors.json, tensors.csv, layers.csv, layers.png")
     inspect.add_argument("--domain-weight", type=float, default=0.5,
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="sweep λ, evaluate every merge and the parents, "
                           "recommend a point")
     for role in ("base", "domain", "aligned"):
-        tune.add_argument(role, help=f"{role} model folder")
+        tune.add_argument(role, help=f"{role} model folder or Hub repo id")
     tune.add_argument("-o", "--out", required=True, help="folder for the results (reruns "
                       "resume in it)")
     tune.add_argument("--lambdas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",

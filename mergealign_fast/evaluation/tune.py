@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import MergeError, PlanError
 from ..engine.loop import execute
+from ..sources import model_folder
 from ..plan import MergeOptions, MergePlan, plan_merge
 from ..progress import Progress
 from ..units import human_bytes
@@ -80,7 +81,10 @@ def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequen
     """Evaluate the parents and the merge at every λ; write the reports; the results.  With
     `ray_address` ("" for this machine's Ray instance) each cell is a task on a Ray cluster."""
     out_dir = Path(out_dir)
-    inputs = {"base": Path(base), "domain": Path(domain), "aligned": Path(aligned)}
+    # The parents are evaluated too: from their folders (a Hub model's snapshot in the cache,
+    # downloaded by the sweep's merge).
+    inputs = {"base": model_folder(base), "domain": model_folder(domain),
+              "aligned": model_folder(aligned)}
     options = replace(options or MergeOptions(), resume=True, force=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     merges_dir = out_dir / "merges"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 from .. import dtypes
 from ..errors import MergeError, PlanError
 from ..io.checkpoint import Checkpoint, TensorLocation, open_checkpoint, same_bytes
+from ..sources import model_folders
 from ..vocabulary import VOCABULARY_TENSOR, vocabulary_problems
 from .model import F64
 from .options import MergeOptions
@@ -149,9 +150,12 @@ def _vocabulary(folders: Dict[str, Path], options: MergeOptions) -> Vocabulary:
 
 
 def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
-    """Open and cross-check a base/domain/aligned trio; PlanError lists every problem."""
-    models, problems, *_ = checked_inputs({"base": Path(base), "domain": Path(domain),
-                                              "aligned": Path(aligned)})
+    """Open and cross-check a base/domain/aligned trio (folders or Hub repo ids); PlanError
+    lists every problem."""
+    folders, problems = model_folders({"base": base, "domain": domain, "aligned": aligned})
+    if problems:
+        raise PlanError(problems)
+    models, problems, *_ = checked_inputs(folders)
     if problems:
         raise PlanError(problems)
     return models

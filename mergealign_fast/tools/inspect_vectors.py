@@ -22,6 +22,7 @@ from ..io.checkpoint import layer_index
 from ..kernels import cpu
 from ..kernels.cpu import default_threads
 from ..methods.core.parameters import check_weights
+from ..sources import download_inputs
 from ..plan import ROLES, check_inputs
 from ..io.stream import InputMaps, pass_chunks
 
@@ -96,6 +97,7 @@ def inspect_checkpoints(base, domain, aligned, *, domain_weight: float = 0.5,
     """The per-tensor sums of one streaming pass over the trio (checked first, as a merge)."""
     check_weights(domain_weight, align_weight)
     models = check_inputs(base, domain, aligned)
+    download_inputs(f for model in models.values() for f in model.files)  # Hub models
     native = cpu.native()
     threads = threads or default_threads()
     result = Inspection(domain_weight, align_weight)
