@@ -370,3 +370,21 @@ def test_inspect_and_sweep_take_hub_ids(published, local_hub, tmp_path):
     results = sweep_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "sweep",
                                 [0.25, 0.75], fsync=False)
     assert [verify_output(r.out_dir) for r in results] == [[], []]
+
+
+def test_cache_files_removed_between_plan_and_merge_come_down_again(published, local_hub,
+                                                                     tmp_path):
+    from mergealign_fast.engine.loop import execute
+
+    merge_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "first",
+                      fsync=False)
+    forget_resolved()
+    plan = plan_merge("test/base", "test/domain", "test/aligned", tmp_path / "second")
+    snapshot = next((Path(hub_constants.HF_HUB_CACHE) / "models--test--domain" / "snapshots")
+                    .iterdir())
+    (snapshot / "model.safetensors").resolve().unlink()  # the blob, then the dangling link
+    (snapshot / "model.safetensors").unlink()
+    downloads = local_hub.gets_without_range[("test/domain", "model.safetensors")]
+    execute(plan)
+    assert local_hub.gets_without_range[("test/domain", "model.safetensors")] == downloads + 1
+    assert tensors_of(tmp_path / "second") == tensors_of(tmp_path / "first")

@@ -24,3 +24,4 @@ def test_random_sequences_of_user_actions_keep_every_invariant(optional_small_fs
         max_examples=SEQUENCES, stateful_step_count=STEPS, deadline=None,
         suppress_health_check=list(HealthCheck), derandomize=True))
     assert torture.STATS["sequences"] >= SEQUENCES
+    assert torture.STATS["hub_steps"] > 0, "no sequence merged from the local Hub"

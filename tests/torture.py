@@ -3,7 +3,9 @@
 A hypothesis state machine drives merges and sweeps (with --force, --resume or neither),
 SIGKILL/SIGINT/SIGTERM at random moments, inputs rewritten in place (their times put back or
 not) or replaced, OUT symlinked elsewhere or moved away, a second merge at the same time, a full
-disk, and `verify`, against a model of what must hold after every step:
+disk, `verify`, and merges whose domain model is a Hub repo on a local server (hub_server.py:
+killed while it downloads, its download cut off once, its cache files removed between runs),
+against a model of what must hold after every step:
 
 1. OUT is absent, or complete: it verifies and equals (bitwise) the merge of the inputs it was
    made from;
@@ -44,7 +46,7 @@ WEIGHTS = [(0.5, 0.5), (0.3, 0.9)]
 LAMBDAS = (0.25, 0.75)
 # ~12 shards of the tiny trio, one thread: a kill lands between or inside shards.
 FLAGS = ["--quiet", "--no-fsync", "--max-shard-size", "100KB", "--threads", "1"]
-STATS = {"sequences": 0, "steps": 0, "kills": 0, "refusals": 0}
+STATS = {"sequences": 0, "steps": 0, "kills": 0, "refusals": 0, "hub_steps": 0}
 
 
 def tensors_digest(folder: Path) -> Optional[str]:
@@ -131,6 +133,7 @@ class MergeTorture(RuleBasedStateMachine):
     elsewhere on the same disk, and a sweep root."""
 
     trio_cache: Optional[Dict[str, Path]] = None  # built once per process
+    hub = None  # the local Hub server (hub_server.LocalHub), started once per process
     small_fs: Optional[Path] = None  # a tmpfs mount for the full-disk rule (root only)
 
     def __init__(self):
@@ -150,6 +153,13 @@ class MergeTorture(RuleBasedStateMachine):
         self.expected_out: Optional[str] = None  # digest OUT holds (None: absent)
         self.sweep_expected: Dict[float, Optional[str]] = {lam: None for lam in LAMBDAS}
         self.references: Dict[tuple, Optional[str]] = {}
+        # The Hub repo: a frozen copy of the domain model, served as torture/seq<N>; its merge
+        # goes to hubout, through the Hub cache hfcache.
+        shutil.copytree(trio["domain"], self.ws / "hubsrc" / "domain")
+        self.repo = f"torture/seq{STATS['sequences']}"
+        self._hub().add_repo(self.repo, self.ws / "hubsrc" / "domain")
+        self.hub_out = self.ws / "hubout"
+        self.hub_expected: Optional[str] = None
         self.protected = self._snapshot()
 
     @classmethod
@@ -159,18 +169,26 @@ class MergeTorture(RuleBasedStateMachine):
             cls.trio_cache = ensure_synthetic_trio(root, LLAMA_TINY, seed=11)
         return cls.trio_cache
 
+    @classmethod
+    def _hub(cls):
+        if cls.hub is None:
+            from hub_server import LocalHub
+
+            cls.hub = LocalHub()
+            cls.endpoint = cls.hub.start()
+        return cls.hub
+
     # -- the model ------------------------------------------------------------------------------
 
-    def _inputs_key(self) -> str:
-        return "".join(tensors_digest(self.inputs[r]) or "-" for r in ROLES)
-
-    def reference(self, weights) -> str:
-        """Digest of a clean merge of the inputs as they are now (cached per content)."""
-        key = (self._inputs_key(), weights)
+    def reference(self, weights, folders: Optional[Dict[str, Path]] = None) -> str:
+        """Digest of a clean merge of the inputs as they are now (cached per content), or of
+        `folders`."""
+        folders = folders or self.inputs
+        key = ("".join(tensors_digest(folders[r]) or "-" for r in ROLES), weights)
         if key not in self.references:
             scratch = Path(tempfile.mkdtemp(dir=self.ws.parent))
             try:
-                merge_checkpoints(*(self.inputs[r] for r in ROLES), scratch / "m",
+                merge_checkpoints(*(folders[r] for r in ROLES), scratch / "m",
                                   domain_weight=weights[0], align_weight=weights[1],
                                   max_shard_size="100KB", fsync=False)
                 self.references[key] = tensors_digest(scratch / "m")
@@ -181,8 +199,9 @@ class MergeTorture(RuleBasedStateMachine):
     def _out_area(self, path: Path) -> bool:
         """OUT, its link target and the tool's hidden siblings: where merges may write."""
         rel = path.relative_to(self.ws).parts
-        return (rel[:1] in (("out",), ("sweep",)) or rel[:2] == ("elsewhere", "target")
-                or any(p.startswith((".out.", ".target.", ".lambda-")) for p in rel))
+        return (rel[:1] in (("out",), ("sweep",), ("hubout",), ("hfcache",))
+                or rel[:2] == ("elsewhere", "target")
+                or any(p.startswith((".out.", ".target.", ".lambda-", ".hubout.")) for p in rel))
 
     def _snapshot(self):
         return tree_snapshot(self.ws, self._out_area)
@@ -291,6 +310,78 @@ class MergeTorture(RuleBasedStateMachine):
         else:
             assert code == 0, err
 
+    def _hub_folders(self) -> Dict[str, Path]:
+        return {**self.inputs, "domain": self.ws / "hubsrc" / "domain"}
+
+    def _run_from_hub(self, weights, mode: str, kill=None) -> Tuple[int, str, str]:
+        """The merge with the domain model by repo id, in a forked child that sees the local
+        Hub and this sequence's cache (huggingface_hub's settings, set around the fork)."""
+        import huggingface_hub.constants as hub_constants
+        from mergealign_fast.io import readers
+        from mergealign_fast.sources import hub as hub_source
+
+        names = ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+        saved = {n: getattr(hub_constants, n) for n in names}
+        hub_constants.ENDPOINT = self.endpoint
+        hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = \
+            self.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        hub_constants.HF_HUB_CACHE = str(self.ws / "hfcache")
+        hub_constants.HF_HUB_OFFLINE = False
+        hub_source._SNAPSHOTS.clear()  # each command is a new process
+        readers._FROM_THE_HUB.clear()
+        argv = ["merge", str(self.inputs["base"]), self.repo, str(self.inputs["aligned"]),
+                "-o", str(self.hub_out), "--domain-weight", str(weights[0]),
+                "--align-weight", str(weights[1]), *FLAGS, *filter(None, [mode])]
+        try:
+            return run_forked(argv, kill=kill)
+        finally:
+            for name, value in saved.items():
+                setattr(hub_constants, name, value)
+
+    def _after_hub_command(self, code, err, weights, before, killed=False) -> None:
+        STATS["steps"] += 1
+        STATS["hub_steps"] += 1
+        assert "Traceback" not in err, err
+        now = tensors_digest(self.hub_out)
+        expected = self.reference(weights, self._hub_folders())
+        if killed and code not in (0, 2):
+            STATS["kills"] += 1
+            assert code in (-signal.SIGKILL, 130, 143), (code, err)
+            assert now in (before, expected), "a killed Hub merge left a wrong OUT"
+        elif code == 0:
+            assert now == expected, "OUT is not the merge of the Hub model"
+        else:
+            assert code == 2, (code, err)
+            self._check_refusal(code, err)
+            assert now == before, "a refused command changed OUT"
+        self.hub_expected = now
+
+    @rule(weights=st.sampled_from(WEIGHTS), mode=st.sampled_from(["--force", "--resume"]),
+          kill=st.booleans(), delay=st.floats(0.0, 0.3))
+    def merge_from_hub(self, weights, mode, kill, delay):
+        """Killed or not: while it downloads, or while it merges what came down."""
+        before = tensors_digest(self.hub_out)
+        code, _, err = self._run_from_hub(weights, mode,
+                                          kill=(signal.SIGKILL, delay) if kill else None)
+        self._after_hub_command(code, err, weights, before, killed=kill)
+
+    @rule(weights=st.sampled_from(WEIGHTS))
+    def hub_download_cut_off(self, weights):
+        """The connection drops mid-download once: huggingface_hub's retry finishes it."""
+        self.hub.cut_after[(self.repo, "model.safetensors")] = [50_000, 1]
+        before = tensors_digest(self.hub_out)
+        try:
+            code, _, err = self._run_from_hub(weights, "--force")
+        finally:
+            self.hub.cut_after.clear()
+        self._after_hub_command(code, err, weights, before)
+
+    @rule()
+    def remove_hub_cache_files(self):
+        """The user cleans the Hub cache (blobs and links) between two runs."""
+        for blob in (self.ws / "hfcache").glob("models--*/blobs/*"):
+            blob.unlink()
+
     # -- rules: what users do to files ----------------------------------------------------------
 
     @rule(role=st.sampled_from(ROLES), restore_times=st.booleans())
@@ -369,6 +460,13 @@ class MergeTorture(RuleBasedStateMachine):
             assert verify_output(self.out) == [], verify_output(self.out)
 
     @invariant()
+    def hub_out_is_absent_or_complete(self):
+        now = tensors_digest(self.hub_out)
+        assert now == self.hub_expected
+        if now is not None:
+            assert verify_output(self.hub_out) == [], verify_output(self.hub_out)
+
+    @invariant()
     def nothing_else_changed(self):
         assert self._snapshot() == self.protected, "a file outside OUT changed"
 
@@ -380,6 +478,12 @@ class MergeTorture(RuleBasedStateMachine):
                 code, _, err = run_forked(self._merge_argv(self.weights, "--force"))
             assert code == 0, err
             assert tensors_digest(self.out) == self.reference(self.weights)
+            code, _, err = self._run_from_hub(WEIGHTS[0], "--resume")
+            if code == 2:
+                code, _, err = self._run_from_hub(WEIGHTS[0], "--force")
+            assert code == 0, err
+            assert tensors_digest(self.hub_out) == self.reference(WEIGHTS[0],
+                                                                   self._hub_folders())
             for partial in Path(os.path.realpath(self.out)).parent.glob(f".*{PARTIAL_SUFFIX}"):
                 # only an interrupted merge of other inputs or options may stay (resumable)
                 journal = json.loads((partial / MANIFEST).read_text())
