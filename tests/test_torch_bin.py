@@ -212,6 +212,21 @@ def test_an_opcode_a_state_dict_never_uses_is_refused(tmp_path):
     assert "opcode INST" in one_line_error(path)
 
 
+def test_a_build_that_would_rewrite_a_tensor_record_is_refused(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def rebuilt(data, kind):
+        # After the tensor's REDUCE (the last one of a one-tensor dict): {"offset": "x"} BUILD.
+        import pickletools
+
+        at = [pos for op, _, pos in pickletools.genops(data) if op.name == "REDUCE"][-1]
+        build = b"}X\x06\x00\x00\x00offsetX\x01\x00\x00\x00xsb"
+        return data[:at + 1] + build + data[at + 1:], kind
+    rewrite_member(path, "data.pkl", rebuilt)
+    assert "BUILD applied to a tensor" in one_line_error(path)
+
+
 def test_big_endian_and_compressed_archives_are_refused(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.ones(2)}, path)

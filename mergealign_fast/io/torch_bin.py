@@ -60,15 +60,23 @@ ALLOWED_OPCODES = frozenset({
 })
 
 
+class _Record:
+    """What the unpickler builds; a BUILD opcode may not rewrite it (pickle would otherwise set
+    its fields through __dict__, frozen or not)."""
+
+    def __setstate__(self, state) -> None:
+        raise ValueError("a BUILD applied to a tensor or storage")
+
+
 @dataclass(frozen=True)
-class _Storage:
+class _Storage(_Record):
     key: str
     dtype: str
     numel: int
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_Record):
     storage: _Storage
     offset: int  # in elements of the storage
     shape: Tuple[int, ...]
