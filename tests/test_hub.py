@@ -313,11 +313,11 @@ def test_a_merge_with_a_bin_repo(local_hub, tiny_trio, tmp_path):
     assert tensors_of(tmp_path / "out") == tensors_of(tmp_path / "local")
 
 
-def cli_with_the_hub(tmp_path: Path, *args):
+def cli_with_the_hub(tmp_path: Path, *args, cache: str = "cli-cache"):
     """`mergealign-fast args` in a new process that finds the local Hub through HF_ENDPOINT
     and keeps its cache in HF_HUB_CACHE, as a user's shell would set them."""
     env = {**os.environ, "HF_ENDPOINT": hub_constants.ENDPOINT,
-           "HF_HUB_CACHE": str(tmp_path / "cli-cache")}
+           "HF_HUB_CACHE": str(tmp_path / cache)}
     return subprocess.run([sys.executable, "-m", "mergealign_fast", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
 
@@ -332,6 +332,10 @@ def test_the_cli_with_hub_ids_and_the_environment(published, local_hub, tmp_path
                             "-o", tmp_path / "out2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "domain: test/nothing: no such local folder, and no model repo" in done.stderr
+    done = cli_with_the_hub(tmp_path, "merge", "test/base", "test/domain", "test/aligned",
+                            "-o", tmp_path / "quiet", "--quiet", cache="quiet-cache")
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # downloaded in silence
+    assert (tmp_path / "quiet-cache" / "models--test--domain" / "blobs").is_dir()
 
 
 def test_check_reports_the_plan_and_differences_without_downloading(local_hub, tiny_trio,

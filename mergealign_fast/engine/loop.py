@@ -338,7 +338,7 @@ def _execute(plans: Sequence[MergePlan], show_progress: bool,
     started = time.perf_counter()
     _same_layout(plans)
     read_ahead_settings()  # a setting it cannot use is refused before anything is created
-    download_inputs(plans[0].files_read())  # Hub models: what the checked plan reads
+    download_inputs(plans[0].files_read(), show_progress)  # Hub models: what the plan reads
     partials: List[PartialOutput] = []
     identities = input_identities(plans[0].inputs.values())
 

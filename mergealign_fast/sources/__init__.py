@@ -57,16 +57,16 @@ def model_folders(specs: Dict[str, object]) -> Tuple[Dict[str, Path], List[str]]
     return folders, problems
 
 
-def download_inputs(paths: Iterable[Path]) -> None:
+def download_inputs(paths: Iterable[Path], show_progress: bool = True) -> None:
     """Download the Hub files among `paths` that are not in the cache yet (nothing to do for
-    local models)."""
+    local models), with huggingface_hub's progress bars unless show_progress is False."""
     from ..io import readers
 
     pending = sorted({Path(p) for p in paths if readers.is_remote(p)})
     if pending:
         from . import hub
 
-        hub.download(pending)
+        hub.download(pending, show_progress)
 
 
 def pending_download_bytes(paths: Iterable[Path]) -> Dict[Path, int]:

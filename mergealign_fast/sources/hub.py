@@ -273,22 +273,36 @@ def _cached_snapshot(repo_id: str, revision: Optional[str]) -> Path:
     return folder
 
 
-def download(paths: Sequence[Path]) -> None:
-    """Download each Hub file at `paths` (registered, not yet in the cache), then check it."""
+def download(paths: Sequence[Path], show_progress: bool = True) -> None:
+    """Download each Hub file at `paths` (registered, not yet in the cache), then check it;
+    show_progress False (--quiet) hides huggingface_hub's bars and our line."""
     files = [readers.remote_file(p) for p in paths]
     total = sum(f.size for f in files)
-    print(f"downloading {len(files)} files ({human_bytes(total)}) from {_endpoint()} into "
-          f"{cache_dir()}", file=sys.stderr)
+    if show_progress:
+        print(f"downloading {len(files)} files ({human_bytes(total)}) from {_endpoint()} into "
+              f"{cache_dir()}", file=sys.stderr)
     hub = _hub()
+    bars = None if show_progress else _silent_bars()
     for path, file in zip(paths, files):
         try:
             hub.hf_hub_download(file.repo_id, file.filename, revision=file.commit,
-                                cache_dir=file.cache, endpoint=_endpoint())
+                                cache_dir=file.cache, endpoint=_endpoint(), tqdm_class=bars)
         except Exception as exc:
             raise MergeError(f"{file.repo_id}: downloading {file.filename} failed "
                              f"({_first_line(exc)}); run the same command again (the files "
                              "already downloaded stay in the cache)") from None
         _check_download(path, file)
+
+
+def _silent_bars():
+    """huggingface_hub's progress bar class (tqdm), always disabled: --quiet."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+    return Silent
 
 
 def _check_download(path: Path, file: HubFile) -> None:
