@@ -57,7 +57,7 @@ def _completed_output(plan: "MergePlan", given) -> bool:
     return True
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
     path = path.resolve()
     while not path.exists():
         path = path.parent
@@ -72,7 +72,7 @@ def disk_problems(out_dir: Path, needed: int, downloads: Optional[Dict[Path, int
     for folder, nbytes, what in [(out_dir.parent, needed, f"the merge writes to {out_dir}"),
                                  *[(c, n, f"downloads into {c}")
                                    for c, n in (downloads or {}).items()]]:
-        existing = _existing_ancestor(Path(folder))
+        existing = existing_ancestor(Path(folder))
         entry = wanted.setdefault(existing.stat().st_dev, [0, existing, []])
         entry[0] += nbytes
         entry[2].append(f"{what}: {nbytes:,} bytes")

@@ -83,12 +83,16 @@ def facts_table(models: Dict[str, Checkpoint]) -> List[str]:
 
 
 def plan_lines(plan) -> List[str]:
+    import shutil
+
+    from ..plan.output import existing_ancestor
     from ..sources import pending_download_bytes
 
     downloads = sum(pending_download_bytes(plan.files_read()).values())
+    free = shutil.disk_usage(existing_ancestor(plan.out_dir.parent)).free
     return [f"plan: {plan.options.method.name}, {plan.tensor_count} tensors into "
             f"{len(plan.shards)} shards, {human_bytes(plan.output_bytes)} written to "
-            f"{plan.out_dir}",
+            f"{plan.out_dir} ({human_bytes(free)} free there)",
             f"  reads {human_bytes(plan.input_bytes)}; downloads {human_bytes(downloads)} "
             "first" if downloads else f"  reads {human_bytes(plan.input_bytes)}; nothing to "
             "download"]
