@@ -163,6 +163,17 @@ def test_every_repo_problem_is_one_line_and_all_are_listed(local_hub, tiny_trio,
     assert not local_hub.bytes_sent, "nothing is downloaded when a repo is refused"
 
 
+def test_a_missing_repo_and_a_broken_local_model_are_reported_together(local_hub, tiny_trio,
+                                                                        tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_trio["aligned"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x10")
+    local_hub.add_repo("test/base", tiny_trio["base"])
+    with pytest.raises(PlanError) as info:
+        merge_checkpoints("test/base", "test/missing", broken, tmp_path / "out")
+    assert [line.split(":")[0] for line in info.value.problems] == ["domain", "aligned"]
+
+
 def test_a_gated_repo_with_a_token(local_hub, tiny_trio, tmp_path, monkeypatch):
     for role in ROLES:
         local_hub.add_repo(f"test/{role}", tiny_trio[role], gated=role == "domain")

@@ -248,8 +248,8 @@ def _plan(specs: Dict[str, object], out_dir, options: MergeOptions) -> MergePlan
     folders, problems = model_folders(specs)
     problems += _option_problems(options, roles) + output_problems(given, out_dir, folders,
                                                                     options)
-    if len(folders) < len(specs):
-        raise PlanError(problems)
+    if len(folders) < len(specs):  # the models that resolved: their own problems too
+        raise PlanError(problems + open_inputs(folders)[1])
     if problems and options.vocabulary is not None:
         raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
     models, input_problems, vocabulary, gathered, cut = checked_inputs(folders, options)
