@@ -205,6 +205,7 @@ def test_offline_from_the_cache_huggingface_hub_filled(published, local_hub, tmp
         merge_checkpoints("test/base", "test/domain", "test/aligned", tmp_path / "y")
 
 
+@pytest.mark.slow
 def test_a_download_cut_off_is_retried(published, local_hub, tmp_path):
     key = ("test/domain", "model.safetensors")
     local_hub.cut_after[key] = [100_000, 1]  # huggingface_hub resumes it by itself
@@ -307,6 +308,7 @@ def test_a_bin_repo_is_planned_from_its_zip_directory(local_hub, tmp_path):
     assert local_hub.sent_for("test/bin", ".bin") < size // 50  # 8 MB file: under 160 KB
 
 
+@pytest.mark.slow
 def test_a_merge_with_a_bin_repo(local_hub, tiny_trio, tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
@@ -333,6 +335,7 @@ def cli_with_the_hub(tmp_path: Path, *args, cache: str = "cli-cache"):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_cli_with_hub_ids_and_the_environment(published, local_hub, tmp_path):
     done = cli_with_the_hub(tmp_path, "merge", "test/base", "test/domain", "test/aligned",
                             "-o", tmp_path / "out")
@@ -349,6 +352,7 @@ def test_the_cli_with_hub_ids_and_the_environment(published, local_hub, tmp_path
     assert (tmp_path / "quiet-cache" / "models--test--domain" / "blobs").is_dir()
 
 
+@pytest.mark.slow
 def test_check_reports_the_plan_and_differences_without_downloading(local_hub, tiny_trio,
                                                                     tmp_path):
     domain = tmp_path / "domain-src"
