@@ -1,4 +1,5 @@
-"""Hugging Face model folders: one model.safetensors, or shards listed by an index; or the same\nas PyTorch .bin files (torch_bin.py)."""
+"""Hugging Face model folders: one model.safetensors, or shards listed by an index; or the same
+as PyTorch .bin files (torch_bin.py)."""
 
 from __future__ import annotations
 

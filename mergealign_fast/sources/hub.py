@@ -318,7 +318,8 @@ def _check_download(path: Path, file: HubFile) -> None:
             for piece in iter(lambda: f.read(HASH_PIECE), b""):
                 digest.update(piece)
         if digest.hexdigest() != file.sha256:
-            problem = f"has sha256 {digest.hexdigest()[:12]}..., the repo says {file.sha256[:12]}..."
+            problem = (f"has sha256 {digest.hexdigest()[:12]}..., the repo says "
+                       f"{file.sha256[:12]}...")
     if problem:
         blob = path.resolve()
         path.unlink()
