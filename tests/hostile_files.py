@@ -4,7 +4,8 @@
 index) that is valid or broken in one of the ways real files break: truncated, a header length
 past the end or absurdly large, invalid UTF-8 or JSON, unknown dtypes, shapes that disagree with
 byte sizes, offsets out of range, overlapping or with holes, duplicate names, a huge header, an
-index naming missing shards or tensors in the wrong shard.  `check_folder` then runs what a user
+index naming missing shards or tensors in the wrong shard; or a PyTorch .bin (torch.save's zip or
+legacy format) truncated or with a flipped byte.  `check_folder` then runs what a user
 would run and enforces the rule: a clear one-line error, or a merge that verifies.
 
 `choose(kind, *args)` is the only source of randomness: hypothesis's `draw` in the test suite,
@@ -66,8 +67,38 @@ def _encode(tensors, data_size, corruption, choose) -> bytes:
     return blob
 
 
+# torch's dtypes for the .bin folders (torch is a test dependency).
+BIN_DTYPES = ["bfloat16", "float16", "float32", "int64"]
+
+
+def build_bin_folder(choose, folder: Path) -> None:
+    """pytorch_model.bin of a few small tensors, maybe truncated or with one flipped byte."""
+    import io
+
+    import torch
+
+    state = {}
+    for i in range(choose("int", 0, 4)):
+        shape = [choose("int", 0, 5) for _ in range(choose("int", 0, 3))]
+        dtype = getattr(torch, BIN_DTYPES[choose("int", 0, len(BIN_DTYPES) - 1)])
+        state[f"t{i}"] = (torch.arange(math.prod(shape)) % 7).reshape(shape).to(dtype)
+    buffer = io.BytesIO()
+    torch.save(state, buffer, _use_new_zipfile_serialization=choose("bool"))
+    blob = buffer.getvalue()
+    corruption = choose("int", 0, 2)
+    if corruption == 1:
+        blob = blob[:choose("int", 0, len(blob) - 1)]
+    elif corruption == 2:
+        i = choose("int", 0, len(blob) - 1)
+        blob = blob[:i] + bytes([blob[i] ^ (1 << choose("int", 0, 7))]) + blob[i + 1:]
+    (folder / "pytorch_model.bin").write_bytes(blob)
+
+
 def build_folder(choose, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    if choose("int", 0, 4) == 0:
+        build_bin_folder(choose, folder)
+        return
     tensors, data_size = _tensors(choose)
     corruption = CORRUPTIONS[choose("int", 0, len(CORRUPTIONS) - 1)]
     blob = _encode(tensors, data_size, corruption, choose)
