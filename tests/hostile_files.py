@@ -85,12 +85,14 @@ def build_bin_folder(choose, folder: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer, _use_new_zipfile_serialization=choose("bool"))
     blob = buffer.getvalue()
-    corruption = choose("int", 0, 2)
+    # Positions as a fraction of the length: the legacy format's storage keys are memory
+    # addresses, so its length varies run to run, and the choices must not.
+    corruption, where, bit = choose("int", 0, 2), choose("int", 0, 999), choose("int", 0, 7)
+    i = where * (len(blob) - 1) // 999
     if corruption == 1:
-        blob = blob[:choose("int", 0, len(blob) - 1)]
+        blob = blob[:i]
     elif corruption == 2:
-        i = choose("int", 0, len(blob) - 1)
-        blob = blob[:i] + bytes([blob[i] ^ (1 << choose("int", 0, 7))]) + blob[i + 1:]
+        blob = blob[:i] + bytes([blob[i] ^ (1 << bit)]) + blob[i + 1:]
     (folder / "pytorch_model.bin").write_bytes(blob)
 
 

@@ -118,6 +118,12 @@ _GLOBALS = {
 }
 
 
+def _shown(text: str) -> str:
+    """A name read from the file, as an error line can hold it (a corrupt one may hold line
+    breaks or control characters: then its repr, cut to 80 characters)."""
+    return text if text.isprintable() and len(text) <= 80 else repr(text)[:80]
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path):
         super().__init__(file)
@@ -126,8 +132,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         found = _GLOBALS.get((module, name))
         if found is None:
-            raise FormatError(f"{self._path}: the pickle calls {module}.{name}, which a state "
-                              "dict of tensors does not use: refused, not executed")
+            raise FormatError(f"{self._path}: the pickle calls {_shown(f'{module}.{name}')}, "
+                              "which a state dict of tensors does not use: refused, not "
+                              "executed")
         return found
 
     def persistent_load(self, pid):
@@ -138,9 +145,34 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Storage(str(pid[2]), str(pid[1]), pid[4])
 
 
+class _Bounded:
+    """A binary file whose reads never ask for more than it holds: a corrupt length in a pickle
+    (BINBYTES8, LONG4: up to 2^64) would otherwise make read(n) allocate n bytes."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        position = raw.tell()
+        self._size = raw.seek(0, io.SEEK_END)
+        raw.seek(position)
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._size - self._raw.tell())
+        return self._raw.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._raw.readline()
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+
 def _load_checked(path: Path, raw):
     """The next pickle of the binary file `raw`: its opcodes checked first (pickletools reads
     them up to STOP), then unpickled by the restricted unpickler."""
+    raw = _Bounded(raw)
     start = raw.tell()
     try:
         for opcode, _arg, _pos in pickletools.genops(raw):
@@ -149,14 +181,14 @@ def _load_checked(path: Path, raw):
                                   "state dict of tensors does not use: refused, not executed")
     except (ValueError, struct.error, UnicodeDecodeError, EOFError) as exc:
         raise FormatError(f"{path}: the pickle at byte {start} is truncated or corrupt "
-                          f"({exc})") from None
+                          f"({_shown(str(exc))})") from None
     raw.seek(start)
     try:
         return _RestrictedUnpickler(raw, path).load()
     except FormatError:
         raise
     except Exception as exc:  # the pickle machine's own errors: malformed stacks, bad args
-        raise FormatError(f"{path}: the pickle is corrupt ({type(exc).__name__}: {exc})") \
+        raise FormatError(f"{path}: the pickle is corrupt ({type(exc).__name__}: {_shown(str(exc))})") \
             from None
 
 
@@ -217,7 +249,7 @@ def _zip_member_start(raw, member: zipfile.ZipInfo, path: Path) -> int:
     raw.seek(member.header_offset)
     local = raw.read(30)
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise FormatError(f"{path}: zip entry {member.filename} has no local header: truncated "
+        raise FormatError(f"{path}: zip entry {_shown(member.filename)} has no local header: truncated "
                           "or corrupt")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     return member.header_offset + 30 + name_length + extra_length
@@ -232,7 +264,7 @@ def _read_zip(path: Path, raw) -> BinCheckpointFile:
     try:
         return _read_zip_members(path, raw)
     except ZIP_ERRORS as exc:
-        raise FormatError(f"{path}: not a readable torch.save zip archive ({exc}): truncated "
+        raise FormatError(f"{path}: not a readable torch.save zip archive ({_shown(str(exc))}): truncated "
                           "or corrupt") from None
 
 
@@ -254,14 +286,14 @@ def _read_zip_members(path: Path, raw) -> BinCheckpointFile:
     for name, tensor in tensors.items():
         member = members.get(f"{prefix}data/{tensor.storage.key}")
         if member is None:
-            raise FormatError(f"{path}: tensor {name!r}: its storage {tensor.storage.key} is "
+            raise FormatError(f"{path}: tensor {name!r}: its storage {_shown(tensor.storage.key)} is "
                               "missing from the archive: truncated or corrupt")
         if member.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(f"{path}: storage {member.filename} is compressed (torch.save "
+            raise FormatError(f"{path}: storage {_shown(member.filename)} is compressed (torch.save "
                               "stores them uncompressed): re-save it with torch.save")
         start = _zip_member_start(raw, member, path)
         if start + member.file_size > file_size:
-            raise FormatError(f"{path}: storage {member.filename} ends at byte "
+            raise FormatError(f"{path}: storage {_shown(member.filename)} ends at byte "
                               f"{start + member.file_size} but the file has {file_size} bytes: "
                               "truncated")
         entries[name] = _entry(path, name, tensor, start, member.file_size)
@@ -297,7 +329,7 @@ def _read_legacy(path: Path, raw) -> BinCheckpointFile:
         raw.seek(position)
         count = raw.read(8)
         if len(count) != 8 or str(key) not in dtypes_by_key:
-            raise FormatError(f"{path}: storage {key} is truncated or unknown")
+            raise FormatError(f"{path}: storage {_shown(str(key))} is truncated or unknown")
         nbytes = int.from_bytes(count, "little") * SAFETENSORS_ITEMSIZE[dtypes_by_key[str(key)]]
         starts[str(key)] = (position + 8, nbytes)
         position += 8 + nbytes
