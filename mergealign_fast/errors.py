@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Callable, Dict, Iterable, List, Tuple, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class MergeError(Exception):
@@ -21,3 +24,15 @@ class PlanError(MergeError):
         hidden = len(self.problems) - len(shown)
         lines = shown + ([f"... and {hidden} more problems"] if hidden > 0 else [])
         super().__init__("\n".join(lines))
+
+
+def each_role(function: Callable[[T], R], by_role: Dict[str, T]) -> Tuple[Dict[str, R], List[str]]:
+    """({role: function(value)}, the problems): a MergeError for one role is its line, prefixed
+    with the role, and the other roles go on (every problem is listed in one go)."""
+    results, problems = {}, []
+    for role, value in by_role.items():
+        try:
+            results[role] = function(value)
+        except MergeError as exc:
+            problems.append(f"{role}: {exc}")
+    return results, problems

@@ -33,7 +33,7 @@ def stored_bytes(tensor) -> bytes:
 
 
 def assert_reads_as_torch(path: Path, state_dict: dict) -> None:
-    found = read_bin(path).tensors
+    found = read_bin(path)
     assert list(found) == list(state_dict)
     for name, tensor in state_dict.items():
         entry = found[name]

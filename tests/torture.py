@@ -452,19 +452,20 @@ class MergeTorture(RuleBasedStateMachine):
 
     # -- invariants -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _absent_or_complete(out: Path, expected: Optional[str]) -> None:
+        now = tensors_digest(out)
+        assert now == expected
+        if now is not None:
+            assert verify_output(out) == [], verify_output(out)
+
     @invariant()
     def out_is_absent_or_complete(self):
-        now = tensors_digest(self.out)
-        assert now == self.expected_out
-        if now is not None:
-            assert verify_output(self.out) == [], verify_output(self.out)
+        self._absent_or_complete(self.out, self.expected_out)
 
     @invariant()
     def hub_out_is_absent_or_complete(self):
-        now = tensors_digest(self.hub_out)
-        assert now == self.hub_expected
-        if now is not None:
-            assert verify_output(self.hub_out) == [], verify_output(self.hub_out)
+        self._absent_or_complete(self.hub_out, self.hub_expected)
 
     @invariant()
     def nothing_else_changed(self):

@@ -133,7 +133,8 @@ def same_bytes(locations: Sequence[TensorLocation]) -> bool:
             f.close()
 
 
-def _index_weight_map(folder: Path, index_file: str = INDEX_FILE) -> Dict[str, str]:
+def index_weight_map(folder: Path, index_file: str = INDEX_FILE) -> Dict[str, str]:
+    """An index file's {tensor: shard}; FormatError naming the index when it is not one."""
     path = folder / index_file
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -150,7 +151,7 @@ def _index_weight_map(folder: Path, index_file: str = INDEX_FILE) -> Dict[str, s
 
 
 def _bin_locations(path: Path) -> Dict[str, TensorLocation]:
-    return {n: TensorLocation(path, e) for n, e in read_bin(path).tensors.items()}
+    return {n: TensorLocation(path, e) for n, e in read_bin(path).items()}
 
 
 def _safetensors_locations(path: Path) -> Dict[str, TensorLocation]:
@@ -160,7 +161,7 @@ def _safetensors_locations(path: Path) -> Dict[str, TensorLocation]:
 def _locate_sharded(folder: Path, index_file: str,
                     locations_of: Callable[[Path], Dict[str, TensorLocation]]
                     ) -> Dict[str, TensorLocation]:
-    weight_map = _index_weight_map(folder, index_file)
+    weight_map = index_weight_map(folder, index_file)
     in_shard: Dict[str, Dict[str, TensorLocation]] = {}
     for shard in sorted(set(weight_map.values())):
         if not readers.is_file(folder / shard):
@@ -186,6 +187,12 @@ WEIGHT_LAYOUTS = (
 )
 
 
+def weight_layout(has: Callable[[str], bool]):
+    """The first of WEIGHT_LAYOUTS whose file a folder (or a Hub repo's listing) `has`, None
+    when it has none."""
+    return next((layout for layout in WEIGHT_LAYOUTS if has(layout[0])), None)
+
+
 def open_checkpoint(folder) -> Checkpoint:
     """Read every header of a model folder; MergeError with the folder and problem otherwise."""
     folder = Path(folder)
@@ -193,19 +200,18 @@ def open_checkpoint(folder) -> Checkpoint:
         raise MergeError(f"{folder}: not a directory")
     # transformers loads model.safetensors when a folder has it, even beside an index or .bin
     # files: so do we, or the merge would combine other weights than the ones the user runs.
-    for file, is_index, locations_of in WEIGHT_LAYOUTS:
-        if readers.is_file(folder / file):
-            break
-    else:
+    layout = weight_layout(lambda name: readers.is_file(folder / name))
+    if layout is None:
         if readers.is_file(folder / ADAPTER_CONFIG):
             raise MergeError(f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a full model: "
                              "merge it into its base model first (peft: merge_and_unload(), "
                              "then save_pretrained) and give that folder")
         raise MergeError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE}, {WEIGHTS_FILE} or "
                          f"{WEIGHTS_INDEX}")
+    file, is_index, locations_of = layout
     if is_index:
         tensors = _locate_sharded(folder, file, locations_of)
-        files = sorted({folder / shard for shard in _index_weight_map(folder, file).values()})
+        files = sorted({folder / shard for shard in index_weight_map(folder, file).values()})
     else:
         tensors = locations_of(folder / file)
         files = [folder / file]  # listed even when it holds no tensor

@@ -188,8 +188,8 @@ def _load_checked(path: Path, raw):
     except FormatError:
         raise
     except Exception as exc:  # the pickle machine's own errors: malformed stacks, bad args
-        raise FormatError(f"{path}: the pickle is corrupt ({type(exc).__name__}: {_shown(str(exc))})") \
-            from None
+        raise FormatError(f"{path}: the pickle is corrupt ({type(exc).__name__}: "
+                          f"{_shown(str(exc))})") from None
 
 
 def _tensors_of(path: Path, obj) -> Dict[str, _Tensor]:
@@ -230,17 +230,10 @@ def _entry(path: Path, name: str, tensor: _Tensor, storage_begin: int,
     begin = storage_begin + tensor.offset * itemsize
     nbytes = math.prod(tensor.shape) * itemsize
     if tensor.offset < 0 or (tensor.offset * itemsize + nbytes > storage_bytes):
-        raise FormatError(f"{where}: elements {tensor.offset}..{tensor.offset + nbytes // itemsize}"
-                          f" lie outside its storage of {storage_bytes // itemsize} elements: "
-                          "truncated or corrupt")
+        raise FormatError(f"{where}: elements {tensor.offset}.."
+                          f"{tensor.offset + nbytes // itemsize} lie outside its storage of "
+                          f"{storage_bytes // itemsize} elements: truncated or corrupt")
     return TensorEntry(name, tensor.storage.dtype, tensor.shape, begin, begin + nbytes)
-
-
-@dataclass(frozen=True)
-class BinCheckpointFile:
-    path: Path
-    file_size: int
-    tensors: Dict[str, TensorEntry]
 
 
 def _zip_member_start(raw, member: zipfile.ZipInfo, path: Path) -> int:
@@ -249,8 +242,8 @@ def _zip_member_start(raw, member: zipfile.ZipInfo, path: Path) -> int:
     raw.seek(member.header_offset)
     local = raw.read(30)
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise FormatError(f"{path}: zip entry {_shown(member.filename)} has no local header: truncated "
-                          "or corrupt")
+        raise FormatError(f"{path}: zip entry {_shown(member.filename)} has no local header: "
+                          "truncated or corrupt")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     return member.header_offset + 30 + name_length + extra_length
 
@@ -260,15 +253,15 @@ def _zip_member_start(raw, member: zipfile.ZipInfo, path: Path) -> int:
 ZIP_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error)
 
 
-def _read_zip(path: Path, raw) -> BinCheckpointFile:
+def _read_zip(path: Path, raw) -> Dict[str, TensorEntry]:
     try:
         return _read_zip_members(path, raw)
     except ZIP_ERRORS as exc:
-        raise FormatError(f"{path}: not a readable torch.save zip archive ({_shown(str(exc))}): truncated "
-                          "or corrupt") from None
+        raise FormatError(f"{path}: not a readable torch.save zip archive "
+                          f"({_shown(str(exc))}): truncated or corrupt") from None
 
 
-def _read_zip_members(path: Path, raw) -> BinCheckpointFile:
+def _read_zip_members(path: Path, raw) -> Dict[str, TensorEntry]:
     archive = zipfile.ZipFile(raw)
     members = {m.filename: m for m in archive.infolist()}
     file_size = raw.seek(0, io.SEEK_END)
@@ -281,44 +274,43 @@ def _read_zip_members(path: Path, raw) -> BinCheckpointFile:
     if order is not None and archive.read(order).strip() != b"little":
         raise FormatError(f"{path}: saved on a big-endian machine: re-save it on a "
                           "little-endian one, or as safetensors")
-    tensors = _tensors_of(path, _load_checked(path, io.BytesIO(archive.read(members[pickles[0]]))))
+    pickled = io.BytesIO(archive.read(members[pickles[0]]))
+    tensors = _tensors_of(path, _load_checked(path, pickled))
     entries = {}
     for name, tensor in tensors.items():
         member = members.get(f"{prefix}data/{tensor.storage.key}")
         if member is None:
-            raise FormatError(f"{path}: tensor {name!r}: its storage {_shown(tensor.storage.key)} is "
-                              "missing from the archive: truncated or corrupt")
+            raise FormatError(f"{path}: tensor {name!r}: its storage "
+                              f"{_shown(tensor.storage.key)} is missing from the archive: "
+                              "truncated or corrupt")
         if member.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(f"{path}: storage {_shown(member.filename)} is compressed (torch.save "
-                              "stores them uncompressed): re-save it with torch.save")
+            raise FormatError(f"{path}: storage {_shown(member.filename)} is compressed "
+                              "(torch.save stores them uncompressed): re-save it with torch.save")
         start = _zip_member_start(raw, member, path)
         if start + member.file_size > file_size:
             raise FormatError(f"{path}: storage {_shown(member.filename)} ends at byte "
                               f"{start + member.file_size} but the file has {file_size} bytes: "
                               "truncated")
         entries[name] = _entry(path, name, tensor, start, member.file_size)
-    return BinCheckpointFile(path, file_size, entries)
+    return entries
 
 
 # The legacy format's first pickle: torch's magic number.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def _read_legacy(path: Path, raw) -> BinCheckpointFile:
+def _read_legacy(path: Path, raw) -> Dict[str, TensorEntry]:
     """Pickles of the magic number, protocol version, system info, the state dict and the
     sorted storage keys; then each storage as <int64 element count><bytes>."""
-    def checked_pickle():
-        return _load_checked(path, raw)
-
-    if checked_pickle() != LEGACY_MAGIC:
+    if _load_checked(path, raw) != LEGACY_MAGIC:
         raise FormatError(f"{path}: neither a zip archive nor torch's legacy format")
     for _ in range(2):  # protocol version, system info (endianness, type sizes)
-        info = checked_pickle()
+        info = _load_checked(path, raw)
         if isinstance(info, dict) and not info.get("little_endian", True):
             raise FormatError(f"{path}: saved on a big-endian machine: re-save it on a "
                               "little-endian one, or as safetensors")
-    tensors = _tensors_of(path, checked_pickle())
-    keys = checked_pickle()
+    tensors = _tensors_of(path, _load_checked(path, raw))
+    keys = _load_checked(path, raw)
     if not isinstance(keys, list):
         raise FormatError(f"{path}: the legacy storage list is corrupt")
     starts: Dict[str, Tuple[int, int]] = {}
@@ -342,11 +334,11 @@ def _read_legacy(path: Path, raw) -> BinCheckpointFile:
             raise FormatError(f"{path}: tensor {name!r}: its storage is missing: corrupt")
         begin, nbytes = starts[tensor.storage.key]
         entries[name] = _entry(path, name, tensor, begin, nbytes)
-    return BinCheckpointFile(path, size, entries)
+    return entries
 
 
-def read_bin(path) -> BinCheckpointFile:
-    """Every tensor of one .bin file, located; FormatError naming the file and problem."""
+def read_bin(path) -> Dict[str, TensorEntry]:
+    """Every tensor of one .bin file, located in it; FormatError naming the file and problem."""
     path = Path(path)
     try:
         reader = open_reader(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .. import dtypes
-from ..errors import MergeError, PlanError
+from ..errors import PlanError, each_role
 from ..io.checkpoint import Checkpoint, TensorLocation, open_checkpoint, same_bytes
 from ..sources import model_folders
 from ..vocabulary import VOCABULARY_TENSOR, vocabulary_problems
@@ -162,10 +162,4 @@ def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
 
 
 def open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
-    models, problems = {}, []
-    for role, folder in folders.items():
-        try:
-            models[role] = open_checkpoint(folder)
-        except MergeError as exc:
-            problems.append(f"{role}: {exc}")
-    return models, problems
+    return each_role(open_checkpoint, folders)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from ..errors import MergeError
+from ..errors import each_role
 
 # huggingface_hub's rule for repo ids: an optional namespace and a name of letters, digits and
 # "-_.", no "--" or "..", at most 96 characters.
@@ -48,13 +48,7 @@ def model_folder(spec) -> Path:
 
 def model_folders(specs: Dict[str, object]) -> Tuple[Dict[str, Path], List[str]]:
     """model_folder for each role; every problem, one line each, prefixed with its role."""
-    folders, problems = {}, []
-    for role, spec in specs.items():
-        try:
-            folders[role] = model_folder(spec)
-        except MergeError as exc:
-            problems.append(f"{role}: {exc}")
-    return folders, problems
+    return each_role(model_folder, specs)
 
 
 def download_inputs(paths: Iterable[Path], show_progress: bool = True) -> None:

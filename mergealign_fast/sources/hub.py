@@ -12,7 +12,7 @@ retries, and checks each new file's size and sha256.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import MergeError
 from ..io import readers
-from ..io.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, TOKENIZER_FILES, WEIGHT_LAYOUTS
+from ..io.checkpoint import (ADAPTER_CONFIG, CONFIG_FILE, TOKENIZER_FILES, WEIGHT_LAYOUTS,
+                             index_weight_map, weight_layout)
+from ..io.safetensors_format import FormatError
 from ..units import human_bytes
 
 COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
@@ -64,11 +66,6 @@ def _repo_folder(repo_id: str) -> Path:
     return cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-# Bytes read by range requests while planning, by (repo id, file): what `check` reports and the
-# benchmark measures.
-RANGE_BYTES_READ: Dict[Tuple[str, str], int] = {}
-
-
 class RangeReader:
     """A Hub file's bytes by HTTP range requests, one block remembered."""
 
@@ -80,7 +77,8 @@ class RangeReader:
     def _fetch(self, offset: int, length: int) -> bytes:
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        last = min(self.size, offset + max(length, RANGE_BLOCK if offset == 0 else SMALL_RANGE)) - 1
+        block = RANGE_BLOCK if offset == 0 else SMALL_RANGE
+        last = min(self.size, offset + max(length, block)) - 1
         headers = {**build_hf_headers(), "Range": f"bytes={offset}-{last}"}
         try:
             response = get_session().get(self._file.url, headers=headers, timeout=30)
@@ -90,8 +88,6 @@ class RangeReader:
         content = response.content
         if response.status_code != 206:  # a server ignoring Range sent the whole file
             content = content[offset:last + 1]
-        key = (self._file.repo_id, self._file.filename)
-        RANGE_BYTES_READ[key] = RANGE_BYTES_READ.get(key, 0) + len(response.content)
         return content
 
     def read_at(self, offset: int, length: int) -> bytes:
@@ -175,13 +171,19 @@ def _named(repo_id: str, revision: Optional[str]) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
 
-def _weight_files(names: Sequence[str], read_index) -> List[str]:
-    """The weight files of a repo holding `names`, in transformers' order of preference
-    (io/checkpoint.WEIGHT_LAYOUTS); read_index(name) gives an index file's weight map."""
-    for file, is_index, _ in WEIGHT_LAYOUTS:
-        if file in names:
-            return sorted(set(read_index(file).values())) if is_index else [file]
-    return []
+def _weight_files(has, folder: Path) -> List[str]:
+    """The weight files of a repo whose listing `has` a name, in transformers' order of
+    preference (io/checkpoint.weight_layout); an index is read from `folder` (already down)."""
+    layout = weight_layout(has)
+    if layout is None:
+        return []
+    file, is_index, _ = layout
+    if not is_index:
+        return [file]
+    try:
+        return sorted(set(index_weight_map(folder, file).values()))
+    except FormatError:
+        return []  # open_checkpoint reports the broken index, naming it
 
 
 def _small_files(names: Sequence[str]) -> List[str]:
@@ -191,16 +193,6 @@ def _small_files(names: Sequence[str]) -> List[str]:
     wanted = {CONFIG_FILE, ADAPTER_CONFIG, *TOKENIZER_FILES}
     wanted |= {file for file, is_index, _ in WEIGHT_LAYOUTS if is_index}
     return sorted(n for n in names if n in wanted or ("/" not in n and n.endswith(".py")))
-
-
-def _weight_map(path: Path) -> Dict[str, str]:
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return {}  # open_checkpoint reports the broken index, naming it
-    return {k: v for k, v in weight_map.items() if isinstance(v, str)}
 
 
 def _remote_snapshot(repo_id: str, revision: Optional[str]) -> Path:
@@ -225,7 +217,7 @@ def _remote_snapshot(repo_id: str, revision: Optional[str]) -> Path:
     for name in _small_files(list(siblings)):
         fetch(name)
     _record_ref(repo_id, revision, commit)
-    for name in _weight_files(list(siblings), lambda index: _weight_map(folder / index)):
+    for name in _weight_files(siblings.__contains__, folder):
         if name in siblings:
             lfs = siblings[name].lfs
             sha256 = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None))
@@ -257,8 +249,7 @@ def _cached_snapshot(repo_id: str, revision: Optional[str]) -> Path:
     if commit is None or not folder.is_dir():
         raise MergeError(f"{named}: not in the Hub cache ({cache_dir()}) and HF_HUB_OFFLINE is "
                          "set: download it once online, or unset HF_HUB_OFFLINE")
-    names = [p.name for p in folder.iterdir()]
-    weights = _weight_files(names, lambda index: _weight_map(folder / index))
+    weights = _weight_files(lambda name: os.path.lexists(folder / name), folder)
     missing = [n for n in weights if not (folder / n).is_file()]
     if not weights:
         raise MergeError(f"{named}: its weights are not in the Hub cache ({folder}) and "
