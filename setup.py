@@ -37,7 +37,7 @@ HEADERS = ["csrc/merge_math.h", "csrc/merge_operands.h", "csrc/tiles.h", "csrc/d
            "csrc/cpu_merge.h", "csrc/reductions.h", "csrc/crc32c.h", "csrc/mapped_file.h",
            "csrc/cuda_merge.h", "csrc/operands_from_python.h", "csrc/read_ahead.h",
            "csrc/write_behind.h", "csrc/model_set.h", "csrc/host_pipeline.h",
-           "csrc/file_io.h", "csrc/bindings.h"]
+           "csrc/file_io.h", "csrc/bindings.h", "csrc/low_rank.h"]
 
 
 def find_cuda_home():
@@ -112,7 +112,7 @@ def cuda_extension():
 native = Pybind11Extension(
     "mergealign_fast._native",
     ["csrc/bindings.cpp", "csrc/bind_merges.cpp", "csrc/bind_reductions.cpp", "csrc/bind_io.cpp",
-     "csrc/cpu_merge.cpp", "csrc/direct_path.cpp", "csrc/model_set.cpp",
+     "csrc/cpu_merge.cpp", "csrc/direct_path.cpp", "csrc/low_rank.cpp", "csrc/model_set.cpp",
      "csrc/reductions.cpp", "csrc/parallel.cpp",
      "csrc/crc32c.cpp", "csrc/mapped_file.cpp", "csrc/read_ahead.cpp",
      "csrc/write_behind.cpp", "csrc/host_pipeline.cpp"],

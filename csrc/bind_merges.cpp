@@ -13,6 +13,7 @@
 
 #include "cpu_merge.h"
 #include "direct_path.h"
+#include "low_rank.h"
 #include "reductions.h"
 #include "crc32c.h"
 #include "host_pipeline.h"
@@ -98,6 +99,30 @@ py::tuple write_to_files(size_t k, Write write) {
 }  // namespace
 
 void mergealign::bind_merges(py::module_& m) {
+  m.def(
+      "low_rank_add",
+      [](uintptr_t out, int out_dtype, uintptr_t base, int base_dtype, uintptr_t left,
+         uintptr_t right, int64_t rows, int64_t rank, int64_t width, int64_t col_begin,
+         int64_t col_end, double scale, int threads) {
+        check_dtype(out_dtype);
+        check_dtype(base_dtype);
+        if (rows < 0 || rank < 0 || col_begin < 0 || col_begin > col_end || col_end > width ||
+            (rows > 1 && col_end - col_begin != width)) {
+          throw py::value_error("low_rank_add: a block is one row or whole rows");
+        }
+        py::gil_scoped_release no_gil;
+        return low_rank_add(reinterpret_cast<void*>(out), out_dtype,
+                            reinterpret_cast<const void*>(base), base_dtype, reinterpret_cast<const float*>(left),
+                            reinterpret_cast<const float*>(right), rows, rank, width,
+                            col_begin, col_end, float(scale), threads);
+      },
+      py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"),
+      py::arg("left"), py::arg("right"),
+      py::arg("rows"), py::arg("rank"), py::arg("width"), py::arg("col_begin"),
+      py::arg("col_end"), py::arg("scale"), py::arg("threads"),
+      "out = base + scale * (left @ right)[:, col_begin:col_end] for one row or whole rows of a "
+      "LoRA-adapted tensor, in fp32 rounded once to out_dtype (left rows x rank, right rank x "
+      "width, fp32): 0, or EFAULT when a page of base vanished.");
   m.def(
       "merge",
       [](const MergeOperands& ops, uintptr_t out, double w_domain, double w_align, int threads) {

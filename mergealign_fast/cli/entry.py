@@ -54,5 +54,11 @@ def mergekit_yaml() -> int:
     return main(["mergekit-yaml", *sys.argv[1:]])
 
 
+def mergekit_extract_lora() -> int:
+    """`mergealign-mergekit-extract-lora --model M --base-model B --out-path O [flags]`: what
+    `alias mergekit-extract-lora=` points at."""
+    return main(["mergekit-extract-lora", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

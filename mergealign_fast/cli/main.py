@@ -1,5 +1,5 @@
-"""Command line: `mergealign-fast merge|sweep|run|mergekit-yaml|eval|tune|inspect|verify|
-demo|env|bench` (or `python -m mergealign_fast`; entry.py sets up the process first)."""
+"""Command line: `mergealign-fast merge|sweep|run|mergekit-yaml|extract-lora|
+mergekit-extract-lora|eval|tune|inspect|verify|check|demo|env|bench` (or `python -m mergealign_fast`; entry.py sets up the process first)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,32 @@ def _run_merge(args: argparse.Namespace) -> int:
         gpu_memory=_user_value(parse_size, args.gpu_memory), backend=args.backend,
         method=method_from_args(args), **_tokenizer_settings(args))
     plan = plan_merge(args.base, args.domain, args.aligned, args.out, options)
+    for note in plan.notes:
+        _tell("warning", note)
     _print_result(execute_on(plan, args.ray, show_progress=not args.quiet))
+    return 0
+
+
+def _run_extract_lora(args: argparse.Namespace) -> int:
+    """extract-lora, and mergekit-extract-lora's flags for it."""
+    from ..tools.extract_lora import ExtractOptions, extract, plan_extraction
+
+    device = getattr(args, "device", None) or ("cuda" if getattr(args, "cuda", False) else "cpu")
+    options = ExtractOptions(
+        max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
+        distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
+        save_modules=tuple(args.save_modules), include=tuple(args.include),
+        exclude=tuple(args.exclude), skip_undecomposable=args.skip_undecomposable,
+        seed=args.seed, exact_svd=args.exact_svd, dtype=args.dtype, device=device, force=args.force, resume=args.resume,
+        fsync=args.fsync)
+    result = extract(plan_extraction(args.model, args.base, args.out, options),
+                     show_progress=not args.quiet)
+    if result.already_complete:
+        print(f"{result.out_dir} is already complete, verified against its manifest; "
+              "nothing to do")
+    else:
+        for line in result.summary():
+            print(line)
     return 0
 
 
@@ -182,9 +207,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import Evaluator, answers_path_for, write_json_atomic
     from ..evaluation.report import summary_lines
 
-    out = Path(args.out or f"eval-{Path(args.model).resolve().name}.json")
+    from ..sources import model_folder
+
+    model = model_folder(args.model)  # a folder, a Hub repo id, or BASE+ADAPTER
+    out = Path(args.out or f"eval-{Path(model).resolve().name}.json")
     evaluator = Evaluator(_eval_settings(args))
-    result = evaluator.evaluate(Path(args.model), answers_path_for(out))
+    result = evaluator.evaluate(model, answers_path_for(out))
     write_json_atomic(out, result)
     for line in summary_lines(result):
         print(line)
@@ -316,6 +344,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_tune(args)
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command in ("extract-lora", "mergekit-extract-lora"):
+            return _run_extract_lora(args)
         if args.command == "verify":
             return _run_verify(args.out)
         if args.command == "check":

@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure mergekit-yaml on the same trio too (when installed)")
     bench.add_argument("--device", default="cpu",
                        help="cpu (default), or cuda to add the GPU rows")
+    _add_extract_lora_args(sub.add_parser(
+        "extract-lora", help="a PEFT LoRA adapter with BASE + adapter ~ MODEL (a truncated SVD "
+        "of each module's MODEL - BASE), in bounded memory"), mergekit=False)
+    _add_extract_lora_args(sub.add_parser(
+        "mergekit-extract-lora", help="mergekit-extract-lora's command line (--model, "
+        "--base-model, --out-path and its flags) on this engine"), mergekit=True)
     _add_eval_args(sub.add_parser("eval", help="domain tasks (lm-evaluation-harness) and "
                                   "safety (a judge) of one model folder"))
     tune = sub.add_parser("tune", help="sweep λ, evaluate every merge and the parents, "
@@ -324,6 +330,60 @@ def _add_mergekit_yaml_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--no-fsync", dest="fsync", action="store_false",
                        help="skip fsync of the output")
     _add_ray_arg(group)
+
+
+def _add_extract_lora_args(p: argparse.ArgumentParser, mergekit: bool) -> None:
+    """extract-lora's flags: mergekit-extract-lora's (mergekit 0.1.5), and this engine's."""
+    switch = argparse.BooleanOptionalAction
+    if mergekit:
+        p.add_argument("--model", required=True, help="fine-tuned model (folder or repo id)")
+        p.add_argument("--base-model", dest="base", required=True, help="base model")
+        p.add_argument("--out-path", dest="out", required=True, help="output adapter folder")
+        p.add_argument("--cuda", action=switch, default=False, help="SVDs on the GPU")
+        for name in MERGEKIT_NO_OP_SWITCHES:
+            p.add_argument(f"--{name}", action=switch, default=None, help=argparse.SUPPRESS)
+        for name in MERGEKIT_NO_OP_VALUES:
+            p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    else:
+        p.add_argument("model", help="the fine-tuned or merged model: folder, repo id, or "
+                       "BASE+ADAPTER")
+        p.add_argument("base", help="the base model the adapter will be applied to")
+        p.add_argument("-o", "--out", required=True, help="output adapter folder")
+    p.add_argument("--max-rank", type=int, default=128,
+                   help="rank of each module's factors (fewer with --sv-epsilon; default 128)")
+    p.add_argument("--sv-epsilon", type=float, default=0.0,
+                   help="drop singular values at or below this (default 0: keep max-rank)")
+    p.add_argument("--distribute-scale", action=switch, default=True,
+                   help="split the singular values as sqrt between A and B (default: yes)")
+    p.add_argument("--embed-lora", action=switch, default=False,
+                   help="decompose embeddings and the output head too (default: save whole)")
+    p.add_argument("--save-module", dest="save_modules", action="append", default=[],
+                   help="save this module whole (a full name or a last name; repeatable)")
+    p.add_argument("-i", "--include-regex", dest="include", action="append", default=[],
+                   help="only modules whose name matches (repeatable)")
+    p.add_argument("-e", "--exclude-regex", dest="exclude", action="append", default=[],
+                   help="leave out modules whose name matches (repeatable)")
+    p.add_argument("--skip-undecomposable", action="store_true",
+                   help="leave out norms and other modules no LoRA can stand for (default: "
+                   "saved whole)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--exact-svd", action="store_true", help="LAPACK's exact SVD for every "
+                   "module, as mergekit (default: a seeded randomized SVD for matrices of 1024 "
+                   "or more rows and columns, much faster on large ones)")
+    p.add_argument("--factor-dtype", dest="dtype", default=None,
+                   choices=["bf16", "fp16", "fp32"], help="dtype of lora_A/lora_B (default: "
+                   "each weight's)")
+    if not mergekit:
+        p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or "
+                       "cuda (needs torch)")
+    p.add_argument("--force", action="store_true", help="replace an adapter written here "
+                   "before; discard an interrupted extraction")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted extraction "
+                   "(keeping the modules it completed)")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="skip fsync of the output")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, model: bool = True) -> None:

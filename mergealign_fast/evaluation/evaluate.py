@@ -93,7 +93,7 @@ class Evaluator:
         """The results of one model; to `answers_path` (JSONL), every scored task item and
         every prompt with its answer and verdict."""
         started = time.perf_counter()
-        model = harness.open_model(Path(folder), self.settings.device, self.settings.batch_size,
+        model = harness.open_model(folder, self.settings.device, self.settings.batch_size,
                                    self.engine)
         result: dict = {"model": str(folder), "settings": self._settings_record(model)}
         records = []

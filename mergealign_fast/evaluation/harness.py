@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import MergeError
+from ..io.adapters import adapter_base
 
 INSTALL_HINT = "pip install 'mergealign-fast[eval]'"
 # Metrics in the order a task's headline number is chosen from (the first one it reports).
@@ -85,12 +86,16 @@ def resolve_engine(engine: str, device: str) -> str:
 
 
 def open_model(folder: Path, device: str, batch_size: int, engine: str = "hf"):
-    """The harness's model (`hf` or `vllm`, resolve_engine) for a local folder; MergeError if it
-    does not load."""
+    """The harness's model (`hf` or `vllm`, resolve_engine) for a local folder, or an adapted
+    one (io/adapters.AdaptedFolder); MergeError if it does not load."""
     _harness()
+    adapter, folder = (folder, adapter_base(folder)) if adapter_base(folder) else (None, folder)
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise MergeError(f"{folder}: not a model folder (no config.json)")
+    if adapter is not None and engine == "vllm":
+        raise MergeError(f"{adapter}: a LoRA adapter is evaluated with --engine hf (or merge it "
+                         "into its base first)")
     try:
         if engine == "vllm":
             from lm_eval.models.vllm_causallms import VLLM
@@ -99,8 +104,10 @@ def open_model(folder: Path, device: str, batch_size: int, engine: str = "hf"):
                         gpu_memory_utilization=VLLM_GPU_MEMORY)
         from lm_eval.models.huggingface import HFLM
 
+        # An adapted model (BASE+ADAPTER): the harness applies the adapter through PEFT.
         return HFLM(pretrained=str(folder), device=device, batch_size=batch_size,
-                    dtype="float32" if device == "cpu" else "auto")
+                    dtype="float32" if device == "cpu" else "auto",
+                    **({"peft": str(adapter)} if adapter is not None else {}))
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; one line for each
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"{folder}: does not load as a transformers causal LM "

@@ -44,6 +44,20 @@ def layer_index(tensor_name: str) -> Optional[int]:
 class TensorLocation:
     file: Path
     entry: TensorEntry
+    # What a LoRA adapter adds to the stored tensor (adapters.LowRankDelta), None: as stored.
+    delta: Optional[object] = None
+
+    @property
+    def files(self) -> List[Path]:
+        """The files its values are read from."""
+        return [self.file] + (self.delta.files if self.delta is not None else [])
+
+    @property
+    def streamed_dtype(self) -> str:
+        """The dtype its windows reach the kernels in (an adapted tensor's: its delta's)."""
+        if self.delta is None:
+            return self.entry.dtype
+        return self.delta.held or "F32"
 
 
 @dataclass(frozen=True)
@@ -55,13 +69,15 @@ class Checkpoint:
     tensors: Dict[str, TensorLocation]
 
 
-def first_roles(folders: Dict[str, Path]) -> Dict[Path, str]:
-    """{resolved folder: the first role naming it}: a folder given in two roles (a base that
-    stands in for an absent base_model, the trio's aligned role repeating the base) is one
-    model, where models are counted."""
-    found: Dict[Path, str] = {}
+def first_roles(folders: Dict[str, Path]) -> Dict[tuple, str]:
+    """{(resolved folder, its adapter's base): the first role naming it}: a folder given in
+    two roles (a base that stands in for an absent base_model, the trio's aligned role
+    repeating the base) is one model, where models are counted; one adapter on two bases is
+    two."""
+    found: Dict[tuple, str] = {}
     for role, folder in folders.items():
-        found.setdefault(Path(folder).resolve(), role)
+        base = getattr(folder, "base", None)  # an adapters.AdaptedFolder's
+        found.setdefault((Path(folder).resolve(), base and Path(base).resolve()), role)
     return found
 
 
@@ -187,6 +203,13 @@ WEIGHT_LAYOUTS = (
 )
 
 
+# A PEFT adapter's weights (adapters.py), in the order PEFT looks for them.
+ADAPTER_LAYOUTS = (
+    ("adapter_model.safetensors", False, _safetensors_locations),
+    ("adapter_model.bin", False, _bin_locations),
+)
+
+
 def weight_layout(has: Callable[[str], bool]):
     """The first of WEIGHT_LAYOUTS whose file a folder (or a Hub repo's listing) `has`, None
     when it has none."""
@@ -204,8 +227,7 @@ def open_checkpoint(folder) -> Checkpoint:
     if layout is None:
         if readers.is_file(folder / ADAPTER_CONFIG):
             raise MergeError(f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a full model: "
-                             "merge it into its base model first (peft: merge_and_unload(), "
-                             "then save_pretrained) and give that folder")
+                             f"give it with its base model as BASE+{folder}")
         raise MergeError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE}, {WEIGHTS_FILE} or "
                          f"{WEIGHTS_INDEX}")
     file, is_index, locations_of = layout

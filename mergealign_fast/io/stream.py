@@ -208,6 +208,65 @@ class HeldInput:
             mapped.release(start, nbytes)
 
 
+CACHE_LINE = 64
+
+
+class AdaptedWindows:
+    """The windows of a LoRA-adapted input (adapters.LowRankDelta): each W + scale·L·R, in fp32
+    rounded once to the delta's held dtype, computed by the native low_rank_add from the stored
+    window of W into one buffer of this stream's own.  The buffer is reused window after
+    window (a fresh one would be faulted in page by page each time): a window's values hold
+    until the stream yields the next, which every reader of a stream (writers, passes) is
+    done with by then."""
+
+    def __init__(self, location: TensorLocation):
+        self.location = location
+        self.left, self.right = location.delta.factors()
+        shape = location.entry.shape
+        self.width = shape[-1] if len(shape) == 2 else 1
+        self.dtype = DType[location.entry.dtype]
+        self.held = DType[location.streamed_dtype]
+        self.threads = cpu.default_threads()
+        self.buffer = None
+
+    def window(self, mapped, start: int, count: int,
+               align_to: int = 0) -> Tuple[HeldInput, int, int]:
+        """Elements [start, start+count) of the adapted tensor: (held input, 0, bytes), cut
+        into whole rows and the partial rows at either end.  The window starts at the same
+        offset from a cache line as `align_to` (the merge's base input there): the kernel's
+        direct path aligns its loads on the base, and a load split across two cache lines
+        costs ~25% of a core's bandwidth (csrc/direct_path.h)."""
+        import numpy as np
+
+        from ..dtypes import storage_numpy_dtype
+
+        native = cpu.native()
+        itemsize, held = self.dtype.itemsize, self.held.itemsize
+        first_byte = self.location.entry.begin + start * itemsize
+        if self.buffer is None or self.buffer.size < count * held + CACHE_LINE:
+            self.buffer = np.empty(count * held + CACHE_LINE, np.uint8)
+        shift = (align_to - self.buffer.ctypes.data) % CACHE_LINE
+        values = self.buffer[shift:shift + count * held].view(storage_numpy_dtype(self.held))
+        rank, width = self.right.shape[0], self.width
+        done, end = 0, start + count
+        while start + done < end:
+            row, col = divmod(start + done, width)
+            rows = (end - start - done) // width if col == 0 else 0
+            last = width if rows else min(width, col + end - start - done)
+            rows = max(rows, 1)
+            err = native.low_rank_add(
+                values.ctypes.data + held * done, int(self.held),
+                mapped.address + first_byte + done * itemsize,
+                int(self.dtype), self.left.ctypes.data + 4 * row * rank, self.right.ctypes.data,
+                rows, rank, width, col, last, self.location.delta.scale, self.threads)
+            if err:
+                raise InputChanged(f"{self.location.file}: changed while it was being read")
+            done += rows * (last - col)
+        touched = [(mapped, first_byte, count * itemsize)]
+        window = HeldInput(values, self.held, touched)
+        return window, 0, window.nbytes
+
+
 def _tensor_key(sources: Sequence[TensorLocation]) -> tuple:
     # begin and end: two tensors of a .bin may share a storage and start (a view of a prefix).
     return tuple((loc.file, loc.entry.begin, loc.entry.end) for loc in sources)
@@ -226,12 +285,19 @@ def tensor_chunks(sources: Sequence[TensorLocation], maps: InputMaps, max_elemen
                                     out_itemsize, input_cast)
         return
     mapped = [maps.maps[loc.file] for loc in sources]
-    dtypes = tuple(DType[loc.entry.dtype] for loc in sources)
+    dtypes = tuple(DType[loc.streamed_dtype] for loc in sources)
+    adapted = [AdaptedWindows(loc) if loc.delta is not None else None for loc in sources]
     count = sources[0].entry.count
+
+    def base_address(start: int) -> int:  # of the base's stored window (adapted windows align)
+        return (mapped[0].address + sources[0].entry.begin
+                + start * DType[sources[0].entry.dtype].itemsize)
+
     for start in range(0, count, max_elements):
         n = min(max_elements, count - start)
         inputs = tuple((m, loc.entry.begin + start * dtype.itemsize, n * dtype.itemsize)
-                       for m, loc, dtype in zip(mapped, sources, dtypes))
+                       if a is None else a.window(m, start, n, align_to=base_address(start))
+                       for m, loc, dtype, a in zip(mapped, sources, dtypes, adapted))
         if maps.reader is not None:
             # The chunk's end: the merge needs all of it now, so the depth counts from there
             # (a GPU chunk can be a whole tensor of hundreds of MB).

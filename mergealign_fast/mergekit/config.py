@@ -29,6 +29,7 @@ from .loaded import RunConfig
 from .roles import config_roles
 from .slices import SliceReader
 from ..errors import MergeError
+from ..io.adapters import config_folder
 from ..sources import model_folder
 from .tokenizer import TokenizerReader
 
@@ -223,9 +224,6 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         if not isinstance(value, str) or not value:
             self.problem(f"{where}: expected a model folder, got {value!r}")
             return None
-        if "+" in value:
-            self.problem(f"{where}: {value}: LoRA references (model+lora) are not supported")
-            return None
         try:
             folder = model_folder(value)
         except MergeError as exc:
@@ -268,7 +266,8 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         found = {}
         for role, folder in roles.items():
             try:
-                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                config = json.loads((config_folder(folder) / "config.json").read_text(
+                    encoding="utf-8"))
                 found[folder] = tuple(config.get("architectures") or ())
             except (OSError, ValueError, AttributeError):
                 continue  # no config to compare: the plan's own checks decide

@@ -357,7 +357,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
+def move_into_place(tmp: Path, out_dir: Path, fsync: bool) -> None:
     """Rename the finished folder to OUT.  A non-empty OUT (allowed by --force) is swapped with
     the new folder in one atomic step, so at every instant OUT is either the old model or the new
     one; the old one is deleted only afterwards."""
@@ -392,5 +392,5 @@ def publish(partial: PartialOutput) -> None:
     _write_side_files(partial)
     if plan.options.fsync:
         fsync_dir(partial.folder)
-    _move_into_place(partial.folder, plan.out_dir, plan.options.fsync)
+    move_into_place(partial.folder, plan.out_dir, plan.options.fsync)
     partial.published = True

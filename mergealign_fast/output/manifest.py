@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import MergeError
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_LAYOUTS, open_checkpoint
 from ..kernels import cpu
 from ..io import readers
 from ..io.stream import input_identities
@@ -95,12 +95,18 @@ def vocabulary_record(spec) -> Optional[dict]:
 
 
 def recorded_identities(plan) -> Dict[Path, tuple]:
-    """Each input file's identity: a local file's (stream.file_identity: device, inode, size,
+    """Each input file's identity (checkpoint_identities) of a merge's inputs."""
+    return checkpoint_identities(plan.inputs.values())
+
+
+def checkpoint_identities(checkpoints) -> Dict[Path, tuple]:
+    """Each file's identity: a local file's (stream.file_identity: device, inode, size,
     mtime, ctime, of the resolved path), a Hub file's repo, commit and name (the same before
     and after it is downloaded, so --resume knows it)."""
-    local = input_identities(plan.inputs.values())
+    checkpoints = list(checkpoints)
+    local = input_identities(checkpoints)
     identities = {}
-    for checkpoint in plan.inputs.values():
+    for checkpoint in checkpoints:
         for path in checkpoint.files:
             remote = readers.remote_file(path)
             identities[path if remote else path.resolve()] = \
@@ -125,6 +131,9 @@ def describe_inputs(plan) -> Dict[str, dict]:
             remote = readers.remote_file(f)
             files[f.name] = _file_record(identities[f if remote else f.resolve()])
         described[role] = {"folder": str(checkpoint.folder.resolve()), "files": files}
+        base = getattr(checkpoint.folder, "base", None)  # an adapter applied to this base
+        if base is not None:
+            described[role]["adapter_on"] = str(Path(base).resolve())
         first = readers.remote_file(checkpoint.files[0]) if checkpoint.files else None
         if first is not None:
             described[role].update(repo=first.repo_id, commit=first.commit)
@@ -201,8 +210,7 @@ def verify_output(out_dir: Path) -> List[str]:
         return [f"{out_dir / MANIFEST}: unknown format {manifest.get('format')!r}"]
     problems = []
     try:
-        checkpoint = open_checkpoint(out_dir)
-        files = {f.name for f in checkpoint.files}
+        files = _weight_file_names(out_dir)
         if files != set(manifest["shards"]):
             problems.append(f"{out_dir}: the index names shards {sorted(files)} but the manifest "
                             f"records {sorted(manifest['shards'])}")
@@ -212,6 +220,13 @@ def verify_output(out_dir: Path) -> List[str]:
                                   **manifest.get("files", {})}.items()):
         problems += _file_problems(out_dir / name, recorded)
     return problems
+
+
+def _weight_file_names(folder: Path) -> set:
+    """The weight files of a merged model, or of an extracted adapter."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return {name for name, _, _ in ADAPTER_LAYOUTS if (folder / name).is_file()}
+    return {f.name for f in open_checkpoint(folder).files}
 
 
 def _file_problems(path: Path, recorded: dict) -> List[str]:

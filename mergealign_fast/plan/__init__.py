@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
+from ..io.adapters import base_mismatch
 from ..io.checkpoint import (Checkpoint, TensorLocation, group_by_size, layer_index, same_bytes,
                              shard_file_name)
 from ..io.safetensors_format import EncodedTensor, encode_header
@@ -266,6 +267,18 @@ def _plan(specs: Dict[str, object], out_dir, options: MergeOptions) -> MergePlan
     return plan
 
 
+def _adapted_held_in(tensor: PlannedTensor) -> PlannedTensor:
+    """The dtype each LoRA-adapted source of `tensor` is held in while merged: its stored
+    dtype, as the adapted model would be saved (what a merge of the saved model reads), or
+    fp32 when the output is fp32 (no rounding before the one at the store)."""
+    if not any(loc.delta is not None for loc in tensor.sources):
+        return tensor
+    held = [loc if loc.delta is None else replace(loc, delta=replace(
+        loc.delta, held="F32" if tensor.out_dtype == DType.F32 else loc.entry.dtype))
+        for loc in tensor.sources]
+    return replace(tensor, sources=tuple(held))
+
+
 def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
              tensors: List[PlannedTensor], settings: Dict[str, TensorSettings], given,
              out_dir: Path, options: MergeOptions,
@@ -274,6 +287,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
     settings' own problems, then the layout, side files, config and output checks (with a
     vocabulary merged by token, its tokenizer and vocab_size)."""
     roles = tuple(folders)
+    tensors = [_adapted_held_in(t) for t in tensors]
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
                     for p in settings_problems(s, f"tensor {name}")]
@@ -293,6 +307,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
         raise PlanError(side_problems)
     plan = MergePlan(models, out_dir, options, shards, None, copied, settings,
                      model_roles=roles[1:])
+    plan.notes += [note for note in map(base_mismatch, folders.values()) if note]
     plan.config = output_config(config_path, plan.dominant_dtype)
     if vocabulary is not None:
         _with_vocabulary(plan, vocabulary)

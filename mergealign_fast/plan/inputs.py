@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .. import dtypes
 from ..errors import PlanError, each_role
-from ..io.checkpoint import Checkpoint, TensorLocation, open_checkpoint, same_bytes
+from ..io.adapters import open_model, tokenizer_folder
+from ..io.checkpoint import Checkpoint, TensorLocation, same_bytes
 from ..sources import model_folders
 from ..vocabulary import VOCABULARY_TENSOR, vocabulary_problems
 from .model import F64
@@ -102,19 +103,30 @@ def checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = N
     tensors truncated)."""
     models, problems = open_inputs(folders)
     vocabulary, gathered, cut = None, {}, []
+    tokenizers = {role: tokenizer_folder(folder) for role, folder in folders.items()}
     if len(models) == len(folders):
         if options is not None and options.vocabulary is not None:
             from ..vocabulary.rows import vocabulary_tensors
 
-            vocabulary = _vocabulary(folders, options)
+            vocabulary = _vocabulary(tokenizers, options)
             gathered, found = vocabulary_tensors(vocabulary, models, options.input_dtype)
-            problems += found
+            problems += found + _adapted_by_token(models, gathered)
         elif options is not None and options.truncate_vocabulary:
             cut = _truncate_vocabulary_tensors(models)
         else:
-            problems += vocabulary_problems(folders)
+            problems += vocabulary_problems(tokenizers)
         problems += _name_problems(models) + _tensor_problems(models, gathered)
     return models, problems, vocabulary, gathered, cut
+
+
+def _adapted_by_token(models: Dict[str, Checkpoint], gathered) -> List[str]:
+    """A vocabulary tensor a LoRA adapter changes cannot be gathered by token (its rows are
+    computed, not stored)."""
+    return [f"tensor {name}: {role} ({models[role].folder}) changes it by LoRA: a merge by "
+            "token (--vocab, tokenizer_source) takes stored rows; save the embedding whole "
+            "(modules_to_save) or merge by index"
+            for name in gathered for role in models
+            if getattr(models[role].tensors.get(name), "delta", None) is not None]
 
 
 def _truncate_vocabulary_tensors(models: Dict[str, Checkpoint]) -> List[str]:
@@ -162,4 +174,4 @@ def check_inputs(base, domain, aligned) -> Dict[str, Checkpoint]:
 
 
 def open_inputs(folders: Dict[str, Path]) -> Tuple[Dict[str, Checkpoint], List[str]]:
-    return each_role(open_checkpoint, folders)
+    return each_role(open_model, folders)

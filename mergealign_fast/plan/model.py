@@ -66,7 +66,8 @@ class PlannedTensor:
         return self.count * self.out_itemsize
 
     def source_dtype(self, role_index: int) -> DType:
-        return DType[self.sources[role_index].entry.dtype]
+        """The dtype a source's windows reach the kernels in (an adapted one's: fp32)."""
+        return DType[self.sources[role_index].streamed_dtype]
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class MergePlan:
     def files_read(self) -> List[Path]:
         """Every input file the merge reads (a sliced merge may leave some out), and the side
         files it copies."""
-        read = {loc.file for s in self.shards for t in s.tensors for loc in t.sources}
+        read = {f for s in self.shards for t in s.tensors for loc in t.sources
+                for f in loc.files}
         return sorted(read) + list(self.copied_files)
 
     @property

@@ -10,13 +10,15 @@ from typing import Dict, List, Optional, Tuple
 
 from ..dtypes import DType
 from ..errors import PlanError
+from ..io.adapters import config_folder, tokenizer_folder
 from ..io.checkpoint import CONFIG_FILE, TOKENIZER_FILES
 
 
 def side_files_for(folders: Dict[str, Path], tokenizer_from: str):
-    """(config.json to copy or None, files to copy as they are, problems)."""
-    source = None if tokenizer_from == "none" else folders[tokenizer_from]
-    return side_files_of(source, folders["base"])
+    """(config.json to copy or None, files to copy as they are, problems).  An adapted model
+    gives its own tokenizer when its adapter folder has one, its base's config."""
+    source = None if tokenizer_from == "none" else tokenizer_folder(folders[tokenizer_from])
+    return side_files_of(source, config_folder(folders["base"]))
 
 
 def side_files_of(source: Optional[Path], fallback: Path):

@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import MergeError, PlanError
-from ..io.checkpoint import Checkpoint, TensorLocation, open_checkpoint
+from ..io.adapters import open_model
+from ..io.checkpoint import Checkpoint, TensorLocation
 from ..methods.core.parameters import Method
 from ..output import resolve_out_dir
 from ..methods.core.spec import TRIO_MODELS
@@ -128,7 +129,7 @@ def plan_passthrough(slices: List[SliceSource], donor: Path, out_dir,
     for source in slices:
         if source.folder not in models:
             try:
-                models[source.folder] = open_checkpoint(source.folder)
+                models[source.folder] = open_model(source.folder)
             except MergeError as exc:
                 problems.append(f"slice of {source.name}: {exc}")
     if problems:

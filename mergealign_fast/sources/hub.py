@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import MergeError
 from ..io import readers
-from ..io.checkpoint import (ADAPTER_CONFIG, CONFIG_FILE, TOKENIZER_FILES, WEIGHT_LAYOUTS,
+from ..io.checkpoint import (ADAPTER_CONFIG, ADAPTER_LAYOUTS, CONFIG_FILE, TOKENIZER_FILES, WEIGHT_LAYOUTS,
                              index_weight_map, weight_layout)
 from ..io.safetensors_format import FormatError
 from ..units import human_bytes
@@ -173,8 +173,9 @@ def _named(repo_id: str, revision: Optional[str]) -> str:
 
 def _weight_files(has, folder: Path) -> List[str]:
     """The weight files of a repo whose listing `has` a name, in transformers' order of
-    preference (io/checkpoint.weight_layout); an index is read from `folder` (already down)."""
-    layout = weight_layout(has)
+    preference (io/checkpoint.weight_layout), or a PEFT adapter's; an index is read from
+    `folder` (already down)."""
+    layout = weight_layout(has) or next((a for a in ADAPTER_LAYOUTS if has(a[0])), None)
     if layout is None:
         return []
     file, is_index, _ = layout

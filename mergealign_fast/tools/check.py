@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..errors import MergeError, PlanError
 from ..io import readers
+from ..io.adapters import adapter_base, config_folder, tokenizer_folder
 from ..io.checkpoint import CONFIG_FILE, Checkpoint
 from ..units import human_bytes
 
@@ -42,8 +43,8 @@ def _token_text(value) -> object:
 
 def model_facts(checkpoint: Checkpoint) -> Dict[str, object]:
     """What the report says of one model, by setting name."""
-    folder = checkpoint.folder
-    config = _json(folder / CONFIG_FILE)
+    folder = tokenizer_folder(checkpoint.folder)
+    config = _json(config_folder(checkpoint.folder) / CONFIG_FILE)
     tokenizer = _json(folder / "tokenizer_config.json")
     facts: Dict[str, object] = {key: config.get(key) for key in CONFIG_SETTINGS}
     facts.update({key: _token_text(tokenizer.get(key)) for key in TOKENIZER_SETTINGS})
@@ -53,11 +54,15 @@ def model_facts(checkpoint: Checkpoint) -> Dict[str, object]:
     dtypes = Counter(loc.entry.dtype for loc in checkpoint.tensors.values())
     facts["dtypes"] = ", ".join(f"{d} x{n}" for d, n in dtypes.most_common())
     facts["tensors"] = len(checkpoint.tensors)
-    facts["weights"] = ", ".join(sorted({f.suffix.lstrip(".") for f in checkpoint.files}))
+    facts["weights"] = ", ".join(sorted({f.suffix.lstrip(".") for f in checkpoint.files
+                                         if f.suffix in (".safetensors", ".bin")}))
     return facts
 
 
 def _source(checkpoint: Checkpoint) -> str:
+    base = adapter_base(checkpoint.folder)
+    if base is not None:
+        return f"LoRA {checkpoint.folder} on {base}"
     remote = [readers.remote_file(f) for f in checkpoint.files]
     if not remote or remote[0] is None:
         return str(checkpoint.folder)
