@@ -325,6 +325,18 @@ BAD_ADAPTERS = {
     "factor shape": (_edit_tensors(lambda t: t.update({
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(7, 4)})),
         "lora_B·lora_A"),
+    "key without a module": (_edit_tensors(lambda t: t.update({
+        "base_model.model.x": torch.ones(2)})), "not a PEFT adapter key"),
+    "key of another tool": (_edit_tensors(lambda t: t.update({
+        "unet.down.lora.up": torch.ones(2)})), "not a PEFT adapter key"),
+    "1-D factor": (_edit_tensors(lambda t: t.update({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(16)})),
+        "only 2-D weights"),
+    "integer factor": (_edit_tensors(lambda t: t.update({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+            torch.ones(4, 16, dtype=torch.int8)})), "dtype I8"),
+    "stray whole tensor": (_edit_tensors(lambda t: t.update({
+        "base_model.model.model.norm.weight": torch.ones(16)})), "not in modules_to_save"),
 }
 
 

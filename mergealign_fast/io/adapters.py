@@ -47,12 +47,12 @@ _REFUSED_SETTINGS = {
     "use_bdlora": "block-diagonal LoRA",
 }
 
-# The keys of an adapter file: (module, part) for each kind of tensor it may hold.
+# The keys of an adapter file, less the PEFT prefix: (pattern of (module, part), kind).
 _KEY_FORMS = (
-    (re.compile(r"(.+)\.lora_([AB])\.weight"), "lora_{}"),
-    (re.compile(r"(.+)\.lora_embedding_([AB])"), "embedding_{}"),
+    (re.compile(r"(.+)\.lora_([AB])\.weight"), "factor"),
+    (re.compile(r"(.+)\.lora_embedding_([AB])"), "embedding factor"),
     (re.compile(r"(.+)\.lora_B\.(bias)"), "bias"),
-    (re.compile(r"(.+)\.base_layer\.(weight|bias)"), "whole_{}"),
+    (re.compile(r"(.+)\.base_layer\.(weight|bias)"), "base layer"),
 )
 _DORA_KEY = re.compile(r"\.lora_magnitude_vector(\.weight)?$")
 
@@ -355,30 +355,31 @@ class _Module:
     base_layer: bool = False  # its base tensors saved whole in the adapter
 
 
-def _sorted_keys(path: Path, tensors: dict) -> Tuple[Dict[str, _Module], Dict[str, object]]:
-    """The adapter file's tensors as ({module: its factors}, {base tensor: whole replacement,
-    by key less the PEFT prefix})."""
+def _adapter_tensors(path: Path, tensors: dict
+                     ) -> Tuple[Dict[str, _Module], Dict[str, object]]:
+    """The adapter file's tensors as ({module: its factors}, {base tensor name: a whole
+    replacement})."""
     modules: Dict[str, _Module] = {}
     whole: Dict[str, object] = {}
     for key, location in tensors.items():
         if _DORA_KEY.search(key):
             raise MergeError(f"{path}: {key}: a DoRA magnitude vector (use_dora): DoRA cannot "
                              "be merged as W + scale·B·A")
-        if not key.startswith(PEFT_PREFIX):
-            raise MergeError(f"{path}: {key}: not a PEFT adapter key (expected "
-                             f"{PEFT_PREFIX}...)")
         name = key[len(PEFT_PREFIX):]
-        for pattern, form in _KEY_FORMS:
+        if not key.startswith(PEFT_PREFIX) or "." not in name:
+            raise MergeError(f"{path}: {key}: not a PEFT adapter key (expected "
+                             f"{PEFT_PREFIX}<module>.<tensor>)")
+        for pattern, kind in _KEY_FORMS:
             match = pattern.fullmatch(name)
             if match:
                 module, part = match.groups()
                 found = modules.setdefault(module, _Module())
-                if form == "lora_{}":
+                if kind == "factor":
                     setattr(found, part.lower(), location)
-                elif form == "embedding_{}":
+                elif kind == "embedding factor":
                     setattr(found, part.lower(), location)
                     found.embedding = True
-                elif form == "bias":
+                elif kind == "bias":
                     found.bias = location
                 else:  # a base layer saved whole: replaced, then adapted
                     whole[f"{module}.{part}"] = location
@@ -409,7 +410,7 @@ def open_adapted(folder: AdaptedFolder, base):
 
     config = read_adapter_config(folder)
     path, tensors = adapter_weights(folder)
-    modules, whole = _sorted_keys(path, tensors)
+    modules, whole = _adapter_tensors(path, tensors)
     adapted = dict(base.tensors)
     for name, location in whole.items():
         module = name.rsplit(".", 1)[0]

@@ -65,6 +65,7 @@ INPUT_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|tok_
                               r"embed_in|embed_positions|position_embeddings|embeddings|"
                               r"shared)$")
 OUTPUT_HEADS = re.compile(r"(^|\.)(lm_head|embed_out|output)$")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Models whose projections are transformers' Conv1D (weights stored in x out).
 CONV1D_MODEL_TYPES = {"gpt2"}
 CONV1D_MODULES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc)$")
@@ -163,6 +164,12 @@ def _job(module: str, parts: Dict[str, object], base_parts: Dict[str, object],
     if weight is None or len(weight.entry.shape) != 2:
         return (None, None) if options.skip_undecomposable else (whole, None)
     base_weight = base_parts.get("weight")
+    unusable = [loc.entry.dtype for loc in (weight, base_weight)
+                if loc is not None and loc.entry.dtype not in FLOAT_DTYPES]
+    if unusable:
+        return None, (f"tensor {module}.weight: dtype {unusable[0]} (quantized or integer) "
+                      f"cannot be decomposed; --save-module {module} saves it whole, "
+                      f"--exclude-regex leaves it out")
     if base_weight is None or base_weight.entry.shape != weight.entry.shape:
         seen = "missing from BASE" if base_weight is None else \
             f"{list(base_weight.entry.shape)} in BASE"
