@@ -13,7 +13,7 @@ from mergealign_fast.errors import PlanError
 from mergealign_fast.io.checkpoint import open_checkpoint, read_elements
 from mergealign_fast.mergekit.config import load
 from mergealign_fast.methods.core.spec import TRIO_MODELS
-from mergealign_fast.methods.core.parameters import Method
+from mergealign_fast.methods.core.parameters import Method, Rule
 from mergealign_fast.methods.core.settings import resolve
 from mergealign_fast.methods.core.spec import SET_ROLE
 from mergealign_fast.methods.core.oracle import method_error_bound, method_ref
@@ -119,19 +119,18 @@ merge_method: ties
 base_model: {base}
 chat_template: chatml
 tokenizer_source: {{source: union}}
-surprise: 1
+modules: {{}}
 models:
   - model: {domain}
-    lora: x
-    parameters: {{weight: 1, temperature: 0.1, density: 0.5}}
+    parameters: {{weight: 1, densty: 0.5}}
   - model: {aligned}
-    parameters: {{weight: 1, t: 0.5, epsilon: 0.1}}
+    parameters: {{weight: 1, t: 0.5, epsilon: 0.1, density: [{{pattern: mlp, value: 0.3}}]}}
 """)
     with pytest.raises(PlanError) as info:
         load(config)
     text = str(info.value)
-    for needle in ("`slices` or `models`, not both", "tokenizer_source", "`surprise`", "`lora`",
-                   "`temperature`"):
+    for needle in ("`slices` or `models`, not both", "tokenizer_source", "`modules`",
+                   "`densty`: did you mean `density`?", "`pattern` is not a condition's key"):
         assert needle in text, needle
     # mergekit ignores them for ties (della's and slerp's): a warning, not an error
     assert "`t`" not in text and "`epsilon`" not in text
@@ -139,6 +138,45 @@ models:
                             text=True)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_keys_mergekit_ignores_are_ignored_with_one_warning_each(tiny_trio, tmp_path):
+    """Published cards carry keys mergekit 0.1.5 accepts and ignores: a top-level `name`,
+    `int8_mask` or `pad_to_multiple_of`, a model's `lora`, parameters no method reads, a shared
+    parameter inside a model's parameters, a condition's comment.  Each is said once; the
+    merge is the one without them."""
+    body = """merge_method: ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.4, density: [{{filter: mlp, value: 0.7}}, {{value: 0.5}}]}}
+parameters: {{normalize: true}}
+dtype: float32
+"""
+    extra = body.replace("models:\n", "name: my-merge\nint8_mask: true\n"
+                         "pad_to_multiple_of: 64\nmodels:\n", 1)
+    extra = extra.replace("weight: 0.6,", "weight: 0.6, smooth: true, normalize: false,")
+    extra = extra.replace("{{filter: mlp, value: 0.7}}", "{{filter: mlp, value: 0.7, note: x}}")
+    extra = extra.replace("  - model: {aligned}\n", "  - model: {aligned}\n    lora: none\n")
+    extra = extra.replace("{{normalize: true}}", "{{normalize: true, allow_negative_weights: 1}}")
+    (tmp_path / "plain").mkdir()
+    plain = write_config(tmp_path / "plain", tiny_trio, body)
+    config = write_config(tmp_path, tiny_trio, extra)
+    subprocess.run(cli("run", plain, tmp_path / "plain-out", "--quiet"), check=True)
+    result = subprocess.run(cli("run", config, tmp_path / "out", "--quiet"),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    for needle in ("key `name`", "key `int8_mask`", "key `pad_to_multiple_of`",
+                   "models[1]: key `lora`", "parameter `smooth`", "`normalize` in a model's",
+                   "a condition's key `note`", "parameter `allow_negative_weights`"):
+        assert sum(needle in line for line in warnings) == 1, (needle, warnings)
+    assert all("ignored, as mergekit ignores it" in line for line in warnings)
+    assert len(warnings) == 8
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "plain-out" / "model.safetensors").read_bytes()
 
 
 def test_a_parameter_the_method_does_not_take_is_ignored_with_a_warning(tiny_trio, tmp_path):
@@ -247,6 +285,27 @@ dtype: float32
 
 # Four models besides the base (a model set), as public model cards merge them.
 SET_CONFIGS = {
+    # mergekit's base is optional for multislerp: any number of models without one (five:
+    # tests/published_configs.py).
+    "multislerp of three, no base": """
+merge_method: multislerp
+models:
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {expert_3}
+    parameters: {{weight: 0.3}}
+  - model: {aligned}
+    parameters: {{weight: 0.4}}
+parameters: {{normalize_weights: 0}}
+dtype: float32
+""",
+    "multislerp of one, no base": """
+merge_method: multislerp
+models:
+  - model: {expert_4}
+    parameters: {{weight: 0.3}}
+dtype: float32
+""",
     "ties of four experts, per-model densities, a shared gradient": """
 merge_method: ties
 base_model: {base}
@@ -459,7 +518,7 @@ def test_linear_base_model_needs_a_weight_as_in_mergekit(tiny_trio, tmp_path):
 @pytest.mark.parametrize("value, message", [
     ('"abc"', "'abc' is not a finite number"),
     ('[0.3, "x"]', "'x' is not a finite number"),
-    ("true", "True is not a finite number"),
+    ('"nan"', "'nan' is not a finite number"),
     ('[{filter: mlp, value: "q"}]', "'q' is not a finite number"),
 ])
 def test_parameter_values_of_the_wrong_type_are_named(tiny_trio, tmp_path, value, message):
@@ -467,12 +526,47 @@ def test_parameter_values_of_the_wrong_type_are_named(tiny_trio, tmp_path, value
             "  - model: {domain}\n    parameters: {{weight: 0.5, density: "
             + value.replace("{", "{{").replace("}", "}}") + "}}\n"
             "  - model: {aligned}\n    parameters: {{weight: 0.5}}\n"
-            "parameters: {{normalize: 1, rescale: l2}}\n")
+            "parameters: {{normalize: 2, rescale: l2}}\n")
     with pytest.raises(PlanError) as info:
         load(write_config(tmp_path, tiny_trio, text))
     text = str(info.value)
-    assert message in text and "`normalize`: 1 is not true or false" in text
+    assert message in text and "`normalize`: 2 is not true or false" in text
     assert "`rescale`: 'l2' is not true, false or one of" in text
+
+
+TRUE_SPELLINGS = ("true", "1", "1.0", '"true"', '"True"', "yes", '"on"', '"1"')
+FALSE_SPELLINGS = ("false", "0", "0.0", '"false"', "no", '"off"', '"0"', '"F"')
+
+
+@pytest.mark.parametrize("normalize", TRUE_SPELLINGS + FALSE_SPELLINGS)
+def test_booleans_in_every_spelling_mergekit_reads(tiny_trio, tmp_path, normalize):
+    """mergekit validates booleans as pydantic does: 1, 1.0, "true", "on"... are true; its
+    outputs for `normalize: 1.0` and `true` are identical, and so are ours."""
+    text = ("merge_method: ties\nbase_model: {base}\nmodels:\n"
+            "  - model: {domain}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            "  - model: {aligned}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
+            "parameters: {{normalize: %s, rescale: %s}}\n")
+    spelled = load(write_config(tmp_path, tiny_trio, text % (normalize, normalize)))
+    plain = "true" if normalize in TRUE_SPELLINGS else "false"
+    (tmp_path / "plain").mkdir()
+    written = load(write_config(tmp_path / "plain", tiny_trio, text % (plain, plain)))
+    assert spelled.method == written.method
+    assert {r.parameter: r.setting for r in written.method.rules
+            if r.parameter in ("normalize", "rescale")} == \
+        ({"normalize": True, "rescale": "l1"} if plain == "true"
+         else {"normalize": False, "rescale": "none"})
+
+
+@pytest.mark.parametrize("value, read", [('"1e-3"', 0.001), ("true", 1.0), ("2", 2.0)])
+def test_numbers_and_counts_as_mergekit_reads_them(tiny_trio, tmp_path, value, read):
+    text = ("merge_method: dare_linear\nbase_model: {base}\nmodels:\n"
+            "  - model: {domain}\n    parameters: {{weight: %s, density: 0.5}}\n"
+            "parameters: {{seed: 3.0, normalize: false}}\n" % value)
+    rules = load(write_config(tmp_path, tiny_trio, text)).method.rules
+    assert Rule("weight", "domain", read) in rules and Rule("seed", None, 3) in rules
+    assert isinstance(next(r for r in rules if r.parameter == "seed").setting, int)
+    with pytest.raises(PlanError, match="`seed`: 2.5 is not a non-negative integer"):
+        load(write_config(tmp_path, tiny_trio, text.replace("seed: 3.0", "seed: 2.5")))
 
 
 def test_a_model_s_own_parameters_come_before_the_shared_ones_as_in_mergekit(tiny_trio,
@@ -568,9 +662,10 @@ models:
 
 
 def test_multislerp_and_nearswap_take_mergekit_s_model_counts_and_names(tiny_trio, tmp_path):
-    """multislerp: two models without base_model (the base role only stands in), or base_model
-    and two or more; its `normalize_weights` is our normalize, and means nothing to another
-    method (ignored with a warning, as mergekit ignores it).  nearswap: base_model and one."""
+    """multislerp: any number of models without base_model (the base role only stands in for
+    the first), or base_model and one or more; its `normalize_weights` is our normalize, and
+    means nothing to another method (ignored with a warning, as mergekit ignores it).  nearswap:
+    base_model and one."""
     two = load(write_config(tmp_path, tiny_trio, """
 merge_method: multislerp
 parameters: {{normalize_weights: false}}
@@ -593,10 +688,11 @@ models:
     assert swap.method.name == "nearswap" and swap.domain == tiny_trio["domain"]
     assert any("`normalize_weights` does not apply to nearswap" in w for w in swap.warnings)
     for method, models, message in (
-            ("multislerp", "{domain}, {aligned}, {base}", "multislerp takes two models"),
+            ("multislerp", "{base}", "multislerp takes at least one model besides base_model"),
             ("nearswap", "{domain}, {aligned}", "nearswap takes base_model and exactly one")):
-        listed = "".join(f"  - model: {m.strip()}\n" for m in models.split(","))
-        base = "base_model: {base}\n" if method == "nearswap" else ""
+        listed = "".join(f"  - model: {m.strip()}\n    parameters: {{{{weight: 1}}}}\n"
+                         for m in models.split(","))
+        base = "base_model: {base}\n"
         with pytest.raises(PlanError, match=message):
             load(write_config(tmp_path, tiny_trio, f"merge_method: {method}\n{base}"
                               f"models:\n{listed}"))

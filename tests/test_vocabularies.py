@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 WORDS = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(13)]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
 VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+ROLES = ("base", "domain", "aligned")
 
 
 def _save_model(folder, words, special=(), seed=0, template=None):
@@ -64,7 +65,10 @@ def world(tmp_path_factory):
             "domain": _save_model(root / "domain", WORDS + ["<med1>", "<med2>"], seed=1),
             "aligned": _save_model(root / "aligned", WORDS[:3] + WORDS[3:][::-1] +
                                    ["<b>", "<med2>"], special=["<|im_start|>"], seed=2,
-                                   template=TEMPLATE)}
+                                   template=TEMPLATE),
+            # A tokenizer no merged model has (a config's tokenizer_source may name it).
+            "outside": _save_model(root / "outside", WORDS[:3] + ["<med1>", "<x>"] + WORDS[3:],
+                                   special=["<|im_start|>"], seed=3)}
 
 
 @pytest.fixture
@@ -130,7 +134,7 @@ def test_a_union_is_the_oracle_s_rows_token_by_token(world, tmp_path):
                        options))
     out, out_vocab = _model(tmp_path / "out")
     assert set(out_vocab) == set(WORDS) | {"<b>", "<med1>", "<med2>", "<|im_start|>"}
-    models = {role: _model(folder) for role, folder in world.items()}
+    models = {role: _model(world[role]) for role in ROLES}
 
     def within_an_ulp(name, base, domain, aligned):
         # fp32 arithmetic, one rounding to bf16: within one bf16 step of the exact value.
@@ -156,9 +160,9 @@ def test_an_input_truncated_while_rows_are_gathered_is_input_changed(world, tmp_
     from mergealign_fast.errors import MergeError
     from mergealign_fast.kernels import cpu
 
-    trio = {r: tmp_path / r for r in world}
-    for role, folder in world.items():
-        shutil.copytree(folder, trio[role])
+    trio = {r: tmp_path / r for r in ROLES}
+    for role in ROLES:
+        shutil.copytree(world[role], trio[role])
     victim = next(trio["aligned"].glob("*.safetensors"))
     real = cpu.native()
 
@@ -296,7 +300,8 @@ def _config(tmp_path, world, tokenizer, method="task_arithmetic", base=True):
      "tokenizer.tokens.x: base has no token 'zz'"),
     ("tokenizer_source: union\ntokenizer: {{source: base}}",
      "give tokenizer_source or a tokenizer section, not both"),
-    ("tokenizer:\n  source: /nowhere", "tokenizer_source: /nowhere is not one of the merged"),
+    ("tokenizer:\n  source: /nowhere", "tokenizer_source: /nowhere: no such local folder"),
+    ("tokenizer_source: {base}/..", "no tokenizer there"),
     ("tokenizer:\n  sauce: union", "tokenizer: expected a mapping of pad_to_multiple_of"),
     ("tokenizer:\n  pad_to_multiple_of: 0", "pad_to_multiple_of must be a whole number of at"),
     ("tokenizer:\n  tokens:\n    x: {{source: {{kind: model_token, model: {base}, token_id: 99}}}}",
@@ -336,6 +341,7 @@ SOURCES = {
     "union": "tokenizer_source: union",
     "base": "tokenizer_source: base",
     "a model": "tokenizer_source: {domain}",
+    "a model not merged": "tokenizer_source: {outside}",
     "tokens": ("tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n"
                "    <med1>: {{source: {domain}, force: true}}\n"
                "    <|im_start|>: {{source: {{kind: model_token, model: {base}, token: <s>}}}}\n"
@@ -361,10 +367,30 @@ def _by_token(folder):
 @pytest.mark.parametrize("method, base, source", [
     ("task_arithmetic", True, "union"), ("task_arithmetic", True, "base"),
     ("task_arithmetic", True, "a model"), ("task_arithmetic", True, "tokens"),
-    ("linear", False, "union"),
+    ("linear", False, "union"), ("task_arithmetic", True, "a model not merged"),
+    ("linear", False, "a model not merged"),
 ])
 def test_the_same_rows_as_mergekit_for_each_token(world, tmp_path, method, base, source):
-    config = _config(tmp_path, world, SOURCES[source], method, base)
+    _assert_rows_as_mergekit(_config(tmp_path, world, SOURCES[source], method, base), tmp_path)
+
+
+@pytest.mark.slow  # mergekit runs the merge
+def test_multislerp_of_three_without_a_base_onto_a_tokenizer_not_merged(world, tmp_path):
+    """A published shape that was a traceback: multislerp over several models, no base_model,
+    tokenizer_source naming a model the config does not merge."""
+    config = tmp_path / "config.yml"
+    config.write_text("merge_method: multislerp\nmodels:\n" + "".join(
+        f"  - model: {world[role]}\n    parameters: {{weight: {w}}}\n"
+        for role, w in (("base", 0.2), ("domain", 0.5), ("aligned", 0.3)))
+        + f"dtype: float32\nout_dtype: bfloat16\ntokenizer_source: {world['outside']}\n")
+    _assert_rows_as_mergekit(config, tmp_path)
+    vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+    assert vocab == transformers.AutoTokenizer.from_pretrained(world["outside"]).get_vocab()
+
+
+def _assert_rows_as_mergekit(config, tmp_path):
+    """The config through `run` and mergekit-yaml: every row of every tensor (vocabulary rows
+    by token) within one bf16 step; both outputs load in transformers with every key."""
     done = run_cli("run", config, tmp_path / "ours", "--quiet")
     assert done.returncode == 0, done.stderr
     mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable))
@@ -414,3 +440,57 @@ def test_a_union_split_across_ray_is_the_union_merged_here(world, tmp_path):
     for name in files:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), \
             name
+
+
+@pytest.mark.parametrize("source", ["union", "base", "aligned", "outside", "tokens"])
+def test_tokenizers_read_without_transformers_as_transformers_reads_them(world, tmp_path,
+                                                                         source):
+    """The tokenizers library's reading (fast_tables) against transformers' (tokenizer_tables):
+    the same output vocabulary, each model's ids and sizes; the files it writes load in
+    transformers as the tokenizer transformers builds (vocabulary, added tokens with their
+    settings, chat template, the same ids for a text)."""
+    from mergealign_fast.vocabulary import OUTSIDE, TokenSource, VocabularySpec
+    from mergealign_fast.vocabulary.fast_tables import fast_tables
+    from mergealign_fast.vocabulary.tokens import model_vocabulary_size, tokenizer_tables
+
+    folders = {r: world[r] for r in ROLES}
+    spec = VocabularySpec(OUTSIDE if source == "outside" else
+                          "union" if source == "tokens" else source,
+                          (("<new>", TokenSource("zero")), ("a", TokenSource("auto")))
+                          if source == "tokens" else (),
+                          source_folder=world["outside"] if source == "outside" else None)
+    fast = fast_tables(folders, spec, "aligned", model_vocabulary_size)
+    slow = tokenizer_tables(folders, spec, "aligned")
+    assert fast is not None
+    assert (fast.out_vocab, fast.vocabs, fast.sizes, fast.rebuilt) == \
+        (slow.out_vocab, slow.vocabs, slow.sizes, slow.rebuilt)
+    loaded = {}
+    for kind, tables in (("fast", fast), ("slow", slow)):
+        (tmp_path / kind).mkdir()
+        for name, data in tables.files.items():
+            (tmp_path / kind / name).write_bytes(data)
+        loaded[kind] = transformers.AutoTokenizer.from_pretrained(tmp_path / kind)
+    text = "a b <med1> <|im_start|> <med2> zz <new> </s>"
+    assert loaded["fast"].get_vocab() == loaded["slow"].get_vocab() == fast.out_vocab
+    assert loaded["fast"](text)["input_ids"] == loaded["slow"](text)["input_ids"]
+    assert {i: str(t) for i, t in loaded["fast"].added_tokens_decoder.items()} == \
+        {i: str(t) for i, t in loaded["slow"].added_tokens_decoder.items()}
+    assert loaded["fast"].chat_template == loaded["slow"].chat_template
+
+
+def test_a_tokenizer_that_only_transformers_reads_alike_goes_to_transformers(world, tmp_path):
+    """A tokenizer_config.json naming a special token tokenizer.json lacks: transformers adds it
+    on load, so the fast reading steps aside."""
+    from mergealign_fast.vocabulary import VocabularySpec
+    from mergealign_fast.vocabulary.fast_tables import fast_tables
+    from mergealign_fast.vocabulary.tokens import model_vocabulary_size
+
+    odd = tmp_path / "odd"
+    shutil.copytree(world["domain"], odd)
+    config = json.loads((odd / "tokenizer_config.json").read_text())
+    config["pad_token"] = "<pad-not-in-vocab>"
+    (odd / "tokenizer_config.json").write_text(json.dumps(config))
+    folders = {"base": world["base"], "domain": odd, "aligned": world["aligned"]}
+    assert fast_tables(folders, VocabularySpec("union"), None, model_vocabulary_size) is None
+    assert fast_tables({**folders, "domain": world["domain"]}, VocabularySpec("union"), None,
+                       model_vocabulary_size) is not None

@@ -8,9 +8,11 @@ or shared, a model's own first: mergekit/parameters.py), `dtype`, `out_dtype`,
 (chat_template.py), and `slices`: with passthrough a stack of layer ranges, one model each,
 or merged slice by slice with any other method (read: mergekit/slices.py; planned:
 plan/slices.py).  The whole config is checked, and every problem reported, before any tensor is
-read; anything else (slices that merge other models per slice, `modules`, an unknown key or
-parameter, a hub name instead of a folder) is an error naming it.  Which model takes which
-role: mergekit/roles.py.  What a config becomes: loaded.py's RunConfig.
+read.  Values are read as mergekit reads them (mergekit/parameters.py); keys mergekit accepts
+and ignores are ignored with a warning; what cannot run (slices that merge other models per
+slice, `modules`, a model that cannot be found) or would silently merge something else in
+mergekit (a misspelled key, `pattern:` for `filter:`) is an error naming it.  Which model takes
+which role: mergekit/roles.py.  What a config becomes: loaded.py's RunConfig.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def load(path: Path, seed: Optional[int] = None, allow_crimes: bool = True) -> R
             from None
     if not isinstance(raw, dict):
         raise PlanError([f"{path}: must be a YAML mapping (merge_method, models, ...)"])
+    # mergekit's optional keys given as null (`slices: null`) are absent, as pydantic reads them
+    raw = {key: value for key, value in raw.items() if value is not None}
     return _Reader(Path(path), raw, seed, allow_crimes).config()
 
 
@@ -97,8 +101,9 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
 
     def _model_names(self) -> Tuple[str, ...]:
         """`models` as the config names them (for the model card)."""
-        return tuple(str(e["model"] if isinstance(e, dict) else e)
-                     for e in self.raw.get("models") or [])
+        entries = self.raw.get("models")
+        return tuple(str(e.get("model") if isinstance(e, dict) else e)
+                     for e in (entries if isinstance(entries, list) else []))
 
     def _copy_config(self) -> RunConfig:
         """passthrough over `models`: one model copied (mergekit's way to convert a dtype or
@@ -172,8 +177,7 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                   merged_slices: Tuple = ()) -> RunConfig:
         """The RunConfig of a merge whose roles and rules are read; PlanError if anything in
         the config was wrong."""
-        if roles is not None and not self.allow_crimes:
-            self._check_architectures(roles)
+        mixed = roles is not None and self._mixed_architectures(roles)
         out_dtype = self._out_dtype()
         tokenizer_from = self._tokenizer(roles or {})
         if merged_slices:
@@ -200,12 +204,14 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                          self.raw.get("chat_template"), models=in_set,
                          merged_slices=merged_slices,
                          input_dtype=parse_dtype(str(self.raw["dtype"])) if self.raw.get("dtype")
-                         else None, vocabulary=vocabulary)
+                         else None, vocabulary=vocabulary, mixed_architectures=mixed)
 
     def _check_keys(self) -> None:
-        """Unknown and unsupported keys, one line each.  A misspelled key close to a known one
-        that is absent is read as that key, so its other problems are still found and its
-        absence is not reported as well."""
+        """Unsupported keys are problems; other unknown keys are ignored with a warning, as
+        mergekit ignores them (published cards carry `name:`, a top-level `int8_mask`...).  A
+        misspelled key close to a known one that is absent is a problem, as mergekit would
+        silently merge without it; it is read as that key, so its other problems are found
+        too."""
         for key in list(self.raw):
             if key in UNSUPPORTED_TOP_LEVEL:
                 self.problem(f"`{key}` ({UNSUPPORTED_TOP_LEVEL[key]}) is not supported")
@@ -214,11 +220,15 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                 close = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.75)
                 if close:
                     self.read_past.append(f"{self.path}: unknown key `{key}`: did you mean "
-                                          f"`{close[0]}`?")
+                                          f"`{close[0]}`? (mergekit would merge without it)")
                     self.raw[close[0]] = self.raw[key]
                 else:
-                    self.problem(f"unknown key `{key}` (supported: "
-                                 f"{', '.join(sorted(TOP_LEVEL_KEYS))})")
+                    self.ignored(f"key `{key}`")
+
+    def ignored(self, what: str) -> None:
+        """A part of the config mergekit 0.1.5 accepts and ignores: said once, then ignored."""
+        self.warnings.append(f"{self.path}: {what} changes nothing: ignored, as mergekit "
+                             "ignores it")
 
     def _reference(self, value, where: str) -> Optional[Path]:
         if not isinstance(value, str) or not value:
@@ -249,11 +259,14 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                 continue
             for key in entry:
                 if key not in MODEL_KEYS:
-                    self.problem(f"models[{i}]: unknown key `{key}` (supported: model, "
-                                 "parameters)")
+                    self.ignored(f"models[{i}]: key `{key}`")
             folder = self._reference(entry["model"], f"models[{i}]")
-            if folder is not None:
-                models.append((folder, entry.get("parameters") or {}))
+            parameters = entry.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                self.problem(f"models[{i}]: `parameters` must be a mapping (got "
+                             f"{parameters!r})")
+            elif folder is not None:
+                models.append((folder, parameters))
         return models
 
     def _roles(self, name: str, base: Optional[Path], models) -> Optional[Dict[str, Path]]:
@@ -261,8 +274,9 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         models besides the base, for the methods defined for any number) of a model set's."""
         return config_roles(methods.get(name), base, [f for f, _ in models], self.problem)
 
-    def _check_architectures(self, roles: Dict[str, Path]) -> None:
-        """mergekit refuses to merge models of different architectures without --allow-crimes."""
+    def _mixed_architectures(self, roles: Dict[str, Path]) -> bool:
+        """Whether the models' config.json name different architectures: mergekit refuses them
+        without --allow-crimes (a problem then)."""
         found = {}
         for role, folder in roles.items():
             try:
@@ -271,11 +285,14 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                 found[folder] = tuple(config.get("architectures") or ())
             except (OSError, ValueError, AttributeError):
                 continue  # no config to compare: the plan's own checks decide
-        if len(set(found.values())) > 1:
+        if len(set(found.values())) <= 1:
+            return False
+        if not self.allow_crimes:
             listed = "; ".join(f"{folder}: {', '.join(arch) or 'none'}"
                                for folder, arch in found.items())
             self.problem(f"the models have different architectures ({listed}): add "
                          "--allow-crimes to merge them by tensor name anyway")
+        return True
 
     def _out_dtype(self) -> Optional[DType]:
         chosen = self.raw.get("out_dtype") or self.raw.get("dtype")

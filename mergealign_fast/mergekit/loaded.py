@@ -47,6 +47,9 @@ class RunConfig:
     input_dtype: Optional[DType] = None
     # `tokenizer_source` / `tokenizer`: the vocabularies merged by token (vocabularies.py).
     vocabulary: Optional[VocabularySpec] = None
+    # The models name different architectures (merged under --allow-crimes): tensors only
+    # some of them have are left out, as mergekit leaves out what its architecture lacks.
+    mixed_architectures: bool = False
 
     @property
     def folders(self) -> Dict[str, Path]:

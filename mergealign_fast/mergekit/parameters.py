@@ -6,6 +6,7 @@ warning, as mergekit ignores it."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -31,6 +32,45 @@ def _kind(key: str) -> str:
     return OURS[key].kind if key in OURS else "bool"  # int8_mask, normalize_weights
 
 
+# The spellings of true and false mergekit accepts (pydantic's, case-insensitive).
+TRUE_WORDS = {"1", "on", "t", "true", "y", "yes"}
+FALSE_WORDS = {"0", "off", "f", "false", "n", "no"}
+
+
+def lax_bool(value) -> Optional[bool]:
+    """A boolean as mergekit's validation reads one: true/false, 0/1 (int or float) and the
+    words above; None for anything else (2, 0.5, "maybe")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+    return None
+
+
+def lax_number(value) -> Optional[float]:
+    """A number as mergekit reads one: ints, floats, booleans (1.0 / 0.0) and numeric text
+    ("1e-3": YAML 1.1 gives that spelling as a string); None otherwise."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def lax_count(value) -> Optional[int]:
+    """A whole number as mergekit reads one: 3, 3.0, "3", true (1); None for 2.5 or "x"."""
+    number = lax_number(value)
+    if number is None or not math.isfinite(number) or number != int(number):
+        return None
+    return int(number)
+
+
 class ParameterReader:
     """The `parameters` part of the config reader (mergekit/config.py): it reports through
     self.problem and self.warnings and records shape options in self.shape_options."""
@@ -39,17 +79,22 @@ class ParameterReader:
         rules = []
         # A model set's roles follow the listed order, so a folder listed twice is two models.
         in_set = iter([r for r in roles if r != "base"]) if "domain" not in roles else None
+        # Without base_model the base role may only stand in for a model of the set (multislerp)
+        # rather than take the first model's place (linear, karcher).
+        stand_in = in_set is not None and self.raw.get("base_model") is None and any(
+            roles[r].resolve() == roles["base"].resolve() for r in roles if r != "base")
         for folder, parameters in models:
-            if in_set is None or folder.resolve() == roles["base"].resolve():
+            if in_set is None or (not stand_in and
+                                  folder.resolve() == roles["base"].resolve()):
                 role = self._role_of(folder, roles, name)
             else:
                 role = next(in_set)
             spec = methods.get(name)
             shared = [k for k in parameters if spec.mergekit.aliases.get(k, k) in
                       set(spec.parameters) - per_model_parameters(spec)]
-            for key in shared:
-                self.problem(f"{folder}: `{key}` is a shared parameter: set it under the top "
-                             "level `parameters`")
+            for key in shared:  # mergekit reads shared parameters from shared levels only
+                self.ignored(f"{folder}: `{key}` in a model's parameters (a shared parameter: "
+                             "set it under the top level `parameters`)")
             rules += self._rules({k: v for k, v in parameters.items() if k not in shared},
                                  role, name)
         return rules
@@ -87,8 +132,7 @@ class ParameterReader:
                 self._shape_option(key, value)
                 continue
             if key not in MERGEKIT_PARAMETERS:
-                self.problem(f"unknown parameter `{key}` (supported: "
-                             f"{', '.join(MERGEKIT_PARAMETERS)})")
+                self._unknown_parameter(key, parameters, accepted)
                 continue
             if key in IGNORED:
                 continue
@@ -107,11 +151,25 @@ class ParameterReader:
                 rules.append(Rule(ours, role, setting))
         return rules
 
+    def _unknown_parameter(self, key, parameters: dict, accepted: Sequence[str]) -> None:
+        """mergekit looks up only the parameters its method takes: any other name is ignored
+        (cards carry `smooth`, `allow_negative_weights`).  One close to a parameter the method
+        takes that is not given is a misspelling: mergekit would silently use the default."""
+        given = {str(k) for k in parameters}
+        close = difflib.get_close_matches(str(key), [p for p in accepted if p not in given],
+                                          n=1, cutoff=0.75)
+        if close:
+            self.problem(f"unknown parameter `{key}`: did you mean `{close[0]}`? (mergekit "
+                         f"would silently use {close[0]}'s default)")
+        else:
+            self.ignored(f"parameter `{key}`")
+
     def _shape_option(self, key: str, value) -> None:
-        if not isinstance(value, bool):
+        truth = lax_bool(value)
+        if truth is None:
             self.problem(f"parameter `{key}`: {value!r} is not true or false")
         else:
-            self.shape_options[key] = value
+            self.shape_options[key] = truth
 
     def _vectors(self, name: str) -> str:
         """What the method takes as one vector (methods.VECTOR_MODES), from mergekit's
@@ -133,15 +191,26 @@ class ParameterReader:
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             conditions = []
             for condition in value:
-                extra = set(condition) - {"filter", "value"}
-                if "value" not in condition or extra:
+                if "pattern" in condition and "filter" not in condition:
+                    self.problem(f"parameter `{key}`: `pattern` is not a condition's key (its "
+                                 "key is `filter`): mergekit ignores it and applies the value "
+                                 "to every tensor")
+                    return None
+                if "value" not in condition:
                     self.problem(f"parameter `{key}`: a condition needs `value` and an "
                                  f"optional `filter` (got {sorted(condition)})")
+                    return None
+                for extra in sorted(set(map(str, condition)) - {"filter", "value"}):
+                    self.ignored(f"parameter `{key}`: a condition's key `{extra}`")
+                pattern = condition.get("filter")
+                if pattern is not None and not isinstance(pattern, str):
+                    self.problem(f"parameter `{key}`: a condition's `filter` is a piece of "
+                                 f"tensor name (got {pattern!r})")
                     return None
                 inner = self._setting(key, condition["value"])
                 if inner is None:
                     return None
-                conditions.append((condition.get("filter"), inner))
+                conditions.append((pattern, inner))
             return tuple(conditions)
         if isinstance(value, list) and value and _kind(key) == "number" and \
                 all(isinstance(v, (int, float, str)) for v in value):
@@ -151,26 +220,25 @@ class ParameterReader:
         return None
 
     def _scalar(self, key: str, value):
-        """One value of a parameter, of its type (None after reporting a problem)."""
+        """One value of a parameter, of its type, read as mergekit reads it (pydantic's lax
+        conversions: `normalize: 1.0`, `"true"` or `yes` are booleans, `"1e-3"` and `true`
+        numbers, `seed: 3.0` a count); None after reporting a problem."""
         kind = _kind(key)
         if kind == "number":
-            try:  # YAML may give "1e-3" as a string: mergekit reads it as a number too
-                number = float(value) if not isinstance(value, bool) else math.nan
-            except ValueError:
-                number = math.nan
-            if not math.isfinite(number):
+            number = lax_number(value)
+            if number is None or not math.isfinite(number):
                 self.problem(f"parameter `{key}`: {value!r} is not a finite number")
                 return None
             return number
-        if kind == "count" and isinstance(value, int) and not isinstance(value, bool) \
-                and value >= 0:
+        if kind == "count":
+            count = lax_count(value)
+            if count is not None and count >= 0:
+                return count
+        if kind == "rescale" and value in RESCALES:  # ours beside mergekit's true / false
             return value
-        if kind == "rescale" and isinstance(value, bool):
-            return "l1" if value else "none"
-        if kind == "rescale" and value in RESCALES:
-            return value
-        if kind == "bool" and isinstance(value, bool):
-            return value
+        truth = lax_bool(value) if kind in ("bool", "rescale") else None
+        if truth is not None:
+            return ("l1" if truth else "none") if kind == "rescale" else truth
         wanted = {"count": "a non-negative integer",
                   "rescale": "true, false or one of " + ", ".join(RESCALES)}.get(kind,
                                                                                "true or false")
@@ -183,7 +251,7 @@ class ParameterReader:
         spec = methods.get(name)
         if not spec.mergekit.needs_weights:
             return
-        shared = any("weight" in (level or {}) for level in shared_levels)
+        shared = any(isinstance(level, dict) and "weight" in level for level in shared_levels)
         for folder, parameters in models:
             # Without base_model every model is weighted (the base role only stands in).
             weighted = spec.contract.weighs_base or self.raw.get("base_model") is None \

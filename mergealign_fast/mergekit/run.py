@@ -45,7 +45,8 @@ def plan_config(path, out, options: Optional[MergeOptions] = None, *,
                       out_dtype=config.out_dtype, promote_mixed=True,
                       input_dtype=config.input_dtype, method=config.method,
                       tokenizer_from=config.tokenizer_from if copy_tokenizer else "none",
-                      vocabulary=config.vocabulary)
+                      vocabulary=config.vocabulary,
+                      leave_out_unshared=config.mixed_architectures)
     try:
         plan = _plan_of(config, out, options)
     except PlanError as exc:

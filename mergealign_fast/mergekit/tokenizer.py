@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 from ..errors import MergeError
 from ..sources import model_folder
-from ..vocabulary import UNION, TokenSource, VocabularySpec
+from ..vocabulary import OUTSIDE, UNION, TokenSource, VocabularySpec
 
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 TOKEN_KEYS = {"source", "force"}
@@ -54,16 +54,34 @@ class TokenizerReader:
             return "none"
         if source is None or source in ("base", UNION):
             return "base" if roles else "none"
-        return self._model_role(source, roles, "tokenizer_source") or "none"
+        # A model not merged gives the vocabulary (re-saved in OUT), base the config.
+        return self._role_named(source, roles) or ("base" if roles else "none")
+
+    @staticmethod
+    def _role_named(reference, roles: Dict[str, Path]) -> Optional[str]:
+        """The role of the merged model `reference` names (a model before the base), None when
+        it names none of them."""
+        folder = _folder(reference).resolve()
+        order = [r for r in roles if r != "base"] + (["base"] if "base" in roles else [])
+        return next((role for role in order if roles[role].resolve() == folder), None)
 
     def _model_role(self, reference, roles: Dict[str, Path], where: str) -> Optional[str]:
-        """The role of the merged model `reference` names (a model before the base)."""
-        folder = _folder(reference)
-        for role in [r for r in roles if r != "base"] + ["base"]:
-            if roles[role].resolve() == folder.resolve():
-                return role
-        self.problem(f"{where}: {reference} is not one of the merged models")
-        return None
+        """The role of the merged model `reference` names; a problem when it is none."""
+        role = self._role_named(reference, roles)
+        if role is None:
+            self.problem(f"{where}: {reference} is not one of the merged models")
+        return role
+
+    def _outside_source(self, source: str) -> Optional[Path]:
+        """The folder of a tokenizer_source that is no merged model (mergekit loads its
+        tokenizer as the output's and maps every model's rows onto it)."""
+        folder = self._reference(source, "tokenizer_source")
+        if folder is not None and not any((folder / name).is_file() for name in
+                                          ("tokenizer.json", "tokenizer_config.json",
+                                           "tokenizer.model", "vocab.json")):
+            self.problem(f"tokenizer_source: {source}: no tokenizer there")
+            return None
+        return folder
 
     def _vocabulary(self, roles: Dict[str, Path]) -> Optional[VocabularySpec]:
         """`tokenizer_source` or the `tokenizer` section as a VocabularySpec: mergekit merges
@@ -80,12 +98,16 @@ class TokenizerReader:
         source = self._tokenizer_source()
         if not isinstance(source, str) or not roles:
             return None  # (a source that is no text is _tokenizer's problem)
+        outside = None
         if source not in ("base", UNION):
-            source = self._model_role(source, roles, "tokenizer_source")
+            role = self._role_named(source, roles)
+            outside = self._outside_source(source) if role is None else None
+            source = role or OUTSIDE
         tokens = tuple((str(token), self._token_source(str(token), entry, roles))
                        for token, entry in ((section or {}).get("tokens") or {}).items())
-        return VocabularySpec(source or "base", tokens, (section or {}).get("pad_to_multiple_of"),
-                              has_base=bool(self.raw.get("base_model")))
+        return VocabularySpec(source, tokens, (section or {}).get("pad_to_multiple_of"),
+                              has_base=bool(self.raw.get("base_model")),
+                              source_folder=outside)
 
     def _token_source(self, token: str, entry, roles: Dict[str, Path]) -> TokenSource:
         """One `tokenizer.tokens` entry: {source: a model | {kind: model_token, model, token or
@@ -114,8 +136,3 @@ class TokenizerReader:
         self.problem(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, "
                      f"model: ..., token: ... | token_id: ...}} (got {source!r})")
         return TokenSource("auto")
-        folder = _folder(source)
-        for role in [r for r in roles if r != "base"] + ["base"]:
-            if roles[role].resolve() == folder.resolve():
-                return role
-        self.problem(f"tokenizer_source: {source} is not one of the merged models")

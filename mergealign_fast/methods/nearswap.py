@@ -32,6 +32,7 @@ def oracle(s, tensor_name: str, b, xs):
 METHODS = (MethodSpec(
     "nearswap", "w·domain + (1−w)·base, w = clamp(t / \\|domain − base\\|, 0, 1): the domain "
     "value where the two are within t, else a step of t toward it (mergekit's NearSwap, bit "
-    "for bit; aligned unused)", ("t",), recipe=recipe, oracle=oracle,
+    "for bit in fp32: mergekit computes a bf16 config in bf16; aligned unused)",
+    ("t",), recipe=recipe, oracle=oracle,
     mergekit=MergekitForm(config_roles=config_roles, registers="theirs", backend=backend),
     parameters_doc="`--t`"),)

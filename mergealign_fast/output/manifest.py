@@ -89,9 +89,12 @@ def vocabulary_record(spec) -> Optional[dict]:
     """A merge by token's VocabularySpec as the manifest records it (None: rows by index)."""
     if spec is None:
         return None
-    return {"source": spec.source, "has_base": spec.has_base,
-            "pad_to_multiple_of": spec.pad_to_multiple_of,
-            "tokens": {token: dataclasses.asdict(source) for token, source in spec.tokens}}
+    record = {"source": spec.source, "has_base": spec.has_base,
+              "pad_to_multiple_of": spec.pad_to_multiple_of,
+              "tokens": {token: dataclasses.asdict(source) for token, source in spec.tokens}}
+    if spec.source_folder is not None:
+        record["source_folder"] = str(spec.source_folder)
+    return record
 
 
 def recorded_identities(plan) -> Dict[Path, tuple]:

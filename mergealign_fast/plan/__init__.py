@@ -22,7 +22,8 @@ from ..io.adapters import base_mismatch
 from ..io.checkpoint import (Checkpoint, TensorLocation, group_by_size, layer_index, same_bytes,
                              shard_file_name)
 from ..io.safetensors_format import EncodedTensor, encode_header
-from ..vocabulary import REPLACED_BY_TOKENIZER, UNION, vocab_size_holder, vocabulary_problems
+from ..vocabulary import (OUTSIDE, REPLACED_BY_TOKENIZER, UNION, vocab_size_holder,
+                          vocabulary_problems)
 from ..kernels import resolve_backend
 from .. import methods
 from ..methods.core.spec import SET_ROLE, TRIO_MODELS, WINDOWS
@@ -178,7 +179,9 @@ def _vocabulary_problems(options: MergeOptions, roles: Tuple[str, ...]) -> List[
     """What a merge by token cannot be given: a source that is none of its models, a GPU."""
     spec = options.vocabulary
     problems = []
-    if spec.source != UNION and spec.source not in roles:
+    if spec.source == OUTSIDE and spec.source_folder is None:
+        problems.append("vocabulary source outside the merge: name its folder")
+    elif spec.source not in (UNION, OUTSIDE) and spec.source not in roles:
         problems.append(f"vocabulary source {spec.source!r}: choose {UNION} or one of "
                         f"{', '.join(roles)}")
     problems += [f"tokenizer.tokens.{token}: {source.role!r} is none of the merged models"
@@ -253,17 +256,14 @@ def _plan(specs: Dict[str, object], out_dir, options: MergeOptions) -> MergePlan
         raise PlanError(problems + open_inputs(folders)[1])
     if problems and options.vocabulary is not None:
         raise PlanError(problems)  # before reading tokenizers for a merge that cannot run
-    models, input_problems, vocabulary, gathered, cut = checked_inputs(folders, options)
+    models, input_problems, vocabulary, gathered, notes = checked_inputs(folders, options)
     if problems or input_problems:
         raise PlanError(problems + input_problems)
     tensors = [_gathered_by_token(t, gathered.get(t.name))
                for t in _planned_tensors(models, options.out_dtype, options.promote_mixed)]
     settings = tensor_settings(options, [t.name for t in tensors if not t.is_copied], roles[1:])
     plan = laid_out(folders, models, tensors, settings, given, out_dir, options, vocabulary)
-    if cut:
-        plan.notes.append(f"UNSAFE vocabulary truncation (--unsafe-truncate-embeddings): "
-                          f"{', '.join(cut)}; rows past them are dropped, so the models must "
-                          "number their tokens alike")
+    plan.notes += notes
     return plan
 
 

@@ -99,10 +99,10 @@ def _unmergeable_dtype_problems(name: str, locations: Dict[str, TensorLocation])
 
 def checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = None):
     """(the checkpoints, every problem with them together (names, shapes, dtypes), the output
-    vocabulary when merged by token (else None), the tensors gathered by token, the vocabulary
-    tensors truncated)."""
+    vocabulary when merged by token (else None), the tensors gathered by token, notes for the
+    user: vocabulary tensors truncated, tensors left out)."""
     models, problems = open_inputs(folders)
-    vocabulary, gathered, cut = None, {}, []
+    vocabulary, gathered, notes = None, {}, []
     tokenizers = {role: tokenizer_folder(folder) for role, folder in folders.items()}
     if len(models) == len(folders):
         if options is not None and options.vocabulary is not None:
@@ -113,10 +113,45 @@ def checked_inputs(folders: Dict[str, Path], options: Optional[MergeOptions] = N
             problems += found + _adapted_by_token(models, gathered)
         elif options is not None and options.truncate_vocabulary:
             cut = _truncate_vocabulary_tensors(models)
+            notes += [f"UNSAFE vocabulary truncation (--unsafe-truncate-embeddings): "
+                      f"{', '.join(cut)}; rows past them are dropped, so the models must "
+                      "number their tokens alike"] if cut else []
         else:
             problems += vocabulary_problems(tokenizers)
-        problems += _name_problems(models) + _tensor_problems(models, gathered)
-    return models, problems, vocabulary, gathered, cut
+        found = []  # (the tensors only some models have, said once, not per model)
+        if options is not None and options.leave_out_unshared:
+            found, left_out = _leave_out_unshared(models, options.tokenizer_from)
+            notes += [f"models of different architectures (--allow-crimes): {len(left_out)} "
+                      f"tensors only some have are left out, as mergekit leaves them out "
+                      f"({', '.join(left_out[:3])}{', ...' * (len(left_out) > 3)})"] \
+                if left_out else []
+        problems += (found or _name_problems(models)) + _tensor_problems(models, gathered)
+    return models, problems, vocabulary, gathered, notes
+
+
+def _leave_out_unshared(models: Dict[str, Checkpoint],
+                        config_from: str) -> Tuple[List[str], List[str]]:
+    """Models of different architectures: the tensors only some have are taken out of every
+    model (mergekit, with --allow-crimes, merges the tensors of one model's architecture: a
+    Llama beside a Qwen2 leaves out the Qwen2's attention biases).  Only when the model OUT's
+    config.json comes from has none of them: else OUT would describe tensors it lacks.
+    Returns (problems, the names left out)."""
+    shared = set.intersection(*(set(m.tensors) for m in models.values()))
+    unshared = sorted(set().union(*(m.tensors for m in models.values())) - shared)
+    if not unshared:
+        return [], []
+    source = config_from if config_from in models else "base"
+    described = [n for n in unshared if n in models[source].tensors]
+    if described:
+        lacking = next(r for r, m in models.items() if described[0] not in m.tensors)
+        return [f"tensor {described[0]}: {source} ({models[source].folder}) has it and "
+                f"{lacking} ({models[lacking].folder}) does not ({len(described)} such "
+                f"tensors): OUT's config.json comes from {source}, so they cannot be left out; "
+                f"take base_model (and tokenizer_source) from a model that lacks them"], []
+    for model in models.values():
+        for name in unshared:
+            model.tensors.pop(name, None)
+    return [], unshared
 
 
 def _adapted_by_token(models: Dict[str, Checkpoint], gathered) -> List[str]:

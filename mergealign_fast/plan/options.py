@@ -43,6 +43,10 @@ class MergeOptions:
     # first ones) instead of refused; the config keeps its vocab_size.  A vocabulary merged by
     # token takes precedence.
     truncate_vocabulary: bool = False
+    # Models of different architectures (mergekit's --allow-crimes): tensors only some models
+    # have are left out when the model OUT's config.json comes from has none of them (mergekit
+    # merges the tensors of one model's architecture); refused otherwise.
+    leave_out_unshared: bool = False
     force: bool = False
     threads: Optional[int] = None
     fsync: bool = True

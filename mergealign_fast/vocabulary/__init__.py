@@ -25,6 +25,9 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.json")  # fast tokenizers; GPT-2 st
 # ---- what a merge by token is given (built and gathered in vocabularies.py) -------------------
 
 UNION = "union"
+# The source of a vocabulary that is no merged model's: a mergekit config's tokenizer_source
+# naming a model it does not merge (VocabularySpec.source_folder holds its folder).
+OUTSIDE = "outside"
 # What a re-saved tokenizer replaces in OUT: every file describing the vocabulary (an old
 # tokenizer.model or vocab.json beside the new tokenizer.json would contradict it).
 REPLACED_BY_TOKENIZER = frozenset(TOKENIZER_FILES) - {"generation_config.json"}
@@ -53,8 +56,8 @@ class TokenSource:
 
 @dataclass(frozen=True)
 class VocabularySpec:
-    """The output vocabulary: `source` ("union", or the role whose tokenizer it is), tokens to
-    add or to give set rows, and the padding of the row count."""
+    """The output vocabulary: `source` ("union", the role whose tokenizer it is, or OUTSIDE),
+    tokens to add or to give set rows, and the padding of the row count."""
 
     source: str
     tokens: Tuple[Tuple[str, TokenSource], ...] = ()
@@ -62,6 +65,20 @@ class VocabularySpec:
     # The base role is a model of the merge (a mergekit config without base_model has none:
     # then a token two models share is their mean, never the first model's alone).
     has_base: bool = True
+    # source OUTSIDE: the folder of the tokenizer that is the output's.
+    source_folder: Optional[Path] = None
+
+
+@dataclass
+class TokenizerTables:
+    """What the tokenizers say: the output vocabulary, each model's (its ids below its
+    vocab_size), each model's vocab_size, and the output tokenizer as transformers saves it."""
+
+    out_vocab: Dict[str, int]
+    vocabs: Dict[str, Dict[str, int]]
+    sizes: Dict[str, int]
+    files: Dict[str, bytes]
+    rebuilt: bool  # the output tokenizer differs from its source's files
 
 
 def vocab_size_holder(config: dict) -> dict:

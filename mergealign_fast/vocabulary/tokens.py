@@ -38,7 +38,9 @@ import numpy as np
 from ..dtypes import from_safetensors
 from ..errors import PlanError
 from ..io.checkpoint import CONFIG_FILE, TensorLocation, first_roles
-from . import UNION, VOCABULARY_TENSOR, TokenSource, VocabularySpec, vocab_size_holder
+from .fast_tables import fast_tables
+from . import (OUTSIDE, UNION, VOCABULARY_TENSOR, TokenizerTables, TokenSource,
+               VocabularySpec, vocab_size_holder)
 
 # Fill rules of an output row (Vocabulary.fill): every model has the token (each its own row),
 # or the row a model lacking it takes.
@@ -101,15 +103,15 @@ def _load_tokenizer(transformers, role: str, folder: Path):
         raise PlanError([f"{role}: {folder}: its tokenizer does not load: {reason}"]) from None
 
 
-def model_vocabulary_size(folder: Path, tokenizer) -> int:
+def model_vocabulary_size(folder: Path, length: int) -> int:
     """The rows of a model's vocabulary matrices: config.json's vocab_size (a multimodal
-    model's text_config), else its tokenizer's length."""
+    model's text_config), else its tokenizer's `length`."""
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         config = {}
     size = vocab_size_holder(config).get("vocab_size") if isinstance(config, dict) else None
-    return size if isinstance(size, int) and not isinstance(size, bool) else len(tokenizer)
+    return size if isinstance(size, int) and not isinstance(size, bool) else length
 
 
 def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
@@ -117,28 +119,18 @@ def build_vocabulary(folders: Dict[str, Path], spec: VocabularySpec,
     """The output vocabulary of `folders` (by role, base first) under `spec`.  A union, built
     on the base's tokenizer, takes the chat template of `template_from` when the base has none
     (an aligned model's template is what a MergeAlign merge is chatted with)."""
-    if "torch" in sys.modules:  # nothing to keep out of this process (a notebook, tests)
-        tables = tokenizer_tables(folders, spec, template_from)
-    else:
-        tables = _tables_in_child(folders, spec, template_from)
+    # Read by the tokenizers library where it reads them as transformers does (no torch, no
+    # child); else by transformers, in this process if it has torch already (a notebook, tests).
+    tables = fast_tables(folders, spec, template_from, model_vocabulary_size)
+    if tables is None:
+        tables = tokenizer_tables(folders, spec, template_from) if "torch" in sys.modules \
+            else _tables_in_child(folders, spec, template_from)
     roles = tuple(folders)
     tokens = max(tables.out_vocab.values()) + 1
     size = _padded(tokens, spec.pad_to_multiple_of)
     own = {role: _rows_of(tables.out_vocab, tables.vocabs[role], size) for role in roles}
     distinct = tuple(first_roles(folders).values())
     return _with_fill_rules(spec, tables, tokens, size, own, roles, distinct)
-
-
-@dataclass
-class TokenizerTables:
-    """What the tokenizers say: the output vocabulary, each model's (its ids below its
-    vocab_size), each model's vocab_size, and the output tokenizer as transformers saves it."""
-
-    out_vocab: Dict[str, int]
-    vocabs: Dict[str, Dict[str, int]]
-    sizes: Dict[str, int]
-    files: Dict[str, bytes]
-    rebuilt: bool  # the output tokenizer differs from its source's files
 
 
 def _tables_in_child(folders: Dict[str, Path], spec: VocabularySpec,
@@ -184,7 +176,8 @@ def tokenizer_tables(folders: Dict[str, Path], spec: VocabularySpec,
     roles = tuple(folders)
     tokenizers = {role: _load_tokenizer(transformers, role, folder)
                   for role, folder in folders.items()}
-    sizes = {role: model_vocabulary_size(folders[role], tokenizers[role]) for role in roles}
+    sizes = {role: model_vocabulary_size(folders[role], len(tokenizers[role]))
+             for role in roles}
     vocabs = {role: {t: i for t, i in tok.get_vocab().items() if i < sizes[role]}
               for role, tok in tokenizers.items()}
     base = roles[0]
@@ -194,7 +187,7 @@ def tokenizer_tables(folders: Dict[str, Path], spec: VocabularySpec,
                          f"vocab_size {sizes[base]}: not supported as the output vocabulary"])
     tokenizer, rebuilt = _output_tokenizer(transformers, spec, tokenizers, vocabs, sizes)
     template = getattr(tokenizers.get(template_from), "chat_template", None)
-    if rebuilt and template and not getattr(tokenizer, "chat_template", None):
+    if spec.source == UNION and template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template
     existing = set(tokenizer.get_vocab())
     for token, _ in spec.tokens:
@@ -210,6 +203,8 @@ def tokenizer_tables(folders: Dict[str, Path], spec: VocabularySpec,
 
 def _output_tokenizer(transformers, spec: VocabularySpec, tokenizers, vocabs, sizes):
     """(the output tokenizer, whether it differs from its source's files)."""
+    if spec.source == OUTSIDE:  # no merged model's: OUT gets it re-saved
+        return _load_tokenizer(transformers, "tokenizer_source", spec.source_folder), True
     if spec.source != UNION:
         return tokenizers[spec.source], False
     roles = list(tokenizers)

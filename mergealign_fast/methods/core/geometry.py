@@ -85,7 +85,7 @@ def model_stock_t(cosines: Sequence[float], count: int) -> float:
 
 
 def multislerp_coefficients(weights: Sequence[float], gram: Sequence[Sequence[float]],
-                            normalize: bool) -> List[float]:
+                            normalize: bool, eps: float = MULTISLERP_EPS) -> List[float]:
     """c_m with Multi-SLERP = [base +] Σ c_m x_m, from the Gram matrix of the x_m (Σ x_i·x_j).
 
     mergekit projects the unit vectors onto the tangent space at their normalized weighted mean,
@@ -93,17 +93,17 @@ def multislerp_coefficients(weights: Sequence[float], gram: Sequence[Sequence[fl
     component along the mean, weighted, sums to the mean's norm), so the result is the mean
     direction at the weighted mean norm — a weighted sum of the x_m.  One model is itself; a
     weighted mean of norm below eps is the weighted sum for two models (mergekit's fallback), an
-    error for more."""
+    error for more.  `eps` (mergekit's, 1e-8) keeps the divisions finite."""
     n = len(weights)
     if n == 1:
         return [1.0]
     total = math.fsum(weights)
     w = [x / total for x in weights] if normalize else list(weights)
     norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
-    a = [w[i] / (norms[i] + MULTISLERP_EPS) for i in range(n)]
+    a = [w[i] / (norms[i] + eps) for i in range(n)]
     mean_norm = math.sqrt(max(math.fsum(a[i] * a[j] * gram[i][j]
                                         for i in range(n) for j in range(n)), 0.0))
-    if mean_norm < MULTISLERP_EPS:
+    if mean_norm < eps:
         if n == 2:
             return w
         raise ValueError("multislerp: the weighted mean of the unit task vectors is zero "

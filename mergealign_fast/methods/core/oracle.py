@@ -185,11 +185,11 @@ def multislerp_ref(s, b: np.ndarray, xs, on_models: bool):
     if s.normalize:
         weights = weights / weights.sum()
     norms = np.array([np.linalg.norm(v) for v in vectors])
-    weighted_units = [w * v / (n + geometry.MULTISLERP_EPS)
-                      for w, v, n in zip(weights, vectors, norms)]
+    eps = s.own_value("eps")
+    weighted_units = [w * v / (n + eps) for w, v, n in zip(weights, vectors, norms)]
     mean = sum(weighted_units) / np.linalg.norm(sum(weighted_units))
     tangent = sum(wu - np.dot(wu, mean) * mean for wu in weighted_units)
-    angle = np.linalg.norm(tangent) + geometry.MULTISLERP_EPS
+    angle = np.linalg.norm(tangent) + eps
     average_norm = np.dot(weights, norms)
     merged = (mean * np.cos(angle) + tangent * (np.sin(angle) / angle)) * average_norm
     origin = np.zeros_like(b) if on_models else b
