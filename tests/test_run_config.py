@@ -470,14 +470,10 @@ def _assert_same_as_mergekit(config, tmp_path):
     """The config through `run` and through mergekit 0.1.5: the same tensors, dtypes and names,
     values within twice the oracle bound of the output dtype."""
     pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions as MergekitOptions, run_merge
-    import yaml
+    from published_configs import run_mergekit
 
     subprocess.run(cli("run", config, tmp_path / "ours", "--quiet"), check=True)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(config.read_text())),
-              str(tmp_path / "theirs"), MergekitOptions(copy_tokenizer=False, quiet=True,
-                                                        write_model_card=False))
+    run_mergekit(config, tmp_path / "theirs")
     ours, theirs = open_checkpoint(tmp_path / "ours"), open_checkpoint(tmp_path / "theirs")
     run = load(config)
     models = [open_checkpoint(folder) for folder in run.merged_folders]
