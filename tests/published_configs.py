@@ -170,6 +170,167 @@ dtype: {dtype}
 }
 
 
+# More shapes, run with --compute-dtype mergekit only (test_published_configs.py: bit for bit).
+MERGEKIT_ARITHMETIC_CONFIGS = {
+    "breadcrumbs, rescale and lambda": """
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.7, density: 0.6, gamma: 0.05}}
+  - model: {aligned}
+    parameters: {{weight: 0.5, density: [0.4, 0.9], gamma: 0.01}}
+  - model: {expert_3}
+    parameters: {{weight: 0.3, density: 0.5}}
+parameters: {{rescale: true, lambda: 1.2}}
+dtype: {dtype}
+""",
+    "ties of two, out_dtype float32": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{density: 0.3, weight: 0.6}}
+  - model: {aligned}
+    parameters: {{density: 0.6, weight: 0.4}}
+dtype: {dtype}
+out_dtype: float32
+""",
+    "task_arithmetic of one model": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.8}}
+dtype: {dtype}
+""",
+    "ram of four": """
+merge_method: ram
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {expert_3}
+  - model: {expert_4}
+parameters: {{epsilon: 1.0e-3}}
+dtype: {dtype}
+""",
+    "nuslerp with a base, row-wise": """
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.3}}
+  - model: {aligned}
+    parameters: {{weight: 0.7}}
+parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
+dtype: {dtype}
+""",
+    "multislerp with a base, three": """
+merge_method: multislerp
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.5}}
+  - model: {aligned}
+    parameters: {{weight: 0.3}}
+  - model: {expert_3}
+    parameters: {{weight: 0.2}}
+dtype: {dtype}
+""",
+    "model_stock filter_wise": """
+merge_method: model_stock
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+parameters: {{filter_wise: true}}
+dtype: {dtype}
+""",
+    "linear with base_model listed last": """
+merge_method: linear
+base_model: {base}
+models:
+  - model: {domain}
+    parameters: {{weight: 0.2}}
+  - model: {aligned}
+    parameters: {{weight: 0.5}}
+  - model: {base}
+    parameters: {{weight: 0.3}}
+dtype: {dtype}
+""",
+    "karcher with base_model": """
+merge_method: karcher
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+dtype: {dtype}
+""",
+    "slerp, t by layer": """
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {domain}
+parameters:
+  t: [0.1, 0.9]
+dtype: {dtype}
+""",
+    "slices with their own t": """
+merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {domain}
+        layer_range: [0, 2]
+    parameters: {{t: 0.3}}
+  - sources:
+      - model: {base}
+        layer_range: [1, 2]
+      - model: {domain}
+        layer_range: [1, 2]
+    parameters: {{t: [0.6, 0.2]}}
+dtype: {dtype}
+""",
+    "linear of two, no base": """
+merge_method: linear
+models:
+  - model: {expert_3}
+    parameters: {{weight: 0.35}}
+  - model: {aligned}
+    parameters: {{weight: 0.65}}
+dtype: {dtype}
+""",
+    "karcher of two": """
+merge_method: karcher
+models:
+  - model: {aligned}
+  - model: {expert_4}
+dtype: {dtype}
+""",
+    "multislerp of two, no base": """
+merge_method: multislerp
+models:
+  - model: {expert_3}
+    parameters: {{weight: 0.7}}
+  - model: {domain}
+    parameters: {{weight: 0.3}}
+dtype: {dtype}
+""",
+    "sce of three, top half": """
+merge_method: sce
+base_model: {base}
+models:
+  - model: {domain}
+  - model: {aligned}
+  - model: {expert_3}
+parameters: {{select_topk: 0.3}}
+dtype: {dtype}
+""",
+}
+
 @dataclass
 class Agreement:
     """How one output agrees with mergekit's, over every element of every tensor: bitwise,
@@ -197,14 +358,15 @@ class Agreement:
 
 def write_config(folder: Path, models: dict, name: str, dtype: str) -> Path:
     path = folder / "config.yml"
-    path.write_text(CONFIGS[name].format(dtype=dtype, **{r.replace(" ", "_"): models[r]
+    text = CONFIGS.get(name) or MERGEKIT_ARITHMETIC_CONFIGS[name]
+    path.write_text(text.format(dtype=dtype, **{r.replace(" ", "_"): models[r]
                                                         for r in models}))
     return path
 
 
-def run_ours(config: Path, out: Path) -> subprocess.CompletedProcess:
+def run_ours(config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mergealign_fast", "run", str(config),
-                           str(out), "--quiet"], capture_output=True, text=True)
+                           str(out), "--quiet", *flags], capture_output=True, text=True)
 
 
 def run_mergekit(config: Path, out: Path) -> None:
@@ -246,3 +408,13 @@ def agreement(ours: Path, theirs: Path) -> Agreement:
         found.most_steps = max(found.most_steps,
                                float(difference.max(initial=0.0) / largest) if largest else 0.0)
     return found
+
+
+def tensors_differing_in_bytes(ours: Path, theirs: Path) -> list:
+    """The tensors whose stored bytes (dtype and shape included) differ between the outputs."""
+    mine, other = open_checkpoint(ours), open_checkpoint(theirs)
+    assert set(mine.tensors) == set(other.tensors), "the outputs hold different tensors"
+    return [name for name, loc in sorted(mine.tensors.items())
+            if (loc.entry.dtype, loc.entry.shape) != (other.tensors[name].entry.dtype,
+                                                      other.tensors[name].entry.shape)
+            or read_elements(loc).tobytes() != read_elements(other.tensors[name]).tobytes()]

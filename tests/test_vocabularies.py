@@ -388,10 +388,25 @@ def test_multislerp_of_three_without_a_base_onto_a_tokenizer_not_merged(world, t
     assert vocab == transformers.AutoTokenizer.from_pretrained(world["outside"]).get_vocab()
 
 
-def _assert_rows_as_mergekit(config, tmp_path):
+@pytest.mark.slow  # mergekit runs each merge
+@pytest.mark.parametrize("method, base, source", [
+    ("task_arithmetic", True, "union"), ("task_arithmetic", True, "tokens"),
+    ("linear", False, "a model not merged"), ("ties", True, "base"),
+])
+def test_mergekit_arithmetic_gives_mergekits_rows_bit_for_bit(world, tmp_path, method, base,
+                                                              source):
+    """--compute-dtype mergekit through the vocabulary's rows too (the default rows of the
+    tokens a model lacks included)."""
+    _assert_rows_as_mergekit(_config(tmp_path, world, SOURCES[source], method, base), tmp_path,
+                             exact=True)
+
+
+def _assert_rows_as_mergekit(config, tmp_path, exact: bool = False):
     """The config through `run` and mergekit-yaml: every row of every tensor (vocabulary rows
-    by token) within one bf16 step; both outputs load in transformers with every key."""
-    done = run_cli("run", config, tmp_path / "ours", "--quiet")
+    by token) within one bf16 step (`exact`: with --compute-dtype mergekit, bit for bit); both
+    outputs load in transformers with every key."""
+    flags = ("--compute-dtype", "mergekit") if exact else ()
+    done = run_cli("run", config, tmp_path / "ours", "--quiet", *flags)
     assert done.returncode == 0, done.stderr
     mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable))
     subprocess.run([mergekit, str(config), str(tmp_path / "theirs")], check=True,
@@ -400,6 +415,8 @@ def _assert_rows_as_mergekit(config, tmp_path):
     assert ours.keys() == theirs.keys()
 
     def one_step_apart(a, b):
+        if exact:
+            return a.dtype == b.dtype and a.tobytes() == b.tobytes()
         # Our fp32 arithmetic rounds once, mergekit's after each operation: the bf16 results
         # differ by at most one step (a row of another token would differ by far more).
         return np.all(np.abs(a - b) <= spacing(np.maximum(np.abs(a), np.abs(b)), DType.BF16))

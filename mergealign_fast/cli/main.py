@@ -156,7 +156,8 @@ def _run_config(args: argparse.Namespace, device: str = "cpu", copy_tokenizer: b
                 seed: Optional[int] = None, allow_crimes: bool = True,
                 truncate_vocabulary: bool = False) -> int:
     """`run`, and `mergekit-yaml` with its flags: a mergekit config through the engine."""
-    options = _run_options(args, device=device, truncate_vocabulary=truncate_vocabulary)
+    options = _run_options(args, device=device, truncate_vocabulary=truncate_vocabulary,
+                           compute_dtype=args.compute_dtype)
     plan = plan_config(args.config, args.out, options, seed=seed, allow_crimes=allow_crimes,
                        copy_tokenizer=copy_tokenizer, write_model_card=args.write_model_card,
                        tell=_tell)

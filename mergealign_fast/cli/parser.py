@@ -12,6 +12,7 @@ from ..methods.core.parameters import (PARAMETERS, RESCALES, Method, Rule, base_
                                        setting_of)
 from ..methods.core.spec import VECTOR_MODES
 from ..plan import ROLES
+from ..plan.options import COMPUTE_DTYPES
 
 EXIT_BAD_INPUT = 2  # bad input: a one-line message per problem
 THREADS_HELP = "worker threads (default: every CPU this process may use)"
@@ -33,6 +34,16 @@ def _add_writing_args(p: argparse.ArgumentParser) -> None:
                    help="skip fsync of the output (faster; not durable across power loss)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     _add_ray_arg(p)
+
+
+def _add_compute_dtype_arg(p) -> None:
+    """run's and mergekit-yaml's arithmetic."""
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
+                   help="fp32 (default): this engine's arithmetic, fp32 with one rounding and "
+                   "exact statistics, streamed; mergekit: mergekit 0.1.5's own arithmetic in "
+                   "the config's dtype (signs, top-k and scores taken in bf16 under a bf16 "
+                   "config, its output dtypes), tensor by tensor in torch: its tensors bit for "
+                   "bit, for reproducing a published merge (slower, a few tensors in memory)")
 
 
 def _add_ray_arg(p: argparse.ArgumentParser) -> None:
@@ -204,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "to the current directory (as mergekit-yaml reads them), or Hub repo ids")
     run.add_argument("out", help="output folder (created; see --force)")
     _add_writing_args(run)
+    _add_compute_dtype_arg(run)
     run.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                      help="write README.md (the model card: recipe, models, tool) and "
                      "mergekit_config.yml into the output (default: yes, as mergekit does)")
@@ -329,6 +341,7 @@ def _add_mergekit_yaml_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="finish an interrupted merge")
     group.add_argument("--no-fsync", dest="fsync", action="store_false",
                        help="skip fsync of the output")
+    _add_compute_dtype_arg(group)
     _add_ray_arg(group)
 
 

@@ -32,7 +32,8 @@ from ..progress import Progress
 from ..sources import download_inputs
 from ..io.stream import (Chunk, InputChanged, InputMaps, check_inputs_unchanged, input_identities,
                          pass_chunks, read_ahead_settings, tensor_chunks)
-from .routes import BY_VECTORS, COPY, IN_WINDOWS, RECIPE, planned_route, window_elements
+from .routes import (BY_VECTORS, COPY, IN_MERGEKIT, IN_WINDOWS, RECIPE, planned_route,
+                     window_elements)
 from .writers import Writer, make_writer
 from .writers.f64 import write_f64_tensor
 
@@ -105,11 +106,15 @@ def _write_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor, file_offs
                   progress: Progress) -> None:
     """One tensor into every target: merged chunk by chunk by the writer's kernel, or (a tensor
     the kernels cannot merge) copied, or merged in float64."""
-    route = planned_route(tensor, plans[0].settings.get(tensor.name))
+    route = planned_route(tensor, plans[0].settings.get(tensor.name), plans[0].options)
     if route not in (BY_VECTORS, IN_WINDOWS, RECIPE):
         writer.drain()  # checksums are built in file order
         if route == COPY:
             copy_tensor(targets, tensor.sources[0], file_offset)
+        elif route == IN_MERGEKIT:
+            from .writers.mergekit_arithmetic import write_mergekit_tensor  # torch
+
+            write_mergekit_tensor(targets, tensor, plans, maps, file_offset)
         else:
             write_f64_tensor(targets, tensor, [p.settings[tensor.name] for p in plans],
                              file_offset)

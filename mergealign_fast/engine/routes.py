@@ -6,6 +6,8 @@
   vectors   vector by vector (methods/windows/per_vector.py): a method's --vectors rows/columns
   windows   window by window in numpy (the method's merge_windows: SCE, DELLA, RAM, Fusion)
   recipe    the native recipe kernel, after the reduction passes the method needs
+  mergekit  --compute-dtype mergekit: whole, in torch, as mergekit computes the method
+            (writers/mergekit_arithmetic.py)
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ from typing import Optional, Sequence, Tuple
 from ..methods.core.spec import WINDOWS
 
 COPY, F64, BY_VECTORS, IN_WINDOWS, RECIPE = "copy", "f64", "vectors", "windows", "recipe"
+IN_MERGEKIT = "mergekit"
 
 
 def route_of(settings, shape: Sequence[int], copied: bool = False,
-             in_f64: bool = False) -> str:
-    """The route of a tensor of `shape` under resolved settings (None for a copied tensor)."""
+             in_f64: bool = False, in_mergekit: bool = False) -> str:
+    """The route of a tensor of `shape` under resolved settings (None for a copied tensor);
+    `in_mergekit`: the merge's compute dtype is mergekit's."""
     if copied:
         return COPY
     if in_f64:
         return F64
+    if in_mergekit:
+        return IN_MERGEKIT
     if settings.by_vectors(shape):
         return BY_VECTORS
     return IN_WINDOWS if settings.spec.route == WINDOWS else RECIPE
 
 
-def planned_route(tensor, settings: Optional[object]) -> str:
-    """The route of a planned tensor (plan.PlannedTensor)."""
-    return route_of(settings, tensor.shape, tensor.is_copied, tensor.merged_in_f64)
+def planned_route(tensor, settings: Optional[object], options) -> str:
+    """The route of a planned tensor (plan.PlannedTensor) in a merge with `options`."""
+    return route_of(settings, tensor.shape, tensor.is_copied, tensor.merged_in_f64,
+                    options.compute_dtype == "mergekit")
 
 
 @dataclass(frozen=True)

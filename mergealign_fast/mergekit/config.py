@@ -75,6 +75,7 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         self.read_past: List[str] = []  # see RunConfig.problems
         self.warnings: List[str] = []  # see RunConfig.warnings
         self.shape_options = dict(SHAPE_OPTIONS)  # as given, else mergekit's defaults
+        self.mergekit_order: Tuple[Path, ...] = ()  # see RunConfig.mergekit_order
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.path}: {text}")
@@ -92,6 +93,7 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         name = self._method_name()
         models = self._models()
         base = self._base()
+        self.mergekit_order = _mergekit_order([folder for folder, _ in models], base)
         roles = self._roles(name, base, models) if methods.is_method(name) else None
         rules = []
         if roles is not None:
@@ -204,7 +206,10 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                          self.raw.get("chat_template"), models=in_set,
                          merged_slices=merged_slices,
                          input_dtype=parse_dtype(str(self.raw["dtype"])) if self.raw.get("dtype")
-                         else None, vocabulary=vocabulary, mixed_architectures=mixed)
+                         else None, vocabulary=vocabulary, mixed_architectures=mixed,
+                         stated_out_dtype=self._stated_out_dtype(),
+                         mergekit_order=_roles_in_order(roles, self.mergekit_order),
+                         mergekit_has_base=base is not None)
 
     def _check_keys(self) -> None:
         """Unsupported keys are problems; other unknown keys are ignored with a warning, as
@@ -294,6 +299,11 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                          "--allow-crimes to merge them by tensor name anyway")
         return True
 
+    def _stated_out_dtype(self) -> Optional[DType]:
+        """`out_dtype` alone (mergekit writes each method's result dtype without it)."""
+        value = self.raw.get("out_dtype")
+        return parse_dtype(str(value)) if value is not None and not self.problems else None
+
     def _out_dtype(self) -> Optional[DType]:
         chosen = self.raw.get("out_dtype") or self.raw.get("dtype")
         for key in ("dtype", "out_dtype"):
@@ -306,3 +316,19 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
                     return None
         return parse_dtype(str(chosen)) if chosen else None
 
+
+def _mergekit_order(listed: List[Path], base: Optional[Path]) -> Tuple[Path, ...]:
+    """The models in the order mergekit's methods see them: as listed, then base_model
+    when the list does not name it."""
+    order = [f.resolve() for f in listed if f is not None]
+    if base is not None and base.resolve() not in order:
+        order.append(base.resolve())
+    return tuple(dict.fromkeys(order))
+
+
+def _roles_in_order(roles: Dict[str, Path], order: Tuple[Path, ...]) -> Tuple[str, ...]:
+    """The first role of each folder of `order` (mergekit's order) that has one."""
+    first: Dict[Path, str] = {}
+    for role, folder in roles.items():
+        first.setdefault(folder.resolve(), role)
+    return tuple(first[f] for f in order if f in first)

@@ -50,6 +50,12 @@ class RunConfig:
     # The models name different architectures (merged under --allow-crimes): tensors only
     # some of them have are left out, as mergekit leaves out what its architecture lacks.
     mixed_architectures: bool = False
+    # For --compute-dtype mergekit: `out_dtype` as stated (None: each method's result dtype,
+    # as mergekit writes), the roles of the models in mergekit's order, whether base_model
+    # is given.
+    stated_out_dtype: Optional[DType] = None
+    mergekit_order: Tuple[str, ...] = ()
+    mergekit_has_base: bool = True
 
     @property
     def folders(self) -> Dict[str, Path]:

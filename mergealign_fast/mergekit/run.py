@@ -41,8 +41,12 @@ def plan_config(path, out, options: Optional[MergeOptions] = None, *,
         tell("warning", warning)
     # NaN weights: a tensor no `weight` setting covers is an error, never a silent default.
     nan = float("nan")
-    options = replace(options or MergeOptions(), domain_weight=nan, align_weight=nan,
-                      out_dtype=config.out_dtype, promote_mixed=True,
+    options = options or MergeOptions()
+    in_mergekit = options.compute_dtype == "mergekit"
+    options = replace(options, domain_weight=nan, align_weight=nan,
+                      out_dtype=config.stated_out_dtype if in_mergekit else config.out_dtype,
+                      promote_mixed=True, mergekit_order=config.mergekit_order,
+                      mergekit_has_base=config.mergekit_has_base,
                       input_dtype=config.input_dtype, method=config.method,
                       tokenizer_from=config.tokenizer_from if copy_tokenizer else "none",
                       vocabulary=config.vocabulary,

@@ -60,6 +60,12 @@ class SliceReader:
             return []
         parsed = []
         for i, item in enumerate(raw):
+            if isinstance(item, dict) and "merge_method" in item:
+                self.problem(f"slices[{i}]: `merge_method` inside a slice: mergekit 0.1.5 "
+                             "ignores it and merges every slice with the top-level "
+                             "merge_method, so the merge would not be the one written; give "
+                             "one top-level merge_method (or merge each slice separately)")
+                continue
             if not isinstance(item, dict) or set(item) - {"sources", "parameters"} \
                     or not isinstance(item.get("sources"), list) or not item["sources"]:
                 self.problem(f"slices[{i}]: a slice takes `sources` (a non-empty list) and "

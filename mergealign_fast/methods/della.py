@@ -7,6 +7,7 @@ window or thread count).  Numpy, window by window, on the CPU path (methods/wind
 from __future__ import annotations
 
 from .core.spec import Contract, Defaults, MergekitForm, MethodSpec, in_windows
+from .dare import RANDOM_MASKS
 from .ties import VECTOR_PARAMETERS
 
 
@@ -29,7 +30,8 @@ METHODS = tuple(MethodSpec(
     Defaults(normalize=elects, rescale="l1", sign_election=elects, epsilon=0.15),
     Contract(on_sets=True), **in_windows("della"), per_model=("epsilon",),
     settings_problems=settings_problems,
-    mergekit=MergekitForm(needs_weights=True, registers="theirs"), parameters_doc=doc)
+    mergekit=MergekitForm(needs_weights=True, registers="theirs",
+                          unreproducible=RANDOM_MASKS), parameters_doc=doc)
     for name, summary, elects, doc in (
         ("della", "DELLA (mergekit's): each τ element kept with a probability from density − ε "
          "(its row's smallest \\|τ\\|) to density + ε (the largest), l1 rescale, TIES' sign "

@@ -68,6 +68,54 @@ def backend(group, merge):
                      base_parameters={"weight": share})
 
 
+def in_mergekit(s, group):
+    """mergekit's Karcher mean of every model (1/n each) in the inputs' dtype, norms in
+    float32 (float64 for float64 inputs), its loop and stopping rules."""
+    import torch
+
+    from .core.in_torch import float_of
+
+    tensors, tol = list(group.entries), s.tol
+    if len(tensors) == 1:
+        return tensors[0]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    dtype = float_of(tensors[0])
+
+    def norm(x):
+        return torch.linalg.vector_norm(x.to(dtype))
+
+    norms = [norm(x) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype)
+             for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(alphas[i] for i in valid)
+    shares, units = [alphas[i] / total for i in valid], [units[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for share, unit in zip(shares, units):
+        mean += share * unit
+    mean_norm = norm(mean)
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(s.max_iter):
+        tangent = torch.zeros_like(mean)
+        for share, unit in zip(shares, units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += share * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean
+                + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = norm(mean)
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
+
+
 def oracle(s, tensor_name: str, b, xs):
     from .core import oracle
 
@@ -82,5 +130,6 @@ METHODS = (MethodSpec(
     ("weight", "max_iter", "tol"), contract=Contract(on_sets=True, weighs_base=True),
     recipe=recipe, set_recipe=set_recipe, oracle=oracle, mergekit=MergekitForm(
         needs_base=False, ignores=("weight",), config_roles=config_roles,
-        config_rules=config_rules, registers="theirs", backend=backend),
+        config_rules=config_rules, registers="theirs", backend=backend,
+        arithmetic=in_mergekit),
     parameters_doc="`--base-weight` (0), weights"),)

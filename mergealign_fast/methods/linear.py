@@ -45,6 +45,26 @@ def config_roles(base, folders, others, problem):
     return first, others
 
 
+def in_mergekit(s, group):
+    """mergekit's linear: Σ w·x over every model in its order (base_model included), each
+    term added with addcmul in float32 (float64 for float64 inputs), divided by Σw when
+    normalized, rounded to the inputs' dtype."""
+    import torch
+
+    from .core.in_torch import float_of
+
+    first = group.entries[0]
+    dtype = float_of(first)
+    weights = torch.tensor([list(group.entry_weights)], dtype=dtype)
+    shape = (1,) * (first.dim() + 1)  # mergekit's batch of one tensor, then the tensor's axes
+    result = torch.zeros_like(first.unsqueeze(0), dtype=dtype)
+    for x, w in zip(group.entries, weights.unbind(1)):
+        result.addcmul_(x.unsqueeze(0), w.reshape(shape))
+    if s.normalize:
+        result.div_(weights.sum(dim=1).reshape(shape))
+    return result[0].to(first.dtype)
+
+
 def oracle(s, tensor_name: str, b, xs):
     from .core import oracle
 
@@ -58,5 +78,5 @@ METHODS = (MethodSpec(
     Defaults(normalize=True), Contract(on_sets=True, weighs_base=True), recipe=recipe,
     set_recipe=set_recipe, f64=f64, settings_problems=settings_problems, oracle=oracle,
     mergekit=MergekitForm(needs_base=False, needs_weights=True, config_roles=config_roles,
-                          registers="ours"),
+                          registers="ours", arithmetic=in_mergekit),
     parameters_doc="weights, `--base-weight` (0), `--normalize` (on)"),)

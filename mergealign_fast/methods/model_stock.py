@@ -4,7 +4,7 @@ mergekit's filter_wise)."""
 
 from __future__ import annotations
 
-from .core.geometry import model_stock_t, pair_cosine
+from .core.geometry import MODEL_STOCK_EPS, model_stock_t, pair_cosine
 from .core.recipes import stock_recipe
 from .core.spec import ByVectors, Contract, MergekitForm, MethodSpec
 
@@ -48,6 +48,33 @@ def backend(group, merge):
     return merge.set(group.base, others, "model_stock")
 
 
+def in_mergekit(s, group):
+    """mergekit's Model Stock in the inputs' dtype: the mean cosine of the τ pairs (norms
+    clamped at 1e-6), t = n·c/(1 + (n−1)·c) (0 where the denominator is below 1e-6), per
+    tensor or per row (filter_wise)."""
+    import torch
+
+    w0, ws = group.base, list(group.others)
+    if s.vectors == "rows":
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=MODEL_STOCK_EPS)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < MODEL_STOCK_EPS
+    t = torch.where(singular, torch.zeros_like(cos),
+                    (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(group.base.shape)
+
+
 def oracle(s, tensor_name: str, b, xs):
     from .core import oracle
 
@@ -60,5 +87,6 @@ METHODS = (MethodSpec(
     contract=Contract(on_sets=True, fewest=2), recipe=recipe, set_recipe=set_recipe,
     vectors=ByVectors(("tensor", "rows"), False, "models", vector_coefficients), oracle=oracle,
     mergekit=MergekitForm(shape_options=("filter_wise",), config_roles=config_roles,
-                          vectors_of=vectors_of, registers="theirs", backend=backend),
+                          vectors_of=vectors_of, registers="theirs", backend=backend,
+                          arithmetic=in_mergekit),
     parameters_doc="`--vectors`"),)

@@ -102,6 +102,41 @@ def settings_problems(s, where: str):
     return []
 
 
+def in_mergekit(s, group):
+    """mergekit's Multi-SLERP in the inputs' dtype: the weighted mean of the unit (task)
+    vectors, projected to the tangent space there and back by the exponential map, at the
+    weighted mean norm (a two-model linear blend where the mean's norm is below eps)."""
+    import torch
+
+    base, eps = group.base, s.own_value("eps")
+    if len(group.others) == 1:
+        return group.others[0]
+    tensors = torch.stack(list(group.others), dim=0)
+    if base is not None:
+        tensors -= base
+    flat = tensors.view(tensors.shape[0], -1)
+    weights = torch.tensor(list(group.other_weights), dtype=tensors.dtype)
+    if s.normalize:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if tensors.shape[0] != 2:
+            raise ValueError("the weighted sum of the unit task vectors is zero (antipodal "
+                             "models with balancing weights): mergekit refuses it too")
+        result = (tensors[0] * weights[0] + tensors[1] * weights[1]).view(tensors.shape[1:])
+        return result if base is None else result + base
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    length = torch.norm(tangent) + eps
+    result = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+    result = (result * (norms.squeeze(-1) * weights).sum()).view(tensors.shape[1:])
+    return result if base is None else result + base
+
+
 def _oracle(on_models: bool):
     def oracle(s, tensor_name: str, b, xs):
         from .core import oracle
@@ -120,12 +155,13 @@ METHODS = (
                    needs_base=False, needs_weights=True, placeholder_base=True,
                    aliases={"normalize_weights": "normalize"}, config_roles=config_roles,
                    config_rules=config_rules, without_base="multislerp_models",
-                   registers="theirs", backend=backend),
+                   registers="theirs", backend=backend, arithmetic=in_mergekit),
                parameters_doc="weights, `--normalize` (on), `--eps` (1e-8)"),
     MethodSpec("multislerp_models", "multislerp over the models themselves (no base)",
                ("weight", "normalize", "eps"), Defaults(normalize=True),
                Contract(on_sets=True), recipe=_trio_recipe(True), set_recipe=_set_recipe(True),
                oracle=_oracle(True), own_parameters=(EPS,),
-               settings_problems=settings_problems, mergekit=MergekitForm(needs_base=False),
+               settings_problems=settings_problems,
+               mergekit=MergekitForm(needs_base=False, arithmetic=in_mergekit),
                parameters_doc="weights, `--normalize` (on), `--eps` (1e-8)"),
 )

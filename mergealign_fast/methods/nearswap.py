@@ -23,6 +23,17 @@ def backend(group, merge):
     return merge.trio(group.base, group.others[0], group.base, "nearswap", t=group.shared["t"])
 
 
+def in_mergekit(s, group):
+    """mergekit's NearSwap in the inputs' dtype (|a − b| clamped at 1e-6)."""
+    import torch
+
+    from .core.geometry import NEAR_SWAP_EPS
+
+    a, b = group.base, group.others[0]
+    weight = (s.t / torch.abs(a - b).clamp(min=NEAR_SWAP_EPS)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
+
+
 def oracle(s, tensor_name: str, b, xs):
     from .core import oracle
 
@@ -34,5 +45,6 @@ METHODS = (MethodSpec(
     "value where the two are within t, else a step of t toward it (mergekit's NearSwap, bit "
     "for bit in fp32: mergekit computes a bf16 config in bf16; aligned unused)",
     ("t",), recipe=recipe, oracle=oracle,
-    mergekit=MergekitForm(config_roles=config_roles, registers="theirs", backend=backend),
+    mergekit=MergekitForm(config_roles=config_roles, registers="theirs", backend=backend,
+                          arithmetic=in_mergekit),
     parameters_doc="`--t`"),)

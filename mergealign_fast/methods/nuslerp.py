@@ -5,7 +5,8 @@ or per row or column (`--vectors`; mergekit's nuslerp_flatten false, nuslerp_row
 
 from __future__ import annotations
 
-from .core.geometry import nuslerp_coefficients, nuslerp_t
+from .core.geometry import (NUSLERP_EPS, NUSLERP_NORM_EPS, NUSLERP_WEIGHT_EPS,
+                            nuslerp_coefficients, nuslerp_t)
 from .core.recipes import weights_recipe
 from .core.spec import MODELS, TASK_ARITHMETIC, VECTOR_MODES, ByVectors, MergekitForm, MethodSpec
 
@@ -59,6 +60,42 @@ def backend(group, merge):
     return merge.trio(group.base, second, first, "nuslerp", w_second, w_first, vectors=vectors)
 
 
+def in_mergekit(s, group):
+    """mergekit's nuslerp in the inputs' dtype: t = w_2/(w_1 + w_2) (0.5 when they sum to
+    ~0) from the first model toward the second, on their task vectors when the config has a
+    base_model, per tensor (flatten), row or column."""
+    import torch
+
+    first, second = group.others
+    w1, w2 = group.other_weights
+    total = w1 + w2
+    t = 0.5 if abs(total) < NUSLERP_WEIGHT_EPS else w2 / total
+    if group.base is None:
+        return _mergekit_nuslerp(torch, t, first, second, s.vectors)
+    base = group.base
+    return base + _mergekit_nuslerp(torch, t, first - base, second - base, s.vectors)
+
+
+def _mergekit_nuslerp(torch, t: float, v0, v1, vectors: str):
+    shape = v0.shape
+    if vectors == "tensor":
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif vectors == "columns":
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(x):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= NUSLERP_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if vectors == "columns":
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
 def _oracle(on_models: bool):
     def oracle(s, tensor_name: str, b, xs):
         from .core import oracle
@@ -82,11 +119,13 @@ METHODS = (
                    needs_base=False, needs_weights=True, placeholder_base=True,
                    shape_options=("nuslerp_flatten", "nuslerp_row_wise"),
                    config_roles=config_roles, without_base="nuslerp_models",
-                   vectors_of=vectors_of, registers="theirs", backend=backend),
+                   vectors_of=vectors_of, registers="theirs", backend=backend,
+                   arithmetic=in_mergekit),
                parameters_doc="weights, `--vectors`"),
     MethodSpec("nuslerp_models", "slerp(aligned, domain, t), t as for nuslerp — mergekit's "
                "nuslerp without one", ("weight",), recipe=models_recipe,
                vectors=ByVectors(VECTOR_MODES, True, "models_only", vector_coefficients(0.0)),
-               oracle=_oracle(True), mergekit=MergekitForm(needs_base=False),
+               oracle=_oracle(True),
+               mergekit=MergekitForm(needs_base=False, arithmetic=in_mergekit),
                parameters_doc="weights"),
 )

@@ -34,6 +34,12 @@ def f64(s, b, *models):
     return b + s.lambda_ * combined
 
 
+def in_mergekit(s, group):
+    from .core import in_torch
+
+    return in_torch.generalized(s, group)
+
+
 def oracle(s, tensor_name: str, b, xs):
     from .core import oracle
 
@@ -46,5 +52,5 @@ METHODS = (MethodSpec(
     "task_arithmetic", "base + λ·(w_d τ_d + w_a τ_a) — MergeAlign",
     ("weight", "lambda", "normalize"), contract=Contract(on_sets=True), recipe=recipe,
     set_recipe=GENERALIZED["set_recipe"], f64=f64, fused_formula=True, oracle=oracle,
-    mergekit=MergekitForm(needs_weights=True, registers="ours"),
+    mergekit=MergekitForm(needs_weights=True, registers="ours", arithmetic=in_mergekit),
     parameters_doc="weights (0.5, 0.5), `--lambda` (1), `--normalize` (off)"),)

@@ -7,6 +7,12 @@ from __future__ import annotations
 from .core.generalized import vectors_merge
 from .core.spec import KEEP_LARGEST, Contract, Defaults, MergekitForm, MethodSpec
 
+def in_mergekit(s, group):
+    from .core import in_torch
+
+    return in_torch.generalized(s, group, in_torch.trimmed_by("largest"), consensus=True)
+
+
 VECTOR_PARAMETERS = ("weight", "density", "lambda", "normalize", "rescale")
 
 METHODS = (MethodSpec(
@@ -14,6 +20,6 @@ METHODS = (MethodSpec(
     "the weighted terms, average the agreeing terms (÷ their weights)", VECTOR_PARAMETERS,
     Defaults(normalize=True, sparsify=KEEP_LARGEST, sign_election=True),
     Contract(on_sets=True), **vectors_merge(), mergekit=MergekitForm(
-        needs_weights=True, registers="ours"),
+        needs_weights=True, registers="ours", arithmetic=in_mergekit),
     parameters_doc="weights, `--density` (1), `--lambda`, `--normalize` (on), `--rescale` "
     "(none)"),)

@@ -66,6 +66,8 @@ def plan_fingerprint(plan) -> str:
         identity.append(o.input_dtype.short_name)
     if o.vocabulary is not None:  # (likewise: merges by index keep their keys)
         identity.append(vocabulary_record(o.vocabulary))
+    if o.compute_dtype != "fp32":  # (likewise: merges in this engine's arithmetic)
+        identity.append(o.compute_dtype)
     key = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -82,7 +84,7 @@ def method_parameters(method) -> dict:
 _IDENTITY_FIELDS = ("device", "inode", "size", "mtime_ns", "ctime_ns")
 # The options a manifest records, whose change makes another merge.
 _OPTION_FIELDS = ("method", "method_parameters", "domain_weight", "align_weight", "out_dtype",
-                  "input_dtype", "max_shard_size", "vocabulary")
+                  "input_dtype", "compute_dtype", "max_shard_size", "vocabulary")
 
 
 def vocabulary_record(spec) -> Optional[dict]:
@@ -153,6 +155,7 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
         "out_dtype": o.out_dtype.short_name if o.out_dtype is not None
         else "promoted" if o.promote_mixed else "base",
         "input_dtype": o.input_dtype.short_name if o.input_dtype is not None else "stored",
+        "compute_dtype": o.compute_dtype,
         "max_shard_size": o.max_shard_size, "vocabulary": vocabulary_record(o.vocabulary),
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),

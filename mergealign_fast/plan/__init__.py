@@ -35,6 +35,7 @@ from .model import F64, MergePlan, PlannedShard, PlannedTensor  # noqa: F401
 from .options import (DEFAULT_GPU_MEMORY, DEFAULT_MAX_SHARD_SIZE, DISK_HEADROOM_BYTES,  # noqa: F401
                       MAX_SET_MODELS, ROLES, MergeOptions)
 from .inputs import check_inputs, checked_inputs, open_inputs  # noqa: F401
+from .mergekit_arithmetic import mergekit_problems, with_mergekit_dtypes
 from .output import output_problems, checked_output
 from .side_files import output_config, side_files_for
 
@@ -94,6 +95,8 @@ def layout_shards(tensors: List[PlannedTensor], max_shard_size: int) -> List[Pla
 def _device_problems(options: MergeOptions) -> List[str]:
     """The GPU path's backend must be able to run before anything is read."""
     kind = options.device.split(":")[0]
+    if kind != "cpu" and options.compute_dtype == "mergekit":
+        return [f"--compute-dtype mergekit runs on the CPU: leave out --device {options.device}"]
     if kind == "cpu":
         if options.backend not in ("auto", "cpu"):
             return [f"backend {options.backend!r} needs --device cuda; merges on the CPU use the "
@@ -287,7 +290,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
     settings' own problems, then the layout, side files, config and output checks (with a
     vocabulary merged by token, its tokenizer and vocab_size)."""
     roles = tuple(folders)
-    tensors = [_adapted_held_in(t) for t in tensors]
+    tensors = with_mergekit_dtypes([_adapted_held_in(t) for t in tensors], settings, options)
     if options.method.rules:  # rules can make any one tensor's values wrong
         problems = [p for name, s in settings.items()
                     for p in settings_problems(s, f"tensor {name}")]
@@ -298,7 +301,7 @@ def laid_out(folders: Dict[str, Path], models: Dict[str, Checkpoint],
                  f"{', '.join(s.name for s in methods.specs() if s.f64)} only, not "
                  f"{settings[t.name].name}"
                  for t in tensors if t.merged_in_f64 and settings[t.name].spec.f64 is None]
-    problems += _cast_problems(tensors, options)
+    problems += _cast_problems(tensors, options) + mergekit_problems(settings, options)
     if problems:
         raise PlanError(problems)
     shards = layout_shards(tensors, options.max_shard_size)

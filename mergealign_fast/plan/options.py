@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from .. import dtypes
 from ..dtypes import DType
@@ -20,6 +20,8 @@ DEFAULT_GPU_MEMORY = 2 << 30
 MAX_SET_MODELS = 32
 # Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
 DISK_HEADROOM_BYTES = 64 << 20
+# MergeOptions.compute_dtype: this engine's fp32 arithmetic, or mergekit's.
+COMPUTE_DTYPES = ("fp32", "mergekit")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ class MergeOptions:
     gpu_memory: int = DEFAULT_GPU_MEMORY  # device-memory budget when device is a GPU
     backend: str = "auto"  # kernel on the GPU path: auto | cuda | triton | torch
     resume: bool = False  # finish an interrupted merge into the same OUT
+    # How a mergekit config's merged tensors are computed: "fp32" (this engine's arithmetic:
+    # fp32 with one rounding at the store, exact statistics) or "mergekit" (mergekit's own
+    # arithmetic in the config's dtype, in torch, tensor by tensor: its tensors bit for bit;
+    # engine/writers/mergekit_arithmetic.py).
+    compute_dtype: str = "fp32"
+    # With compute_dtype "mergekit": the roles of the config's models in mergekit's order,
+    # the listed ones then base_model when it is not listed (its sums run in it; empty: the
+    # roles' order), and whether the config gives base_model (else the base role only
+    # stands in for the first model).
+    mergekit_order: Tuple[str, ...] = ()
+    mergekit_has_base: bool = True
     method: Method = Method()  # methods.py; the weights above are its w_d and w_a
 
     def __post_init__(self):
@@ -69,6 +82,9 @@ class MergeOptions:
         for name in ("out_dtype", "input_dtype"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, dtypes.as_dtype(getattr(self, name)))
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r}: choose one of "
+                             f"{', '.join(COMPUTE_DTYPES)}")
         if isinstance(self.vocabulary, str):  # "union" or a role: VocabularySpec's source
             object.__setattr__(self, "vocabulary", VocabularySpec(self.vocabulary))
 

@@ -4,8 +4,9 @@ A method module (mergealign_fast/methods/<name>.py) builds one or more specs and
 its `METHODS`; the registry (methods/__init__.py) finds them.  A spec says which parameters the
 method takes and its defaults, its input contract (a base, how many models), how it is merged
 (its route: the fused formula, a native recipe per tensor, vector by vector, or numpy windows),
-its float64 oracle, its names and conventions in mergekit configs and in mergekit itself, and
-the row of the method table in docs/methods.md.  Nothing outside a method's own module tests a
+its float64 oracle, its names and conventions in mergekit configs and in mergekit itself (with
+mergekit's own arithmetic of it, for --compute-dtype mergekit), and the row of the method table
+in docs/methods.md.  Nothing outside a method's own module tests a
 method's name: consumers ask the spec.
 """
 
@@ -109,6 +110,13 @@ class MergekitForm:
     # and its models as merge_set_tensors takes them): backend(group, merge) with
     # group.base / .others / .shared / .per_model / .name and merge.trio / merge.set.
     backend: Optional[Callable] = None
+    # --compute-dtype mergekit: the method as mergekit computes it, in torch, in the config's
+    # dtype (arithmetic(settings, group) -> tensor; group: methods/core/in_torch.py
+    # MergekitGroup), and whether mergekit's result is float32 under a narrower dtype (a
+    # float32 mask or coefficient enters its product).  None: `unreproducible` says why not.
+    arithmetic: Optional[Callable] = None
+    writes_f32: bool = False
+    unreproducible: str = "mergekit has no such method"
 
 
 @dataclass(frozen=True)
