@@ -126,3 +126,4 @@ def test_the_dtype_mergekit_computes_in(tiny_trio, tmp_path):
     tensor = plan.shards[0].tensors[0]
     assert compute_dtype_of(plan.options, tensor) == DType.BF16  # the trio's stored dtype
     assert compute_dtype_of(MergeOptions(input_dtype="fp16"), tensor) == DType.F16
+

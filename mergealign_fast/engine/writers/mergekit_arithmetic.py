@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ...dtypes import DType, to_torch
+from ...errors import MergeError
 from ...io.stream import InputMaps, tensor_chunks
 from ...methods.core.in_torch import MergekitGroup
 from ...output import ShardFile, write_fully
@@ -71,6 +72,16 @@ def mergekit_group(plan: MergePlan, settings, inputs: Sequence[object]) -> Merge
         other_epsilons=each(3, others))
 
 
+def _computed(settings, group: MergekitGroup, name: str):
+    """The method's mergekit form on one tensor; where mergekit would raise (antipodal models
+    under multislerp, ...), a one-line MergeError naming the tensor."""
+    try:
+        return settings.spec.mergekit.arithmetic(settings, group)
+    except (ValueError, RuntimeError) as exc:
+        raise MergeError(f"tensor {name}: {settings.name} in mergekit's arithmetic: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
 def write_mergekit_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor,
                           plans: Sequence[MergePlan], maps: InputMaps, file_offset: int) -> None:
     """targets[j] gets `tensor` merged by plans[j]'s method in mergekit's arithmetic, at
@@ -89,7 +100,7 @@ def write_mergekit_tensor(targets: Sequence[ShardFile], tensor: PlannedTensor,
         if tensor.count == 0:
             merged = torch.zeros(tensor.shape)
         else:
-            merged = settings.spec.mergekit.arithmetic(settings, group)
+            merged = _computed(settings, group, tensor.name)
         stored = merged.to(to_torch(tensor.out_dtype)).contiguous().reshape(-1)
         raw = stored.view(torch.uint8).numpy()
         write_fully(target.fd, memoryview(raw), file_offset, target.path)
