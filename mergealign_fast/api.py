@@ -13,12 +13,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .engine.loop import MergeResult, execute, execute_many
 from .errors import PlanError
-from .methods.core.parameters import set_method
+from .methods.core.parameters import Method, set_method
 from .methods.core.spec import SET_ROLE
 from .plan import MergeOptions, MergePlan, plan_merge, plan_set
 from .plan.sweep import plan_sweep
 
 PathLike = Union[str, os.PathLike]
+
+
+def options_with(options: Optional[MergeOptions], changes: dict) -> MergeOptions:
+    """`options` (default MergeOptions()) with `changes`; a method may be given by its name,
+    with its default parameters (method="ties")."""
+    if isinstance(changes.get("method"), str):
+        changes = {**changes, "method": Method(changes["method"])}
+    return replace(options or MergeOptions(), **changes)
 
 
 def merge_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out: PathLike, *,
@@ -34,7 +42,7 @@ def merge_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out: 
     ("" for this machine's Ray instance) splits the merge by shard across a Ray cluster
     (cluster.py): the same files.
     """
-    options = replace(options or MergeOptions(), **changes)
+    options = options_with(options, changes)
     return execute_on(plan_merge(base, domain, aligned, out, options), ray_address, progress)
 
 
@@ -96,7 +104,7 @@ def sweep_checkpoints(base: PathLike, domain: PathLike, aligned: PathLike, out_r
     """Write out_root/lambda-<λ> for each λ (plan_sweep) in one pass.  `options` and `changes`
     are merge_checkpoints'; the weights (and t) are the sweep's.  With `ray_address` ("" for a
     local Ray instance) each λ is a task on a Ray cluster instead (cluster.py)."""
-    shared = replace(options or MergeOptions(), **changes)
+    shared = options_with(options, changes)
     plans = plan_sweep(base, domain, aligned, out_root, lambdas, shared)
     if ray_address is not None:
         from .engine.cluster import sweep_on_ray

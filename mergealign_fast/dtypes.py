@@ -96,6 +96,9 @@ def from_numpy(dtype: Any) -> DType:
     (numpy has no bf16 of its own; uint16 is never a weight dtype, so it is unambiguous)."""
     table = {"float32": DType.F32, "float16": DType.F16, "uint16": DType.BF16,
              "bfloat16": DType.BF16}
+    if dtype.name in table and not dtype.isnative:
+        raise TypeError(f"numpy array of {dtype.str!r} is in the other byte order than this "
+                        "machine's: convert it first (a.astype(a.dtype.newbyteorder('=')))")
     if dtype.name in table:
         return table[dtype.name]
     raise TypeError(f"numpy arrays must be float32, float16 or bf16 bits as uint16 "

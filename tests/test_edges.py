@@ -94,7 +94,8 @@ def test_out_as_a_link_to_a_folder_on_another_file_system(tiny_trio, small_fs, t
 def test_out_as_a_link_to_a_model_replaced_twice_with_force(tiny_trio, tmp_path, reference):
     target = tmp_path / "store" / "model"
     target.mkdir(parents=True)
-    (target / "old.txt").write_text("the previous model")
+    (target / "config.json").write_text("{}")  # the previous model
+    (target / "old.safetensors").write_bytes(b"\0" * 8)
     (tmp_path / "store" / "neighbour.txt").write_text("untouched")
     link = tmp_path / "current"
     link.symlink_to(target)
@@ -102,7 +103,8 @@ def test_out_as_a_link_to_a_model_replaced_twice_with_force(tiny_trio, tmp_path,
         proc = cli(*merge_args(tiny_trio, link, "--force"))
         assert proc.returncode == 0, proc.stderr
         assert link.is_symlink() and os.readlink(link) == str(target)
-        assert all_tensors_bytes(target) == reference and not (target / "old.txt").exists()
+        assert all_tensors_bytes(target) == reference
+        assert not (target / "old.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["model", "neighbour.txt"]
     assert (tmp_path / "store" / "neighbour.txt").read_text() == "untouched"
 

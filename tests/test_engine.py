@@ -105,11 +105,11 @@ def test_mixed_input_dtypes_and_fp32_output(tiny_trio, tmp_path):
 def test_existing_output_needs_force_and_is_replaced_only_when_done(tiny_trio, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous model")
+    (out / "old.safetensors").write_text("previous model")
     with pytest.raises(PlanError, match="not empty"):
         merge(tiny_trio, out)
     merge(tiny_trio, out, force=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "old.safetensors").exists() and (out / "model.safetensors").exists()
     assert leftovers(tmp_path) == []
 
 
@@ -137,7 +137,7 @@ def test_failure_midway_keeps_the_old_output_and_resume_finishes(tiny_trio, tmp_
                                                                  failure):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous model")
+    (out / "old.safetensors").write_text("previous model")
     merge(tiny_trio, tmp_path / "reference", max_shard_size=100_000)
     fake = FailingNative(fail_at=9, failure=failure)  # shard 1 of 3 done, shard 2 half done
     monkeypatch.setattr(cpu, "native", lambda: fake)
@@ -147,7 +147,7 @@ def test_failure_midway_keeps_the_old_output_and_resume_finishes(tiny_trio, tmp_
     assert fake.calls == 9
     if expected is MergeError:
         assert "rerun with --resume" in str(info.value)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # OUT untouched
+    assert sorted(p.name for p in out.iterdir()) == ["old.safetensors"]  # OUT untouched
     assert leftovers(tmp_path) == [".out.mergealign-partial"]
     monkeypatch.undo()
     with pytest.raises(PlanError, match="not empty"):  # --force is still needed to replace OUT

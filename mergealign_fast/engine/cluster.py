@@ -302,7 +302,7 @@ def _ray_merger(ray, groups_of: Callable[[List[PlannedShard]], List[List[Planned
             partial = partials[task.key]
             for staged, size, crc, nonfinite in written:
                 name = Path(staged).name
-                os.replace(staged, partial.folder / name)
+                os.replace(staged, partial.inside / name)
                 partial.record_written(name, size, crc, nonfinite, partial.plan.options.fsync)
             left[task.key] -= 1
             if not left[task.key]:

@@ -100,6 +100,12 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
     if out is None:
         out = _allocate_like(base, inputs["base"].dtype if out_dtype is None else out_dtype)
     out_buf = as_buffer(out, "out")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only (a bytes buffer or a read-only map?): give a "
+                         "writable array, or none to get a new one")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a whole number of at least 1 (got {threads!r})")
     if tuple(out.shape) != shapes["base"]:
         raise ValueError(f"out has shape {tuple(out.shape)}, inputs have {shapes['base']}")
     if out_dtype is not None and out_buf.dtype is not out_dtype:
@@ -197,6 +203,12 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
     if out is None:
         out = _allocate_like(base, out_dtype)
     out_buf = as_buffer(out, "out")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only (a bytes buffer or a read-only map?): give a "
+                         "writable array, or none to get a new one")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a whole number of at least 1 (got {threads!r})")
     if tuple(out.shape) != shapes["base"] or out_buf.dtype is not out_dtype:
         raise ValueError(f"out must have the inputs' shape {shapes['base']} and dtype "
                          f"{out_dtype.short_name}")

@@ -303,7 +303,8 @@ def merge_here(writer: Optional[Writer] = None) -> ShardMerger:
         progress.advance(sum(t.out_nbytes for shard in first.shards
                              if shard.filename not in pending_names
                              for t in shard.tensors) * len(plans))
-        for shard, written in write_shards(plans, pending, progress, writer):
+        for shard, written in write_shards(plans, pending, progress, writer,
+                                           [partial.inside for partial in partials]):
             for partial, shard_file in zip(partials, written):
                 partial.record_shard(shard_file, shard.size, first.options.fsync)
         progress.close()

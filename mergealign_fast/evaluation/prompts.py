@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List
 
 from ..errors import MergeError
+from ..io import json_text
 
 PROMPT_FIELD = "prompt"
 
@@ -25,7 +26,7 @@ def read_prompts(path: Path, flag: str) -> List[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_text.loads(line)
         except json.JSONDecodeError as exc:
             raise MergeError(f"{flag} {path}, line {number}: not JSON ({exc.msg})") from None
         text = record.get(PROMPT_FIELD) if isinstance(record, dict) else None

@@ -8,7 +8,6 @@ interruption skips it; OUT/tune.json pins the settings a rerun must match.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..plan.sweep import lambda_folder, plan_sweep
 from ..api import sweep_checkpoints
 from .evaluate import EvalSettings, Evaluator, write_json_atomic
 from .report import write_reports
+from ..io import json_text
 
 PARENTS = ("base", "domain", "aligned")
 # Free space the batches leave untouched: the evaluation's own files and the rest of the system.
@@ -56,7 +56,7 @@ def _pin_settings(out_dir: Path, record: dict) -> None:
     """The first run writes tune.json; a rerun must match it (finished cells are reused)."""
     pinned = out_dir / "tune.json"
     if pinned.exists():
-        if json.loads(pinned.read_text()) != record:
+        if json_text.loads(pinned.read_text()) != record:
             raise MergeError(f"{out_dir} holds a tune with other inputs or settings "
                              f"({pinned}): give another -o folder, or delete it to start over")
         return
@@ -107,7 +107,7 @@ def tune(base: Path, domain: Path, aligned: Path, out_dir: Path, lambdas: Sequen
                    progress)
     if merges_dir.is_dir() and not any(merges_dir.iterdir()):
         merges_dir.rmdir()
-    results = [json.loads((out_dir / "cells" / f"{c.name}.json").read_text()) for c in cells]
+    results = [json_text.loads((out_dir / "cells" / f"{c.name}.json").read_text()) for c in cells]
     return write_reports(out_dir, results)
 
 

@@ -21,7 +21,6 @@ refused in one line naming the setting.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -32,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import MergeError
 from .checkpoint import (ADAPTER_CONFIG, ADAPTER_LAYOUTS, TOKENIZER_FILES, Checkpoint,
                          open_checkpoint, read_elements)
+from . import json_text
 
 PEFT_PREFIX = "base_model.model."
 
@@ -263,7 +263,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     adapter a merge can apply."""
     path = Path(folder) / ADAPTER_CONFIG
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        values = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MergeError(f"{path}: cannot read: {exc}") from None
     if not isinstance(values, dict):

@@ -13,6 +13,7 @@ from ..errors import MergeError
 from . import readers
 from .safetensors_format import FormatError, TensorEntry, read_header
 from .torch_bin import WEIGHTS_FILE, WEIGHTS_INDEX, read_bin
+from . import json_text
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,7 +154,7 @@ def index_weight_map(folder: Path, index_file: str = INDEX_FILE) -> Dict[str, st
     """An index file's {tensor: shard}; FormatError naming the index when it is not one."""
     path = folder / index_file
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{path}: cannot read the shard index: {exc}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

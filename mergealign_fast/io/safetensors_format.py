@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..dtypes import SAFETENSORS_ITEMSIZE
 from ..errors import MergeError
 from .readers import ByteReader, open_reader
+from . import json_text
 
 # The reference implementation refuses headers above 100 MB; a real 405B-model shard header is
 # well under 1 MB, so anything larger is a corrupt length field, not a big model.
@@ -87,7 +88,7 @@ def _read_header_json(path: Path, reader: ByteReader) -> Tuple[dict, int]:
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: header is not valid UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json_text.loads(text, object_pairs_hook=_reject_duplicates)
     except ValueError as exc:
         raise FormatError(f"{path}: header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -101,6 +102,11 @@ def _is_int(x: object) -> bool:
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON escape of half a surrogate pair: no loader reads it
+        raise FormatError(f"{where}: the name is not valid Unicode (a lone surrogate \\u "
+                          "escape), which the safetensors library refuses") from None
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: entry must be an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from ..errors import PlanError
+from ..io import json_text
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -79,7 +80,7 @@ def model_template(folder: Path) -> Optional[str]:
     if file.is_file():
         return file.read_text(encoding="utf-8").strip() or None
     try:
-        template = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8")) \
+        template = json_text.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8")) \
             .get("chat_template")
     except (OSError, ValueError, AttributeError):
         return None
@@ -117,7 +118,7 @@ def template_files(template: str, copied: Sequence[Path],
         raise PlanError(["chat_template: the output gets no tokenizer_config.json to carry it "
                          "(set tokenizer_source to a model with a tokenizer, and copy it)"])
     try:
-        config = json.loads(read())
+        config = json_text.loads(read())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise PlanError([f"{where}: cannot read: {exc}"]) from None
     if not isinstance(config, dict):

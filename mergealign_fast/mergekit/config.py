@@ -18,7 +18,6 @@ which role: mergekit/roles.py.  What a config becomes: loaded.py's RunConfig.
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +33,7 @@ from ..errors import MergeError
 from ..io.adapters import config_folder
 from ..sources import model_folder
 from .tokenizer import TokenizerReader
+from ..io import json_text
 
 TOP_LEVEL_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "slices"}
@@ -285,7 +285,7 @@ class _Reader(ParameterReader, TokenizerReader, SliceReader):
         found = {}
         for role, folder in roles.items():
             try:
-                config = json.loads((config_folder(folder) / "config.json").read_text(
+                config = json_text.loads((config_folder(folder) / "config.json").read_text(
                     encoding="utf-8"))
                 found[folder] = tuple(config.get("architectures") or ())
             except (OSError, ValueError, AttributeError):

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .._version import __version__
 from ..errors import MergeError
@@ -48,11 +48,16 @@ def lock_folder(folder: Path, make: bool) -> Optional[int]:
         if make:
             folder.mkdir(exist_ok=True)
         try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             if not make:
                 return None
             continue
+        except (NotADirectoryError, OSError) as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            raise MergeError(f"{folder} is a symbolic link or not a folder: a merge works only "
+                             "in a folder it made itself; move it away") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,6 +106,76 @@ def out_dir_problems(given, out: Path) -> List[str]:
     return []
 
 
+def _identity(path) -> Optional[Tuple[int, int]]:
+    """(device, inode) of what `path` names, following links; None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _folders_holding(path: Path) -> List[Path]:
+    """`path` with its links resolved, and every folder above it."""
+    real = Path(os.path.realpath(path))
+    return [real, *real.parents]
+
+
+def overlap_problems(given, out: Path, inputs: Dict[str, Sequence[Path]]) -> List[str]:
+    """Inputs a merge into `out` would replace or write into, decided by the identity (device,
+    inode) of every file and folder, not by their names: a link, a bind mount or a hidden
+    folder that is an input is found too.  `inputs` maps each role to its folder and the files
+    read from it.  Refused: the hidden working folder being a link or not a folder (a merge
+    writes only into a folder it made); any input file or folder inside OUT or the hidden
+    folder (--force would delete it, --resume overwrite it); OUT inside an input folder."""
+    hidden = partial_dir_for(out)
+    if os.path.islink(hidden) or (os.path.lexists(hidden) and not os.path.isdir(hidden)):
+        return [f"{hidden}, the hidden folder a merge into {given} works in, is "
+                f"{'a symbolic link' if os.path.islink(hidden) else 'not a folder'}: a merge "
+                "writes only into a folder it made itself; move it away"]
+    replaced = {i: place for place in (out, hidden) if (i := _identity(place)) is not None}
+    problems = []
+    for role, paths in inputs.items():
+        folder = paths[0]
+        inside = next(((path, replaced[i]) for path in paths for above in _folders_holding(path)
+                       if (i := _identity(above)) in replaced), None)
+        if inside is not None:
+            problems.append(f"output {given} overlaps the {role} model folder {folder}: "
+                            f"{inside[0]} lies inside {inside[1]}, which the merge replaces; "
+                            "choose another output folder")
+        elif _identity(folder) in {_identity(p) for p in _folders_holding(out)
+                                   if os.path.exists(p)}:
+            problems.append(f"output {given} overlaps the {role} model folder {folder}: the "
+                            "output would be written inside an input; choose another output "
+                            "folder")
+    return problems
+
+
+# What a model folder holds: the only folders --force replaces (anything else is the user's).
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".md",
+                       ".jinja", ".py", ".tiktoken", ".yml", ".yaml", ".gguf", ".msgpack", ".h5")
+MODEL_MARKERS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", "config.json")
+
+
+def not_a_model_problem(given, out: Path) -> Optional[str]:
+    """Why the non-empty folder `out` is not a model that --force may replace (None when it
+    is): every entry a plain file of a model's kinds (weights, JSON, tokenizer, card, code),
+    at least one of them weights or a config."""
+    entries = sorted(out.iterdir())
+    strangers = [e.name + ("/" if e.is_dir() else "") for e in entries
+                 if e.is_symlink() or not e.is_file()
+                 or not (e.name.endswith(MODEL_FILE_SUFFIXES) or e.name == ".gitattributes")]
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more"
+                                            if len(strangers) > 3 else "")
+        return (f"output {given} is not a model folder (it holds {shown}): --force replaces "
+                "only a model; name a new folder or empty this one yourself")
+    if not any(e.name.endswith(MODEL_MARKERS) for e in entries):
+        return (f"output {given} holds no weights or config.json: --force replaces only a "
+                "model; name a new folder or empty this one yourself")
+    return None
+
+
 def write_fully(fd: int, data, offset: int, path: Path) -> None:
     """pwrite all of `data` at `offset`; a write that makes no progress means the disk is full."""
     view = memoryview(data).cast("B")
@@ -127,8 +202,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def locked_path(fd: int, folder: Path) -> Path:
+    """A path that names the folder open as `fd` whatever happens to `folder`'s name meanwhile
+    (Linux's /proc/self/fd/N): files opened through it are created in the locked folder, never
+    in a folder another merge made at the same name after this one's was removed."""
+    through_fd = Path(f"/proc/self/fd/{fd}")
+    return through_fd if _identity(through_fd) == _identity_of_fd(fd) else folder
+
+
+def _identity_of_fd(fd: int) -> Tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 class PartialOutput:
-    """The locked hidden folder one merge writes into."""
+    """The locked hidden folder one merge writes into.  `folder` is its name (for messages and
+    the final rename); `inside` the path every file is opened through (locked_path)."""
 
     def __init__(self, plan):
         self.plan = plan
@@ -136,6 +225,7 @@ class PartialOutput:
         self.folder = partial_dir_for(plan.out_dir)
         self.fingerprint = plan_fingerprint(plan)
         self.lock_fd: Optional[int] = None
+        self.inside = self.folder
         self.shards: Dict[str, dict] = {}
         self.side_files: Dict[str, dict] = {}  # recorded once every shard is complete
         self.published = False  # renamed to OUT
@@ -148,7 +238,8 @@ class PartialOutput:
         if self.lock_fd is None:
             raise MergeError(f"another merge into {self.out_dir} is running now (it holds "
                              f"{self.folder}); wait for it or choose another output")
-        leftovers = list(self.folder.iterdir())
+        self.inside = locked_path(self.lock_fd, self.folder)
+        leftovers = list(self.inside.iterdir())
         if leftovers and not (resume or force):
             self.close()
             raise MergeError(f"{self.folder} holds an interrupted merge into {self.out_dir}: add "
@@ -161,7 +252,7 @@ class PartialOutput:
         return self
 
     def _load_journal(self) -> None:
-        journal = read_manifest(self.folder)
+        journal = read_manifest(self.inside)
         if not journal:
             return  # killed before the first shard completed: nothing to keep
         if journal.get("fingerprint") != self.fingerprint:
@@ -182,7 +273,7 @@ class PartialOutput:
     def shard_is_complete(self, name: str, size: int) -> bool:
         """True for a shard the journal records and whose file still has that size and CRC."""
         recorded = self.shards.get(name)
-        path = self.folder / name
+        path = self.inside / name
         if not recorded or recorded["size"] != size or not path.is_file() \
                 or path.stat().st_size != size:
             return False
@@ -206,9 +297,9 @@ class PartialOutput:
     def _write_manifest(self, fsync: bool) -> None:
         manifest = manifest_document(self.plan, __version__, self.fingerprint, self.shards,
                                      self.side_files)
-        staging = self.folder / (MANIFEST + ".new")
+        staging = self.inside / (MANIFEST + ".new")
         write_file(staging, (json.dumps(manifest, indent=2) + "\n").encode(), fsync)
-        os.replace(staging, self.folder / MANIFEST)
+        os.replace(staging, self.inside / MANIFEST)
 
     def discard_if_empty(self) -> bool:
         """After a failure: remove the folder when no shard was completed (nothing to resume).
@@ -217,8 +308,13 @@ class PartialOutput:
             return True
         if self.shards:
             return False
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.still_named():  # (never a folder another merge made at the name since)
+            shutil.rmtree(self.folder, ignore_errors=True)
         return True
+
+    def still_named(self) -> bool:
+        """Whether `folder` still names the folder this merge locked."""
+        return self.lock_fd is not None and _identity(self.folder) == _identity_of_fd(self.lock_fd)
 
 
 
@@ -339,7 +435,7 @@ def _write_side_files(partial: "PartialOutput") -> None:
     native = cpu.native()
     recorded = {}
     for name, data in side_files(partial.plan).items():
-        write_file(partial.folder / name, data, partial.plan.options.fsync)
+        write_file(partial.inside / name, data, partial.plan.options.fsync)
         buffer = ctypes.create_string_buffer(data, len(data))
         recorded[name] = {"size": len(data),
                           "crc32c": crc_hex(native.crc32c(ctypes.addressof(buffer), len(data)))}
@@ -391,6 +487,19 @@ def publish(partial: PartialOutput) -> None:
     plan = partial.plan
     _write_side_files(partial)
     if plan.options.fsync:
-        fsync_dir(partial.folder)
+        fsync_dir(partial.inside)
+    _check_still_named(partial)
     move_into_place(partial.folder, plan.out_dir, plan.options.fsync)
     partial.published = True
+    if _identity(plan.out_dir) != _identity_of_fd(partial.lock_fd):
+        raise MergeError(f"{plan.out_dir} is not the folder this merge wrote: its hidden folder "
+                         "was replaced while the merge ran; run `mergealign-fast verify` on it "
+                         "or merge again with --force")
+
+
+def _check_still_named(partial: PartialOutput) -> None:
+    """The hidden folder must still be the one locked and written: one removed or replaced
+    meanwhile (by hand, or by another merge while this one was stopped) is not published."""
+    if not partial.still_named():
+        raise MergeError(f"{partial.folder} was removed or replaced while this merge ran (it "
+                         "was stopped?): what it wrote is gone; merge again")

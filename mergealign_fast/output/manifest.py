@@ -18,6 +18,7 @@ from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_LAYOUTS, open_checkpoint
 from ..kernels import cpu
 from ..io import readers
 from ..io.stream import input_identities
+from ..io import json_text
 
 MANIFEST = "mergealign-manifest.json"
 FORMAT = "mergealign-fast manifest 1"
@@ -49,10 +50,27 @@ def read_manifest(folder: Path) -> dict:
     """The manifest (or journal) in `folder`; {} when there is none or it cannot be read (a
     merge killed before its first shard completed leaves none)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json_text.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    return manifest if damage_of(manifest) is None else {}
+
+
+def damage_of(manifest) -> Optional[str]:
+    """What is malformed in a manifest or journal as read (None when it is well formed): the
+    shards and side files it records must each have a whole size and a CRC-32C.  A damaged
+    journal is no journal (--resume starts that merge over); `verify` reports the damage."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for key in ("shards", "files"):
+        records = manifest.get(key, {})
+        if not isinstance(records, dict):
+            return f"its {key!r} is not an object"
+        for name, record in records.items():
+            if not (isinstance(record, dict) and type(record.get("size")) is int
+                    and isinstance(record.get("crc32c"), str) and "/" not in name):
+                return f"its record of {name!r} under {key!r} is damaged"
+    return None
 
 
 def plan_fingerprint(plan) -> str:
@@ -68,8 +86,35 @@ def plan_fingerprint(plan) -> str:
         identity.append(vocabulary_record(o.vocabulary))
     if o.compute_dtype != "fp32":  # (likewise: merges in this engine's arithmetic)
         identity.append(o.compute_dtype)
+    identity.append(side_file_digests(plan))  # what OUT holds besides tensors is the merge too
     key = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+# Side files are hashed in pieces this large (a tokenizer.json may be hundreds of MB).
+DIGEST_PIECE = 8 << 20
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(DIGEST_PIECE):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def side_file_digests(plan) -> Dict[str, str]:
+    """name -> SHA-256 of config.json and of each file copied into OUT from an input (the
+    tokenizer, generation config, chat template...).  A merge with another tokenizer source,
+    or over an input whose side file was edited, is another merge: --resume does not call it
+    complete.  Files the merge writes itself (a merged tokenizer, a config run's README and
+    mergekit_config.yml) follow from what the fingerprint already holds, and are added to a
+    plan only after its output is checked, so they are not part of it."""
+    digests = {source.name: _file_digest(source) for source in plan.copied_files}
+    if plan.config is not None:
+        digests["config.json"] = hashlib.sha256(
+            json.dumps(plan.config, sort_keys=True).encode()).hexdigest()
+    return dict(sorted(digests.items()))
 
 
 def method_parameters(method) -> dict:
@@ -160,6 +205,7 @@ def manifest_document(plan, version: str, fingerprint: str, shards: Dict[str, di
         "inputs": describe_inputs(plan), "fingerprint": fingerprint,
         "shards": dict(sorted(shards.items())),
         "files": dict(sorted((side_files or {}).items())),
+        "side_files": side_file_digests(plan),
     }
 
 
@@ -196,6 +242,13 @@ def merge_differences(recorded: dict, plan) -> List[str]:
     for key in _OPTION_FIELDS:
         if not _same(recorded.get(key), now[key]):
             lines.append(f"option {key}: {recorded.get(key)!r} then, {now[key]!r} now")
+    then, files_now = recorded.get("side_files") or {}, now["side_files"]
+    for name in sorted(set(then) | set(files_now)):
+        if then.get(name) != files_now.get(name):
+            how = ("is written now, not then" if name not in then else
+                   "was written then, not now" if name not in files_now else "differs")
+            lines.append(f"side file {name} {how} (another tokenizer or config source, or an "
+                         "input's file edited since)")
     return lines or ["the output layout differs (another dtype or shard size)"]
 
 
@@ -207,19 +260,22 @@ def verify_output(out_dir: Path) -> List[str]:
     if not out_dir.is_dir():
         return [f"{out_dir}: not a directory (give the merged model's folder)"]
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = json_text.loads((out_dir / MANIFEST).read_text())
     except OSError:
         return [f"{out_dir}: no {MANIFEST}: not written by mergealign-fast, or not finished"]
     except ValueError as exc:
         return [f"{out_dir / MANIFEST}: not valid JSON: {exc}"]
+    damage = damage_of(manifest)
+    if damage is not None:
+        return [f"{out_dir / MANIFEST}: damaged manifest ({damage})"]
     if manifest.get("format") != FORMAT:
         return [f"{out_dir / MANIFEST}: unknown format {manifest.get('format')!r}"]
     problems = []
     try:
         files = _weight_file_names(out_dir)
-        if files != set(manifest["shards"]):
+        if files != set(manifest.get("shards", {})):
             problems.append(f"{out_dir}: the index names shards {sorted(files)} but the manifest "
-                            f"records {sorted(manifest['shards'])}")
+                            f"records {sorted(manifest.get('shards', {}))}")
     except MergeError as exc:
         problems.append(str(exc))
     for name, recorded in sorted({**manifest.get("shards", {}),

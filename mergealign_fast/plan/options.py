@@ -18,8 +18,10 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 DEFAULT_GPU_MEMORY = 2 << 30
 # The native kernel's model count (csrc/merge_operands.h kMaxModels).
 MAX_SET_MODELS = 32
-# Reserve beyond the tensor bytes for headers, config and tokenizer files and filesystem slack.
-DISK_HEADROOM_BYTES = 64 << 20
+# Slack beyond what the output's files take (output_needs counts shards, side files and the
+# manifest, each rounded up to whole blocks): room for the journal's rewrites and a directory
+# block or two, so that a merge that fits is not refused on a small disk.
+DISK_HEADROOM_BYTES = 1 << 20
 # MergeOptions.compute_dtype: this engine's fp32 arithmetic, or mergekit's.
 COMPUTE_DTYPES = ("fp32", "mergekit")
 

@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import PlanError
 from ..output.manifest import merge_differences, plan_fingerprint, read_manifest
-from ..output import out_dir_problems
+from ..output import not_a_model_problem, out_dir_problems, overlap_problems, partial_dir_for
 from ..sources import pending_download_bytes
 from .model import MergePlan
 from .options import DISK_HEADROOM_BYTES, MergeOptions
-
-
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 def output_problems(given, out: Path, folders: Dict[str, Path],
@@ -26,15 +23,13 @@ def output_problems(given, out: Path, folders: Dict[str, Path],
     problems = out_dir_problems(given, out)
     if problems:  # OUT itself cannot be published to: what else is true of it does not matter
         return problems
-    for role, folder in folders.items():
-        src = folder.resolve()
-        if _is_within(out, src) or _is_within(src, out):
-            problems.append(f"output {given} overlaps the {role} model folder {folder}: "
-                            "choose another output folder")
+    problems += overlap_problems(given, out, {role: [f] for role, f in folders.items()})
     if out.exists() and not out.is_dir():
         problems.append(f"output {given} exists and is not a directory")
     elif _is_occupied(out) and not (options.force or options.resume):
         problems.append(f"output {given} exists and is not empty: use --force to replace it")
+    elif _is_occupied(out) and not problems:
+        problems += filter(None, [not_a_model_problem(given, out)])
     return problems
 
 
@@ -64,8 +59,44 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def disk_problems(out_dir: Path, needed: int, downloads: Optional[Dict[Path, int]] = None
-                  ) -> List[str]:
+# A file takes whole blocks: each of the output's files is counted rounded up to this (the
+# common 4 KiB of ext4 and xfs); the manifest is budgeted at this many bytes per shard.
+BLOCK_BYTES = 4096
+MANIFEST_BYTES_PER_SHARD = 256
+
+
+def _blocks(nbytes: int) -> int:
+    return -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+
+
+def output_files(plan: MergePlan) -> int:
+    """How many files OUT gets: shards, side files (index, config, tokenizer...), manifest."""
+    return len(plan.shards) + 2 + len(plan.copied_files) + len(plan.written_files)
+
+
+def output_needs(plan: MergePlan) -> int:
+    """The disk bytes a merge still has to take: its shards, side files and manifest in whole
+    blocks, less what its hidden folder already holds (shards --resume keeps, or leftovers
+    --force deletes before writing)."""
+    if plan.complete:
+        return 0
+    side = sum(_blocks(f.stat().st_size) for f in plan.copied_files if f.is_file())
+    side += sum(_blocks(len(data)) for data in plan.written_files.values())
+    side += _blocks(64 << 10) * 2  # config.json and the index: small, budgeted at 64 KiB
+    manifest = _blocks(BLOCK_BYTES + MANIFEST_BYTES_PER_SHARD * len(plan.shards))
+    total = sum(_blocks(s.size) for s in plan.shards) + side + manifest
+    return max(0, total - _bytes_held(partial_dir_for(plan.out_dir)))
+
+
+def _bytes_held(folder: Path) -> int:
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    return sum(_blocks(f.stat().st_size) for f in folder.iterdir()
+               if f.is_file() and not f.is_symlink())
+
+
+def disk_problems(out_dir: Path, needed: int, downloads: Optional[Dict[Path, int]] = None,
+                  files: int = 0) -> List[str]:
     """Free space for OUT's `needed` bytes and for the Hub downloads still to make ({cache
     folder: bytes}), summed per filesystem: a cache on OUT's disk needs room for both."""
     wanted: Dict[int, list] = {}
@@ -80,23 +111,43 @@ def disk_problems(out_dir: Path, needed: int, downloads: Optional[Dict[Path, int
     for nbytes, existing, parts in wanted.values():
         free = shutil.disk_usage(existing).free
         if nbytes + DISK_HEADROOM_BYTES > free:
-            problems.append(f"not enough free disk for {out_dir}: {'; '.join(parts)}; "
-                            f"{free:,} bytes are free on that filesystem")
+            problems.append(f"not enough free disk for {out_dir}: {'; '.join(parts)} (and "
+                            f"{DISK_HEADROOM_BYTES >> 20} MiB of slack); {free:,} bytes are free "
+                            "on that filesystem")
+    inodes = _free_inodes(existing_ancestor(Path(out_dir).parent))
+    if inodes is not None and files > inodes:
+        problems.append(f"not enough free inodes for {out_dir}: the merge creates {files} "
+                        f"files, the filesystem has room for {inodes} more")
     return problems
+
+
+def _free_inodes(folder: Path) -> Optional[int]:
+    """Files that can still be created there (None: no fixed limit, as on btrfs)."""
+    vfs = os.statvfs(folder)
+    return vfs.f_favail if vfs.f_files else None
+
+
+def _paths_read(plan: MergePlan) -> Dict[str, List[Path]]:
+    """Each input's folder and the local files read from it (a Hub file not downloaded yet is
+    left out: it will be written into the Hub cache, not read from OUT)."""
+    read = set(plan.files_read())
+    return {role: [Path(c.folder), *(f for f in c.files if f in read and os.path.lexists(f))]
+            for role, c in plan.inputs.items()}
 
 
 def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = None
                    ) -> MergePlan:
     """The last checks of a laid-out plan: OUT as `given` (with `folders`, the inputs, when
     they were not checked yet), this very merge already complete (--resume), the disk."""
-    if folders is not None:
-        problems = output_problems(given, plan.out_dir, folders, plan.options)
-        if problems:
-            raise PlanError(problems)
+    problems = output_problems(given, plan.out_dir, folders, plan.options) \
+        if folders is not None else []
+    problems = problems or overlap_problems(given, plan.out_dir, _paths_read(plan))
+    if problems:
+        raise PlanError(problems)
     plan.complete = plan.options.resume and _completed_output(plan, given)
     if not plan.complete:
         downloads = pending_download_bytes(plan.files_read())
-        disk = disk_problems(plan.out_dir, plan.output_bytes, downloads)
+        disk = disk_problems(plan.out_dir, output_needs(plan), downloads, output_files(plan))
         if disk:
             raise PlanError(disk)
     return plan

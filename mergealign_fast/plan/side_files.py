@@ -4,7 +4,6 @@ config.json with its dtype."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -12,6 +11,7 @@ from ..dtypes import DType
 from ..errors import PlanError
 from ..io.adapters import config_folder, tokenizer_folder
 from ..io.checkpoint import CONFIG_FILE, TOKENIZER_FILES
+from ..io import json_text
 
 
 def side_files_for(folders: Dict[str, Path], tokenizer_from: str):
@@ -42,7 +42,7 @@ def _auto_map_modules(described: Path) -> List[str]:
     """The local modules an `auto_map` in a config or tokenizer_config names ("modeling_x" of
     "modeling_x.XModel"; a "repo--module.Class" reference lives in another repository)."""
     try:
-        auto_map = json.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
+        auto_map = json_text.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return []  # an unreadable config is reported where it is read
     references = [r for value in auto_map.values()
@@ -69,7 +69,7 @@ def output_config(path: Optional[Path], dtype: DType) -> Optional[dict]:
     if path is None:
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise PlanError([f"{path}: cannot read: {exc}"]) from None
     if not isinstance(config, dict):

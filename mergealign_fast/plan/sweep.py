@@ -17,7 +17,7 @@ from ..errors import PlanError
 from ..units import PathLike
 from . import MergeOptions, MergePlan, plan_merge
 from ..sources import pending_download_bytes
-from .output import disk_problems
+from .output import disk_problems, output_files, output_needs
 
 
 def lambda_label(lam: float) -> str:
@@ -54,6 +54,10 @@ def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: Pa
     out_root = Path(out_root)
     if not lambdas:
         raise PlanError(["give at least one λ"])
+    labels = [lambda_label(lam) for lam in lambdas]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise PlanError([f"λ {', '.join(twice)} appears twice: each λ is merged once"])
     plans = []
     for lam in lambdas:
         # 1 - λ rounded to 12 digits: 1 - 0.7 must be the 0.3 a user would type for one merge.
@@ -63,9 +67,10 @@ def plan_sweep(base: PathLike, domain: PathLike, aligned: PathLike, out_root: Pa
         one = replace(options, domain_weight=lam, align_weight=round(1.0 - lam, 12),
                       method=method)
         plans.append(plan_merge(base, domain, aligned, lambda_folder(out_root, lam), one))
-    needed = sum(p.output_bytes for p in plans)
+    needed = sum(output_needs(p) for p in plans)  # (a finished λ needs nothing more)
     problems = disk_problems(lambda_folder(out_root, lambdas[0]), needed,
-                             pending_download_bytes(plans[0].files_read()))
+                             pending_download_bytes(plans[0].files_read()),
+                             sum(output_files(p) for p in plans if not p.complete))
     if problems:
         raise PlanError(problems)
     return plans

@@ -368,10 +368,17 @@ def run_bench(size: int, quick: bool, threads: Optional[int], work: Optional[Pat
     rows = kernel_rows(QUICK_KERNEL_ELEMENTS if quick else KERNEL_ELEMENTS,
                        sorted({1, threads}), rounds)
     trio = trio_for(size, cache, quick)
-    rows += io_rows(trio, cache, rounds, cold)
-    rows += merge_rows(trio, cache, max(1, rounds - 2), cold, threads)
-    if vs_mergekit:
-        rows += mergekit_rows(trio, cache)
+    # What the rows write (a merged model, the write floor's file, mergekit's config and
+    # output) goes into a folder made for this run alone and removed with it: a `merged` the
+    # user keeps in the work folder is never touched.
+    scratch = Path(tempfile.mkdtemp(prefix=".mergealign-bench-run-", dir=cache))
+    try:
+        rows += io_rows(trio, scratch, rounds, cold)
+        rows += merge_rows(trio, scratch, max(1, rounds - 2), cold, threads)
+        if vs_mergekit:
+            rows += mergekit_rows(trio, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if device.split(":")[0] == "cuda":
         rows += gpu_rows(QUICK_KERNEL_ELEMENTS if quick else KERNEL_ELEMENTS, rounds)
     if json_path:

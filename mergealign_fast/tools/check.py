@@ -20,6 +20,7 @@ from ..io import readers
 from ..io.adapters import adapter_base, config_folder, tokenizer_folder
 from ..io.checkpoint import CONFIG_FILE, Checkpoint
 from ..units import human_bytes
+from ..io import json_text
 
 # config.json's settings the report compares (a difference is marked, not refused: merges
 # across them are sometimes what the user wants, and the plan's own checks decide).
@@ -31,7 +32,7 @@ TOKENIZER_SETTINGS = ("bos_token", "eos_token", "pad_token")
 
 def _json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}

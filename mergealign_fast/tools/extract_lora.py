@@ -54,6 +54,7 @@ from ..plan.output import disk_problems
 from ..progress import Progress
 from ..sources import download_inputs, model_folders, pending_download_bytes
 from .low_rank import Linalg, factors, relative_error
+from ..io import json_text
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PARTS = "parts"
@@ -246,7 +247,7 @@ def _option_problems(options: ExtractOptions) -> List[str]:
 
 def _model_type(folder) -> Optional[str]:
     try:
-        return json.loads((config_folder(folder) / CONFIG_FILE).read_text()).get("model_type")
+        return json_text.loads((config_folder(folder) / CONFIG_FILE).read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -319,7 +320,7 @@ def _existing_output_problems(plan: ExtractionPlan, given) -> List[str]:
 
 def _recorded_fingerprint(folder: Path) -> Optional[str]:
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("fingerprint")
+        return json_text.loads((folder / MANIFEST).read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -455,7 +456,7 @@ class _Journal:
 
     def load(self) -> None:
         try:
-            recorded = json.loads(self.path.read_text())
+            recorded = json_text.loads(self.path.read_text())
         except (OSError, ValueError):
             return
         if recorded.get("fingerprint") != self.fingerprint:
@@ -542,7 +543,7 @@ def extract(plan: ExtractionPlan, show_progress: bool = False) -> ExtractionResu
         if problems:
             raise MergeError(f"{plan.out_dir} holds this extraction but fails verification "
                              f"({problems[0]}): rerun with --force")
-        recorded = json.loads((plan.out_dir / MANIFEST).read_text())
+        recorded = json_text.loads((plan.out_dir / MANIFEST).read_text())
         return ExtractionResult(plan.out_dir, time.perf_counter() - started,
                                 recorded.get("extraction", {}).get("modules", []),
                                 (plan.out_dir / ADAPTER_WEIGHTS).stat().st_size, True)

@@ -8,8 +8,11 @@ base plus small independent deltas, as real fine-tunes are.  Files are real Hugg
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..dtypes import DType, f32_to_bf16_bits
+from ..errors import MergeError
 from ..io.checkpoint import CONFIG_FILE, INDEX_FILE, group_by_size, index_json, shard_file_name
 from ..io.safetensors_format import EncodedTensor, encode_header
 
@@ -165,9 +169,39 @@ def ensure_synthetic_trio(root: os.PathLike, shape: LlamaShape, *, seed: int = 0
     groups = [(root / "COMPLETE", list(ROLE_SEEDS))]  # the trio is always built whole
     groups += [(root / f"COMPLETE-{folder[r].name}", [r]) for r in roles if r not in ROLE_SEEDS]
     for marker, group in groups:
-        if not marker.exists():
+        if marker.exists():
+            continue
+        # Built in a folder of its own and renamed into place: a folder already at a model's
+        # name that no finished build made is the user's, and is refused, never written into.
+        for role in group:
+            if folder[role].exists() and not (folder[role].is_dir()
+                                              and not any(folder[role].iterdir())):
+                _refuse_occupied(folder[role])
+        root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".synthetic-build-", dir=root))
+        try:
             for role in group:
-                write_synthetic_model(folder[role], shape, role, seed=seed, dtype=dtype,
-                                      max_shard_size=max_shard_size)
+                write_synthetic_model(building / folder[role].name, shape, role, seed=seed,
+                                      dtype=dtype, max_shard_size=max_shard_size)
+            for role in group:
+                _move_built(building / folder[role].name, folder[role])
             marker.write_text(f"{shape} seed={seed} dtype={dtype.short_name}\n")
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return {role: folder[role] for role in roles}
+
+
+def _move_built(built: Path, target: Path) -> None:
+    """A freshly built model renamed to its place; an empty folder there is replaced, anything
+    else refused."""
+    try:
+        os.rename(built, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        _refuse_occupied(target)
+
+
+def _refuse_occupied(target: Path) -> None:
+    raise MergeError(f"{target} exists and was not made by a finished build of this synthetic "
+                     "model: move it away or choose another folder")

@@ -12,13 +12,13 @@ has (a reserved slot renamed by a fine-tune, "<|im_start|>" where the base had
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..io.checkpoint import TOKENIZER_FILES
+from ..io import json_text
 
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json")  # fast tokenizers; GPT-2 style vocabularies
 
@@ -99,7 +99,7 @@ def _vocabulary_file(folder: Path) -> Optional[Path]:
 def token_ids(path: Path) -> Dict[str, int]:
     """token -> id of a tokenizer.json (its model's vocabulary and the added tokens) or of a
     vocab.json; ValueError when the file is not one."""
-    document = json.loads(path.read_text(encoding="utf-8"))
+    document = json_text.loads(path.read_text(encoding="utf-8"))
     if path.name == "vocab.json":
         vocab, added = document, []
     else:

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import OUTSIDE, UNION, TokenizerTables, VocabularySpec
 from ..errors import PlanError
+from ..io import json_text
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -69,7 +70,7 @@ class _Model:
 def _json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
+    value = json_text.loads(path.read_text(encoding="utf-8"))
     return value if isinstance(value, dict) else {}
 
 

@@ -24,7 +24,6 @@ in the last bit of such a row).
 
 from __future__ import annotations
 
-import json
 import pickle
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from ..io.checkpoint import CONFIG_FILE, TensorLocation, first_roles
 from .fast_tables import fast_tables
 from . import (OUTSIDE, UNION, VOCABULARY_TENSOR, TokenizerTables, TokenSource,
                VocabularySpec, vocab_size_holder)
+from ..io import json_text
 
 # Fill rules of an output row (Vocabulary.fill): every model has the token (each its own row),
 # or the row a model lacking it takes.
@@ -107,7 +107,7 @@ def model_vocabulary_size(folder: Path, length: int) -> int:
     """The rows of a model's vocabulary matrices: config.json's vocab_size (a multimodal
     model's text_config), else its tokenizer's `length`."""
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = json_text.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         config = {}
     size = vocab_size_holder(config).get("vocab_size") if isinstance(config, dict) else None
