@@ -39,15 +39,16 @@ class DType(enum.IntEnum):
 _SHORT_NAMES = {DType.F32: "fp32", DType.F16: "fp16", DType.BF16: "bf16"}
 _TORCH_NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
 
-# Every dtype the safetensors format defines: its size in bytes, and the numpy dtype that holds
-# its stored bytes (float8 as raw bytes, bf16 as uint16 bits).  A header naming one of these is
+# Every whole-byte dtype the safetensors format defines (its sub-byte F4 and F6 are not yet):
+# its size in bytes, and the numpy dtype that holds its stored bytes (float8 as raw bytes, bf16
+# as uint16 bits).  A header naming one of these is
 # well formed even when the merge cannot compute in it (that is reported separately, by name).
 _SAFETENSORS_DTYPES = {
     "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "F8_E5M2": (1, "uint8"),
     "F8_E4M3": (1, "uint8"), "F8_E8M0": (1, "uint8"),
     "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "uint16"),
     "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
-    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"), "C64": (8, "complex64"),
 }
 SAFETENSORS_ITEMSIZE = {name: size for name, (size, _) in _SAFETENSORS_DTYPES.items()}
 

@@ -33,7 +33,8 @@ def merge_argv(trio, out, *extra):
 
 
 def run(argv, **kwargs):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=120,
+                          **kwargs)
 
 
 def one_line_refusal(proc, *fragments):
@@ -319,6 +320,7 @@ def test_a_sweep_resumed_with_one_more_lambda_counts_only_the_new_one(tiny_trio,
 
 # ---- bench leaves the user's files alone ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_dir_keeps_what_the_user_had_there(tmp_path):
     work = tmp_path / "work"
     (work / "merged").mkdir(parents=True)
@@ -349,3 +351,123 @@ def test_the_same_merge_twice_gives_the_same_bytes(trio, tmp_path):
     for name in ("a", "b"):
         assert run(merge_argv(trio, tmp_path / name)).returncode == 0
     assert all_tensors_bytes(tmp_path / "a") == all_tensors_bytes(tmp_path / "b")
+
+
+# ---- one line, never a traceback ---------------------------------------------------------------
+
+def write_raw_model(folder: Path, header, data: bytes, config: str = '{"model_type": '
+                    '"llama"}') -> None:
+    """A model whose safetensors header is written as given (names and dtypes unchecked; a
+    str is the header's JSON text itself)."""
+    import json
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    text += b" " * (-len(text) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+    (folder / "config.json").write_text(config)
+
+
+def raw_trio(root: Path, tensors_of) -> dict:
+    """{role: folder} of three raw models; tensors_of(i) -> (header, data) of model i."""
+    folders = {role: root / role for role in ("base", "domain", "aligned")}
+    for i, folder in enumerate(folders.values()):
+        write_raw_model(folder, *tensors_of(i))
+    return folders
+
+
+def f32_entry(offset: int, count: int) -> dict:
+    return {"dtype": "F32", "shape": [count], "data_offsets": [offset, offset + 4 * count]}
+
+
+def test_folder_names_that_are_not_utf8_merge_verify_and_resume(trio, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/in\xfeputs"))
+    shutil.copytree(trio["base"].parent, odd)
+    odd_trio = {role: odd / role for role in trio}
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out\xff"))
+    for extra in ((), ("--resume",)):
+        proc = run(merge_argv(odd_trio, out, *extra))
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert run(cli("verify", out)).returncode == 0 and verify_output(out) == []
+
+
+@pytest.mark.parametrize("manifest", ['[1, 2]', '{"format": "mergealign-fast manifest 1", '
+                                      '"shards": [1]}', '{"shards": {"a": {"size": "9"}}}',
+                                      "[" * 100_000 + "]" * 100_000])
+def test_verify_and_resume_over_a_damaged_manifest_or_journal(trio, tmp_path, manifest):
+    out = tmp_path / "out"
+    assert run(merge_argv(trio, out)).returncode == 0
+    (out / "mergealign-manifest.json").write_text(manifest)
+    proc = run(cli("verify", out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    hidden = partial_dir_for(tmp_path / "again")
+    hidden.mkdir()
+    (hidden / "mergealign-manifest.json").write_text(manifest)
+    proc = run(merge_argv(trio, tmp_path / "again", "--resume"))
+    assert proc.returncode == 0, proc.stderr  # a damaged journal is no journal: merged anew
+    assert verify_output(tmp_path / "again") == []
+
+
+@pytest.mark.parametrize("where", ["header", "index", "config"])
+def test_json_nested_very_deep_is_one_line(trio, tmp_path, where):
+    deep = "[" * 50_000 + "]" * 50_000
+    folder = trio["domain"]
+    if where == "header":
+        write_raw_model(folder, '{"__metadata__": {"a": ' + deep + "}}", b"")
+    elif where == "index":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + deep + "}")
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    else:  # (in each input: whichever config the merge reads)
+        for each in trio.values():
+            (each / "config.json").write_text('{"a": ' + deep + "}")
+    proc = run(merge_argv(trio, tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_tensor_of_no_elements_merges_by_rows(tmp_path):
+    trio = raw_trio(tmp_path / "in", lambda i: (
+        {"empty": {"dtype": "F32", "shape": [4, 0], "data_offsets": [0, 0]},
+         "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}},
+        np.full(6, i + 1, np.float32).tobytes()))
+    for method in ("nuslerp", "model_stock"):
+        out = tmp_path / method
+        proc = run(merge_argv(trio, out, "--method", method, "--vectors", "rows"))
+        assert proc.returncode == 0, proc.stderr
+        assert verify_output(out) == []
+
+
+def test_models_without_tensors_are_refused(tmp_path):
+    trio = raw_trio(tmp_path / "in", lambda i: ({}, b""))
+    one_line_refusal(run(merge_argv(trio, tmp_path / "out")), "hold no tensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_surrogate_tensor_name_is_refused(tmp_path):
+    trio = raw_trio(tmp_path / "in", lambda i: ({"w\ud800" if i == 1 else "w": f32_entry(0, 2)},
+                                                np.ones(2, np.float32).tobytes()))
+    one_line_refusal(run(merge_argv(trio, tmp_path / "out")), "not valid Unicode")
+
+
+def test_complex_tensors_the_same_in_every_model_are_copied(tmp_path):
+    freqs = np.arange(3, dtype=np.complex64) * (1 - 2j)
+    trio = raw_trio(tmp_path / "in", lambda i: (
+        {"freqs": {"dtype": "C64", "shape": [3], "data_offsets": [0, 24]},
+         "w": f32_entry(24, 2)}, freqs.tobytes() + np.full(2, i, np.float32).tobytes()))
+    out = tmp_path / "out"
+    assert run(merge_argv(trio, out)).returncode == 0
+    from safetensors.numpy import load_file
+
+    merged = load_file(str(out / "model.safetensors"))
+    np.testing.assert_array_equal(merged["freqs"], freqs)
+
+
+def test_an_auto_map_of_the_wrong_type_is_not_a_traceback(trio, tmp_path):
+    import json
+
+    for folder in trio.values():
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": ["x.Y"]}))
+    proc = run(merge_argv(trio, tmp_path / "out"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -3,8 +3,11 @@
 A hypothesis state machine drives merges and sweeps (with --force, --resume or neither),
 SIGKILL/SIGINT/SIGTERM at random moments, inputs rewritten in place (their times put back or
 not) or replaced, OUT symlinked elsewhere or moved away, a second merge at the same time, a full
-disk, `verify`, and merges whose domain model is a Hub repo on a local server (hub_server.py:
-killed while it downloads, its download cut off once, its cache files removed between runs),
+disk, a broken stderr (`2>/dev/full`), a merge stopped (SIGSTOP) while its hidden folder is
+removed and another merge runs, `--force` into a folder that is not a model, OUT's hidden
+folder made a link to an input, `verify`, and merges whose domain model is a Hub repo on a
+local server (hub_server.py: killed while it downloads, its download cut off once, its cache
+files removed between runs),
 against a model of what must hold after every step:
 
 1. OUT is absent, or complete: it verifies and equals (bitwise) the merge of the inputs it was
@@ -38,7 +41,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from mergealign_fast import merge_checkpoints
 from mergealign_fast.cli import entry
 from mergealign_fast.output.manifest import MANIFEST, verify_output
-from mergealign_fast.output import PARTIAL_SUFFIX
+from mergealign_fast.output import PARTIAL_SUFFIX, partial_dir_for
 from mergealign_fast.tools.synthetic import LLAMA_TINY, ensure_synthetic_trio
 
 ROLES = ("base", "domain", "aligned")
@@ -75,10 +78,15 @@ def tree_snapshot(root: Path, excluded) -> Dict[str, Tuple[int, str]]:
 
 
 def run_forked(argv: List[str], kill: Optional[Tuple[int, float]] = None,
-               started: Optional[list] = None) -> Tuple[int, str, str]:
+               started: Optional[list] = None, stderr_to: Optional[str] = None,
+               stopped: Optional[callable] = None) -> Tuple[int, str, str]:
     """(exit status or -signal, stdout, stderr) of `mergealign-fast argv` in a forked child;
-    with kill=(signal, seconds) the child gets that signal after that delay."""
+    with kill=(signal, seconds) the child gets that signal after that delay; with stderr_to
+    (e.g. /dev/full) its stdout and stderr go there; with stopped=(seconds, action) the child
+    is stopped (SIGSTOP) after that delay, action() runs, and it is continued."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    if stderr_to is not None:
+        out = err = open(stderr_to, "w+b")
     # Signals wait until the child has set up what `mergealign-fast` sets up (entry.py): a
     # signal that lands before that would be the harness's, not the tool's, to handle.
     stoppers = {signal.SIGINT, signal.SIGTERM}
@@ -122,7 +130,16 @@ def run_forked(argv: List[str], kill: Optional[Tuple[int, float]] = None,
             os.kill(pid, kill[0])
         except ProcessLookupError:
             pass
+    if stopped is not None:
+        time.sleep(stopped[0])
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stopped[1]()
+        finally:
+            os.kill(pid, signal.SIGCONT)
     _, status = os.waitpid(pid, 0)
+    if stderr_to is not None:
+        return os.waitstatus_to_exitcode(status), "", ""
     out.seek(0)
     err.seek(0)
     return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
@@ -301,6 +318,73 @@ class MergeTorture(RuleBasedStateMachine):
                 assert now in (before[lam], expected)
             if now is not None:
                 assert verify_output(root / f"lambda-{lam}") == []
+
+    @rule(weights=st.sampled_from(WEIGHTS), mode=st.sampled_from(["", "--force", "--resume"]))
+    def merge_with_a_broken_stderr(self, weights, mode):
+        """`2>/dev/full`: a finished merge still exits 0 (its messages are lost, not the
+        model)."""
+        before = tensors_digest(self.out)
+        code, out, err = run_forked(self._merge_argv(weights, *filter(None, [mode])),
+                                    stderr_to="/dev/full")
+        assert code in (0, 2), code
+        now = tensors_digest(self.out)
+        assert now == (self.reference(weights) if code == 0 else before)
+        STATS["steps"] += 1
+        self.expected_out = now
+        if now is not None:
+            self.weights = weights
+
+    @rule(weights=st.sampled_from(WEIGHTS), delay=st.floats(0.0, 0.1))
+    def stopped_while_its_hidden_folder_is_replaced(self, weights, delay):
+        """A merge is stopped; its hidden folder is removed and another merge runs to the end;
+        then it continues.  Whatever it says, exit 0 must mean an OUT that verifies."""
+        hidden = partial_dir_for(self.out)
+        other: list = []
+
+        def replace_hidden():
+            shutil.rmtree(hidden, ignore_errors=True)
+            other.append(run_forked(self._merge_argv(weights, "--force")))
+        code, _, err = run_forked(self._merge_argv(weights, "--force"),
+                                  stopped=(delay, replace_hidden))
+        assert "Traceback" not in err, err
+        assert code in (0, 1, 2), (code, err)
+        now = tensors_digest(self.out)
+        if code == 0 or other[0][0] == 0:
+            assert now == self.reference(weights)
+            assert verify_output(self.out) == [], verify_output(self.out)
+        STATS["steps"] += 1
+        self.expected_out = now
+        if now is not None:
+            self.weights = weights
+
+    @rule(weights=st.sampled_from(WEIGHTS))
+    def force_into_a_folder_that_is_not_a_model(self, weights):
+        """-o ~/somefolder --force: refused, the folder untouched (the invariant checks)."""
+        home = self.ws / "home"
+        (home / ".ssh").mkdir(parents=True, exist_ok=True)
+        (home / ".ssh" / "id_ed25519").write_text("a key")
+        self.protected = self._snapshot()
+        argv = self._merge_argv(weights, "--force")
+        argv[argv.index("-o") + 1] = str(home)
+        code, _, err = run_forked(argv)
+        STATS["steps"] += 1
+        assert code == 2, (code, err)
+        self._check_refusal(code, err)
+
+    @rule(role=st.sampled_from(ROLES), mode=st.sampled_from(["--force", "--resume"]))
+    def an_input_linked_from_the_hidden_folder(self, role, mode):
+        """OUT's hidden folder is a link to an input: refused, the input untouched."""
+        hidden = partial_dir_for(self.out)
+        if os.path.lexists(hidden):
+            return  # (an interrupted merge's own folder: not ours to replace here)
+        hidden.symlink_to(self.inputs[role])
+        before = tensors_digest(self.out)
+        try:
+            code, out, err = run_forked(self._merge_argv(self.weights, mode))
+        finally:
+            hidden.unlink()
+        assert code == 2, (code, err)
+        self._after_command(code, out, err, self.weights, before)
 
     @rule()
     def verify(self):

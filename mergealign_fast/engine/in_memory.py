@@ -43,6 +43,18 @@ def as_buffer(x: Any, label: str) -> Buffer:
     raise TypeError(f"{label} must be a numpy array or a torch tensor (got {type(x).__name__})")
 
 
+def checked_out(out: Any, threads: Optional[int]) -> Buffer:
+    """The output's Buffer, refused where the kernel would write what the caller cannot have
+    meant: a read-only array (a bytes buffer, a read-only map), or a thread count below 1."""
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only (a bytes buffer or a read-only map?): give a "
+                         "writable array, or none to get a new one")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a whole number of at least 1 (got {threads!r})")
+    return as_buffer(out, "out")
+
+
 def _allocate_like(template: Any, dtype: DType) -> Any:
     if _is_torch(template):
         import torch
@@ -99,13 +111,7 @@ def merge_tensors(base: Any, domain: Any, aligned: Any, *, domain_weight: float 
         out_dtype = dtypes.as_dtype(out_dtype)
     if out is None:
         out = _allocate_like(base, inputs["base"].dtype if out_dtype is None else out_dtype)
-    out_buf = as_buffer(out, "out")
-    if isinstance(out, np.ndarray) and not out.flags.writeable:
-        raise ValueError("out is read-only (a bytes buffer or a read-only map?): give a "
-                         "writable array, or none to get a new one")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a whole number of at least 1 (got {threads!r})")
+    out_buf = checked_out(out, threads)
     if tuple(out.shape) != shapes["base"]:
         raise ValueError(f"out has shape {tuple(out.shape)}, inputs have {shapes['base']}")
     if out_dtype is not None and out_buf.dtype is not out_dtype:
@@ -202,13 +208,7 @@ def merge_set_tensors(base: Any, models: Sequence[Any], *, method: str = "task_a
     out_dtype = buffers[0].dtype if out_dtype is None else dtypes.as_dtype(out_dtype)
     if out is None:
         out = _allocate_like(base, out_dtype)
-    out_buf = as_buffer(out, "out")
-    if isinstance(out, np.ndarray) and not out.flags.writeable:
-        raise ValueError("out is read-only (a bytes buffer or a read-only map?): give a "
-                         "writable array, or none to get a new one")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a whole number of at least 1 (got {threads!r})")
+    out_buf = checked_out(out, threads)
     if tuple(out.shape) != shapes["base"] or out_buf.dtype is not out_dtype:
         raise ValueError(f"out must have the inputs' shape {shapes['base']} and dtype "
                          f"{out_dtype.short_name}")

@@ -87,7 +87,7 @@ class InputMaps:
 
     def _open(self, native, path: Path):
         try:
-            mapped = native.MappedFile(str(path))
+            mapped = native.MappedFile(os.fsencode(path))  # (bytes: names not in UTF-8 too)
         except OSError as exc:
             raise MergeError(f"{path}: cannot map: {exc.strerror}") from None
         self._stack.callback(mapped.close)

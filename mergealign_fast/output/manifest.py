@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -33,7 +34,7 @@ def crc_hex(crc: int) -> str:
 def file_crc32c(path: Path) -> int:
     """CRC-32C of a whole file, read through a memory map in released windows."""
     native = cpu.native()
-    mapped = native.MappedFile(str(path))
+    mapped = native.MappedFile(os.fsencode(path))  # (bytes: any folder name, UTF-8 or not)
     try:
         crc = 0
         for offset in range(0, mapped.size, CHECK_WINDOW):

@@ -139,6 +139,9 @@ def checked_output(plan: MergePlan, given, folders: Optional[Dict[str, Path]] = 
                    ) -> MergePlan:
     """The last checks of a laid-out plan: OUT as `given` (with `folders`, the inputs, when
     they were not checked yet), this very merge already complete (--resume), the disk."""
+    if plan.tensor_count == 0:  # (an empty weight map: what no loader would call a model)
+        raise PlanError([f"nothing to merge: the inputs hold no tensors ("
+                         f"{', '.join(str(c.folder) for c in plan.inputs.values())})"])
     problems = output_problems(given, plan.out_dir, folders, plan.options) \
         if folders is not None else []
     problems = problems or overlap_problems(given, plan.out_dir, _paths_read(plan))

@@ -45,6 +45,8 @@ def _auto_map_modules(described: Path) -> List[str]:
         auto_map = json_text.loads(described.read_text(encoding="utf-8")).get("auto_map") or {}
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return []  # an unreadable config is reported where it is read
+    if not isinstance(auto_map, dict):  # (transformers reads a mapping; nothing to bring)
+        return []
     references = [r for value in auto_map.values()
                   for r in (value if isinstance(value, list) else [value]) if isinstance(r, str)]
     return sorted({r.rsplit(".", 1)[0] for r in references if "--" not in r and "." in r})

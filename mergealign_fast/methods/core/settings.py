@@ -71,8 +71,9 @@ class TensorSettings:
     def by_vectors(self, shape: Sequence[int]) -> bool:
         """Whether a tensor of this shape is merged vector by vector (windows/per_vector.py);
         a 1-D tensor is one vector, merged whole (Method.problems allows other modes only to
-        the methods that take them)."""
-        return self.vectors != "tensor" and len(shape) >= 2
+        the methods that take them).  A tensor of no elements ([4, 0]) has no vectors to
+        weigh: it takes the whole-tensor route, which writes nothing."""
+        return self.vectors != "tensor" and len(shape) >= 2 and all(n > 0 for n in shape)
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
