@@ -4,7 +4,8 @@
 index) that is valid or broken in one of the ways real files break: truncated, a header length
 past the end or absurdly large, invalid UTF-8 or JSON, unknown dtypes, shapes that disagree with
 byte sizes, offsets out of range, overlapping or with holes, duplicate names, a huge header, an
-index naming missing shards or tensors in the wrong shard; or a PyTorch .bin (torch.save's zip or
+index naming missing shards or tensors in the wrong shard, JSON (header, index, config) nested
+deeper than Python's recursion limit, a name with a lone surrogate; or a PyTorch .bin (torch.save's zip or
 legacy format) truncated or with a flipped byte.  `check_folder` then runs what a user
 would run and enforces the rule: a clear one-line error, or a merge that verifies.
 
@@ -23,7 +24,10 @@ from mergealign_fast.output.manifest import verify_output
 
 DTYPES = ["BF16", "F16", "F32", "I64", "F8_E4M3", "BOGUS"]
 CORRUPTIONS = ["none", "truncate", "length_past_end", "huge_length", "flip_byte", "bad_utf8",
-               "duplicate_name", "trailing_bytes", "short_file"]
+               "duplicate_name", "trailing_bytes", "short_file", "deep_nesting",
+               "lone_surrogate"]
+# JSON nested deeper than Python's recursion limit (1,000) reads as a RecursionError.
+DEEP = 20_000
 
 
 def _tensors(choose):
@@ -47,6 +51,10 @@ def _encode(tensors, data_size, corruption, choose) -> bytes:
         text = text[:-1] + b"," + json.dumps({first: tensors[first]}).encode()[1:]
     if corruption == "bad_utf8":
         text = text[:2] + b"\xff\xfe" + text[2:]
+    if corruption == "deep_nesting":
+        text = b'{"__metadata__": ' + b"[" * DEEP + b"]" * DEEP + b", " + text[1:]
+    if corruption == "lone_surrogate" and tensors:
+        text = text.replace(b'"t0"', b'"t0\\udc80"', 1)
     if corruption == "flip_byte" and text:
         i = choose("int", 0, len(text) - 1)
         text = text[:i] + bytes([text[i] ^ (1 << choose("int", 0, 7))]) + text[i + 1:]
@@ -111,8 +119,12 @@ def build_folder(choose, folder: Path) -> None:
         weight_map = {t: name for t in tensors}
         if choose("bool"):
             weight_map["ghost"] = name if choose("bool") else "model-00002-of-00002.safetensors"
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}))
+        index = json.dumps({"metadata": {}, "weight_map": weight_map})
+        if choose("int", 0, 5) == 0:  # an index nested too deeply to read
+            index = '{"metadata": ' + "[" * DEEP + "]" * DEEP + index[len('{"metadata": {}'):]
+        (folder / "model.safetensors.index.json").write_text(index)
+    if choose("int", 0, 7) == 0:  # a config nested too deeply to read
+        (folder / "config.json").write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
 
 
 def check_folder(folder: Path, out: Path) -> str:
