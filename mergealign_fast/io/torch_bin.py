@@ -318,6 +318,8 @@ def _read_legacy(path: Path, raw) -> Dict[str, TensorEntry]:
     size = raw.seek(0, io.SEEK_END)
     dtypes_by_key = {t.storage.key: t.storage.dtype for t in tensors.values()}
     for key in keys:
+        if position > size:  # (a corrupt count: no seek past what the file holds)
+            break
         raw.seek(position)
         count = raw.read(8)
         if len(count) != 8 or str(key) not in dtypes_by_key:
