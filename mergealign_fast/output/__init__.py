@@ -134,6 +134,7 @@ def overlap_problems(given, out: Path, inputs: Dict[str, Sequence[Path]]) -> Lis
                 f"{'a symbolic link' if os.path.islink(hidden) else 'not a folder'}: a merge "
                 "writes only into a folder it made itself; move it away"]
     replaced = {i: place for place in (out, hidden) if (i := _identity(place)) is not None}
+    holding_out = {_identity(p) for p in _folders_holding(out) if os.path.exists(p)}
     problems = []
     for role, paths in inputs.items():
         folder = paths[0]
@@ -143,8 +144,7 @@ def overlap_problems(given, out: Path, inputs: Dict[str, Sequence[Path]]) -> Lis
             problems.append(f"output {given} overlaps the {role} model folder {folder}: "
                             f"{inside[0]} lies inside {inside[1]}, which the merge replaces; "
                             "choose another output folder")
-        elif _identity(folder) in {_identity(p) for p in _folders_holding(out)
-                                   if os.path.exists(p)}:
+        elif _identity(folder) in holding_out:
             problems.append(f"output {given} overlaps the {role} model folder {folder}: the "
                             "output would be written inside an input; choose another output "
                             "folder")
